@@ -1,0 +1,398 @@
+"""The compressed cache: a transformers ``Cache`` made of one ``KVLayer`` per model layer.
+
+Every layer keeps its compressed state in plain tensors and reports ``nbytes()`` as the sum of
+``numel * element_size`` of exactly those tensors. ``reference_nbytes()`` is what an fp16 full cache of the
+same tokens would hold: ``batch * tokens * kv_heads * head_dim * 2 (K and V) * 2 bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .registry import KVCompressError, build_config, get_method
+
+FP16_BYTES = 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a method needs to know about the model (read from the config, never from model classes)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]  # "full_attention" | "sliding_attention" per layer
+    sliding_window: int | None
+    max_positions: int | None
+    model_id: str
+    dtype: torch.dtype
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 = MHA, num_heads = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == "sliding_attention"
+
+    @classmethod
+    def from_model(cls, model) -> "ModelGeometry":
+        cfg = model.config.get_text_config(decoder=True)
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        n_layers = cfg.num_hidden_layers
+        types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
+        unsupported = sorted({t for t in types} - {"full_attention", "sliding_attention"})
+        if unsupported:
+            raise KVCompressError(
+                f"this model has attention layer types {unsupported}; kvcompress serves full and sliding-window "
+                "softmax attention only"
+            )
+        if getattr(cfg, "num_kv_shared_layers", 0):
+            raise KVCompressError("models that share KV caches across layers are not supported")
+        sliding = getattr(cfg, "sliding_window", None) if "sliding_attention" in types else None
+        try:
+            dtype = next(model.parameters()).dtype
+        except (StopIteration, AttributeError):
+            dtype = torch.float32
+        return cls(
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=n_kv,
+            head_dim=head_dim,
+            layer_types=types,
+            sliding_window=sliding,
+            max_positions=getattr(cfg, "max_position_embeddings", None),
+            model_id=str(getattr(model.config, "_name_or_path", "") or getattr(cfg, "model_type", "")),
+            dtype=dtype,
+        )
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The 2-byte float type used for full-precision parts of a compressed cache."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16
+
+
+def tensors_nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KVLayer(CacheLayerMixin):
+    """Base of every kvcompress layer.
+
+    Subclasses implement :meth:`store` (take the new ``(batch, kv_heads, q, head_dim)`` keys/values, update the
+    compressed state, return the K/V attention must see for this step) and :meth:`held_tensors` (every tensor
+    kept between steps). ``kept_length()`` is the number of past tokens returned to attention (per head), so
+    that the mask built by transformers has the right size; ``get_seq_length()`` is the *logical* length
+    (tokens seen), so that RoPE positions stay right after eviction.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, geometry: ModelGeometry, layer_idx: int):
+        super().__init__()
+        self.geometry = geometry
+        self.layer_idx = layer_idx
+        self.seen = 0  # logical tokens seen
+        self.batch_size = 0
+        self.peak_transient_bytes = 0  # largest dequantized copy handed to attention
+
+    # -- transformers contract -------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch_size:
+            raise KVCompressError(
+                f"batch size changed from {self.batch_size} to {key_states.shape[0]} inside one cache; "
+                "make a new cache per batch"
+            )
+        keys, values = self.store(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
+        transient = sum(t.numel() * t.element_size() for t in (keys, values) if t.data_ptr() not in held)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.kept_length()
+        return kept + query_length, self.seen - kept
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise KVCompressError("a kvcompress cache cannot be reset; make a new one with make_cache()")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise KVCompressError("beam search is not supported by kvcompress caches (use greedy or sampling)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KVCompressError("kvcompress caches cannot be cropped (assisted decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise KVCompressError("kvcompress caches cannot be expanded along the batch (num_return_sequences > 1)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise KVCompressError("kvcompress caches cannot select batch rows")
+
+    # -- what subclasses implement ---------------------------------------------------------------------------------
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def held_tensors(self) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def kept_length(self) -> int:
+        """Past tokens (per head) returned to attention at the next step."""
+        return self.seen
+
+    def represented_tokens(self) -> int:
+        """Tokens an fp16 full cache of this layer would hold now (the reference)."""
+        return self.seen
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return tensors_nbytes(self.held_tensors())
+
+    def reference_nbytes(self) -> int:
+        g = self.geometry
+        return self.batch_size * self.represented_tokens() * g.num_kv_heads * g.head_dim * 2 * FP16_BYTES
+
+
+class FullLayer(KVLayer):
+    """Keeps every token's K/V as they are (optionally cast to a 2-byte float for storage)."""
+
+    def __init__(self, geometry: ModelGeometry, layer_idx: int, dtype: torch.dtype | None = None):
+        super().__init__(geometry, layer_idx)
+        self.store_dtype = dtype  # None = the model's own dtype (exactly DynamicCache)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def store(self, key_states, value_states):
+        dt = self.store_dtype or key_states.dtype
+        k, v = key_states.to(dt), value_states.to(dt)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        return self.k.to(key_states.dtype), self.v.to(value_states.dtype)
+
+    def held_tensors(self):
+        return [self.k, self.v]
+
+
+class SlidingWindowLayer(FullLayer):
+    """A sliding-window attention layer (Gemma-3 style): holds the last ``window - 1`` tokens, like
+    transformers' ``DynamicSlidingWindowLayer``. Its reference is the same window, so it adds no ratio."""
+
+    is_sliding = True
+
+    def __init__(self, geometry: ModelGeometry, layer_idx: int, dtype: torch.dtype | None = None):
+        super().__init__(geometry, layer_idx, dtype)
+        self.window = geometry.sliding_window
+
+    def store(self, key_states, value_states):
+        dt = self.store_dtype or key_states.dtype
+        full_k = torch.cat([self.k, key_states.to(dt)], dim=-2) if self.k is not None else key_states.to(dt)
+        full_v = torch.cat([self.v, value_states.to(dt)], dim=-2) if self.v is not None else value_states.to(dt)
+        self.k = full_k[:, :, -self.window + 1 :, :].clone()
+        self.v = full_v[:, :, -self.window + 1 :, :].clone()
+        return full_k.to(key_states.dtype), full_v.to(value_states.dtype)
+
+    def kept_length(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.kept_length()
+        return kept + query_length, max(self.seen - kept, 0)
+
+    def get_max_length(self) -> int:
+        return self.window
+
+    def represented_tokens(self) -> int:
+        return min(self.seen, self.window - 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Methods and the cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Method:
+    """Base of a compression method. Subclasses set ``Config`` (a frozen dataclass) and ``summary``,
+    implement :meth:`make_layer`, and may override :meth:`validate`, :meth:`build_layers`,
+    :meth:`install_hooks`."""
+
+    name: str = "?"
+    summary: str = ""
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, model, config):
+        self.model = model
+        self.config = config
+        self.geometry = ModelGeometry.from_model(model)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the config against the model; raise KVCompressError before any work."""
+
+    def build_layers(self, cache: "CompressedCache") -> list[KVLayer]:
+        return [self.make_layer(i) for i in range(self.geometry.num_layers)]
+
+    def make_layer(self, layer_idx: int) -> KVLayer:
+        raise NotImplementedError
+
+    def sliding_layer(self, layer_idx: int) -> KVLayer:
+        """Default for sliding-window layers: the plain window, stored at 2 bytes per value."""
+        return SlidingWindowLayer(self.geometry, layer_idx, self.geometry.storage_dtype)
+
+    def install_hooks(self, cache: "CompressedCache"):
+        """Return an :class:`kvcompress.observe.Observer` (or None) whose hooks the cache removes on close."""
+        return None
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())
+        return f"{self.name}({opts})"
+
+
+@dataclass
+class LayerMemory:
+    layer: int
+    tokens: int
+    stored_bytes: int
+    reference_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.reference_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+
+@dataclass
+class MemoryReport:
+    method: str
+    layers: list[LayerMemory]
+    peak_transient_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self.layers)
+
+    @property
+    def reference_bytes(self) -> int:
+        return sum(r.reference_bytes for r in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.reference_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "stored_bytes": self.stored_bytes,
+            "reference_bytes": self.reference_bytes,
+            "ratio": self.ratio,
+            "peak_transient_bytes": self.peak_transient_bytes,
+            "layers": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in self.layers],
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method}: {self.stored_bytes / 2**20:.3f} MiB stored vs {self.reference_bytes / 2**20:.3f} MiB "
+            f"fp16 reference -> {self.ratio:.2f}x (peak transient {self.peak_transient_bytes / 2**20:.3f} MiB)"
+        )
+
+
+class CompressedCache(Cache):
+    """A transformers ``Cache`` whose layers store K/V compressed. Use as a context manager (or call
+    :meth:`close`) when the method installs hooks on the model."""
+
+    def __init__(self, model, method: Method):
+        self.method = method
+        self.geometry = method.geometry
+        self._closed = False
+        layers = method.build_layers(self)
+        if len(layers) != self.geometry.num_layers:
+            raise KVCompressError(f"{method.name} built {len(layers)} layers for a {self.geometry.num_layers}-layer model")
+        super().__init__(layers=layers)
+        self.observer = method.install_hooks(self)
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds between steps (shared per-cache tensors counted once)."""
+        own = sum(layer.nbytes() for layer in self.layers)
+        return own + tensors_nbytes(self.shared_tensors())
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors shared by several layers (e.g. codebooks), counted once. Methods may override."""
+        return list(getattr(self.method, "shared_tensors", lambda: [])())
+
+    def reference_nbytes(self) -> int:
+        return sum(layer.reference_nbytes() for layer in self.layers)
+
+    def memory_report(self) -> MemoryReport:
+        rows = [
+            LayerMemory(i, layer.represented_tokens(), layer.nbytes(), layer.reference_nbytes())
+            for i, layer in enumerate(self.layers)
+        ]
+        shared = tensors_nbytes(self.shared_tensors())
+        if shared:
+            rows.append(LayerMemory(-1, 0, shared, 0))
+        return MemoryReport(
+            method=self.method.describe(),
+            layers=rows,
+            peak_transient_bytes=max((layer.peak_transient_bytes for layer in self.layers), default=0),
+        )
+
+    # -- hooks lifecycle --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.remove()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._closed and self.observer is not None:
+            raise KVCompressError("this cache was closed (its hooks are removed); make a new one")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def make_cache(method: str, model, **options) -> CompressedCache:
+    """Build a compressed cache for ``model``: ``make_cache("kivi", model, bits=2)``.
+
+    The config is validated against the model before any work; bad input raises one
+    :class:`kvcompress.KVCompressError`.
+    """
+    method_cls = get_method(method)
+    config = build_config(method_cls, options)
+    return CompressedCache(model, method_cls(model, config))

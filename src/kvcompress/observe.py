@@ -1,0 +1,117 @@
+"""How a method sees what the cache API does not hand it: the inputs of each attention module.
+
+An :class:`Observer` registers forward pre-hooks on the model's own attention modules. For every forward
+pass that uses *its* cache (the hook checks ``past_key_values is cache``), it keeps the module's input
+``hidden_states (batch, q, hidden)`` and ``position_embeddings`` (cos, sin: ``(batch, q, head_dim)``).
+Because the pre-hook of layer ``l`` runs before that layer calls ``cache.update(..., l)``, a cache layer can
+ask, inside ``update``, for the current step's query states (post-RoPE) and cos/sin. Hooks are removed by
+:meth:`Observer.remove` (the cache calls it on ``close()``); nothing in transformers is patched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+
+import torch
+from torch import nn
+
+from .registry import KVCompressError
+from .rope import apply_rope
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """``layer_idx -> attention module`` (modules with ``layer_idx``, ``q_proj`` and ``k_proj``)."""
+    found = {}
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+            found[int(module.layer_idx)] = module
+    if not found:
+        raise KVCompressError(
+            "could not find the model's attention modules (modules with layer_idx, q_proj and k_proj); "
+            "this method needs a llama-like attention layout"
+        )
+    return found
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks, in order (modules that own a ``self_attn`` child)."""
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)]
+    if not blocks:
+        raise KVCompressError("could not find the model's decoder layers (modules with a self_attn child)")
+    return blocks
+
+
+class Observer:
+    """Captures the attention inputs of the forward passes that use ``cache``.
+
+    ``layers``: which layer indices to watch (default: all).
+    """
+
+    def __init__(self, model: nn.Module, cache, layers=None):
+        self._cache_ref = weakref.ref(cache)
+        self.modules = attention_modules(model)
+        watch = sorted(self.modules) if layers is None else sorted(layers)
+        self._inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = [
+            self.modules[i].register_forward_pre_hook(partial(self._capture, i), with_kwargs=True) for i in watch
+        ]
+
+    def _capture(self, layer_idx, module, args, kwargs):
+        if kwargs.get("past_key_values") is not self._cache_ref():
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        pos = kwargs.get("position_embeddings")
+        if pos is None and len(args) > 1:
+            pos = args[1]
+        self._inputs[layer_idx] = (hidden, pos)
+        return None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._inputs.clear()
+
+    # -- what methods ask for ----------------------------------------------------------------------------------------
+    def _get(self, layer_idx):
+        if layer_idx not in self._inputs:
+            raise KVCompressError(
+                f"no attention inputs were captured for layer {layer_idx}: the cache must be passed to the "
+                "model as past_key_values, and not be closed"
+            )
+        return self._inputs[layer_idx]
+
+    def hidden_states(self, layer_idx: int) -> torch.Tensor:
+        """Input of the attention module: ``(batch, q, hidden)``."""
+        return self._get(layer_idx)[0]
+
+    def rope(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the current step, ``(batch, q, head_dim)``."""
+        pos = self._get(layer_idx)[1]
+        if pos is None:
+            raise KVCompressError(f"layer {layer_idx} received no position_embeddings (not a RoPE model?)")
+        return pos
+
+    def query_states(self, layer_idx: int, last: int | None = None) -> torch.Tensor:
+        """Post-RoPE queries of the current step (the last ``last`` positions): ``(batch, heads, q, head_dim)``,
+        recomputed with the module's own projections (and ``q_norm`` where the model has one)."""
+        module = self.modules[layer_idx]
+        hidden, (cos, sin) = self._get(layer_idx)
+        if last is not None:
+            hidden, cos, sin = hidden[:, -last:], cos[:, -last:], sin[:, -last:]
+        b, q, _ = hidden.shape
+        with torch.no_grad():
+            query = module.q_proj(hidden).view(b, q, -1, module.head_dim).transpose(1, 2)
+            q_norm = getattr(module, "q_norm", None)
+            if q_norm is not None:
+                query = q_norm(query)
+            return apply_rope(query, cos, sin)
+
+    def scaling(self, layer_idx: int) -> float:
+        module = self.modules[layer_idx]
+        return float(getattr(module, "scaling", module.head_dim**-0.5))
