@@ -248,6 +248,10 @@ class Method:
 
     name: str = "?"
     summary: str = ""
+    #: options that make the method compress a ~100-token prompt on the tiny test model (test matrix)
+    test_options: dict = {}
+    #: options under which the method keeps every token exactly at 2-byte precision, or None if it has none
+    noop_options: dict | None = None
 
     @dataclass(frozen=True)
     class Config:
