@@ -83,6 +83,13 @@ class ModelGeometry:
         return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16
 
 
+def _query_length(query_length_or_cache_position) -> int:
+    """transformers >= 5.3 passes the query length; 5.2 passes the cache_position tensor."""
+    if isinstance(query_length_or_cache_position, torch.Tensor):
+        return int(query_length_or_cache_position.shape[0])
+    return int(query_length_or_cache_position)
+
+
 def tensors_nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -138,12 +145,16 @@ class KVLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         kept = self.kept_length()
         return kept + query_length, self.seen - kept
 
     def get_max_length(self) -> int:
         return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.3 name of get_max_length
+        return self.get_max_length()
 
     def reset(self) -> None:
         raise KVCompressError("a kvcompress cache cannot be reset; make a new one with make_cache()")
@@ -225,7 +236,8 @@ class SlidingWindowLayer(FullLayer):
     def kept_length(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         kept = self.kept_length()
         return kept + query_length, max(self.seen - kept, 0)
 
