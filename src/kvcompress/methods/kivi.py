@@ -1,0 +1,221 @@
+"""``kivi``: tuning-free asymmetric low-bit KV quantization (Liu et al., ICML 2024).
+
+* Keys are quantized **per channel**: min/max statistics along tokens, in groups of ``group_size`` (G)
+  consecutive tokens, one (scale, zero) pair per group and channel.
+* Values are quantized **per token**: statistics along head_dim, in groups of G channels. When head_dim is not
+  divisible by G, the value group is the largest divisor of head_dim that is <= G (G >= head_dim: the whole
+  head_dim is one group).
+* The most recent tokens stay in a full-precision residual (2-byte floats, ``geometry.storage_dtype``):
+  keys leave it in blocks of ``residual`` (R, R % G == 0) -- when the key residual reaches R tokens the whole
+  block is quantized -- so 0 <= key residual < R after every append; values leave it one token at a time, the
+  oldest fp value being quantized as soon as more than R are held, so the value residual is min(tokens, R).
+  Prefill follows the same rule (all complete R-blocks of keys, all but the last R values).
+* Quantized chunks are appended to concatenated packed tensors (codes packed densely along head_dim, fp16
+  scale + fp16 zero) and are never re-quantized. ``read()`` dequantizes a transient copy.
+
+Attention sees ``[dequantized past | the step's new tokens at 2-byte precision]`` -- like the paper, where the
+prompt attends to itself in full precision and a decode token attends to its own fp16 key/value.
+Sliding-window layers (Gemma-3) keep their short fp16 window (``Method.sliding_layer``): they hold at most
+``sliding_window - 1`` tokens, the same as the reference, so quantizing them is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import KVLayer, Method
+from ..config import check_bits, check_positive_int
+from ..quant import UniformQuantized, quantize_uniform
+from ..registry import KVCompressError, register
+from ..storage import KVStore, register_store
+
+#: code widths accepted for keys and values (the paper's 2 and 4; 8 as a near-lossless check)
+SUPPORTED_BITS = (2, 4, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_kivi_options(bits, group_size, residual, key_bits=None, value_bits=None, who: str = "kivi") -> None:
+    """Raise KVCompressError for an unsupported bit width or a residual that is not a multiple of the group."""
+    check_bits(bits, SUPPORTED_BITS, who)
+    if key_bits is not None:
+        check_bits(key_bits, SUPPORTED_BITS, who, "key_bits")
+    if value_bits is not None:
+        check_bits(value_bits, SUPPORTED_BITS, who, "value_bits")
+    check_positive_int(group_size, "group_size", who)
+    check_positive_int(residual, "residual", who)
+    if residual % group_size:
+        raise KVCompressError(
+            f"{who}: residual={residual} must be a multiple of group_size={group_size} "
+            "(keys leave the residual in blocks of `residual` tokens, quantized in groups of `group_size` tokens)"
+        )
+
+
+def value_group_size(head_dim: int, group_size: int) -> int:
+    """Group along head_dim for values: the largest divisor of ``head_dim`` that is <= ``group_size``."""
+    g = min(group_size, head_dim)
+    while head_dim % g:
+        g -= 1
+    return g
+
+
+@dataclass(frozen=True)
+class KiviConfig:
+    bits: int = 2  # code width for keys and values: 2 (paper), 4 or 8
+    group_size: int = 32  # G: tokens per key group, channels per value group (paper: 32)
+    residual: int = 128  # R: most recent tokens kept at 2-byte precision; multiple of G (paper: 128)
+    key_bits: int | None = None  # overrides `bits` for keys
+    value_bits: int | None = None  # overrides `bits` for values
+
+    def __post_init__(self):
+        check_kivi_options(self.bits, self.group_size, self.residual, self.key_bits, self.value_bits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Storage: quantized past + full-precision residual
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Quantized:
+    """Concatenated quantized chunks along tokens: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 and fp16
+    stats ``(b, h, n // G, d)`` (keys, per channel) or ``(b, h, n, d // Gv)`` (values, per token)."""
+
+    def __init__(self, bits: int, axis: int, group: int):
+        self.bits, self.axis, self.group = bits, axis, group
+        self.packed = self.scale = self.zero = None
+        self.length = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Quantize ``x: (b, h, n, d)`` once and append it."""
+        q = quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group)
+        if self.packed is None:
+            self.packed, self.scale, self.zero = q.packed, q.scale, q.zero
+        else:
+            self.packed = torch.cat([self.packed, q.packed], dim=2)
+            self.scale = torch.cat([self.scale, q.scale], dim=2)
+            self.zero = torch.cat([self.zero, q.zero], dim=2)
+        self.length += x.shape[2]
+
+    def read(self, shape_bhd: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor | None:
+        """Dequantized ``(b, h, n, d)`` transient copy (None when empty)."""
+        if self.packed is None:
+            return None
+        b, h, d = shape_bhd
+        q = UniformQuantized(self.packed, self.scale, self.zero, self.bits, (b, h, self.length, d), self.axis,
+                             self.group)
+        return q.dequantize(dtype)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.packed, self.scale, self.zero]
+
+
+@register_store("kivi")
+class KiviStore(KVStore):
+    """KIVI storage of an append-only token sequence: ``make_store("kivi", geometry, bits=4, group_size=32,
+    residual=128)`` (also ``key_bits``, ``value_bits``). Append ``(batch, kv_heads, n, head_dim)`` keys/values;
+    ``read()`` returns ``[dequantized | residual]`` in token order."""
+
+    def __init__(self, geometry, bits: int = 2, group_size: int = 32, residual: int = 128,
+                 key_bits: int | None = None, value_bits: int | None = None, **unknown):
+        if unknown:
+            raise KVCompressError(f"kivi storage: unknown option(s) {sorted(unknown)}; its options are "
+                                  "bits, group_size, residual, key_bits, value_bits")
+        check_kivi_options(bits, group_size, residual, key_bits, value_bits, who="kivi storage")
+        self.dtype = geometry.storage_dtype
+        self.head_dim = geometry.head_dim
+        self.residual = residual
+        self.group_size = group_size
+        self.value_group = value_group_size(geometry.head_dim, group_size)
+        self.kq = _Quantized(key_bits or bits, axis=2, group=group_size)  # per channel, groups of G tokens
+        self.vq = _Quantized(value_bits or bits, axis=3, group=self.value_group)  # per token
+        self.k_res: torch.Tensor | None = None  # (b, h, r_k, d), 0 <= r_k < R
+        self.v_res: torch.Tensor | None = None  # (b, h, r_v, d), r_v = min(len, R)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.shape != values.shape or keys.dim() != 4 or keys.shape[-1] != self.head_dim:
+            raise KVCompressError(f"kivi storage: keys {tuple(keys.shape)} / values {tuple(values.shape)} are not "
+                                  f"matching (batch, kv_heads, n, {self.head_dim}) tensors")
+        if keys.shape[2] == 0:
+            return
+        k, v = keys.to(self.dtype), values.to(self.dtype)
+        self.k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
+        self.v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
+        n_k = (self.k_res.shape[2] // self.residual) * self.residual  # complete R-blocks of keys
+        if n_k:
+            self.kq.add(self.k_res[:, :, :n_k])
+            self.k_res = self.k_res[:, :, n_k:].clone()
+        n_v = self.v_res.shape[2] - self.residual  # values beyond the R most recent
+        if n_v > 0:
+            self.vq.add(self.v_res[:, :, :n_v])
+            self.v_res = self.v_res[:, :, n_v:].clone()
+
+    def read(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, kv_heads, len, head_dim)`` keys and values in token order (transient copies)."""
+        if self.k_res is None:
+            raise KVCompressError("kivi storage is empty: append tokens before reading")
+        b, h, _, d = self.k_res.shape
+        kq, vq = self.kq.read((b, h, d), dtype), self.vq.read((b, h, d), dtype)
+        k = self.k_res.to(dtype) if kq is None else torch.cat([kq, self.k_res.to(dtype)], dim=2)
+        v = self.v_res.to(dtype) if vq is None else torch.cat([vq, self.v_res.to(dtype)], dim=2)
+        return k, v
+
+    def held_tensors(self) -> list[torch.Tensor | None]:
+        return [*self.kq.tensors(), self.k_res, *self.vq.tensors(), self.v_res]
+
+    def __len__(self) -> int:
+        return 0 if self.k_res is None else self.kq.length + self.k_res.shape[2]
+
+    @property
+    def key_residual(self) -> int:
+        """Keys currently held at 2-byte precision."""
+        return 0 if self.k_res is None else self.k_res.shape[2]
+
+    @property
+    def value_residual(self) -> int:
+        """Values currently held at 2-byte precision."""
+        return 0 if self.v_res is None else self.v_res.shape[2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer and registration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KiviLayer(KVLayer):
+    """A full-attention layer whose past K/V live in a :class:`KiviStore`."""
+
+    def __init__(self, geometry, layer_idx: int, config: KiviConfig):
+        super().__init__(geometry, layer_idx)
+        self.kv = KiviStore(geometry, bits=config.bits, group_size=config.group_size, residual=config.residual,
+                            key_bits=config.key_bits, value_bits=config.value_bits)
+
+    def store(self, key_states, value_states):
+        """``(b, h, q, d)`` new K/V -> ``(b, h, seen + q, d)``: dequantized past | new tokens at 2-byte precision."""
+        dt, sd = key_states.dtype, self.kv.dtype
+        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
+        if len(self.kv):
+            past_k, past_v = self.kv.read(dt)
+            new_k, new_v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
+        self.kv.append(key_states, value_states)
+        return new_k, new_v
+
+    def held_tensors(self):
+        return self.kv.held_tensors()
+
+
+@register("kivi")
+class Kivi(Method):
+    summary = "KIVI: keys per-channel, values per-token asymmetric 2/4/8-bit quantization + fp16 residual of R tokens"
+    Config = KiviConfig
+    test_options = {"bits": 2, "group_size": 8, "residual": 16}
+    noop_options = {"residual": 1 << 20}  # a residual longer than any prompt keeps every token at 2 bytes
+
+    def make_layer(self, layer_idx: int):
+        if self.geometry.is_sliding(layer_idx):
+            return self.sliding_layer(layer_idx)
+        return KiviLayer(self.geometry, layer_idx, self.config)
