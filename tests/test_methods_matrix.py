@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress import list_methods, make_cache
+from kvcompress import KVCompressError, list_methods, make_cache
 
 METHODS = list_methods()
 COMPRESSING = [name for name in METHODS if name != "full"]
@@ -27,9 +27,20 @@ def _held(cache):
 def test_generate_runs(request, name, which, batch):
     model = request.getfixturevalue(which)
     ids = _prompt(batch)
-    with make_cache(name, model, **METHODS[name].test_options) as cache:
+    try:
+        cache = make_cache(name, model, **METHODS[name].test_options)
+    except KVCompressError as exc:  # refusing an architecture is allowed, but only with a clear reason
+        assert which == "tiny_gemma" and "sliding" in str(exc), exc
+        pytest.skip(f"{name} refuses this model clearly: {exc}")
+    with cache:
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=8,
+            min_new_tokens=8,  # random tiny models may emit their EOS id
+            do_sample=False,
+            pad_token_id=0,
         )
         assert out.shape == (batch, ids.shape[1] + 8)
         assert cache.get_seq_length() == ids.shape[1] + 7  # the last generated token is never fed back

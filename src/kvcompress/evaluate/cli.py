@@ -1,0 +1,86 @@
+"""``kvcompress eval``: perplexity, KL, needle, speed and memory of methods vs the full cache."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name, local directory or HF id")
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        metavar="SPEC",
+        help='method specs name[:opt=value,...], e.g. full "kivi:bits=2" "snapkv:budget=0.2" '
+        "(default: every registered method with its defaults; methods needing calibration are skipped)",
+    )
+    p.add_argument(
+        "--data", default="pydoc", help="'pydoc' (built-in prose), a text file, a directory of .txt, or hf:NAME[:CONFIG[:SPLIT]]"
+    )
+    p.add_argument("--prompt-len", type=int, default=512, help="P: prompt tokens the method compresses (default 512)")
+    p.add_argument("--cont-len", type=int, default=128, help="C: tokens teacher-forced one at a time (default 128)")
+    p.add_argument("--windows", type=int, default=2, help="non-overlapping P+C windows (default 2; 0 = no ppl)")
+    p.add_argument("--needle", type=int, nargs="+", default=[1024], help="needle context lengths (default 1024; 0 = skip)")
+    p.add_argument("--needle-dir", default=None, help="haystack: a directory of essays or a text file (default: pydoc)")
+    p.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    p.add_argument("--needle-per-depth", type=int, default=1, help="tasks per depth and length (default 1)")
+    p.add_argument("--needle-mode", choices=["aware", "agnostic", "both"], default="both")
+    p.add_argument("--needle-tokens", type=int, default=12, help="greedy tokens decoded for the answer (default 12)")
+    p.add_argument("--speed-context", type=int, default=1024, help="prompt tokens for the speed runs (default 1024)")
+    p.add_argument("--speed-steps", type=int, default=32, help="decode steps timed per speed run (default 32)")
+    p.add_argument("--speed-repeats", type=int, default=3, help="interleaved full/method rounds (default 3; median)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--reference", default="full", help="the reference cache spec (default full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default results/eval-<timestamp>)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    import torch
+
+    from ..registry import KVCompressError
+    from . import run_eval
+    from .report import rich_table
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KVCompressError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    out = args.out or f"results/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_eval(
+        args.model,
+        args.methods or None,
+        data=args.data,
+        prompt_len=args.prompt_len,
+        cont_len=args.cont_len,
+        windows=args.windows,
+        needle=args.needle,
+        needle_dir=args.needle_dir,
+        needle_depths=args.needle_depths,
+        needle_per_depth=args.needle_per_depth,
+        needle_mode=args.needle_mode,
+        needle_tokens=args.needle_tokens,
+        speed=not args.no_speed,
+        speed_context=args.speed_context,
+        speed_steps=args.speed_steps,
+        speed_repeats=args.speed_repeats,
+        reference=args.reference,
+        seed=args.seed,
+        out=out,
+        progress=not args.no_progress,
+        command=shlex.join(["kvcompress"] + sys.argv[1:]),
+    )
+    console = Console(width=max(Console().width, 160))
+    console.print(rich_table(result))
+    for s in result["skipped"]:
+        console.print(f"[yellow]skipped {s['method']}[/]: {s['reason']}")
+    console.print(f"wrote {', '.join(result['files'].values())} ({result['timings']['total_s']:.0f} s)")
+    return 0

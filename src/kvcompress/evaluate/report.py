@@ -1,0 +1,142 @@
+"""Result dict -> table rows -> rich table, Markdown, JSON files and the Pareto figure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _needle_counts(row: dict, mode: str, n: int) -> str:
+    tasks = [t for t in row.get("needle", {}).get("tasks", []) if t["mode"] == mode and t["context_len"] == n]
+    return f"{sum(t['hit'] for t in tasks)}/{len(tasks)}" if tasks else "-"
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows: method, bytes ratio after prefill / at the end, ppl, Δppl %, KL, agreement,
+    needle hits per context length (aware · agnostic), TTFT ratio, decode ratio."""
+    cfg = result["config"]
+    needle = cfg.get("needle") or {}
+    lens, modes = needle.get("context_lens", []), needle.get("modes", [])
+    mode_tag = " · ".join({"aware": "aware", "agnostic": "agn."}[m] for m in modes)
+    header = ["method", "bytes ratio @P", "bytes ratio @P+C", "ppl", "Δppl %", "KL", "top-1 agree"]
+    header += [f"needle {n} ({mode_tag})" for n in lens]
+    header += ["TTFT ratio", "decode ratio"]
+    out = []
+    for row in result["methods"]:
+        ppl, mem, speed = row.get("ppl", {}), row.get("memory", {}), row.get("speed", {})
+        cells = [
+            row["spec"] + (" (ref)" if row.get("reference") else ""),
+            _fmt(mem.get("after_prefill", {}).get("ratio"), ".2f", "x"),
+            _fmt(mem.get("after_decode", {}).get("ratio"), ".2f", "x"),
+            _fmt(ppl.get("ppl"), ".3f"),
+            _fmt(ppl.get("dppl_pct"), "+.2f"),
+            _fmt(ppl.get("kl"), ".3g"),
+            _fmt(None if ppl.get("agreement") is None else 100 * ppl["agreement"], ".1f", " %"),
+        ]
+        cells += [" · ".join(_needle_counts(row, m, n) for m in modes) for n in lens]
+        if speed.get("reference"):
+            cells += ["1 (ref)", "1 (ref)"]
+        else:
+            cells += [_fmt(speed.get("ttft_ratio"), ".2f", "x"), _fmt(speed.get("decode_ratio"), ".2f", "x")]
+        out.append(cells)
+    return header, out
+
+
+def describe_setup(result: dict) -> str:
+    """One line: model, data, P/C/windows, needle and speed settings, seed."""
+    cfg = result["config"]
+    parts = [
+        f"model {result['model']['name']}",
+        f"data {result['data']['source']} (sha256 {result['data']['sha256'][:12]}, {result['data']['tokens']} tokens)",
+    ]
+    if cfg["windows"]:
+        parts.append(f"P = {cfg['prompt_len']}, C = {cfg['cont_len']}, {cfg['windows']} windows")
+    if cfg.get("needle"):
+        nd = cfg["needle"]
+        parts.append(
+            f"needle at {', '.join(map(str, nd['context_lens']))} tokens, depths {nd['depths']}, "
+            f"{nd['per_depth']} per depth, haystack {nd['haystack']}"
+        )
+    if cfg.get("speed"):
+        sp = cfg["speed"]
+        parts.append(
+            f"speed at {sp['context']} tokens + {sp['steps']} decode steps, median of {sp['repeats']} interleaved rounds"
+        )
+    parts.append(f"seed {result['seed']}")
+    if result.get("host"):
+        parts.append(f"torch {result['host']['torch']}, {result['host']['threads']} thread(s)")
+    return "; ".join(parts)
+
+
+def rich_table(result: dict):
+    from rich.table import Table
+
+    header, rows = table_rows(result)
+    table = Table(title=f"kvcompress eval vs {result['config']['reference']}", caption=describe_setup(result))
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def markdown(result: dict) -> str:
+    """Markdown: the exact command, the setup line, the table, notes (skipped methods, what ratios mean)."""
+    header, rows = table_rows(result)
+    lines = []
+    if result.get("command"):
+        lines += ["```", result["command"], "```", ""]
+    lines += [describe_setup(result), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [
+        "",
+        "bytes ratio = fp16 reference bytes / bytes actually held by the cache, after the P-token prefill (@P) and "
+        "after the teacher-forced steps (@P+C: P+C-1 tokens fed). ppl over the C continuation tokens only; Δppl, KL "
+        "(full || method, mean per step) and top-1 agreement against the reference row on the same windows. "
+        "needle: exact-match hits / tasks, query-aware · query-agnostic. TTFT / decode ratio = reference time / "
+        "method time (> 1 = faster), medians of interleaved rounds; absolute timings are noisy on a shared CPU.",
+    ]
+    for s in result.get("skipped", []):
+        lines.append(f"- skipped `{s['method']}`: {s['reason']}")
+    lines.append(f"\npeak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB; wall {result['timings']['total_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out: str | Path) -> dict:
+    """Write results.json, results.md and pareto.png under ``out``; returns their paths."""
+    from ..plots import pareto_plot
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "pareto.png"}
+    result = dict(result, files={k: str(v) for k, v in paths.items()})
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    pareto_plot(result, paths["plot"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvcompress.evaluate.report results.json`` prints the Markdown of a saved result."""
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m kvcompress.evaluate.report RESULTS.json [...]", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(markdown(json.loads(Path(p).read_text())))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Method spec strings ``"name[:opt=value,opt=value]"`` -> validated :class:`MethodSpec`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from ..cache import make_cache
+from ..registry import KVCompressError, get_method, list_methods
+
+# split "a=1,b=(1,2),c='x'" on the commas that start a new ``name=`` pair
+_PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method with its options. ``label`` is the spec string as the user wrote it (the row name)."""
+
+    name: str
+    options: tuple[tuple[str, object], ...]
+    label: str
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+    def make(self, model):
+        """A fresh cache for ``model`` (use as a context manager: methods with hooks remove them on close)."""
+        return make_cache(self.name, model, **self.kwargs)
+
+
+def parse_spec(text: str) -> MethodSpec:
+    """``"kivi:bits=2,residual=64"`` -> ``MethodSpec("kivi", (("bits", 2), ("residual", 64)))``.
+
+    Values go through ``ast.literal_eval`` (strings may be left unquoted), like ``kvcompress generate -o``."""
+    from ..cli import parse_options
+
+    label = str(text).strip()
+    name, _, rest = label.partition(":")
+    name = name.strip()
+    if not name:
+        raise KVCompressError(f"bad method spec {text!r}; write name[:opt=value,opt=value]")
+    get_method(name)  # unknown method -> one clear error listing the known ones
+    pairs = [p for p in _PAIR_SPLIT.split(rest) if p.strip()] if rest.strip() else []
+    options = parse_options(pairs)
+    return MethodSpec(name, tuple(options.items()), label)
+
+
+def validate_specs(specs: list[MethodSpec], model) -> list[str]:
+    """Build each cache once (config + model checks happen in ``make_cache``) before any evaluation work.
+    Returns ``describe()`` strings; raises the method's KVCompressError on bad options."""
+    labels = [s.label for s in specs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise KVCompressError(f"method spec(s) given twice: {', '.join(dup)}")
+    described = []
+    for spec in specs:
+        with spec.make(model) as cache:
+            described.append(cache.method.describe())
+    return described
+
+
+def needs_calibration(method_cls) -> bool:
+    """True if the method cannot run with default options: it says so (``requires_calibration``) or its
+    Config has a field without a default."""
+    if getattr(method_cls, "requires_calibration", False):
+        return True
+    return any(
+        f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        for f in dataclasses.fields(method_cls.Config)
+    )
+
+
+def default_specs(model) -> tuple[list[MethodSpec], list[dict]]:
+    """Every registered method with its default options; methods that need calibration (or otherwise cannot
+    be built with defaults on this model) are skipped and returned with the reason."""
+    from ..registry import _METHOD_MODULES
+
+    specs, skipped = [], []
+    order = {n: i for i, n in enumerate(_METHOD_MODULES)}
+    for name, cls in sorted(list_methods().items(), key=lambda kv: order.get(kv[0], len(order))):
+        if needs_calibration(cls):
+            skipped.append({"method": name, "reason": "needs a calibration file (no default); pass it explicitly"})
+            continue
+        spec = MethodSpec(name, (), name)
+        try:
+            with spec.make(model):
+                pass
+        except KVCompressError as exc:
+            skipped.append({"method": name, "reason": f"cannot run with default options: {exc}"})
+            continue
+        specs.append(spec)
+    return specs, skipped

@@ -1,0 +1,72 @@
+"""``h2o``: Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023) — keep the tokens that received the most
+cumulative attention ("heavy hitters") plus the most recent tokens. The cache holds ``heavy + recent`` tokens
+(sized from the prompt) per KV head; every forward adds the step's attention probabilities (recomputed from the
+step's queries against the returned keys, summed over the query heads of each KV group) to the kept tokens'
+scores, then evicts down to the budget. Scores are held per token and follow it through evictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import Method
+from ..config import check_budget, resolve_budget
+from ..eviction import EvictionLayer, received_attention, topk_keep
+from ..observe import Observer
+from ..registry import register
+
+
+@register("h2o")
+class H2O(Method):
+    summary = "H2O: heavy hitters (cumulative attention) + recent tokens; scores updated at every decode step"
+    test_options = {"heavy": 0.15, "recent": 0.15}
+    noop_options = {"heavy": 1 << 20, "recent": 1 << 20}
+
+    @dataclass(frozen=True)
+    class Config:
+        heavy: float | int = 0.1  # heavy-hitter tokens: share of the prompt (float) or tokens (int)
+        recent: float | int = 0.1  # most recent tokens always kept: share of the prompt or tokens
+
+        def __post_init__(self):
+            check_budget(self.heavy, "h2o", "heavy")
+            check_budget(self.recent, "h2o", "recent")
+
+        def sizes(self, prompt_len: int) -> tuple[int, int]:
+            """``(heavy, recent)`` in tokens for a prompt of ``prompt_len`` tokens."""
+            return resolve_budget(self.heavy, prompt_len), resolve_budget(self.recent, prompt_len)
+
+    def make_layer(self, layer_idx: int):
+        if self.geometry.is_sliding(layer_idx):
+            return self.sliding_layer(layer_idx)
+        return H2OLayer(self.geometry, layer_idx, self.config, self)
+
+    def install_hooks(self, cache):
+        full = [i for i in range(self.geometry.num_layers) if not self.geometry.is_sliding(i)]
+        self.observer = Observer(self.model, cache, layers=full)
+        return self.observer
+
+
+class H2OLayer(EvictionLayer):
+    """Holds at most ``heavy + recent`` tokens per (row, KV head) and their cumulative attention
+    ``token_state["score"] (batch, kv_heads, kept)`` fp32 (counted in ``nbytes``)."""
+
+    def __init__(self, geometry, layer_idx, config, method):
+        super().__init__(geometry, layer_idx)
+        self.config = config
+        self.method = method
+        self.heavy = self.recent = None  # sized from the prompt at the first call
+
+    def store(self, key_states, value_states):
+        if self.heavy is None:
+            self.heavy, self.recent = self.config.sizes(key_states.shape[-2])
+            b, h = key_states.shape[:2]
+            self.token_state["score"] = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
+        keys, values = self.append(key_states, value_states)  # also appends zero scores for the new tokens
+        obs = self.method.observer
+        query = obs.query_states(self.layer_idx)
+        self.token_state["score"] += received_attention(query, keys, obs.scaling(self.layer_idx))
+        if keys.shape[-2] > self.heavy + self.recent:
+            self.keep(topk_keep(self.token_state["score"], self.heavy + self.recent, always_keep_last=self.recent))
+        return keys, values

@@ -1,0 +1,286 @@
+"""``kvquant``: KVQuant (Hooper et al., NeurIPS 2024, arXiv 2401.18079).
+
+Keys are quantized per channel (optionally before RoPE), values per token, both with a per-layer codebook
+(``nuq``: Fisher-weighted k-means levels from ``kvcompress calibrate kvquant``; or uniform levels), a
+dense-and-sparse split (``outliers`` share of values kept exactly) and an fp16 attention sink.
+
+Per-channel key ranges: each key channel has a fixed ``[lower, upper]`` range -- its outlier thresholds
+(or min/max when ``outliers=0``) -- from the calibration file (``key_stats="calibration"``, the paper's way)
+or from the first >= 16 non-sink tokens this cache stores (``key_stats="prompt"``, per batch row; those
+tokens wait in fp16 until there are 16). Every later token, decoding included, is normalized with that
+fixed range: values beyond it go to the sparse part, or are clamped when ``outliers=0``. No fp residual.
+
+Pre-RoPE: the cache receives post-RoPE keys with the cos/sin the model used (seen by an observer hook);
+they are un-rotated exactly and stored pre-RoPE, and re-rotated on read with cos/sin recomputed by the
+model's own rotary module for the stored positions. Positions are derivable (not stored) while they are
+``0, 1, 2, ...``; otherwise (left padding) they are stored as int32 ``(batch, tokens)`` and counted.
+
+Held per layer: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 for K and V (3 bits: a 2-bit and a 1-bit
+plane, the same bytes when 8 divides head_dim); value scale/offset
+``(b, h, n, 1)`` fp16 (also for keys when ``per_channel_keys=False``); the per-channel key range
+``(h*d,)`` fp16 x2 (calibration) or ``(b, h*d)`` (prompt); codebooks; outliers as CSR rows
+(row = (token, batch row), width = h*d): per-row counts (uint8 / int16), column (uint8 / int16) and fp16
+value per outlier; the fp16 sink. Sliding-window layers (Gemma-3) are quantized the same way and evict
+from the front (``quantize_sliding=False`` keeps them as a plain fp16 window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import KVLayer, Method
+from ..config import check_bits
+from ..registry import KVCompressError, register
+from ..rope import apply_rope, unapply_rope
+from .kvquant_store import Positions, QuantStream, RopeTable, PositionObserver
+
+MIN_PROMPT_TOKENS = 16  # key_stats="prompt": tokens needed before the per-channel ranges are fixed
+KEY_STATS = ("auto", "calibration", "prompt")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    bits: int = 3  # code width of the dense part: 2, 3 or 4
+    outliers: float = 0.01  # share of values kept exactly (sparse), in [0, 0.2); half above, half below
+    sink: int = 1  # first tokens kept at 2-byte precision (attention sink)
+    per_channel_keys: bool = True  # keys: one fixed range per channel (False: per token, like values)
+    pre_rope: bool = True  # quantize keys before RoPE, re-rotate on read
+    nuq: bool = True  # calibrated non-uniform codebook (needs calibration); False: uniform levels
+    qnorm: bool = False  # Q-Norm: centroids corrected to keep the mean/std of the data (needs calibration)
+    calibration: str | None = None  # path of a file written by `kvcompress calibrate kvquant`
+    key_stats: str = "auto"  # per-channel key ranges from: calibration | prompt | auto (calibration if a file)
+    quantize_sliding: bool = True  # quantize sliding-window layers too (False: plain fp16 window)
+
+    def __post_init__(self):
+        check_bits(self.bits, (2, 3, 4), "kvquant")
+        o = self.outliers
+        if isinstance(o, bool) or not isinstance(o, (int, float)) or not (0.0 <= float(o) < 0.2):
+            raise KVCompressError(f"kvquant: outliers={o!r} must be a fraction in [0, 0.2) (0.01 = 1 %)")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise KVCompressError(f"kvquant: sink must be an integer >= 0, got {self.sink!r}")
+        for name in ("per_channel_keys", "pre_rope", "nuq", "qnorm", "quantize_sliding"):
+            if not isinstance(getattr(self, name), bool):
+                raise KVCompressError(f"kvquant: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.key_stats not in KEY_STATS:
+            raise KVCompressError(f"kvquant: key_stats={self.key_stats!r} is not one of {list(KEY_STATS)}")
+        if self.calibration is not None and not isinstance(self.calibration, (str, Path)):
+            raise KVCompressError(f"kvquant: calibration must be a file path, got {self.calibration!r}")
+        need = [n for n in ("nuq", "qnorm") if getattr(self, n)]
+        if self.key_stats == "calibration" and self.per_channel_keys:
+            need.append("key_stats='calibration'")
+        if need and self.calibration is None:
+            raise KVCompressError(
+                f"kvquant: {', '.join(need)} needs calibration=PATH (write one with `kvcompress calibrate kvquant "
+                "--model M --data TEXT --bits B`), or use nuq=False (uniform levels) and key_stats='prompt'"
+            )
+        if self.qnorm and not self.nuq:
+            raise KVCompressError("kvquant: qnorm corrects the calibrated codebook; it needs nuq=True")
+        if (self.nuq or self.qnorm) and not self.per_channel_keys:
+            raise KVCompressError("kvquant: calibrated codebooks are fitted for per-channel keys; "
+                                  "per_channel_keys=False needs nuq=False and qnorm=False")
+
+    @property
+    def channel_stats_from(self) -> str:
+        if self.key_stats == "auto":
+            return "calibration" if self.calibration is not None else "prompt"
+        return self.key_stats
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KVQuantLayer(KVLayer):
+    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]``; returns the past dequantized (keys
+    re-rotated) followed by the step's new tokens as given. Sliding-window layers keep ``window - 1`` tokens."""
+
+    def __init__(self, method: "KVQuant", layer_idx: int):
+        g, cfg = method.geometry, method.config
+        super().__init__(g, layer_idx)
+        self.method = method
+        self.layer_type = g.layer_types[layer_idx]
+        self.window = g.sliding_window if g.is_sliding(layer_idx) else None
+        self.is_sliding = self.window is not None
+        self.sink = 0 if self.is_sliding else cfg.sink
+        self.pre_rope = cfg.pre_rope
+        kb, vb = method.books(layer_idx)
+        h, d = g.num_kv_heads, g.head_dim
+        self.k = QuantStream(cfg.bits, cfg.outliers, kb["codebook"], kb["decode"], h, d, cfg.per_channel_keys,
+                             kb.get("lower"), kb.get("upper"))
+        self.v = QuantStream(cfg.bits, cfg.outliers, vb["codebook"], vb["decode"], h, d, per_channel=False)
+        self.head_k = self.head_v = None  # sink: (b, h, s, d) 2-byte floats, post-RoPE
+        self.pend_k = None  # key_stats="prompt": keys waiting for the per-channel range, (b, h, p, d) 2-byte
+        self.pos = Positions()
+
+    # -- positions and RoPE ------------------------------------------------------------------------------------------
+    def _step_rope(self, q: int):
+        """``(positions (b|1, q), cos, sin (b, q, d))`` of the current step, checked against the rope table."""
+        obs = self.method.observer
+        if obs is None:
+            raise KVCompressError("kvquant: pre_rope needs the cache's hooks; pass the cache to the model as "
+                                  "past_key_values and do not close it")
+        cos, sin = obs.rope(self.layer_idx)
+        pos = obs.position_ids(self.layer_idx)
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + q).unsqueeze(0)
+        pos = pos.to(cos.device)
+        tc, ts = self.method.rope.cos_sin(pos, self.layer_type)
+        if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5) and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
+            raise KVCompressError(
+                f"kvquant: layer {self.layer_idx}: the model's rotary module does not reproduce the cos/sin this "
+                "step used (dynamic or non-standard RoPE?); use pre_rope=False"
+            )
+        return pos, cos.float(), sin.float()
+
+    # -- store / read ------------------------------------------------------------------------------------------------
+    def store(self, key_states, value_states):
+        q, sd = key_states.shape[2], self.geometry.storage_dtype
+        past = self._read() if self.kept_length() else None
+        n_sink = min(q, max(0, self.sink - self.seen))
+        if n_sink:
+            hk, hv = key_states[:, :, :n_sink].to(sd), value_states[:, :, :n_sink].to(sd)
+            self.head_k = hk if self.head_k is None else torch.cat([self.head_k, hk], dim=2)
+            self.head_v = hv if self.head_v is None else torch.cat([self.head_v, hv], dim=2)
+        if q > n_sink:
+            k, v = key_states[:, :, n_sink:].float(), value_states[:, :, n_sink:].float()
+            if self.pre_rope:
+                pos, cos, sin = self._step_rope(q)
+                k = unapply_rope(k, cos[:, n_sink:], sin[:, n_sink:])
+                self.pos.append(pos[:, n_sink:])
+            self._append_body(k, v)
+        if self.is_sliding and self.kept_length() > self.window - 1:
+            self._drop_front(self.kept_length() - (self.window - 1))
+        if past is None:
+            return key_states, value_states
+        pk, pv = past
+        return (torch.cat([pk.to(key_states.dtype), key_states], dim=2),
+                torch.cat([pv.to(value_states.dtype), value_states], dim=2))
+
+    def _append_body(self, k, v):
+        self.v.append(v)
+        if self.k.ready:
+            self.k.append(k)
+            return
+        pend = k.to(self.geometry.storage_dtype)
+        self.pend_k = pend if self.pend_k is None else torch.cat([self.pend_k, pend], dim=2)
+        if self.pend_k.shape[2] >= MIN_PROMPT_TOKENS:
+            self.k.fix_range(self.pend_k.float())
+            self.k.append(self.pend_k.float())
+            self.pend_k = None
+
+    def _read(self):
+        """Past tokens dequantized: ``(b, h, kept, d)`` fp32 each."""
+        ks, vs = [], []
+        if self.head_k is not None:
+            ks.append(self.head_k.float())
+            vs.append(self.head_v.float())
+        if len(self.v):
+            body = [self.k.read()] if len(self.k) else []
+            if self.pend_k is not None:
+                body.append(self.pend_k.float())
+            kb = torch.cat(body, dim=2)
+            if self.pre_rope:
+                if self.pos.explicit is None:
+                    cos, sin = self.method.rope.cos_sin_range(self.pos.start, self.pos.n, self.layer_type)
+                else:
+                    cos, sin = self.method.rope.cos_sin(self.pos.get(), self.layer_type)
+                kb = apply_rope(kb, cos, sin)
+            ks.append(kb)
+            vs.append(self.v.read())
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def _drop_front(self, n: int):
+        """Sliding window: evict the ``n`` oldest body tokens (sliding layers keep no sink)."""
+        self.v.drop_front(n)
+        if len(self.k):
+            self.k.drop_front(n)
+        else:
+            self.pend_k = self.pend_k[:, :, n:].clone()
+        if self.pre_rope:
+            self.pos.drop_front(n)
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def kept_length(self) -> int:
+        return (0 if self.head_k is None else self.head_k.shape[2]) + len(self.v)
+
+    def represented_tokens(self) -> int:
+        return min(self.seen, self.window - 1) if self.is_sliding else self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.kept_length()
+        return kept + query_length, max(self.seen - kept, 0)
+
+    def get_max_length(self) -> int:
+        return self.window if self.is_sliding else -1
+
+    def held_tensors(self):
+        return [self.head_k, self.head_v, self.pend_k, *self.k.tensors(), *self.v.tensors(), *self.pos.tensors()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@register("kvquant")
+class KVQuant(Method):
+    summary = ("KVQuant: per-channel pre-RoPE keys, per-token values, nuq codebooks (calibrated), "
+               "dense-and-sparse outliers, fp16 sink")
+    Config = KVQuantConfig
+    test_options = {"nuq": False, "bits": 4, "sink": 2}
+    noop_options = None  # every setting quantizes
+
+    def validate(self) -> None:
+        cfg, g = self.config, self.geometry
+        self.observer = None
+        self.calibration = None
+        if cfg.calibration is not None:
+            from ..calibration.kvquant import load_calibration
+
+            self.calibration = load_calibration(cfg.calibration)
+            self.calibration.check(g, cfg.bits, cfg.outliers)
+        if cfg.pre_rope:
+            from ..observe import attention_modules
+
+            attention_modules(self.model)  # raises if the layout is not llama-like
+            self.rope = RopeTable(self.model, g.dtype)
+
+    def books(self, layer_idx: int) -> tuple[dict, dict]:
+        """Per-layer ``{codebook, decode[, lower, upper]}`` for keys and for values (own copies: counted per layer)."""
+        cfg, cal = self.config, self.calibration
+        out = []
+        for which in ("key_pre" if cfg.pre_rope else "key_post", "value"):
+            cb = dec = torch.linspace(-1.0, 1.0, 1 << cfg.bits)
+            book = {}
+            if cal is not None:
+                entry = cal.layer_entry(cfg.bits, cfg.outliers, which, layer_idx)
+                if cfg.nuq:
+                    cb = dec = entry["codebook"]
+                if cfg.qnorm:
+                    dec = entry["qnorm"]
+                if which != "value" and cfg.channel_stats_from == "calibration":
+                    book["lower"], book["upper"] = entry["lower"].reshape(-1), entry["upper"].reshape(-1)
+            book["codebook"] = cb.clone()
+            book["decode"] = book["codebook"] if dec is cb else dec.clone()
+            out.append(book)
+        return out[0], out[1]
+
+    def make_layer(self, layer_idx: int):
+        if self.geometry.is_sliding(layer_idx) and not self.config.quantize_sliding:
+            return self.sliding_layer(layer_idx)
+        return KVQuantLayer(self, layer_idx)
+
+    def install_hooks(self, cache):
+        if not self.config.pre_rope:
+            return None
+        self.observer = PositionObserver(self.model, cache)
+        return self.observer

@@ -1,0 +1,366 @@
+"""``minicache``: merge the KV caches of adjacent layers in the depth dimension (Liu et al., NeurIPS 2024,
+arXiv 2405.14366).
+
+* **Pairs**: layers ``(l-1, l)`` for ``l = S, S+2, S+4, ...`` (``S = start_layer``, default ``L // 2``), i.e.
+  ``(S-1, S), (S+1, S+2), ...``; with S = 15 on SmolLM2 (30 layers) that is 8 pairs, layers 14..29. A pair needs
+  both layers of the same attention type: on Gemma-3 (5 sliding : 1 global) no two global layers are adjacent,
+  so the merged pairs are sliding-window pairs, and a layer whose neighbour has the other type is skipped.
+* **Merge** (per token, per KV head, K and V separately): ``x = |x| * x_hat``; one shared direction
+  ``e = SLERP(x_hat_{l-1}, x_hat_l; t)`` (t = 0: layer l-1's direction, t = 1: layer l's); both magnitudes kept.
+  Layer j is read back as ``|x_j| * e``. ``merge="average"`` is the ablation: the plain weighted average
+  ``m = (1-t) x_{l-1} + t x_l`` read back by both layers (stored in the same layout, so bytes are equal).
+* **Retention**: angular distance ``d = arccos(x_hat_{l-1} . x_hat_l) / pi``, min-max normalized per batch row and
+  KV head, K and V separately, over the tokens merged so far (at prefill: the prompt, as in the paper; decoded
+  tokens extend a running min/max, 4 fp32 numbers per row, so a decoded token is judged against the prompt's
+  range and not forced into a tiny population). An entry (batch, head, token) whose K *or* V normalized distance
+  is ``>= 1 - gamma`` (the top ``gamma`` share of the distance range) keeps the exact K and V of both layers;
+  gamma = 0 retains nothing, gamma = 1 everything (an exact no-op at 2-byte precision).
+* **Held per pair**: one direction store (K and V directions, ``(b, h, n, d)``), per layer fp16 magnitudes
+  ``(2 [K, V], b, h, n)``, per layer a store of the retained exact K/V ``(1, 1, r, d)`` and one int32 index per
+  retained entry (``position * b * h + row``), and the running distance range. The direction store, the indices and
+  the range count on layer l, the magnitudes and retained vectors on the layer they belong to. Reading back builds
+  a transient copy.
+* **When**: a forward that brings several tokens (prefill) merges them at once, after layer l stored them (layer
+  l-1 already attended to its exact K/V in that forward; later steps see the merged version). Decoded tokens stay
+  exact (2-byte) in a per-layer buffer until it holds ``block`` tokens, then merge (block = 1, the default:
+  every step, right after the step's attention).
+* **Storage** (composition): ``storage="fp16"`` or any registered quantizing store (``"kivi"`` with ``bits``,
+  ``group_size``, ``residual``) holds the directions, the retained tokens and the unmerged full-attention layers
+  (so ``storage="kivi", bits=4`` is MiniCache + KIVI-4 on every layer). Magnitudes stay fp16 (as in the paper).
+  Unpaired sliding-window layers keep the plain fp16 window (``Method.sliding_layer``).
+* **Sliding pairs** (Gemma-3): a merge keeps only positions inside the window, stored in segments of
+  ``seg = min(SLIDING_SEGMENT, window // 8)`` positions; a segment is dropped once all its positions left the
+  window, so a sliding pair holds at most ``window - 1 + seg`` merged positions (+ the exact buffer); attention
+  sees the last ``sliding_window - 1`` past tokens, like every sliding layer. (A quantizing store keeps its own
+  fp16 residual per segment, so with storage="kivi" segments shorter than that residual stay at 2 bytes -- as
+  KIVI itself leaves sliding windows unquantized.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import KVLayer, Method
+from ..config import check_positive_int, check_ratio
+from ..registry import KVCompressError, register
+from ..storage import KVStore, make_store
+from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
+
+__all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "Segment", "StoreLayer", "angular_distance",
+           "layer_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
+
+MERGES = ("slerp", "average")
+SLIDING_SEGMENT = 64  # at most this many positions (and window // 8) per segment of a sliding-window pair
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MiniCacheConfig:
+    start_layer: int | None = None  # S: first merged pair is (S-1, S), then (S+1, S+2)...; None = num_layers // 2
+    t: float = 0.6  # SLERP interpolation in [0, 1]: 0 = direction of layer l-1, 1 = of layer l (paper: 0.6)
+    gamma: float = 0.05  # retention threshold in [0, 1]: top gamma share of the normalized distance range (paper: 0.05)
+    merge: str = "slerp"  # slerp (paper) | average (ablation: plain weighted average of the two states)
+    block: int = 1  # decoded tokens stay exact in a buffer and merge in blocks of this many (1 = every step)
+    storage: str = "fp16"  # KVStore for directions, retained tokens and unmerged layers: fp16 | kivi | ...
+    bits: int | None = None  # passed to a quantizing storage (kivi: 2, 4, 8)
+    group_size: int | None = None  # passed to a quantizing storage
+    residual: int | None = None  # passed to a quantizing storage
+
+    def __post_init__(self):
+        s = self.start_layer
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+            raise KVCompressError(f"minicache: start_layer must be an integer (or None for L/2), got {s!r}")
+        check_ratio(self.t, "t", "minicache", low_open=False, high_open=False)
+        check_ratio(self.gamma, "gamma", "minicache", low_open=False, high_open=False)
+        if self.merge not in MERGES:
+            raise KVCompressError(f"minicache: merge={self.merge!r} is not one of {list(MERGES)}")
+        check_positive_int(self.block, "block", "minicache")
+        if not isinstance(self.storage, str):
+            raise KVCompressError(f"minicache: storage must be a storage name, got {self.storage!r}")
+
+    def storage_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("bits", "group_size", "residual") if getattr(self, k) is not None}
+
+
+def layer_pairs(layer_types: tuple[str, ...], start_layer: int) -> list[tuple[int, int]]:
+    """Merged pairs ``(l-1, l)`` from ``l = start_layer`` on, both layers of the same attention type."""
+    pairs, i = [], start_layer - 1
+    while i + 1 < len(layer_types):
+        if layer_types[i] == layer_types[i + 1]:
+            pairs.append((i, i + 1))
+            i += 2
+        else:
+            i += 1
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Merged storage of a layer pair
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Segment:
+    """Merged positions ``[start, start + length)`` of one layer pair (see the module docstring for the layout)."""
+
+    def __init__(self, new_store, start: int, dtype: torch.dtype):
+        self.dirs: KVStore = new_store()  # keys = K directions, values = V directions: (b, h, n, d)
+        self.mags: list[torch.Tensor | None] = [None, None]  # per layer: (2 [K, V], b, h, n), 2-byte float
+        self.kept: list[KVStore] = [new_store(), new_store()]  # per layer: retained exact K/V, (1, 1, r, d)
+        self.kept_idx: torch.Tensor | None = None  # (r,) int32: position_in_segment * (b * h) + (batch * h + head)
+        self.start, self.length, self.dtype = start, 0, dtype
+
+    def add(self, ka, va, kb, vb, cfg: MiniCacheConfig, keep: torch.Tensor | None = None) -> None:
+        """Merge ``(b, h, n, d)`` states of layer l-1 (ka, va) and layer l (kb, vb) and append them. ``keep``:
+        bool ``(b, h, n)`` entries to retain (default: the retention rule over these n tokens)."""
+        b, h, n, d = ka.shape
+        dk, mk, _ = merge_states(ka, kb, cfg.t, cfg.merge)
+        dv, mv, _ = merge_states(va, vb, cfg.t, cfg.merge)
+        self.dirs.append(dk, dv)
+        for side in (0, 1):
+            m = torch.stack([mk[side], mv[side]]).to(self.dtype)
+            self.mags[side] = m if self.mags[side] is None else torch.cat([self.mags[side], m], dim=-1)
+        if keep is None:
+            keep = retention_mask(ka, va, kb, vb, cfg.gamma)[0]
+        idx = keep.permute(2, 0, 1).reshape(-1).nonzero().squeeze(1)  # position-major flat (n * b * h)
+        if idx.numel():
+            for side, (k, v) in enumerate(((ka, va), (kb, vb))):
+                kf = k.permute(2, 0, 1, 3).reshape(-1, d)[idx]
+                vf = v.permute(2, 0, 1, 3).reshape(-1, d)[idx]
+                self.kept[side].append(kf[None, None], vf[None, None])
+            idx = (idx + self.length * b * h).to(torch.int32)
+            self.kept_idx = idx if self.kept_idx is None else torch.cat([self.kept_idx, idx])
+        self.length += n
+
+    def restore(self, side: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``side`` (0 = l-1, 1 = l) read back: ``|x| * e`` with retained entries put back; ``(b, h, n, d)``."""
+        out = []
+        for j, e in enumerate(self.dirs.read(torch.float32)):
+            e = unit(e)[1]  # a quantizing store returns nearly-unit directions
+            out.append(self.mags[side][j].float().unsqueeze(-1) * e)
+        if self.kept_idx is not None:
+            idx = self.kept_idx.long()
+            for j, r in enumerate(self.kept[side].read(torch.float32)):
+                x = out[j].permute(2, 0, 1, 3).contiguous()  # (n, b, h, d)
+                x.view(-1, x.shape[-1]).index_copy_(0, idx, r[0, 0])
+                out[j] = x.permute(1, 2, 0, 3)
+        return out[0].to(dtype), out[1].to(dtype)
+
+    def retained_entries(self) -> int:
+        return 0 if self.kept_idx is None else self.kept_idx.numel()
+
+    def held(self, side: int) -> list[torch.Tensor | None]:
+        own = [self.mags[side], *self.kept[side].held_tensors()]
+        return own + ([*self.dirs.held_tensors(), self.kept_idx] if side == 1 else [])
+
+
+class LayerPair:
+    """The state shared by the two layer objects of a merged pair: merged segments + an exact buffer per layer of
+    the tokens not merged yet. Layer l-1's update runs first in a forward, then layer l's, which merges."""
+
+    def __init__(self, method: "MiniCache", first: int, second: int):
+        g = method.geometry
+        self.cfg, self.layers, self.new_store = method.config, (first, second), method.new_store
+        self.dtype = g.storage_dtype
+        self.window = g.sliding_window - 1 if g.is_sliding(first) else None  # past tokens a sliding layer keeps
+        self.seg_len = max(1, min(SLIDING_SEGMENT, (g.sliding_window or 0) // 8))  # sliding pairs' segment size
+        self.segments: list[Segment] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]  # (b, h, p, d) per layer
+        self.span: torch.Tensor | None = None  # running distance range (2 [min, max], 2 [K, V], b, h) fp32
+        self.start = 0  # first position not merged (and not dropped) yet
+
+    def past(self, side: int, dtype: torch.dtype):
+        """K/V of layer ``side`` for the past tokens attention sees: ``(b, h, n, d)`` each, or None."""
+        parts = [seg.restore(side, dtype) for seg in self.segments]
+        if self.pending[side] is not None:
+            parts.append(tuple(x.to(dtype) for x in self.pending[side]))
+        if not parts:
+            return None
+        k, v = torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+        if self.window is not None:  # the last window - 1 positions, like every sliding layer
+            drop = max(k.shape[2] - self.window, 0)
+            k, v = k[:, :, drop:], v[:, :, drop:]
+        return k, v
+
+    def push(self, side: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Buffer a layer's new ``(b, h, q, d)`` K/V; when layer l pushes, merge if this forward brought several
+        tokens (prefill) or the buffer reached ``block`` tokens."""
+        k, v = keys.to(self.dtype), values.to(self.dtype)
+        if self.pending[side] is not None:
+            k, v = torch.cat([self.pending[side][0], k], dim=2), torch.cat([self.pending[side][1], v], dim=2)
+        self.pending[side] = (k, v)
+        if side == 1 and (keys.shape[2] > 1 or k.shape[2] >= self.cfg.block):
+            self._merge()
+
+    def _merge(self) -> None:
+        (ka, va), (kb, vb) = self.pending
+        if ka.shape[2] != kb.shape[2]:
+            raise KVCompressError(f"minicache: layers {self.layers} received different token counts in one forward")
+        end = self.start + ka.shape[2]
+        if self.window is None:
+            keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span)
+            if not self.segments:
+                self.segments.append(Segment(self.new_store, 0, self.dtype))
+            self.segments[0].add(ka, va, kb, vb, self.cfg, keep)
+        else:  # keep positions inside the window only, in segments of seg_len; drop segments that left it
+            pos = max(self.start, end - self.window)
+            ka, va, kb, vb = (x[:, :, pos - self.start :] for x in (ka, va, kb, vb))
+            keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span)
+            self.segments = [s for s in self.segments if s.start + s.length > end - self.window]
+            c = 0
+            while c < ka.shape[2]:
+                seg = self.segments[-1] if self.segments else None
+                if seg is None or seg.length >= self.seg_len or seg.start + seg.length != pos + c:
+                    seg = Segment(self.new_store, pos + c, self.dtype)
+                    self.segments.append(seg)
+                part = slice(c, c + self.seg_len - seg.length)
+                seg.add(*(x[:, :, part] for x in (ka, va, kb, vb)), self.cfg, keep=keep[:, :, part])
+                c = min(ka.shape[2], part.stop)
+        self.pending, self.start = [None, None], end
+
+    def held(self, side: int) -> list[torch.Tensor | None]:
+        out = [t for seg in self.segments for t in seg.held(side)] + ([self.span] if side == 1 else [])
+        return out + (list(self.pending[side]) if self.pending[side] is not None else [])
+
+    def retained_fraction(self) -> float:
+        """Share of merged (batch, head, token) entries kept exactly."""
+        total = sum(s.length for s in self.segments)
+        if not total:
+            return 0.0
+        _, b, h, _ = self.segments[0].mags[0].shape
+        rows = b * h
+        return sum(s.retained_entries() for s in self.segments) / (total * rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MergedLayer(KVLayer):
+    """One layer of a merged pair (``side`` 0 = layer l-1, 1 = layer l); its state lives in the shared pair."""
+
+    def __init__(self, geometry, layer_idx: int, pair: LayerPair, side: int):
+        super().__init__(geometry, layer_idx)
+        self.pair, self.side = pair, side
+        self.window = pair.window
+        self.is_sliding = pair.window is not None
+
+    def store(self, key_states, value_states):
+        """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
+        dt, sd = key_states.dtype, self.pair.dtype
+        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
+        past = self.pair.past(self.side, dt)
+        self.pair.push(self.side, key_states, value_states)
+        if past is None:
+            return new_k, new_v
+        return torch.cat([past[0], new_k], dim=2), torch.cat([past[1], new_v], dim=2)
+
+    def held_tensors(self):
+        return self.pair.held(self.side)
+
+    def kept_length(self) -> int:
+        return self.seen if self.window is None else min(self.seen, self.window)
+
+    def represented_tokens(self) -> int:
+        return self.kept_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.kept_length()
+        return kept + query_length, max(self.seen - kept, 0)
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window + 1
+
+
+class StoreLayer(KVLayer):
+    """An unmerged full-attention layer whose past K/V live in a ``KVStore`` (the pair's storage)."""
+
+    def __init__(self, geometry, layer_idx: int, store: KVStore):
+        super().__init__(geometry, layer_idx)
+        self.kv = store
+
+    def store(self, key_states, value_states):
+        dt, sd = key_states.dtype, self.geometry.storage_dtype
+        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
+        if len(self.kv):
+            past_k, past_v = self.kv.read(dt)
+            new_k, new_v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
+        self.kv.append(key_states, value_states)
+        return new_k, new_v
+
+    def held_tensors(self):
+        return self.kv.held_tensors()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@register("minicache")
+class MiniCache(Method):
+    summary = ("MiniCache: merge adjacent deep layers (SLERP direction + per-layer magnitudes, distant tokens "
+               "retained); storage=kivi stacks quantization")
+    Config = MiniCacheConfig
+    test_options = {"start_layer": 1}
+    noop_options = {"gamma": 1.0}  # every entry retained: both layers exact at 2 bytes
+
+    def validate(self) -> None:
+        g, cfg = self.geometry, self.config
+        self.start_layer = g.num_layers // 2 if cfg.start_layer is None else cfg.start_layer
+        if not 1 <= self.start_layer <= g.num_layers - 1:
+            raise KVCompressError(
+                f"minicache: start_layer={self.start_layer} is outside [1, {g.num_layers - 1}] for this "
+                f"{g.num_layers}-layer model (the first merged pair is (start_layer - 1, start_layer))"
+            )
+        self.pairs = layer_pairs(g.layer_types, self.start_layer)
+        if not self.pairs:
+            raise KVCompressError(
+                f"minicache: no two adjacent layers of the same attention type from layer {self.start_layer - 1} "
+                f"on (layer types: {list(g.layer_types)}); choose a smaller start_layer"
+            )
+        if cfg.storage == "fp16" and cfg.storage_options():
+            raise KVCompressError(
+                f"minicache: {sorted(cfg.storage_options())} apply to a quantizing storage (e.g. storage='kivi'); "
+                "storage='fp16' takes none"
+            )
+        try:  # one tiny append/read: the storage must exist, accept the options and stack
+            probe = self.new_store()
+            x = torch.zeros(1, 1, 2, g.head_dim)
+            probe.append(x, x)
+            ok = isinstance(probe, KVStore) and tuple(probe.read(torch.float32)[0].shape) == (1, 1, 2, g.head_dim)
+        except KVCompressError as exc:
+            raise KVCompressError(f"minicache: storage={cfg.storage!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure means the storage cannot stack
+            raise KVCompressError(f"minicache: storage={cfg.storage!r} cannot stack with minicache: {exc}") from exc
+        if not ok:
+            raise KVCompressError(f"minicache: storage={cfg.storage!r} is not an append/read KV store")
+
+    def new_store(self) -> KVStore:
+        return make_store(self.config.storage, self.geometry, **self.config.storage_options())
+
+    def build_layers(self, cache) -> list[KVLayer]:
+        g = self.geometry
+        layers: list[KVLayer | None] = [None] * g.num_layers
+        for a, b in self.pairs:
+            pair = LayerPair(self, a, b)
+            layers[a], layers[b] = MergedLayer(g, a, pair, 0), MergedLayer(g, b, pair, 1)
+        for i in range(g.num_layers):
+            if layers[i] is None:
+                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else StoreLayer(g, i, self.new_store())
+        return layers
+
+
+def retained_fractions(cache) -> dict[tuple[int, int], float]:
+    """``{(l-1, l): share of merged entries kept exactly}`` for every merged pair of a minicache cache."""
+    out = {}
+    for layer in cache.layers:
+        if isinstance(layer, MergedLayer) and layer.side == 1:
+            out[layer.pair.layers] = layer.pair.retained_fraction()
+    return out

@@ -1,0 +1,77 @@
+"""``snapkv``: SnapKV (Li et al., 2024) — prompt-only eviction. The last ``window`` prompt queries score the
+earlier tokens (attention summed over the window and over each KV group's query heads, pooled along the
+tokens); per KV head the top ``budget - window`` tokens are kept plus the window itself. Decoding appends
+without eviction. Kept tokens go into a ``KVStore`` (``storage="kivi", bits=2`` composes with KIVI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..cache import Method
+from ..config import check_budget, check_positive_int, resolve_budget
+from ..eviction import EvictionLayer, StorageOptions, check_pool, topk_keep, window_scores
+from ..observe import Observer
+from ..registry import register
+
+
+@register("snapkv")
+class SnapKV(Method):
+    summary = "SnapKV: the last prompt queries pick the kept tokens per KV head (prompt-only); composes with storage"
+    test_options = {"budget": 0.3, "window": 8}
+    noop_options = {"budget": 1.0}
+
+    @dataclass(frozen=True)
+    class Config(StorageOptions):
+        budget: float | int = 0.2  # kept prompt tokens including the window: share of the prompt or tokens
+        window: int = 32  # observation window: last prompt queries that score the rest (always kept)
+        pool: str = "avg"  # avg | max | none: smoothing of the scores along the tokens
+        kernel: int = 5  # pooling kernel (odd)
+
+        def __post_init__(self):
+            check_budget(self.budget, "snapkv")
+            check_positive_int(self.window, "window", "snapkv")
+            check_pool(self.pool, self.kernel, "snapkv")
+
+    def validate(self) -> None:
+        self.config.make_store(self.geometry)  # unknown storage / storage options fail here, before any work
+
+    def describe(self) -> str:
+        opts = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+    def make_layer(self, layer_idx: int):
+        if self.geometry.is_sliding(layer_idx):
+            return self.sliding_layer(layer_idx)
+        return SnapKVLayer(self.geometry, layer_idx, self.config, self)
+
+    def install_hooks(self, cache):
+        full = [i for i in range(self.geometry.num_layers) if not self.geometry.is_sliding(i)]
+        self.observer = Observer(self.model, cache, layers=full)
+        return self.observer
+
+
+class SnapKVLayer(EvictionLayer):
+    """At the first call (the prompt) selects ``budget`` tokens per (row, KV head) and moves them to the store;
+    later calls append."""
+
+    def __init__(self, geometry, layer_idx, config, method):
+        super().__init__(geometry, layer_idx, storage=config.make_store(geometry))
+        self.config = config
+        self.method = method
+
+    def store(self, key_states, value_states):
+        if self.committed:
+            return self.append(key_states, value_states)
+        keys, values = self.append(key_states, value_states)
+        n = keys.shape[-2]
+        budget = resolve_budget(self.config.budget, n)
+        if budget < n:
+            obs = self.method.observer
+            window = min(self.config.window, n)
+            query = obs.query_states(self.layer_idx, last=window)
+            scores = window_scores(query, keys, obs.scaling(self.layer_idx), self.config.pool, self.config.kernel)
+            self.keep(topk_keep(scores, budget, always_keep_last=window))
+        self.commit()
+        return keys, values

@@ -1,0 +1,1 @@
+"""Profiles: look inside a model (attention spikes, adjacent-layer similarity, head policies)."""

@@ -1,0 +1,410 @@
+"""FastGen: policy selection on hand-built attention, ragged attention vs a per-head loop, memory really freed
+(hand formula), T=1 reproduces the full cache, batch 2 with padding = rows run alone, bad input."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvcompress import KVCompressError, make_cache
+from kvcompress.attention import grouped_probs
+from kvcompress.eviction import received_attention
+from kvcompress.methods.fastgen import AttentionPlan, FastGenLayer
+from kvcompress.methods.fastgen_policies import (
+    FREQUENT,
+    FULL,
+    HYBRIDS,
+    LOCAL,
+    PUNCT,
+    SPECIAL,
+    choose,
+    column_stats,
+    map_stats,
+    parse_policy,
+    policy_name,
+    punctuation_ids,
+    recoveries,
+)
+from kvcompress.methods.fastgen_ragged import ragged_attention
+
+IDS = {"special_ids": (0,), "punct_ids": (1, 2, 3)}
+
+
+def _prompt(batch=1, length=96, seed=0):
+    return torch.randint(4, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _fastgen_layers(cache):
+    return [layer for layer in cache.layers if isinstance(layer, FastGenLayer)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policy selection
+# --------------------------------------------------------------------------------------------------------------------
+
+# 4 tokens: [special, word, '.', word]; two KV heads: a sink head and a near-diagonal head (rows sum to 1)
+SINK = [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0.5, 0.25, 0.25, 0], [0.4, 0.1, 0.1, 0.4]]
+DIAG = [[1, 0, 0, 0], [0.2, 0.8, 0, 0], [0.1, 0.1, 0.8, 0], [0.1, 0.05, 0.05, 0.8]]
+
+
+def test_recoveries_on_a_hand_built_attention_map():
+    attn = torch.tensor([SINK, DIAG])  # (kv_heads, queries, keys)
+    colsum, bandcol = map_stats(attn, 0, local=0.3)  # local windows: {0}, {1}, {2}, {2, 3}
+    special, punct = torch.tensor([True, False, False, False]), torch.tensor([False, False, True, False])
+    rec = recoveries(colsum, bandcol, special, punct, frequent=0.25)  # frequent keeps ceil(0.25 * 4) = 1 token: 0
+    # sink head: S = (1 + .5 + .5 + .4) / 4; +P adds .25 + .1; +L adds query 1's token 1 (.5) and query 3's token 3 (.4)
+    # diagonal head: S = (1 + .2 + .1 + .1) / 4; +P adds .8 + .05; +L adds .8 (q1, t1) and .8 (q3, t3)
+    expected = torch.tensor([[0.6, 0.6875, 0.6875, 0.9125, 1.0], [0.35, 0.5625, 0.5625, 0.9625, 1.0]])
+    torch.testing.assert_close(rec, expected)
+    S, SP, SPFL = SPECIAL, SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT | LOCAL
+    assert choose(rec, 0.55) == [S, SP]
+    assert choose(rec, 0.9) == [SPFL, SPFL]
+    assert choose(rec, 0.95) == [FULL, SPFL]
+    assert choose(rec, 1.0) == [FULL, FULL]
+
+
+def test_recovery_shortcut_equals_the_literal_definition():
+    """mean over queries of the mass on the kept set as seen by each query == the column-statistics formula."""
+    gen = torch.Generator().manual_seed(3)
+    n, kv, g, d = 11, 2, 3, 8
+    query, keys = torch.randn(kv * g, n, d, generator=gen), torch.randn(kv, n, d, generator=gen)
+    colsum, bandcol = column_stats(query, keys, 0.5, local=0.3, chunk=4)  # chunks of 4 queries
+    probs = grouped_probs(query[None], keys[None], 0.5)[0].mean(dim=1)  # (kv, n, n)
+    ref_cs, ref_bc = map_stats(probs, 0, 0.3)
+    torch.testing.assert_close(colsum, ref_cs)
+    torch.testing.assert_close(bandcol, ref_bc)
+    special = torch.zeros(n, dtype=torch.bool)
+    special[0] = True
+    punct = torch.zeros(n, dtype=torch.bool)
+    punct[[4, 7]] = True
+    rec = recoveries(colsum, bandcol, special, punct, frequent=0.3)
+    k_f = math.ceil(0.3 * n)
+    for h in range(kv):
+        top = set(colsum[h].topk(k_f).indices.tolist())
+        fixed = [{0}, {0, 4, 7}, {0, 4, 7} | top, {0, 4, 7} | top, set(range(n))]
+        for p in range(5):
+            mass = 0.0
+            for i in range(n):
+                kept = fixed[p] | ({j for j in range(n) if j >= i + 1 - math.ceil(0.3 * (i + 1))} if p == 3 else set())
+                mass += sum(float(probs[h, i, j]) for j in kept if j <= i)
+            assert abs(mass / n - float(rec[h, p])) < 1e-5, (h, p)
+
+
+def test_policy_names_round_trip():
+    for bits in HYBRIDS:
+        assert parse_policy(policy_name(bits)) == bits
+    assert parse_policy("local+frequent") == LOCAL | FREQUENT
+    assert parse_policy("adaptive") is None
+
+
+def test_punctuation_from_a_tokenizer():
+    class Tok:
+        all_special_ids = [0]
+        vocab = ["<s>", "a", ".", " ,", "?!", "\n", " (", "b.", "’", "<0x2E>"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.vocab[i] for i in ids]
+
+        def batch_decode(self, seqs):
+            return [self.vocab[s[0]] for s in seqs]
+
+    assert punctuation_ids(Tok()) == [2, 3, 4, 6, 8]  # whitespace-only, letters, specials and byte pieces are not
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ragged attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _FakeLayer:
+    def __init__(self, lengths, needs_probs):
+        self.plan = AttentionPlan(lengths, False, needs_probs)
+        self.weights = "not called"
+
+    def attention_plan(self):
+        return self.plan
+
+    def after_attention(self, query, key, weights, scaling):
+        self.weights = weights
+
+
+@pytest.mark.parametrize("inner", ["sdpa", "eager"])
+@pytest.mark.parametrize("needs_probs", [False, True])
+@pytest.mark.parametrize("q", [1, 3])
+def test_ragged_attention_equals_a_per_head_loop(inner, needs_probs, q):
+    b, kv, g, d, past = 2, 2, 3, 8, 5
+    gen = torch.Generator().manual_seed(q)
+    lengths = torch.tensor([[5, 2], [0, 3]])
+    query = torch.randn(b, kv * g, q, d, generator=gen)
+    key = torch.randn(b, kv, past + q, d, generator=gen) * 3  # padded slots hold large garbage, not zeros
+    value = torch.randn(b, kv, past + q, d, generator=gen)
+    module = SimpleNamespace(num_key_value_groups=g, is_causal=True, training=False, head_dim=d, layer_idx=0)
+    layer = _FakeLayer(lengths, needs_probs)
+    out, _ = ragged_attention(module, query, key, value, None, inner=inner, kvcompress_layer=layer, scaling=0.4, dropout=0.0)
+    assert out.shape == (b, q, kv * g, d)
+    for r in range(b):
+        for h in range(kv * g):
+            kh = h // g
+            for i in range(q):
+                ks = torch.cat([key[r, kh, : lengths[r, kh]], key[r, kh, past : past + i + 1]])
+                vs = torch.cat([value[r, kh, : lengths[r, kh]], value[r, kh, past : past + i + 1]])
+                p = torch.softmax(ks @ query[r, h, i] * 0.4, dim=0)
+                torch.testing.assert_close(out[r, i, h], p @ vs, atol=1e-5, rtol=1e-5)
+    if needs_probs:
+        w = layer.weights
+        assert w.shape == (b, kv * g, q, past + q)
+        torch.testing.assert_close(w.sum(-1), torch.ones(b, kv * g, q))
+        assert float(w[1, :g, :, :past].abs().max()) == 0.0  # row 1, head 0 holds no past token
+    else:
+        assert layer.weights is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Storage, memory, exactness
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
+    ids = _prompt(1, 96)
+    with make_cache("full", tiny_model) as full, torch.no_grad():
+        tiny_model(ids, past_key_values=full)
+    with make_cache("fastgen", tiny_model, policy="local", local=0.25) as cache, torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        layers = _fastgen_layers(cache)
+        kv, d = 2, 16
+        per_token = 2 * d * 2 + 4 + 1  # K and V fp16, int32 position, bool protected flag
+        w = math.ceil(0.25 * 96)
+        assert cache.nbytes() == len(layers) * kv * w * per_token
+        for layer, ref in zip(layers, full.layers):
+            assert layer.lengths == [w, w] and layer.k.shape == (kv * w, d) and layer.score is None
+            assert torch.equal(layer.k.view(kv, w, d), ref.k[0, :, -w:])  # the last w tokens, as stored by full
+            assert layer.pos.tolist() == list(range(96 - w, 96)) * kv
+        for t in range(4):
+            tiny_model(torch.tensor([[7 + t]]), past_key_values=cache)
+        w = math.ceil(0.25 * 100)
+        assert cache.nbytes() == len(layers) * kv * w * per_token < cache.reference_nbytes()
+        assert all(layer.pos.tolist() == list(range(100 - w, 100)) * kv for layer in layers)
+
+
+def test_frequent_budget_follows_the_length(tiny_model):
+    ids = _prompt(1, 64, seed=2)
+    with make_cache("fastgen", tiny_model, policy="frequent", frequent=0.25) as cache, torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        assert all(layer.lengths == [16, 16] and layer.pos is None and layer.score.shape == (32,) for layer in cache.layers)
+        for t in range(5):
+            tiny_model(torch.tensor([[9 + t]]), past_key_values=cache)
+            k = math.ceil(0.25 * (65 + t))
+            assert all(layer.lengths == [k, k] and layer.k.shape[0] == 2 * k for layer in cache.layers)
+
+
+def test_prompt_frequent_set_matches_received_attention(tiny_model):
+    """The frequent set after the prompt = top received attention, recomputed from the model's own queries."""
+    from kvcompress.observe import Observer
+
+    ids = _prompt(1, 48, seed=5)
+    captured = {}
+
+    with make_cache("full", tiny_model) as full:
+        obs = Observer(tiny_model, full)
+        with torch.no_grad():
+            tiny_model(ids, past_key_values=full)
+            captured = {i: obs.query_states(i) for i in range(4)}
+        obs.remove()
+    with make_cache("fastgen", tiny_model, policy="frequent", frequent=0.25) as cache, torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        for i, (layer, ref) in enumerate(zip(cache.layers, full.layers)):
+            scores = received_attention(captured[i], ref.k.float(), 16**-0.5)[0]  # (kv, 48)
+            for h in range(2):
+                held = layer.k.view(2, 12, -1)[h]
+                kept = {int((ref.k[0, h] == row).all(-1).nonzero()[0]) for row in held}
+                assert kept == set(scores[h].topk(12).indices.tolist())
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
+def test_recovery_one_reproduces_the_full_cache_exactly(request, which):
+    model = request.getfixturevalue(which)
+    ids = _prompt(1, 40, seed=4)
+
+    def run(method, **opts):
+        with make_cache(method, model, **opts) as cache, torch.no_grad():
+            out = [model(ids, past_key_values=cache).logits[:, -1]]
+            out += [model(torch.tensor([[11 + t]]), past_key_values=cache).logits[:, -1] for t in range(4)]
+            return torch.stack(out), cache.nbytes(), cache.reference_nbytes()
+
+    got, nbytes, ref = run("fastgen", recovery=1.0)
+    want, full_bytes, _ = run("full")
+    assert torch.equal(got, want)
+    assert nbytes == full_bytes == ref
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
+def test_generate_compresses(request, which):
+    model = request.getfixturevalue(which)
+    ids = _prompt(1, 80)
+    with make_cache("fastgen", model, recovery=0.6, **IDS) as cache:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, 86)
+        layers = _fastgen_layers(cache)
+        assert layers and all(layer.recoveries is not None for layer in layers)
+        assert cache.nbytes() < cache.reference_nbytes()
+        for layer in layers:
+            assert layer.k.shape[0] == sum(layer.lengths)
+            assert all(n < 85 for n, p in zip(layer.lengths, layer.policies) if not p & FULL)
+    assert model.config._attn_implementation == "sdpa"  # restored on close
+
+
+def test_batch_two_with_left_padding_equals_rows_alone(tiny_model):
+    a, b = _prompt(1, 40, seed=1), _prompt(1, 30, seed=2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :10] = 0
+
+    def gen(ids, attention_mask):
+        with make_cache("fastgen", tiny_model, recovery=0.7, **IDS) as cache:
+            out = tiny_model.generate(
+                ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+            )
+            return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, 1), cache
+
+    seq, scores, cache = gen(batch, mask)
+    for row, ids in enumerate([a, b]):
+        s, sc, alone = gen(ids, torch.ones_like(ids))
+        assert torch.equal(seq[row], s[0])
+        torch.testing.assert_close(scores[row], sc[0], atol=1e-4, rtol=1e-4)
+        kv = 2
+        for lb, la in zip(cache.layers, alone.layers):
+            assert lb.policies[row * kv : (row + 1) * kv] == la.policies
+            assert lb.lengths[row * kv : (row + 1) * kv] == la.lengths  # padding is never stored
+
+
+def test_two_caches_on_one_model_do_not_interfere(tiny_model):
+    ids = _prompt(1, 32)
+    with make_cache("fastgen", tiny_model, policy="local") as a, make_cache("full", tiny_model) as b, torch.no_grad():
+        tiny_model(ids, past_key_values=a)
+        assert tiny_model.config._attn_implementation == "sdpa"  # switched only inside a's forward
+        tiny_model(ids, past_key_values=b)
+        assert b.layers[0].k.shape[-2] == 32
+        tiny_model(torch.tensor([[5]]), past_key_values=a)
+        assert a.layers[0].lengths == [math.ceil(0.3 * 33)] * 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"recovery": 0.0},
+        {"recovery": 1.5},
+        {"recovery": float("nan")},
+        {"local": 0.0},
+        {"local": 1.0},
+        {"frequent": 1.0},
+        {"frequent": -0.1},
+        {"policy": "heavy"},
+        {"policy": "full+local"},
+        {"policy": "local+local"},
+        {"chunk": 0},
+        {"special_ids": "0"},
+        {"punct_ids": [1, -2]},
+        {"tokenizer": 3},
+        {"special_ids": (0,), "punct_ids": (500,)},  # outside the 128-token vocabulary
+    ],
+)
+def test_bad_options_raise_one_clear_error(tiny_model, opts):
+    with pytest.raises(KVCompressError, match="fastgen"):
+        make_cache("fastgen", tiny_model, **opts)
+
+
+def test_tokenizer_without_special_tokens_is_an_error(tiny_model):
+    class NoSpecials:
+        all_special_ids: list = []
+
+        def __len__(self):
+            return 128
+
+        def convert_ids_to_tokens(self, ids):
+            return ["." if i == 5 else f"t{i}" for i in ids]
+
+        def batch_decode(self, seqs):
+            return ["." for _ in seqs]
+
+    with pytest.raises(KVCompressError, match="no special token"):
+        make_cache("fastgen", tiny_model, tokenizer=NoSpecials())
+    make_cache("fastgen", tiny_model, tokenizer=NoSpecials(), policy="punct+local").close()  # no 'special': fine
+
+
+def test_model_without_a_tokenizer_needs_ids(tiny_model):
+    with pytest.raises(KVCompressError, match="special_ids"):
+        make_cache("fastgen", tiny_model)  # the random test model has no tokenizer to load
+    make_cache("fastgen", tiny_model, policy="local+frequent").close()  # policies without token classes need none
+
+
+def test_inputs_embeds_is_refused(tiny_model):
+    ids = _prompt(1, 16)
+    with make_cache("fastgen", tiny_model, policy="local") as cache, torch.no_grad():
+        with pytest.raises(KVCompressError, match="input_ids"):
+            tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids), past_key_values=cache)
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_smollm2_chat_prompt_keeps_special_tokens(smollm2):
+    model, tok = smollm2
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Name three colours, then say why the sky is blue. Be brief!"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inputs = tok(text, return_tensors="pt")
+    with make_cache("fastgen", model, recovery=0.9) as cache:  # tokenizer found from the model's name
+        assert int(tok.convert_tokens_to_ids(".")) in cache.method.tokens[1].tolist()
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 8
+        assert cache.nbytes() < cache.reference_nbytes()
+        layers = _fastgen_layers(cache)
+        specials = set(tok.all_special_ids)
+        n_special = sum(int(i) in specials for i in inputs["input_ids"][0])
+        for layer in layers:
+            for n, p in zip(layer.lengths, layer.policies):
+                if not p & FULL:
+                    assert n >= n_special  # special tokens of the prompt are never evicted
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kvcompress profile heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_profile_heads_table_and_picture(tmp_path):
+    from kvcompress.profiles.heads import markdown, plot, policy_table
+
+    rec = torch.tensor([[0.6, 0.6875, 0.6875, 0.9125, 1.0], [0.35, 0.5625, 0.5625, 0.9625, 1.0]])
+    recs = [[None, rec], [None, rec.flip(0)]]  # 2 windows; layer 0 is a sliding-window layer
+    table = policy_table(recs, [0.55, 0.95])
+    assert table[0.55]["heads"][0] == [None, ["special", "special+punct"]]
+    assert table[0.55]["share"]["special"] == 0.5 and table[0.55]["share"]["special+punct"] == 0.5
+    assert table[0.95]["share"]["full"] == 0.5 and table[0.95]["share"]["special+punct+frequent+local"] == 0.5
+    assert "| 0.95 |" in markdown(table, "t")
+    assert plot(table, tmp_path / "heads.png", "t").stat().st_size > 0
+
+
+def test_profile_heads_cli_rejects_bad_t(capsys):
+    from kvcompress.cli import main
+
+    assert main(["profile", "heads", "--recovery", "1.5"]) == 2
+    assert "recovery" in capsys.readouterr().err

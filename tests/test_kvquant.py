@@ -1,0 +1,323 @@
+"""KVQuant: bad input, calibration file round-trip, pre-RoPE exactness, honest bytes, generation (llama / gemma /
+batch 2), Fisher-weighted levels."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from kvcompress import KVCompressError, make_cache
+from kvcompress.calibration.kvquant import calibrate, fit_levels, load_calibration
+from kvcompress.rope import apply_rope, unapply_rope
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-off costs on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tiny_model, tmp_path_factory):
+    """A calibration of the tiny llama on 2 x 40 synthetic tokens (bits 3, outliers 0 and 1 %)."""
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(tiny_model, ids, bits=(3,), outliers=(0.0, 0.01))
+    path = tmp_path_factory.mktemp("kvq") / "tiny.safetensors"
+    cal.save(path)
+    return path, cal
+
+
+def _prompt(n=60, batch=1, seed=1):
+    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill(model, ids, method="kvquant", forward=None, **opts):
+    cache = make_cache(method, model, **opts)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, **(forward or {}))
+    return cache
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"bits": 1}, {"bits": 5}, {"bits": 8}, {"bits": 3.0}, {"bits": True},
+        {"outliers": -0.01}, {"outliers": 0.2}, {"outliers": 0.5}, {"outliers": float("nan")}, {"outliers": "1%"},
+        {"sink": -1}, {"key_stats": "magic"}, {"pre_rope": "yes"},
+        {},  # nuq=True (default) without a calibration file
+        {"nuq": False, "qnorm": True},
+        {"nuq": False, "key_stats": "calibration"},
+        {"nuq": False, "calibration": "/nonexistent/kvquant.safetensors"},
+    ],
+)
+def test_bad_options_raise_one_clear_error(tiny_model, opts):
+    with pytest.raises(KVCompressError, match="kvquant"):
+        make_cache("kvquant", tiny_model, **opts)
+
+
+def test_calibration_for_another_model_or_shapes_is_refused(calib_file):
+    path, _ = calib_file
+    other = make_tiny_llama(seed=1)  # model id tiny-llama-1
+    with pytest.raises(KVCompressError, match="is for model"):
+        make_cache("kvquant", other, calibration=str(path))
+    fewer_layers = make_tiny_llama(seed=0, layers=2)  # same id, other shapes
+    with pytest.raises(KVCompressError, match="other shapes"):
+        make_cache("kvquant", fewer_layers, calibration=str(path))
+
+
+def test_calibration_must_cover_bits_and_outliers(tiny_model, calib_file):
+    path, _ = calib_file
+    with pytest.raises(KVCompressError, match="covers bits"):
+        make_cache("kvquant", tiny_model, calibration=str(path), bits=2)
+    with pytest.raises(KVCompressError, match="outlier fractions"):
+        make_cache("kvquant", tiny_model, calibration=str(path), outliers=0.05)
+
+
+def test_pickles_and_foreign_files_are_refused(tiny_model, tmp_path):
+    pkl = tmp_path / "calib.safetensors"
+    torch.save({"codebook": torch.zeros(8)}, pkl)  # a pickle under the right name
+    with pytest.raises(KVCompressError, match="not a safetensors"):
+        make_cache("kvquant", tiny_model, calibration=str(pkl))
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(KVCompressError, match="not a kvquant calibration"):
+        load_calibration(foreign)
+
+
+def test_cli_rejects_bad_bits_and_outliers_before_loading(capsys):
+    from kvcompress.cli import main
+
+    assert main(["calibrate", "kvquant", "--model", "no-such-model", "--data", "pydoc", "--bits", "5"]) == 2
+    assert main(["calibrate", "kvquant", "--model", "no-such-model", "--data", "pydoc", "--outliers", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--bits 5" in err and "--outliers 0.3" in err
+
+
+# -- calibration -----------------------------------------------------------------------------------------------------
+
+
+def test_calibration_file_round_trip(tiny_model, calib_file):
+    path, cal = calib_file
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length + JSON header
+    header = json.loads(raw[8 : 8 + header_len])
+    meta = json.loads(header["__metadata__"]["kvquant"])
+    assert meta["model_id"] == "tiny-llama-0" and meta["num_layers"] == 4
+    assert meta["num_kv_heads"] == 2 and meta["head_dim"] == 16 and meta["bits"] == [3]
+    assert meta["outliers"] == [0.0, 0.01] and len(meta["token_ids_sha256"]) == 64
+    assert json.loads(path.with_suffix(".safetensors.json").read_text()) == meta
+    back = load_calibration(path)
+    assert back.meta == cal.meta and set(back.tensors) == set(cal.tensors)
+    for name, t in cal.tensors.items():
+        assert torch.equal(back.tensors[name], t), name
+    cb = back.tensors["b3/o0.01/key_pre/codebook"]
+    assert cb.shape == (4, 8) and bool((cb[:, 1:] >= cb[:, :-1]).all()) and float(cb.abs().max()) <= 1.0
+    lo, hi = back.tensors["b3/o0.01/key_pre/lower"], back.tensors["b3/o0.01/key_pre/upper"]
+    assert lo.shape == (4, 2, 16) and bool((lo < hi).all())
+    ids = _prompt(70, batch=2)
+    ref, _ = _teacher_forced_logits(tiny_model, ids, 60, "full")
+    for qnorm in (False, True):
+        logits, report = _teacher_forced_logits(tiny_model, ids, 60, "kvquant", calibration=str(path), qnorm=qnorm)
+        assert float((logits - ref).abs().mean() / ref.std()) < 0.2 and report.ratio > 2
+    with _prefill(tiny_model, ids, calibration=str(path), qnorm=True) as cache:
+        layer = cache.layers[0]
+        assert torch.equal(layer.k.codebook, cb[0]) and not torch.equal(layer.k.decode_book, cb[0])
+        assert torch.equal(layer.k.offset.float(), ((lo[0] + hi[0]) / 2).reshape(1, -1).half().float())
+
+
+def test_calibration_on_gemma_uses_k_norm_outputs(tiny_gemma):
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(tiny_gemma, ids, bits=(2,), outliers=(0.0,))
+    assert cal.tensors["b2/o0/key_pre/codebook"].shape == (6, 4)
+    assert cal.tensors["b2/o0/key_post/lower"].shape == (6, 1, 16)
+
+
+def test_fisher_weights_pull_the_levels():
+    """Weighted k-means: the heavily weighted half of the data gets more of the levels."""
+    x = torch.linspace(-1, 1, 4001)
+    flat = fit_levels(x, torch.ones_like(x), bits=2)[0]
+    right = fit_levels(x, torch.where(x > 0, 100.0, 1.0), bits=2)[0]
+    assert int((flat > 0).sum()) == 2 and int((right > 0).sum()) >= 3
+    cb, qn = fit_levels(x, torch.ones_like(x), bits=3)
+    q = cb[torch.bucketize(x, (cb[1:] + cb[:-1]) / 2)]
+    assert math.isclose(float((qn[torch.bucketize(x, (cb[1:] + cb[:-1]) / 2)]).std()), float(x.std()), rel_tol=1e-4)
+    assert float(q.std()) != pytest.approx(float(x.std()), rel=1e-6)
+
+
+# -- pre-RoPE --------------------------------------------------------------------------------------------------------
+
+
+def test_pre_rope_unrotate_rerotate_is_exact(tiny_model):
+    """Stored keys are pre-RoPE (within the quantization step of the true pre-RoPE keys); on read they are rotated
+    with the model's own cos/sin at the stored positions (left padding: per-row positions, stored as int32)."""
+    ids = _prompt(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate() passes
+    fwd = {"attention_mask": mask, "position_ids": pos}
+    full = _prefill(tiny_model, ids, "full", fwd, dtype="float32")
+    cache = _prefill(tiny_model, ids, forward=fwd, nuq=False, bits=4, outliers=0.0, sink=1)
+    layer, true_post = cache.layers[1], full.layers[1].k  # (2, 2, 40, 16)
+    cos, sin = tiny_model.model.rotary_emb(true_post, pos)
+    tc, ts = layer.method.rope.cos_sin(pos, "full_attention")
+    assert torch.equal(tc, cos.float()) and torch.equal(ts, sin.float())
+    assert torch.allclose(apply_rope(unapply_rope(true_post, cos, sin), cos, sin), true_post, atol=1e-6)
+
+    assert layer.pos.explicit is not None and layer.pos.explicit.dtype == torch.int32
+    assert torch.equal(layer.pos.explicit.long(), pos[:, 1:])
+    true_pre = unapply_rope(true_post, cos, sin)[:, :, 1:]
+    stored_pre = layer.k.read()
+    step = layer.k.scale.float().reshape(2, 2, 1, 16) / 15  # half the distance between 16 uniform levels
+    assert bool(((stored_pre - true_pre).abs() <= step * 1.01 + 1e-4).all())
+    keys, _ = layer._read()
+    assert torch.equal(keys[:, :, :1], true_post[:, :, :1].half().float())  # the sink, as given
+    assert torch.allclose(keys[:, :, 1:], apply_rope(stored_pre, cos[:, 1:], sin[:, 1:]), atol=1e-5)
+    cache.close()
+
+
+def test_positions_are_not_stored_when_derivable(tiny_model):
+    with _prefill(tiny_model, _prompt(30), nuq=False) as cache:
+        assert all(layer.pos.explicit is None for layer in cache.layers)
+
+
+# -- bytes -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bytes_equal_held_tensors_and_hand_formula(tiny_model, bits):
+    b, n, h, d, sink = 2, 40, 2, 16, 1
+    with _prefill(tiny_model, _prompt(n, batch=b), nuq=False, bits=bits, outliers=0.0, sink=sink) as cache:
+        body = n - sink
+        codes = 2 * b * h * body * math.ceil(d * bits / 8)  # packed K and V codes, uint8
+        v_stats = 2 * b * h * body * 2  # value scale + offset per token and head, fp16
+        k_stats = 2 * b * h * d * 2  # key offset + scale per channel (from the prompt, per batch row), fp16
+        books = 2 * (1 << bits) * 4  # K and V codebooks, fp32
+        sink_bytes = 2 * b * h * sink * d * 2
+        per_layer = codes + v_stats + k_stats + books + sink_bytes
+        assert cache.nbytes() == 4 * per_layer
+        assert cache.reference_nbytes() == 4 * b * n * h * d * 2 * 2
+        for layer in cache.layers:
+            assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.held_tensors() if t is not None)
+            assert all(p.dtype == torch.uint8 for p in layer.k.planes)
+
+
+def test_outliers_are_sparse_rows_with_exact_values(tiny_model):
+    n, b = 50, 2
+    ids = _prompt(n, batch=b)
+    full = _prefill(tiny_model, ids, "full", dtype="float32")
+    with _prefill(tiny_model, ids, nuq=False, bits=2, outliers=0.1, sink=0, pre_rope=False,
+                  per_channel_keys=False) as cache:
+        layer = cache.layers[2]
+        sp = layer.v.sparse
+        w = 2 * 16
+        m = round(w * 0.1 / 2)  # per token: m above and m below the thresholds
+        assert sp.counts.shape == (n, b) and int(sp.counts.max()) <= 2 * m
+        assert sp.cols.dtype == torch.uint8 and sp.vals.dtype == torch.float16
+        held = {id(t) for t in layer.held_tensors() if t is not None}
+        assert all(id(t) in held for t in sp.tensors())
+        assert sum(t.numel() * t.element_size() for t in sp.tensors()) == sp.counts.numel() + 3 * sp.vals.numel()
+        # the outlier positions read back exactly (fp16) and are the extreme values of their row
+        _, values = layer._read()
+        true = full.layers[2].v
+        rows_true = true.permute(2, 0, 1, 3).reshape(n * b, w)
+        rows_read = values.permute(2, 0, 1, 3).reshape(n * b, w)
+        r = torch.repeat_interleave(torch.arange(n * b), sp.counts.reshape(-1).long())
+        c = sp.cols.long()
+        assert torch.equal(rows_read[r, c], rows_true[r, c].half().float())
+        assert float((rows_read - rows_true).abs().max()) > 0  # the dense part is quantized
+
+
+# -- generation ------------------------------------------------------------------------------------------------------
+
+
+def _teacher_forced_logits(model, ids, P, method, attention_mask=None, **opts):
+    with make_cache(method, model, **opts) as cache, torch.no_grad():
+        model(input_ids=ids[:, :P], attention_mask=None if attention_mask is None else attention_mask[:, :P],
+              past_key_values=cache)
+        out = []
+        for t in range(P, ids.shape[1]):
+            am = None if attention_mask is None else attention_mask[:, : t + 1]
+            out.append(model(input_ids=ids[:, t : t + 1], attention_mask=am, past_key_values=cache).logits[:, -1])
+        return torch.stack(out, 1), cache.memory_report()
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
+def test_error_shrinks_with_bits_llama_and_gemma_batch2(request, which):
+    model = request.getfixturevalue(which)
+    ids = _prompt(80, batch=2)
+    ref, _ = _teacher_forced_logits(model, ids, 64, "full")
+    err = {}
+    for bits in (2, 4):
+        logits, report = _teacher_forced_logits(model, ids, 64, "kvquant", nuq=False, bits=bits)
+        err[bits] = float((logits - ref).abs().mean() / ref.std())
+        assert report.ratio > 1.5
+    assert err[4] < err[2] / 2
+    if which == "tiny_model":
+        assert err[4] < 0.05
+
+
+def test_generate_batch2_left_padded_llama_and_gemma(tiny_model, tiny_gemma):
+    ids = _prompt(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    for model in (tiny_model, tiny_gemma):
+        with make_cache("kvquant", model, nuq=False, bits=3) as cache, torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+                                 do_sample=False, pad_token_id=0)
+            assert out.shape == (2, 52)
+            assert cache.nbytes() < cache.reference_nbytes()
+            for layer in cache.layers:
+                assert layer.kept_length() == (15 if layer.is_sliding else 51)
+                assert layer.pos.explicit is not None and layer.pos.explicit.shape[0] == 2
+
+
+def test_sliding_layers_evict_and_full_layers_keep_the_sink(tiny_gemma):
+    with _prefill(tiny_gemma, _prompt(50), nuq=False, bits=4, sink=2) as cache:
+        for layer in cache.layers:
+            if layer.is_sliding:
+                assert layer.kept_length() == 15 and layer.head_k is None and len(layer.k) == 15
+                assert layer.pos.get()[0, 0] == 50 - 15
+            else:
+                assert layer.head_k.shape[2] == 2 and layer.kept_length() == 50
+    with _prefill(tiny_gemma, _prompt(50), nuq=False, quantize_sliding=False) as cache:
+        assert type(cache.layers[0]).__name__ == "SlidingWindowLayer"
+
+
+def test_short_prompt_waits_for_prompt_key_ranges(tiny_model):
+    """key_stats='prompt': keys wait in fp16 until 16 non-sink tokens fix the per-channel ranges."""
+    ids = _prompt(30)
+    with _prefill(tiny_model, ids[:, :3], nuq=False, sink=1) as cache, torch.no_grad():
+        layer = cache.layers[0]
+        for t in range(3, 30):
+            tiny_model(input_ids=ids[:, t : t + 1], past_key_values=cache)
+            if t == 12:
+                assert layer.pend_k.shape[2] == 12 and len(layer.k) == 0 and len(layer.v) == 12
+        assert layer.pend_k is None and len(layer.k) == len(layer.v) == 29 == layer.kept_length() - 1
+
+
+@pytest.mark.model
+def test_smollm2_generate_4bit(smollm2, prose):
+    model, tok = smollm2
+    ids = tok(prose[:4000], return_tensors="pt")["input_ids"][:, :200]
+    outs = {}
+    for method, opts in (("full", {}), ("kvquant", {"nuq": False, "bits": 4, "outliers": 0.01})):
+        with make_cache(method, model, **opts) as cache, torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                 max_new_tokens=8, do_sample=False)
+            outs[method] = out[0, ids.shape[1] :]
+            if method == "kvquant":
+                assert cache.memory_report().ratio > 3.0
+    assert torch.equal(outs["kvquant"][:4], outs["full"][:4])

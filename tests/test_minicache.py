@@ -1,0 +1,308 @@
+"""MiniCache: SLERP math, magnitude restore, retention, bytes from held tensors, real storage reduction, generation
+on tiny llama / tiny gemma / batch 2, storage composition, the layer-similarity profile, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcompress
+from kvcompress import KVCompressError, make_cache
+from kvcompress.methods.minicache import (
+    MergedLayer,
+    MiniCacheConfig,
+    Segment,
+    StoreLayer,
+    layer_pairs,
+    merge_states,
+    retained,
+    retained_fractions,
+    slerp,
+    unit,
+)
+from kvcompress.storage import make_store
+
+
+def _ids(batch, n, seed=0):
+    return torch.randint(1, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill(model, ids, **opts):
+    cache = make_cache("minicache", model, **opts)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------- math
+
+
+def test_slerp_endpoints_unit_norm_and_midpoint():
+    gen = torch.Generator().manual_seed(0)
+    a, b = unit(torch.randn(5, 16, generator=gen))[1], unit(torch.randn(5, 16, generator=gen))[1]
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+    for t in (0.3, 0.5, 0.6):
+        e = slerp(a, b, t)
+        assert torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-6)
+        # the angle to a is t * omega, the angle to b is (1 - t) * omega
+        omega = torch.acos((a * b).sum(-1))
+        assert torch.allclose(torch.acos((e * a).sum(-1).clamp(-1, 1)), t * omega, atol=1e-4)
+        assert torch.allclose(torch.acos((e * b).sum(-1).clamp(-1, 1)), (1 - t) * omega, atol=1e-4)
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert torch.allclose(slerp(x, y, 0.5), torch.tensor([[1.0, 1.0]]) / math.sqrt(2), atol=1e-6)
+
+
+def test_identical_and_parallel_states_merge_exactly():
+    x = torch.randn(1, 2, 7, 16, generator=torch.Generator().manual_seed(1))
+    for scale in (1.0, 3.5):  # same direction, other magnitude
+        e, mags, dist = merge_states(x, scale * x, 0.6)
+        assert torch.allclose(dist, torch.zeros_like(dist), atol=2e-3)
+        assert torch.allclose(mags[0].unsqueeze(-1) * e, x, atol=1e-5)
+        assert torch.allclose(mags[1].unsqueeze(-1) * e, scale * x, atol=1e-5)
+
+
+def test_restore_is_magnitude_times_shared_direction():
+    """gamma = 0 (nothing retained): layer j reads back |x_j| * e, e the SLERP of the two directions."""
+    gen = torch.Generator().manual_seed(2)
+    ka, va, kb, vb = (torch.randn(2, 3, 9, 16, generator=gen) for _ in range(4))
+    g = kvcompress.ModelGeometry(4, 4, 3, 16, ("full_attention",) * 4, None, None, "x", torch.float32)
+    cfg = MiniCacheConfig(t=0.6, gamma=0.0)
+    seg = Segment(lambda: make_store("fp16", g), 0, torch.float16)
+    seg.add(ka, va, kb, vb, cfg)
+    for side, (k, v) in enumerate(((ka, va), (kb, vb))):
+        rk, rv = seg.restore(side, torch.float32)
+        for got, x, a, b in ((rk, k, ka, kb), (rv, v, va, vb)):
+            e = slerp(unit(a)[1], unit(b)[1], 0.6)
+            assert torch.allclose(got, x.norm(dim=-1, keepdim=True) * e, rtol=2e-3, atol=2e-3)
+            assert torch.allclose(got.norm(dim=-1), x.norm(dim=-1), rtol=2e-3)  # magnitudes are kept
+    assert seg.retained_entries() == 0
+
+
+def test_average_merge_reads_back_the_weighted_average():
+    gen = torch.Generator().manual_seed(3)
+    xa, xb = torch.randn(1, 1, 5, 8, generator=gen), torch.randn(1, 1, 5, 8, generator=gen)
+    e, mags, _ = merge_states(xa, xb, 0.5, "average")
+    for side in (0, 1):
+        assert torch.allclose(mags[side].unsqueeze(-1) * e, (xa + xb) / 2, atol=1e-6)
+
+
+def test_retention_picks_the_largest_angular_distances():
+    # token i of layer l is layer l-1's direction rotated by angle[i] in a 2-d plane
+    angles = torch.tensor([0.1, 0.2, 1.5, 0.15, 0.12, 1.4, 0.3, 0.11])
+    a = torch.zeros(1, 1, 8, 4)
+    a[..., 0] = 1.0
+    b = torch.zeros(1, 1, 8, 4)
+    b[0, 0, :, 0], b[0, 0, :, 1] = torch.cos(angles), torch.sin(angles)
+    _, _, dist = merge_states(a, b, 0.5)
+    assert torch.allclose(dist[0, 0], angles / math.pi, atol=1e-5)
+    # normalized: (d - min) / (max - min); keep >= 1 - gamma
+    assert retained(dist, 0.05)[0, 0].nonzero().flatten().tolist() == [2]
+    assert retained(dist, 0.15)[0, 0].nonzero().flatten().tolist() == [2, 5]
+    assert not retained(dist, 0.0).any() and retained(dist, 1.0).all()
+    # the retained entries come back exactly (both layers), the others merged
+    g = kvcompress.ModelGeometry(2, 1, 1, 4, ("full_attention",) * 2, None, None, "x", torch.float32)
+    seg = Segment(lambda: make_store("fp16", g), 0, torch.float16)
+    seg.add(a, a, b, b, MiniCacheConfig(gamma=0.15))
+    assert seg.kept_idx.tolist() == [2, 5]
+    rb = seg.restore(1, torch.float32)[0]
+    assert torch.allclose(rb[0, 0, [2, 5]], b[0, 0, [2, 5]], atol=1e-3)
+    assert not torch.allclose(rb[0, 0, 6], b[0, 0, 6], atol=1e-3)
+
+
+def test_layer_pairs_by_type():
+    full, slide = "full_attention", "sliding_attention"
+    assert layer_pairs((full,) * 30, 15) == [(14, 15), (16, 17), (18, 19), (20, 21), (22, 23), (24, 25), (26, 27),
+                                              (28, 29)]
+    assert layer_pairs((full,) * 4, 1) == [(0, 1), (2, 3)]
+    gemma = tuple(full if (i + 1) % 6 == 0 else slide for i in range(18))  # 5 sliding : 1 full
+    assert layer_pairs(gemma, 9) == [(8, 9), (12, 13), (14, 15)]
+
+
+# ---------------------------------------------------------------------------------------------------------- bytes
+
+
+def test_bytes_are_held_tensors_and_hand_formula(tiny_model):
+    """Prefill (batch 2, 40 tokens, all 4 layers merged in 2 pairs): bytes = one direction tensor (K, V) + 2
+    magnitude vectors per pair + the retained entries (exact K/V of both layers + an int32 index), with the
+    retained count recomputed independently from a full fp16 cache of the same prompt."""
+    b, n, h, d = 2, 40, 2, 16
+    ids = _ids(b, n)
+    cache = _prefill(tiny_model, ids, start_layer=1, gamma=0.1)
+    held = [t for layer in cache.layers for t in layer.held_tensors() if t is not None]
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in held)
+    full = make_cache("full", tiny_model, dtype="float16")
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=full)
+    expect = 0
+    for a, c in ((0, 1), (2, 3)):
+        ka, va, kb, vb = full.layers[a].k, full.layers[a].v, full.layers[c].k, full.layers[c].v
+        r = int((retained(merge_states(ka, kb, 0.6)[2], 0.1) | retained(merge_states(va, vb, 0.6)[2], 0.1)).sum())
+        assert r > 0
+        direction = b * h * n * d * 2 * 2  # K and V directions, fp16
+        magnitudes = 2 * (2 * b * h * n * 2)  # two layers x (K, V) x tokens, fp16
+        kept = 2 * (r * d * 2 * 2) + r * 4  # both layers' exact K/V + int32 index
+        span = 2 * 2 * b * h * 4  # running distance range: (min, max) x (K, V) per row, fp32
+        assert cache.layers[a].nbytes() + cache.layers[c].nbytes() == direction + magnitudes + kept + span
+        expect += direction + magnitudes + kept + span
+    assert cache.nbytes() == expect
+    assert cache.reference_nbytes() == 4 * b * n * h * d * 2 * 2
+
+
+def test_merged_layers_really_hold_less(tiny_model):
+    ids = _ids(1, 64)
+    cache = _prefill(tiny_model, ids)  # default S = L/2 = 2: pair (1, 2), layers 0 and 3 unmerged
+    kinds = [type(l) for l in cache.layers]
+    assert kinds == [StoreLayer, MergedLayer, MergedLayer, StoreLayer]
+    pair = cache.layers[1].nbytes() + cache.layers[2].nbytes()
+    ref = cache.layers[1].reference_nbytes() + cache.layers[2].reference_nbytes()
+    assert pair < 0.7 * ref  # head_dim 16: magnitudes + retained entries are a larger share than at d = 64
+    # one (b, h, n, d) K and one V tensor for the whole pair (the directions), none per layer
+    big = [t for i in (1, 2) for t in cache.layers[i].held_tensors() if t is not None and t.shape[-2:] == (64, 16)]
+    assert len(big) == 2
+    assert cache.layers[0].nbytes() == cache.layers[0].reference_nbytes()
+
+
+# ---------------------------------------------------------------------------------------------------------- generation
+
+
+def test_noop_gamma_one_reproduces_full_fp16(tiny_model):
+    ids = _ids(2, 30, seed=4)
+    outs = []
+    for method, opts in (("full", {"dtype": "float16"}), ("minicache", {"gamma": 1.0, "start_layer": 1, "block": 4})):
+        cache = make_cache(method, tiny_model, **opts)
+        with torch.no_grad():
+            logits = [tiny_model(ids, past_key_values=cache).logits[:, -1]]
+            for s in range(10):
+                logits.append(tiny_model(torch.full((2, 1), 5 + s), past_key_values=cache).logits[:, -1])
+        outs.append(torch.stack(logits))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_decoded_tokens_merge_in_blocks(tiny_model):
+    ids = _ids(1, 20)
+    cache = make_cache("minicache", tiny_model, start_layer=1, block=4)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        pair = cache.layers[1].pair
+        assert pair.pending == [None, None] and pair.segments[0].length == 20  # prefill merged at once
+        for s in range(6):
+            tiny_model(torch.tensor([[3 + s]]), past_key_values=cache)
+    assert pair.segments[0].length == 24 and pair.pending[0][0].shape[2] == 2 and pair.pending[1][0].shape[2] == 2
+    assert cache.get_seq_length() == 26 and all(l.kept_length() == 26 for l in cache.layers)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
+def test_generate_batch2(request, which):
+    model = request.getfixturevalue(which)
+    ids = _ids(2, 50, seed=5)
+    with make_cache("minicache", model, start_layer=1, block=2) as cache:  # tiny gemma: a 16-token window
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=24,
+                             do_sample=False, pad_token_id=0)
+        assert out.shape == (2, 74)
+        pairs = [l for l in cache.layers if isinstance(l, MergedLayer)]
+        assert len(pairs) == 4 and sum(l.nbytes() for l in pairs) < sum(l.reference_nbytes() for l in pairs)
+        fractions = retained_fractions(cache)
+        assert fractions and all(0 < f < 0.5 for f in fractions.values())
+
+
+def test_gemma_sliding_pairs_keep_the_window(tiny_gemma):
+    """Tiny Gemma-3 (window 16, layers 0-4 sliding, 5 full): default S = 3 merges the sliding pair (2, 3)."""
+    ids = _ids(1, 40)
+    cache = make_cache("minicache", tiny_gemma, block=4)
+    assert [type(l).__name__ for l in cache.layers][2:4] == ["MergedLayer", "MergedLayer"]
+    with torch.no_grad():
+        tiny_gemma(ids, past_key_values=cache)
+        for s in range(9):
+            tiny_gemma(torch.tensor([[7 + s]]), past_key_values=cache)
+    pair = cache.layers[3].pair
+    held = sum(s.length for s in pair.segments) + pair.pending[0][0].shape[2]
+    # last merge at 48 tokens, token 48 still buffered: the window (15) + at most one segment (16 // 8) + buffer
+    assert pair.pending[0][0].shape[2] == 1 and 15 <= held <= 15 + 2 + 1
+    assert all(s.length <= 2 for s in pair.segments) and min(s.start for s in pair.segments) >= 48 - 15 - 2
+    for i in (2, 3):
+        assert cache.layers[i].kept_length() == 15 and cache.layers[i].represented_tokens() == 15
+    pair_bytes = cache.layers[2].nbytes() + cache.layers[3].nbytes()
+    assert pair_bytes < 2 * cache.layers[0].nbytes()  # a plain sliding layer holds the fp16 window
+
+
+def test_kivi_storage_composes(tiny_model):
+    ids = _ids(1, 96)
+    fp16 = _prefill(tiny_model, ids)
+    kivi = _prefill(tiny_model, ids, storage="kivi", bits=4, group_size=16, residual=16)
+    assert kivi.nbytes() < 0.6 * fp16.nbytes()
+    assert type(kivi.layers[0].kv).__name__ == "KiviStore"  # unmerged layers use the same storage
+    assert type(kivi.layers[1].pair.segments[0].dirs).__name__ == "KiviStore"
+    with torch.no_grad():
+        out = tiny_model(torch.tensor([[3]]), past_key_values=kivi).logits
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------------- profile
+
+
+def test_profile_layers_on_tiny_model(tiny_model, tmp_path):
+    from kvcompress.profiles.layers import heatmap, markdown, profile_layers
+
+    result = profile_layers(tiny_model, _ids(2, 24), gamma=0.05)
+    cos_k = torch.tensor(result["cos_k"])
+    assert cos_k.shape == (4, 4) and torch.allclose(cos_k.diagonal(), torch.ones(4, dtype=cos_k.dtype), atol=1e-5)
+    assert torch.allclose(cos_k, cos_k.T, atol=1e-6)
+    assert [p["pair"] for p in result["pairs"]] == [[0, 1], [1, 2], [2, 3]]
+    assert all(0 <= p["retained"] < 0.5 for p in result["pairs"])
+    assert "| 0-1 |" in markdown(result)
+    assert heatmap(result, tmp_path / "layers.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"start_layer": 0},
+        {"start_layer": 4},
+        {"start_layer": 2.5},
+        {"t": -0.1},
+        {"t": 1.5},
+        {"gamma": 1.01},
+        {"gamma": -0.2},
+        {"merge": "maxnorm"},
+        {"block": 0},
+        {"storage": "nope"},
+        {"storage": "fp16", "bits": 4},
+        {"storage": "kivi", "bits": 3},
+        {"storage": "kivi", "bits": 4, "group_size": 32, "residual": 48},
+        {"storage": 4},
+        {"window": 4},
+    ],
+)
+def test_bad_input_one_clear_error(tiny_model, opts):
+    with pytest.raises(KVCompressError, match="minicache|storage|unknown option"):
+        make_cache("minicache", tiny_model, **opts)
+
+
+def test_no_pair_of_same_type_is_an_error(tiny_gemma):
+    with pytest.raises(KVCompressError, match="no two adjacent layers"):
+        make_cache("minicache", tiny_gemma, start_layer=5)  # layer 4 sliding, layer 5 full
+
+
+# ---------------------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.model
+def test_smollm2_minicache_generates_and_compresses(smollm2, prose):
+    model, tok = smollm2
+    ids = tok(prose[:1500], return_tensors="pt").input_ids[:, :256]
+    with make_cache("minicache", model) as cache:
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        report = cache.memory_report()
+    assert out.shape[1] == ids.shape[1] + 8
+    # 8 merged pairs (layers 14..29) of 30 layers: a bit under 30 / 22 = 1.36x
+    assert 1.25 < report.ratio < 1.37
+    fractions = retained_fractions(cache)
+    assert sorted(fractions) == [(l - 1, l) for l in range(15, 30, 2)]
+    assert all(0 < f < 0.1 for f in fractions.values())
