@@ -2,9 +2,9 @@
 
 Same protocol and code as ``kvcompress eval`` (kvcompress.evaluate.ppl: P prompt tokens compressed, C tokens
 teacher-forced one at a time, NLL / KL / top-1 agreement over the C; windows drawn by kvcompress.data with the
-same seed), but resumable on a shared machine: the full-cache reference log-probs are computed once and kept
-under --work, and every method spec is written to its own JSON under --out as soon as it is done (a killed run
-loses one spec, not the sweep).
+same seed), but resumable on a shared machine: the full-cache reference log-probs of each window and every
+(spec, window) result are saved under --work as soon as they are done, and each spec's pooled result goes to its
+own JSON under --out (a killed run loses one window of one spec).
 
     # perplexity rows (add specs freely; done ones are skipped)
     nice -n 5 python benchmarks/minicache_sweep.py ppl --out benchmarks/results/minicache_runs/ppl \\
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -42,10 +43,27 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)[:80] + "-" + hashlib.sha1(label.encode()).hexdigest()[:6]
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _mem(report) -> dict:
+    return {"stored": report.stored_bytes, "reference": report.reference_bytes, "peak": report.peak_transient_bytes}
+
+
+def _pool(mems: list[dict]) -> dict:
+    stored, ref = sum(m["stored"] for m in mems), sum(m["reference"] for m in mems)
+    return {"stored_bytes": stored / len(mems), "reference_bytes": ref / len(mems), "ratio": ref / stored,
+            "peak_transient_bytes": max(m["peak"] for m in mems)}
+
+
 @torch.inference_mode()
 def ppl(args) -> None:
+    """Unit of work = (spec, window): each is saved as soon as it is done, then pooled per spec."""
     from kvcompress import load_model
-    from kvcompress.evaluate import memory as mem
     from kvcompress.evaluate import ppl as P
     from kvcompress.evaluate.spec import parse_spec
     from kvcompress.methods.minicache import retained_fractions
@@ -56,49 +74,53 @@ def ppl(args) -> None:
         with s.make(model):
             pass
     windows = _windows(tok, args)
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    work = Path(args.work) / f"{args.model}-P{args.prompt_len}-C{args.cont_len}-n{args.windows}-s{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
-    key = f"{args.model}-P{args.prompt_len}-C{args.cont_len}-n{args.windows}-s{args.seed}"
-    ref_path = work / f"ref-{key}.pt"
-    if ref_path.exists():
-        ref = torch.load(ref_path)
-    else:
-        ref = []
-        for w in windows:
+    out.mkdir(parents=True, exist_ok=True)
+
+    def reference(i: int) -> torch.Tensor:
+        path = work / f"ref-{i}.pt"
+        if not path.exists():
             with parse_spec("full").make(model) as cache:
-                got = P.teacher_force(model, cache, w, args.prompt_len)
-            ref.append(got.logprobs)
-        torch.save(ref, ref_path)
-    ref_rows = [P.compare(r, r, w[args.prompt_len:]) for r, w in zip(ref, windows)]
+                logprobs = P.teacher_force(model, cache, windows[i], args.prompt_len).logprobs
+            _atomic(path, lambda tmp: torch.save(logprobs, tmp))
+        return torch.load(path)
+
+    ref_rows = [P.compare(reference(i), reference(i), w[args.prompt_len:]) for i, w in enumerate(windows)]
     ref_ppl = P.summarize(ref_rows)["ppl"]
     for s in specs:
         path = out / f"{_slug(s.label)}.json"
         if path.exists():
             continue
-        t0 = time.perf_counter()
-        rows, m_pre, m_end, kept = [], [], [], []
-        for r, w in zip(ref, windows):
-            torch.manual_seed(args.seed)
-            with s.make(model) as cache:
-                got = P.teacher_force(model, cache, w, args.prompt_len)
-                if s.name == "minicache":
-                    kept.append(retained_fractions(cache))
-            rows.append(P.compare(r, got.logprobs, w[args.prompt_len:]))
-            m_pre.append(got.memory_prefill)
-            m_end.append(got.memory_end)
-        summary = P.summarize(rows)
+        parts = []
+        for i, w in enumerate(windows):
+            part = work / f"{_slug(s.label)}-w{i}.json"
+            if not part.exists():
+                torch.manual_seed(args.seed)
+                t0 = time.perf_counter()
+                with s.make(model) as cache:
+                    got = P.teacher_force(model, cache, w, args.prompt_len)
+                    kept = retained_fractions(cache) if s.name == "minicache" else {}
+                row = {"compare": P.compare(reference(i), got.logprobs, w[args.prompt_len:]),
+                       "prefill": _mem(got.memory_prefill), "end": _mem(got.memory_end),
+                       "retained": {f"{a}-{b}": f for (a, b), f in kept.items()},
+                       "seconds": time.perf_counter() - t0}
+                _atomic(part, lambda tmp: tmp.write_text(json.dumps(row)))
+            parts.append(json.loads(part.read_text()))
+        summary = P.summarize([p["compare"] for p in parts])
         summary["dppl_pct"] = 100.0 * (summary["ppl"] / ref_ppl - 1.0)
-        pairs = sorted(kept[0]) if kept else []
+        kept = [p["retained"] for p in parts]
         result = {
             "spec": s.label, "method": s.name, "options": s.kwargs, "model": args.model, "data": args.data,
             "prompt_len": args.prompt_len, "cont_len": args.cont_len, "windows": args.windows, "seed": args.seed,
             "ref_ppl": ref_ppl, "ppl": summary,
-            "memory": {"after_prefill": mem.summarize(m_pre), "after_decode": mem.summarize(m_end)},
-            "retained_after_decode": {f"{a}-{b}": sum(k[(a, b)] for k in kept) / len(kept) for a, b in pairs},
-            "seconds": time.perf_counter() - t0, "command": " ".join(sys.argv),
+            "memory": {"after_prefill": _pool([p["prefill"] for p in parts]),
+                       "after_decode": _pool([p["end"] for p in parts])},
+            "retained_after_decode": {k: sum(r[k] for r in kept) / len(kept) for k in kept[0]},
+            "seconds": sum(p["seconds"] for p in parts), "command": " ".join(sys.argv),
         }
-        path.write_text(json.dumps(result, indent=1))
+        _atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         print(f"{s.label}: ratio {result['memory']['after_decode']['ratio']:.3f}x, ppl {summary['ppl']:.3f} "
               f"({summary['dppl_pct']:+.2f} %), KL {summary['kl']:.4f}", flush=True)
 
