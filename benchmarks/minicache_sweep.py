@@ -108,11 +108,14 @@ def ppl(args) -> None:
                        "seconds": time.perf_counter() - t0}
                 _atomic(part, lambda tmp: tmp.write_text(json.dumps(row)))
             parts.append(json.loads(part.read_text()))
+        with s.make(model) as cache:  # the options as resolved for this model (start_layer=None -> L // 2)
+            resolved = {"start_layer": getattr(cache.method, "start_layer", None), "layers": cache.geometry.num_layers}
         summary = P.summarize([p["compare"] for p in parts])
         summary["dppl_pct"] = 100.0 * (summary["ppl"] / ref_ppl - 1.0)
         kept = [p["retained"] for p in parts]
         result = {
-            "spec": s.label, "method": s.name, "options": s.kwargs, "model": args.model, "data": args.data,
+            "spec": s.label, "method": s.name, "options": s.kwargs, "resolved": resolved, "model": args.model,
+            "data": args.data,
             "prompt_len": args.prompt_len, "cont_len": args.cont_len, "windows": args.windows, "seed": args.seed,
             "ref_ppl": ref_ppl, "ppl": summary,
             "memory": {"after_prefill": _pool([p["prefill"] for p in parts]),
@@ -158,8 +161,8 @@ def plot(rows: list[dict], path: Path) -> None:
         if r["method"] != "minicache":
             continue
         o = r["options"]
-        key = f"S={o.get('start_layer', 'L/2')}" + "".join(f", {k}={v}" for k, v in sorted(o.items())
-                                                           if k not in ("start_layer", "gamma"))
+        key = f"S={r['resolved']['start_layer']}" + "".join(f", {k}={v}" for k, v in sorted(o.items())
+                                                             if k not in ("start_layer", "gamma"))
         lines.setdefault(key, []).append((r["memory"]["after_decode"]["ratio"], r["ppl"]["dppl_pct"],
                                           o.get("gamma", 0.05)))
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)

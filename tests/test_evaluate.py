@@ -234,3 +234,22 @@ def test_needs_calibration_detection():
 
     assert needs_calibration(Calibrated) and needs_calibration(Flagged)
     assert not needs_calibration(list_methods()["full"])
+
+
+def test_merge_runs_of_different_parts(tiny_model, tmp_path):
+    from kvcompress.evaluate.report import markdown, merge
+
+    a = _tiny_eval(tiny_model, methods=["full", "full:dtype=bfloat16"], out=tmp_path / "a", command="A")
+    b = _tiny_eval(
+        tiny_model, methods=["full", "full:dtype=bfloat16"], windows=0, needle=(300,), needle_depths=(0.5,),
+        needle_mode="agnostic", needle_tokens=2, command="B",
+    )
+    assert not (tmp_path / "a" / "results.partial.json").exists()  # checkpoints are removed once complete
+    m = merge([a, b])
+    rows = {r["spec"]: r for r in m["methods"]}
+    assert rows["full:dtype=bfloat16"]["ppl"] == a["methods"][1]["ppl"]
+    assert rows["full:dtype=bfloat16"]["needle"] == b["methods"][1]["needle"]
+    assert m["command"] == "A\nB" and m["config"]["windows"] == 2 and m["config"]["needle"]["modes"] == ["agnostic"]
+    assert "needle 300 (agn.)" in markdown(m)
+    with pytest.raises(ValueError, match="perplexity"):
+        merge([a, a])

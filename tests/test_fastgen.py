@@ -226,6 +226,25 @@ def test_prompt_frequent_set_matches_received_attention(tiny_model):
                 assert kept == set(scores[h].topk(12).indices.tolist())
 
 
+def test_multi_token_steps_attend_to_exactly_the_kept_tokens(tiny_model):
+    """After eviction (local window), a 3-token step and a 1-token step give the logits of the full cache with a
+    mask that hides the evicted tokens (local-only keeps the same positions in every layer and head)."""
+    ids, chunk, step = _prompt(1, 40, seed=6), torch.tensor([[5, 6, 7]]), torch.tensor([[8]])
+    with make_cache("fastgen", tiny_model, policy="local", local=0.25) as cache, torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        got = [tiny_model(chunk, past_key_values=cache).logits, tiny_model(step, past_key_values=cache).logits]
+        assert cache.layers[0].pos.tolist() == list(range(44 - 11, 44)) * 2  # window ceil(0.25 * 44) = 11
+    with make_cache("full", tiny_model) as full, torch.no_grad():
+        tiny_model(ids, past_key_values=full)
+        keys = torch.arange(43)
+        mask = (keys[None] >= 30) & (keys[None] <= torch.arange(40, 43)[:, None])  # kept: the last ceil(0.25 * 40) = 10
+        want = [tiny_model(chunk, past_key_values=full, attention_mask=mask[None, None]).logits]
+        mask = (torch.arange(44) >= 32)[None]  # kept after the chunk: the last ceil(0.25 * 43) = 11, then the new one
+        want.append(tiny_model(step, past_key_values=full, attention_mask=mask[None, None]).logits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
 def test_recovery_one_reproduces_the_full_cache_exactly(request, which):
     model = request.getfixturevalue(which)

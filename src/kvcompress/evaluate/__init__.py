@@ -150,7 +150,54 @@ def run_eval(
     modes = NEEDLE_MODES[needle_mode]
     tasks = [t for n in needle_lens for t in make_needle_tasks(tokenizer, haystack, n, depths, needle_per_depth, seed)]
     speed_ids = windows_from_ids(ids, speed_context, 1, seed)[0].view(1, -1) if speed else None
-    timings = {}
+    timings: dict = {}
+    result = {
+        "kvcompress_version": __version__,
+        "command": command,
+        "seed": seed,
+        "model": {
+            "name": str(model_name) if model_name is not None else geometry.model_id,
+            "id": geometry.model_id,
+            "layers": geometry.num_layers,
+            "heads": geometry.num_heads,
+            "kv_heads": geometry.num_kv_heads,
+            "head_dim": geometry.head_dim,
+            "dtype": str(geometry.dtype),
+            "max_positions": geometry.max_positions,
+        },
+        "data": {"source": str(data), "sha256": text_sha256(text), "tokens": int(ids.numel())},
+        "config": {
+            "prompt_len": prompt_len,
+            "cont_len": cont_len,
+            "windows": windows,
+            "needle": {
+                "haystack": str(needle_dir) if needle_dir is not None else DEFAULT_SOURCE,
+                "haystack_sha256": text_sha256(haystack),
+                "context_lens": needle_lens,
+                "depths": list(depths),
+                "per_depth": needle_per_depth,
+                "modes": list(modes),
+                "max_new_tokens": needle_tokens,
+            }
+            if needle_lens
+            else None,
+            "speed": {"context": speed_context, "steps": speed_steps, "repeats": speed_repeats} if speed else None,
+            "reference": ref_label,
+        },
+        "methods": list(result_rows.values()),  # the row dicts are filled in place, phase by phase
+        "skipped": skipped,
+        "peak_rss_bytes": None,
+        "timings": timings,
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+
+    def checkpoint(phase: str) -> None:
+        """After each phase, results.partial.json under ``out`` (a killed run keeps what it finished)."""
+        result["peak_rss_bytes"] = _memory.peak_rss_bytes()
+        if out is not None:
+            from .report import write_json
+
+            write_json(dict(result, completed=phase), Path(out) / "results.partial.json")
 
     # -- perplexity, KL, agreement (the reference once per window, reused for every method) -------------------------
     if ppl_windows is not None:
@@ -184,9 +231,9 @@ def run_eval(
                 "after_decode": _memory.summarize(mems[s.label][1]),
             }
         timings["ppl_s"] = time.perf_counter() - t0
+        checkpoint("ppl")
 
     # -- needle in a haystack ------------------------------------------------------------------------------------------
-    needle_meta = None
     if needle_lens:
         t0 = time.perf_counter()
         found = {s.label: [] for s in rows}
@@ -200,16 +247,8 @@ def run_eval(
         bar.close()
         for s in rows:
             result_rows[s.label]["needle"] = {"accuracy": _needle.summarize(found[s.label]), "tasks": found[s.label]}
-        needle_meta = {
-            "haystack": str(needle_dir) if needle_dir is not None else DEFAULT_SOURCE,
-            "haystack_sha256": text_sha256(haystack),
-            "context_lens": needle_lens,
-            "depths": list(depths),
-            "per_depth": needle_per_depth,
-            "modes": list(modes),
-            "max_new_tokens": needle_tokens,
-        }
         timings["needle_s"] = time.perf_counter() - t0
+        checkpoint("needle")
 
     # -- speed: method and reference interleaved -----------------------------------------------------------------------
     if speed:
@@ -225,37 +264,10 @@ def run_eval(
         timings["speed_s"] = time.perf_counter() - t0
 
     timings["total_s"] = time.perf_counter() - started
-    result = {
-        "kvcompress_version": __version__,
-        "command": command,
-        "seed": seed,
-        "model": {
-            "name": str(model_name) if model_name is not None else geometry.model_id,
-            "id": geometry.model_id,
-            "layers": geometry.num_layers,
-            "heads": geometry.num_heads,
-            "kv_heads": geometry.num_kv_heads,
-            "head_dim": geometry.head_dim,
-            "dtype": str(geometry.dtype),
-            "max_positions": geometry.max_positions,
-        },
-        "data": {"source": str(data), "sha256": text_sha256(text), "tokens": int(ids.numel())},
-        "config": {
-            "prompt_len": prompt_len,
-            "cont_len": cont_len,
-            "windows": windows,
-            "needle": needle_meta,
-            "speed": {"context": speed_context, "steps": speed_steps, "repeats": speed_repeats} if speed else None,
-            "reference": ref_label,
-        },
-        "methods": list(result_rows.values()),
-        "skipped": skipped,
-        "peak_rss_bytes": _memory.peak_rss_bytes(),
-        "timings": timings,
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }
+    result["peak_rss_bytes"] = _memory.peak_rss_bytes()
     if out is not None:
         from .report import write_outputs
 
         result["files"] = write_outputs(result, out)
+        (Path(out) / "results.partial.json").unlink(missing_ok=True)
     return result

@@ -111,6 +111,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_json(result: dict, path: Path) -> None:
+    """JSON written atomically (a temporary file renamed), so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
 def write_outputs(result: dict, out: str | Path) -> dict:
     """Write results.json, results.md and pareto.png under ``out``; returns their paths."""
     from ..plots import pareto_plot
@@ -118,23 +126,83 @@ def write_outputs(result: dict, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "pareto.png"}
-    result = dict(result, files={k: str(v) for k, v in paths.items()})
-    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if pareto_plot(result, paths["plot"]) is None:  # no perplexity measured: nothing to plot
+        del paths["plot"]
+    files = {k: str(v) for k, v in paths.items()}
+    result = dict(result, files=files)
+    write_json(result, paths["json"])
     paths["markdown"].write_text(markdown(result))
-    pareto_plot(result, paths["plot"])
-    return {k: str(v) for k, v in paths.items()}
+    return files
+
+
+def merge(results: list[dict]) -> dict:
+    """Combine runs of the same model and seed that measured different parts (e.g. ``--needle 0 --no-speed``,
+    then ``--windows 0 --no-speed``, then ``--windows 0 --needle 0``) into one result; rows are matched by spec.
+    Each part (ppl + memory, needle, speed) is taken from the run that measured it; the commands are all kept."""
+    if not results:
+        raise ValueError("nothing to merge")
+    base = results[0]
+    for r in results[1:]:
+        for key in ("seed",):
+            if r[key] != base[key]:
+                raise ValueError(f"cannot merge runs with different {key}: {r[key]!r} vs {base[key]!r}")
+        if r["model"]["name"] != base["model"]["name"]:
+            raise ValueError(f"cannot merge runs of different models: {r['model']['name']} vs {base['model']['name']}")
+        if r["config"]["reference"] != base["config"]["reference"]:
+            raise ValueError("cannot merge runs with different reference caches")
+    out = json.loads(json.dumps(base, default=str))
+    out["command"] = "\n".join(r["command"] for r in results if r.get("command"))
+    out["config"] = dict(out["config"], windows=0, needle=None, speed=None)
+    out["timings"] = {}
+    rows: dict[str, dict] = {}
+    parts = {"ppl": ("ppl", "memory"), "needle": ("needle",), "speed": ("speed",)}
+    for r in results:
+        cfg = r["config"]
+        has = {"ppl": bool(cfg["windows"]), "needle": bool(cfg.get("needle")), "speed": bool(cfg.get("speed"))}
+        for part, present in has.items():
+            if not present:
+                continue
+            if part == "ppl":
+                if out["config"]["windows"]:
+                    raise ValueError("two runs both measured perplexity")
+                out["config"].update(prompt_len=cfg["prompt_len"], cont_len=cfg["cont_len"], windows=cfg["windows"])
+                out["data"] = r["data"]
+            else:
+                if out["config"][part]:
+                    raise ValueError(f"two runs both measured {part}")
+                out["config"][part] = cfg[part]
+        for row in r["methods"]:
+            dst = rows.setdefault(row["spec"], {k: v for k, v in row.items() if k not in ("ppl", "memory", "needle", "speed")})
+            for part, present in has.items():
+                if present:
+                    dst.update({k: row[k] for k in parts[part] if k in row})
+        for k, v in r.get("timings", {}).items():
+            out["timings"][k] = out["timings"].get(k, 0.0) + v
+    out["methods"] = list(rows.values())
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] or 0 for r in results)
+    out["merged_from"] = len(results)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvcompress.evaluate.report results.json`` prints the Markdown of a saved result."""
-    import sys
+    """``python -m kvcompress.evaluate.report RESULTS.json [...] [--merge] [--out DIR]``: print the Markdown of
+    saved results; with ``--merge``, of one result combining the runs (and write it under DIR if given)."""
+    import argparse
 
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m kvcompress.evaluate.report RESULTS.json [...]", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(markdown(json.loads(Path(p).read_text())))
+    p = argparse.ArgumentParser(prog="python -m kvcompress.evaluate.report")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--merge", action="store_true", help="combine runs that measured different parts")
+    p.add_argument("--out", default=None, help="with --merge: write results.json/.md and pareto.png here")
+    args = p.parse_args(argv)
+    loaded = [json.loads(Path(x).read_text()) for x in args.results]
+    if args.merge:
+        merged = merge(loaded)
+        if args.out:
+            merged["files"] = write_outputs(merged, args.out)
+        print(markdown(merged))
+    else:
+        for r in loaded:
+            print(markdown(r))
     return 0
 
 
