@@ -81,14 +81,13 @@ def pack_bits(codes: torch.Tensor, bits: int, *, validate: bool = True) -> torch
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
         return torch.sum(c << shifts, dim=-1, dtype=torch.uint8)
 
-    # General case (3, 5, 6, 7 bits): 8 codes form a block of `bits` bytes.
+    # General case (3, 5, 6, 7 bits): 8 codes form a block of `bits` bytes, built as one int64 word.
     n_blocks = math.ceil(n / 8)
-    c = _pad_last(c, n_blocks * 8).reshape(*lead, n_blocks, 8, 1)
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=device)
-    stream = (c >> bit_idx) & 1  # (..., blocks, 8, bits): the block's 8*bits stream bits
-    stream = stream.reshape(*lead, n_blocks, bits, 8)  # regrouped into bytes
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    packed = torch.sum(stream << byte_shifts, dim=-1, dtype=torch.uint8)
+    c = _pad_last(c, n_blocks * 8).reshape(*lead, n_blocks, 8).to(torch.int64)
+    code_shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=device)
+    word = torch.sum(c << code_shifts, dim=-1, keepdim=True)  # (..., blocks, 1)
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=device)
+    packed = ((word >> byte_shifts) & 0xFF).to(torch.uint8)  # (..., blocks, bits)
     return packed.reshape(*lead, n_blocks * bits)[..., :out_len].contiguous()
 
 
@@ -116,11 +115,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         codes = (packed.unsqueeze(-1) >> shifts) & mask  # (..., nbytes, per)
         return codes.reshape(*lead, expected * per)[..., :n].contiguous()
 
+    # 8 codes form a block of `bits` bytes: read the block as one little-endian integer (<= 56 bits fits in
+    # int64), then cut the 8 codes out of it with shifts -- a handful of tensor ops instead of a per-bit expansion.
     n_blocks = math.ceil(n / 8)
-    p = _pad_last(packed, n_blocks * bits).reshape(*lead, n_blocks, bits, 1)
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    stream = (p >> byte_shifts) & 1  # (..., blocks, bits bytes, 8 bits)
-    stream = stream.reshape(*lead, n_blocks, 8, bits)  # regrouped into codes
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=device)
-    codes = torch.sum(stream << bit_idx, dim=-1, dtype=torch.uint8)
+    p = _pad_last(packed, n_blocks * bits).reshape(*lead, n_blocks, bits).to(torch.int64)
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=device)
+    word = torch.sum(p << byte_shifts, dim=-1, keepdim=True)  # (..., blocks, 1)
+    code_shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=device)
+    codes = ((word >> code_shifts) & mask).to(torch.uint8)  # (..., blocks, 8)
     return codes.reshape(*lead, n_blocks * 8)[..., :n].contiguous()
