@@ -167,3 +167,9 @@ def test_needle_task_chat_template_smollm2(smollm2_tokenizer):
     assert "<|im_start|>assistant" in question and question.endswith("The special magic number is")
     # the needle sits at the asked depth of the haystack tokens
     assert abs(task.actual_depth - 0.5) < 0.07
+
+
+def test_stdlib_code_source_is_python_source():
+    text = load_text("stdlib-code")
+    assert len(text) > 1_000_000 and "def " in text and "import " in text
+    assert text_sha256(text) == text_sha256(load_text("stdlib-code"))

@@ -341,6 +341,14 @@ def test_snapkv_composes_with_storage(tiny_model):
     assert torch.isfinite(c).all()
 
 
+def test_h2o_budget_splits_heavy_and_recent():
+    from kvcompress.methods.h2o import H2O
+
+    assert H2O.Config(budget=0.2).sizes(1000) == (100, 100)
+    assert H2O.Config(budget=51).sizes(1000) == (25, 26)
+    assert H2O.Config(heavy=0.3, recent=0.1).sizes(1000) == (300, 100)
+
+
 @pytest.mark.parametrize(
     "name, opts",
     [
@@ -353,6 +361,7 @@ def test_snapkv_composes_with_storage(tiny_model):
         ("h2o", {"heavy": 0}),
         ("h2o", {"recent": -0.1}),
         ("h2o", {"heavy": True}),
+        ("h2o", {"budget": 1.5}),
         ("snapkv", {"budget": "half"}),
         ("snapkv", {"window": 0}),
         ("snapkv", {"kernel": 4}),

@@ -23,6 +23,7 @@ import torch
 from .registry import KVCompressError
 
 DEFAULT_SOURCE = "pydoc"
+CODE_SOURCE = "stdlib-code"  # Python source: the standard library's own top-level .py files (every install has them)
 HF_PREFIX = "hf:"
 
 
@@ -35,6 +36,13 @@ def _pydoc_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _stdlib_code() -> str:
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return "\n\n".join(_read_file(f) for f in files)
 
 
 def _read_file(path: Path) -> str:
@@ -67,18 +75,20 @@ def _hf_text(spec: str) -> str:
 
 
 def load_text(source: str | Path = DEFAULT_SOURCE) -> str:
-    """The text of ``source``: ``"pydoc"``, a file, a directory of ``.txt`` files (sorted by name,
+    """The text of ``source``: ``"pydoc"`` (English prose), ``"stdlib-code"`` (Python source), a file, a directory of ``.txt`` files (sorted by name,
     joined by blank lines), or ``"hf:NAME[:CONFIG[:SPLIT]]"``. Raises KVCompressError if it is missing or empty."""
     src = str(source)
     if src == DEFAULT_SOURCE:
         text = _pydoc_text()
+    elif src == CODE_SOURCE:
+        text = _stdlib_code()
     elif src.startswith(HF_PREFIX):
         text = _hf_text(src[len(HF_PREFIX) :])
     else:
         path = Path(src).expanduser()
         if not path.exists():
             raise KVCompressError(
-                f"data path {src!r} does not exist (use 'pydoc', a text file, a directory of .txt files, "
+                f"data path {src!r} does not exist (use 'pydoc', 'stdlib-code', a text file, a directory of .txt files, "
                 f"or {HF_PREFIX}NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset)"
             )
         if path.is_dir():

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
         "(default: every registered method with its defaults; methods needing calibration are skipped)",
     )
     p.add_argument(
-        "--data", default="pydoc", help="'pydoc' (built-in prose), a text file, a directory of .txt, or hf:NAME[:CONFIG[:SPLIT]]"
+        "--data", default="pydoc", help="'pydoc' (built-in prose), 'stdlib-code' (Python's own .py files), a text file, a directory of .txt, or hf:NAME[:CONFIG[:SPLIT]]"
     )
     p.add_argument("--prompt-len", type=int, default=512, help="P: prompt tokens the method compresses (default 512)")
     p.add_argument("--cont-len", type=int, default=128, help="C: tokens teacher-forced one at a time (default 128)")

@@ -28,13 +28,19 @@ class H2O(Method):
     class Config:
         heavy: float | int = 0.1  # heavy-hitter tokens: share of the prompt (float) or tokens (int)
         recent: float | int = 0.1  # most recent tokens always kept: share of the prompt or tokens
+        budget: float | int | None = None  # total kept (share or tokens), split half heavy / half recent; overrides both
 
         def __post_init__(self):
             check_budget(self.heavy, "h2o", "heavy")
             check_budget(self.recent, "h2o", "recent")
+            if self.budget is not None:
+                check_budget(self.budget, "h2o", "budget")
 
         def sizes(self, prompt_len: int) -> tuple[int, int]:
             """``(heavy, recent)`` in tokens for a prompt of ``prompt_len`` tokens."""
+            if self.budget is not None:
+                total = max(resolve_budget(self.budget, prompt_len), 2)
+                return total // 2, total - total // 2
             return resolve_budget(self.heavy, prompt_len), resolve_budget(self.recent, prompt_len)
 
     def make_layer(self, layer_idx: int):
