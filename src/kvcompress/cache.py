@@ -215,6 +215,28 @@ class FullLayer(KVLayer):
         return [self.k, self.v]
 
 
+class StoreLayer(KVLayer):
+    """A full-attention layer whose past K/V live in a ``KVStore`` (kivi codes, fp16, ...): attention sees the
+    store's read-back of the past plus the new tokens rounded to the store's 2-byte dtype."""
+
+    def __init__(self, geometry: ModelGeometry, layer_idx: int, kv_store):
+        super().__init__(geometry, layer_idx)
+        self.kv = kv_store
+
+    def store(self, key_states, value_states):
+        """``(b, h, q, d)`` new K/V -> ``(b, h, seen + q, d)``: read-back past | new tokens at 2-byte precision."""
+        dt, sd = key_states.dtype, self.kv.dtype
+        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
+        if len(self.kv):
+            past_k, past_v = self.kv.read(dt)
+            new_k, new_v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
+        self.kv.append(key_states, value_states)
+        return new_k, new_v
+
+    def held_tensors(self):
+        return self.kv.held_tensors()
+
+
 class SlidingWindowLayer(FullLayer):
     """A sliding-window attention layer (Gemma-3 style): holds the last ``window - 1`` tokens, like
     transformers' ``DynamicSlidingWindowLayer``. Its reference is the same window, so it adds no ratio."""

@@ -36,7 +36,10 @@ def make_store(name: str, geometry, **options) -> "KVStore":
 
 
 class KVStore:
-    """Append-only store of per-token K/V vectors."""
+    """Append-only store of per-token K/V vectors. ``dtype``: the 2-byte float its exact tokens are held in
+    (new tokens are rounded to it before attention, so a step sees what later steps will read back)."""
+
+    dtype: torch.dtype = torch.float16
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError

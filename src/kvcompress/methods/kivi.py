@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import KVLayer, Method
+from ..cache import Method, StoreLayer
 from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
@@ -186,26 +186,13 @@ class KiviStore(KVStore):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class KiviLayer(KVLayer):
+class KiviLayer(StoreLayer):
     """A full-attention layer whose past K/V live in a :class:`KiviStore`."""
 
     def __init__(self, geometry, layer_idx: int, config: KiviConfig):
-        super().__init__(geometry, layer_idx)
-        self.kv = KiviStore(geometry, bits=config.bits, group_size=config.group_size, residual=config.residual,
-                            key_bits=config.key_bits, value_bits=config.value_bits)
-
-    def store(self, key_states, value_states):
-        """``(b, h, q, d)`` new K/V -> ``(b, h, seen + q, d)``: dequantized past | new tokens at 2-byte precision."""
-        dt, sd = key_states.dtype, self.kv.dtype
-        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
-        if len(self.kv):
-            past_k, past_v = self.kv.read(dt)
-            new_k, new_v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
-        self.kv.append(key_states, value_states)
-        return new_k, new_v
-
-    def held_tensors(self):
-        return self.kv.held_tensors()
+        super().__init__(geometry, layer_idx, KiviStore(geometry, bits=config.bits, group_size=config.group_size,
+                                                        residual=config.residual, key_bits=config.key_bits,
+                                                        value_bits=config.value_bits))
 
 
 @register("kivi")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import KVLayer, Method
+from ..cache import KVLayer, Method, StoreLayer
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
 from ..storage import KVStore, make_store
@@ -276,26 +276,6 @@ class MergedLayer(KVLayer):
 
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.window + 1
-
-
-class StoreLayer(KVLayer):
-    """An unmerged full-attention layer whose past K/V live in a ``KVStore`` (the pair's storage)."""
-
-    def __init__(self, geometry, layer_idx: int, store: KVStore):
-        super().__init__(geometry, layer_idx)
-        self.kv = store
-
-    def store(self, key_states, value_states):
-        dt, sd = key_states.dtype, self.geometry.storage_dtype
-        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
-        if len(self.kv):
-            past_k, past_v = self.kv.read(dt)
-            new_k, new_v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
-        self.kv.append(key_states, value_states)
-        return new_k, new_v
-
-    def held_tensors(self):
-        return self.kv.held_tensors()
 
 
 # --------------------------------------------------------------------------------------------------------------------
