@@ -107,7 +107,8 @@ def markdown(result: dict) -> str:
     ]
     for s in result.get("skipped", []):
         lines.append(f"- skipped `{s['method']}`: {s['reason']}")
-    lines.append(f"\npeak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB; wall {result['timings']['total_s']:.0f} s.")
+    wall = result["timings"].get("total_s", sum(result["timings"].values()))  # partial / merged runs: the parts
+    lines.append(f"\npeak RSS {(result['peak_rss_bytes'] or 0) / 2**20:.0f} MiB; wall {wall:.0f} s.")
     return "\n".join(lines) + "\n"
 
 
