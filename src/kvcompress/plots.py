@@ -5,14 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def pareto_plot(result: dict, path: str | Path, *, stage: str = "after_prefill") -> Path | None:
-    """Scatter of stored-bytes ratio (x, ``stage`` = "after_prefill" | "after_decode") vs Δppl % (y), one
-    labelled point per method of an evaluation result. Returns the path, or None if no method has a ppl."""
+def subplots(*args, **kwargs):
+    """``plt.subplots`` on the Agg backend (no display needed): returns ``(fig, axes)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig, path: str | Path, **tight_layout) -> Path:
+    """Lay out, write and close ``fig``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**tight_layout)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pareto_plot(result: dict, path: str | Path, *, stage: str = "after_prefill") -> Path | None:
+    """Scatter of stored-bytes ratio (x, ``stage`` = "after_prefill" | "after_decode") vs Δppl % (y), one
+    labelled point per method of an evaluation result. Returns the path, or None if no method has a ppl."""
     points = [
         (row["memory"][stage]["ratio"], row["ppl"]["dppl_pct"], row["spec"])
         for row in result["methods"]
@@ -20,7 +36,7 @@ def pareto_plot(result: dict, path: str | Path, *, stage: str = "after_prefill")
     ]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = subplots(figsize=(6.4, 4.4), dpi=120)
     ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
     for x, y, label in points:
         ax.scatter([x], [y], s=28, zorder=2)
@@ -32,8 +48,4 @@ def pareto_plot(result: dict, path: str | Path, *, stage: str = "after_prefill")
     title = f"{result['model']['name']}: P={cfg['prompt_len']}, C={cfg['cont_len']}, {cfg['windows']} windows"
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

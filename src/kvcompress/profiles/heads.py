@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import add_common_arguments
 from ..config import check_positive_int, check_ratio
 from ..methods.fastgen_policies import HYBRID_NAMES, HYBRIDS, choose
 
@@ -64,17 +65,14 @@ def _majority(table_t: dict) -> list:
 
 
 def plot(table: dict, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import save, subplots
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     colors = ["#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b3", "#bbbbbb"]
     cmap = ListedColormap(colors)
     ts = list(table)
-    fig, axes = plt.subplots(1, len(ts), figsize=(2.2 + 2.0 * len(ts), 6.5), dpi=120, squeeze=False)
+    fig, axes = subplots(1, len(ts), figsize=(2.2 + 2.0 * len(ts), 6.5), dpi=120, squeeze=False)
     for ax, t in zip(axes[0], ts):
         major = _majority(table[t])
         kv = max(len(layer) for layer in major if layer is not None)
@@ -90,10 +88,7 @@ def plot(table: dict, path: Path, title: str) -> Path:
     labels = [*HYBRID_NAMES, SLIDING]
     fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, labels)], loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, rect=(0, 0.08, 1, 0.95))
 
 
 def markdown(table: dict, title: str) -> str:
@@ -104,15 +99,10 @@ def markdown(table: dict, title: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name, local directory or HF id")
-    parser.add_argument("--data", default="pydoc", help="'pydoc', a text file, a directory of .txt, or hf:NAME")
-    parser.add_argument("--tokens", type=int, default=1024, help="prompt tokens per window (default 1024)")
-    parser.add_argument("--samples", type=int, default=2, help="windows profiled (default 2)")
+    add_common_arguments(parser, tokens=1024, samples=2, out=DEFAULT_OUT)
     parser.add_argument("--recovery", type=float, nargs="+", default=[0.9, 0.95, 0.98], help="T values (default 0.9 0.95 0.98)")
     parser.add_argument("--local", type=float, default=0.3, help="r_l (default 0.3)")
     parser.add_argument("--frequent", type=float, default=0.3, help="r_f (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
 
 
 def run(args) -> int:

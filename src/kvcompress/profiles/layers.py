@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import add_common_arguments
 from ..cache import CompressedCache, FullLayer, Method, ModelGeometry
 from ..config import check_positive_int, check_ratio
 from ..methods.minicache import retention_mask, unit
@@ -110,14 +111,11 @@ def markdown(result: dict) -> str:
 
 def heatmap(result: dict, path: str | Path) -> Path:
     """Two ``(L, L)`` heatmaps (K, V) and the adjacent-pair curves, with the default start layer L/2 marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import save, subplots
     from matplotlib.ticker import MaxNLocator
 
     L = result["num_layers"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    fig, axes = subplots(1, 3, figsize=(15, 4.6), dpi=110)
     for ax, key, title in ((axes[0], "cos_k", "keys"), (axes[1], "cos_v", "values")):
         m = torch.tensor(result[key]).numpy()
         im = ax.imshow(m, vmin=min(0.0, float(m.min())), vmax=1.0, cmap="viridis", origin="upper")
@@ -138,11 +136,7 @@ def heatmap(result: dict, path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"{result['model']}: {result['samples']} x {result['tokens']} tokens", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,13 +145,8 @@ def heatmap(result: dict, path: str | Path) -> Path:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, local directory or HF id")
-    p.add_argument("--data", default="pydoc", help="'pydoc', a text file, a directory of .txt, or hf:NAME")
-    p.add_argument("--tokens", type=int, default=1024, help="prompt tokens per window (default 1024)")
-    p.add_argument("--samples", type=int, default=2, help="windows averaged (default 2)")
+    add_common_arguments(p, tokens=1024, samples=2, out=DEFAULT_OUT)
     p.add_argument("--gamma", type=float, default=0.05, help="MiniCache retention threshold for the retained column")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
 
 
 def run(args) -> int:

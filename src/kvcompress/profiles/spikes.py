@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import add_common_arguments
 from ..attention import grouped_probs
 from ..cache import CompressedCache, FullLayer, Method, ModelGeometry
 from ..config import check_positive_int
@@ -239,14 +240,11 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: str | Path) -> Path:
     """Spike density vs distance (log-log, with a 1/d guide and LogQuant's fp share) and the per-layer slopes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import save, subplots
 
     rows = [r for r in result["bins"] if r["lo"] >= 1]
     x = result["fit_centers"][1 : 1 + len(rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    fig, axes = subplots(1, 2, figsize=(12, 4.5), dpi=110)
     ax = axes[0]
     dens = [r["spike_density"] for r in rows]
     ax.loglog(x, dens, "o-", label="spike density (per key)")
@@ -271,11 +269,7 @@ def plot(result: dict, path: str | Path) -> Path:
         f"{result['samples']} x {result['tokens']} tokens",
         fontsize=10,
     )
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -284,15 +278,10 @@ def plot(result: dict, path: str | Path) -> Path:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, local directory or HF id")
-    p.add_argument("--data", default="pydoc", help="'pydoc', a text file, a directory of .txt, or hf:NAME")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per window (default 2048)")
+    add_common_arguments(p, tokens=2048, samples=2, out=DEFAULT_OUT)
     p.add_argument("--queries", type=int, default=64, help="last positions of each window used as queries (default 64)")
-    p.add_argument("--samples", type=int, default=2, help="windows averaged (default 2)")
     p.add_argument("--top-k", type=int, default=8, help="keys per (layer, head, query) counted as spikes (default 8)")
     p.add_argument("--window", type=int, default=42, help="LogQuant W for the coverage columns (default 42)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
 
 
 def run(args) -> int:
