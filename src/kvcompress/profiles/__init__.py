@@ -1,5 +1,22 @@
 """Profiles: look inside a model (attention spikes, adjacent-layer similarity, head policies)."""
 
+from dataclasses import dataclass
+
+from ..cache import FullLayer, Method
+
+
+class KeepAll(Method):
+    """Every layer (sliding ones too) keeps all tokens in the model's dtype: the post-RoPE K/V a prefill computed."""
+
+    name = "profile-keep-all"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def make_layer(self, layer_idx: int):
+        return FullLayer(self.geometry, layer_idx, None)
+
 
 def add_common_arguments(p, *, tokens: int, samples: int, out: str) -> None:
     """The options every ``kvcompress profile`` command takes: model, data, window length, windows, seed, out."""

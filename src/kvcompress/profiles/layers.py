@@ -14,36 +14,22 @@ the adjacent-pair curves) under ``--out``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import add_common_arguments
-from ..cache import CompressedCache, FullLayer, Method, ModelGeometry
+from . import KeepAll, add_common_arguments
+from ..cache import CompressedCache, ModelGeometry
 from ..config import check_positive_int, check_ratio
 from ..methods.minicache import retention_mask, unit
 
 DEFAULT_OUT = "results/profile-layers"
 
 
-class _KeepAll(Method):
-    """Every layer (sliding ones too) keeps all tokens in the model's dtype: the K/V a prefill computed."""
-
-    name = "profile-keep-all"
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def make_layer(self, layer_idx: int):
-        return FullLayer(self.geometry, layer_idx, None)
-
-
 @torch.inference_mode()
 def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prefill ``input_ids (b, n)``; per layer the post-RoPE ``(keys, values)``, each ``(b, kv_heads, n, d)`` fp32."""
-    cache = CompressedCache(model, _KeepAll(model, _KeepAll.Config()))
+    cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
     model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return [(layer.k.float(), layer.v.float()) for layer in cache.layers]
 

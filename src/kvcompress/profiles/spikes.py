@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import add_common_arguments
+from . import KeepAll, add_common_arguments
 from ..attention import grouped_probs
-from ..cache import CompressedCache, FullLayer, Method, ModelGeometry
+from ..cache import CompressedCache, ModelGeometry
 from ..config import check_positive_int
 from ..methods.logquant import log_schedule
 from ..observe import Observer
@@ -38,24 +37,11 @@ KEPT_SETS = ("logquant", "window", "sink_window")
 FAR = 128  # distances from here on are fitted apart ("far" slope)
 
 
-class _KeepAll(Method):
-    """Every layer keeps all tokens in the model's dtype: the post-RoPE K/V a prefill computed."""
-
-    name = "profile-keep-all"
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def make_layer(self, layer_idx: int):
-        return FullLayer(self.geometry, layer_idx, None)
-
-
 @torch.inference_mode()
 def attention_of_last(model, input_ids: torch.Tensor, queries: int) -> list[torch.Tensor]:
     """Prefill ``input_ids (1, n)``; per layer the probabilities of the last ``queries`` positions,
     ``(heads, queries, n)`` fp32 (causal; sliding-window layers are not masked to their window)."""
-    cache = CompressedCache(model, _KeepAll(model, _KeepAll.Config()))
+    cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
     observer = Observer(model, cache)
     try:
         model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
