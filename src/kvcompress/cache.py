@@ -146,9 +146,11 @@ class KVLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask: the kept past + the new tokens, offset by the tokens
+        not kept (evicted, merged away or slid out of a window). Accepts 5.2's cache_position tensor too."""
         query_length = _query_length(query_length)
         kept = self.kept_length()
-        return kept + query_length, self.seen - kept
+        return kept + query_length, max(self.seen - kept, 0)
 
     def get_max_length(self) -> int:
         return -1
@@ -257,11 +259,6 @@ class SlidingWindowLayer(FullLayer):
 
     def kept_length(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        query_length = _query_length(query_length)
-        kept = self.kept_length()
-        return kept + query_length, max(self.seen - kept, 0)
 
     def get_max_length(self) -> int:
         return self.window

@@ -215,10 +215,6 @@ class KVQuantLayer(KVLayer):
     def represented_tokens(self) -> int:
         return min(self.seen, self.window - 1) if self.is_sliding else self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kept = self.kept_length()
-        return kept + query_length, max(self.seen - kept, 0)
-
     def get_max_length(self) -> int:
         return self.window if self.is_sliding else -1
 

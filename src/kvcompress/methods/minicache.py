@@ -270,10 +270,6 @@ class MergedLayer(KVLayer):
     def represented_tokens(self) -> int:
         return self.kept_length()
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kept = self.kept_length()
-        return kept + query_length, max(self.seen - kept, 0)
-
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.window + 1
 
