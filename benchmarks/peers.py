@@ -132,7 +132,7 @@ def markdown(result: dict) -> str:
         "tokens, i.e. it matches our budget = 1 - r. All kvpress presses listed prune (ScorerPress); a head-wise "
         "press that only masks would be reported at ratio 1.0. Δppl / KL vs the full row on the same windows. "
         "TTFT / decode ratio = full time / method time (> 1 = faster), medians of interleaved rounds on a shared, "
-        "heavily loaded CPU: noisy.",
+        "shared CPU: noisy.",
     ]
     for s in result.get("skipped", []):
         lines.append(f"- not measured: `{s['peer']}`: {s['reason']}")

@@ -453,10 +453,12 @@ def main(argv=None) -> int:
             print(f"[peers] speed {s.label}", file=sys.stderr, flush=True)
         res[ref.label]["speed"] = {"ttft_ratio": 1.0, "decode_ratio": 1.0, "reference": True}
 
-    def _ver(mod):
+    def _ver(dist):
+        from importlib.metadata import PackageNotFoundError, version
+
         try:
-            return __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+            return version(dist)  # the installed distribution's version (kvpress has no __version__ attribute)
+        except PackageNotFoundError:
             return None
 
     import kvcompress
@@ -482,7 +484,7 @@ def main(argv=None) -> int:
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "kvcompress": kvcompress.__version__,
-            "kvpress": _ver("kvpress"), "optimum-quanto": _ver("optimum.quanto"), "hqq": _ver("hqq"),
+            "kvpress": _ver("kvpress"), "optimum-quanto": _ver("optimum-quanto"), "hqq": _ver("hqq"),
             "threads": torch.get_num_threads(),
         },
         "peak_rss_bytes": _memory.peak_rss_bytes(),
