@@ -131,7 +131,7 @@ def markdown(result: dict) -> str:
         "2-byte floats; raw fp32 bytes are in the JSON). kvpress compression_ratio r keeps (1 - r) of the prompt "
         "tokens, i.e. it matches our budget = 1 - r. All kvpress presses listed prune (ScorerPress); a head-wise "
         "press that only masks would be reported at ratio 1.0. Δppl / KL vs the full row on the same windows. "
-        "TTFT / decode ratio = full time / method time (> 1 = faster), medians of interleaved rounds on a shared, "
+        "TTFT / decode ratio = full time / method time (> 1 = faster), medians of interleaved rounds on a "
         "shared CPU: noisy.",
     ]
     for s in result.get("skipped", []):
