@@ -38,6 +38,7 @@ import torch
 
 from kvcompress.cache import LayerMemory, MemoryReport
 from kvcompress.data import encode, load_text, make_needle_tasks, text_sha256, windows_from_ids
+from kvcompress.evaluate import NEEDLE_MODES, pool_windows
 from kvcompress.evaluate import memory as _memory
 from kvcompress.evaluate import needle as _needle
 from kvcompress.evaluate import ppl as _ppl
@@ -416,20 +417,13 @@ def main(argv=None) -> int:
         rows = [s for s in rows if s.label not in failed]
         for label in failed:
             res.pop(label, None)
-        ref_ppl = None
+        pooled = pool_windows({s.label: per[s.label] for s in rows}, mems, ref.label)
         for s in rows:
-            summ = _ppl.summarize(per[s.label])
-            ref_ppl = summ["ppl"] if s is ref else ref_ppl
-            summ["dppl_pct"] = 100.0 * (summ["ppl"] / ref_ppl - 1.0)
-            res[s.label]["ppl"] = summ
-            res[s.label]["memory"] = {
-                "after_prefill": _memory.summarize(mems[s.label][0]),
-                "after_decode": _memory.summarize(mems[s.label][1]),
-                "raw_held_bytes_after_prefill": raw[s.label],
-            }
+            res[s.label].update(pooled[s.label])
+            res[s.label]["memory"]["raw_held_bytes_after_prefill"] = raw[s.label]
 
     # needle
-    modes = {"aware": ("aware",), "agnostic": ("agnostic",), "both": ("aware", "agnostic")}[args.needle_mode]
+    modes = NEEDLE_MODES[args.needle_mode]
     needle_lens = sorted({n for n in args.needle if n > 0})
     if needle_lens:
         hay = load_text(args.needle_dir) if args.needle_dir else load_text(args.data)

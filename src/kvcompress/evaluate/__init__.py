@@ -32,7 +32,7 @@ from . import ppl as _ppl
 from . import speed as _speed
 from .spec import MethodSpec, default_specs, parse_spec, validate_specs
 
-__all__ = ["run_eval", "MethodSpec", "parse_spec"]
+__all__ = ["run_eval", "pool_windows", "MethodSpec", "parse_spec", "NEEDLE_MODES"]
 
 NEEDLE_MODES = {"aware": ("aware",), "agnostic": ("agnostic",), "both": ("aware", "agnostic")}
 
@@ -51,6 +51,22 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _same_config(a: MethodSpec, b: MethodSpec) -> bool:
     return a.name == b.name and build_config(get_method(a.name), a.kwargs) == build_config(get_method(b.name), b.kwargs)
+
+
+def pool_windows(per_window: dict, mems: dict, ref_label: str) -> dict:
+    """Per method label: ``{"ppl": pooled ppl/KL/agreement with dppl_pct vs ``ref_label``, "memory": after_prefill /
+    after_decode}``. ``per_window[label]``: :func:`ppl.compare` dicts; ``mems[label]``: (prefill reports, end
+    reports). Labels keep their order; the reference must be among them."""
+    ref_ppl = _ppl.summarize(per_window[ref_label])["ppl"]
+    out = {}
+    for label, windows in per_window.items():
+        summary = _ppl.summarize(windows)
+        summary["dppl_pct"] = 100.0 * (summary["ppl"] / ref_ppl - 1.0)
+        out[label] = {
+            "ppl": summary,
+            "memory": {"after_prefill": _memory.summarize(mems[label][0]), "after_decode": _memory.summarize(mems[label][1])},
+        }
+    return out
 
 
 def run_eval(
@@ -220,16 +236,8 @@ def run_eval(
                 bar.update(1)
             del ref_out
         bar.close()
-        ref_ppl = None
-        for s in rows:
-            summary = _ppl.summarize(per_window[s.label])
-            ref_ppl = summary["ppl"] if s is ref_spec else ref_ppl
-            summary["dppl_pct"] = 100.0 * (summary["ppl"] / ref_ppl - 1.0)
-            result_rows[s.label]["ppl"] = summary
-            result_rows[s.label]["memory"] = {
-                "after_prefill": _memory.summarize(mems[s.label][0]),
-                "after_decode": _memory.summarize(mems[s.label][1]),
-            }
+        for label, pooled in pool_windows(per_window, mems, ref_spec.label).items():
+            result_rows[label].update(pooled)
         timings["ppl_s"] = time.perf_counter() - t0
         checkpoint("ppl")
 
