@@ -21,7 +21,7 @@ test-fast: setup
 	$(PYTHON) -m pytest -q -m "not model"
 
 bench-peers: setup
-	$(PYTHON) benchmarks/peers.py
+	$(PYTHON) benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
 
 clean:
 	rm -rf results .pytest_cache .hypothesis build dist src/*.egg-info

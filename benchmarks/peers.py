@@ -1,14 +1,17 @@
 """Side-by-side with the peers: kvpress presses and transformers' ``QuantizedCache`` next to our methods, on the
 same model (SmolLM2-135M), WikiText-2 windows and needle set, through kvcompress's own protocol.
 
-    python benchmarks/peers.py                 # (= make bench-peers) full protocol: P=1024, C=256, 4 windows, needle 1k/2k
-    python benchmarks/peers.py --prompt-len 512 --cont-len 64 --windows 2 --needle 1024 --needle-depths 0.1 0.9
+    make bench-peers     # = python benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
+    python benchmarks/peers.py --prompt-len 512 --cont-len 64 --windows 1 --needle 1024   # a quick look
 
-Steps: (1) build / reuse ``.venv-peers`` (torch==2.13.0 first, so no CUDA wheel is pulled; then kvpress with
-transformers 5.2.x, optimum-quanto, hqq, and this repository, each installed separately: a failed install is
-reported and that peer skipped); (2) run ``benchmarks/peers_runner.py`` in that venv (one process: the full
-reference, our methods, the peers); (3) write ``peers.json``, ``peers.md`` and ``pareto.png`` under ``--out`` and
-the Markdown to ``benchmarks/results/peers.md``.
+Full protocol by default: P = 1024, C = 256, 4 windows, needle at 1k/2k (3 depths, query-aware and -agnostic),
+speed at 1k tokens x 32 steps x 3 rounds. Steps: (1) build / reuse ``.venv-peers`` (torch==2.13.0 first, so no
+CUDA wheel is pulled; then kvpress with transformers 5.2.x, optimum-quanto, hqq, and this repository, each
+installed separately: a failed install is reported and that peer skipped); (2) write the KVQuant calibration if it
+is missing; (3) run ``benchmarks/peers_runner.py`` in that venv, in ``--jobs`` processes that each measure every
+N-th row next to their own full reference (merged afterwards); (4) write ``peers.json``, ``peers.md`` and
+``pareto.png`` under ``--out``, the Markdown to ``benchmarks/results/peers.md`` and, with ``--readme``, the
+headline block of the README.
 
 This file needs only the standard library (rendering runs under the venv's python, which has matplotlib).
 """
@@ -19,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -64,6 +68,42 @@ def ensure_venv(reinstall: bool = False) -> dict:
     return status
 
 
+def ensure_calibration(path: Path, data: str) -> Path | None:
+    """The KVQuant calibration file for SmolLM2 (2/3/4 bits, 0 and 1 % outliers), written by the venv's
+    ``kvcompress calibrate kvquant`` if missing. Returns the path, or None (kvquant rows skipped) if that fails."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(venv_python()), "-m", "kvcompress.cli", "calibrate", "kvquant", "--model", "smollm2-135m", "--data", data,
+           "--bits", "2", "3", "4", "--outliers", "0", "0.01", "--out", str(path)]
+    print(f"[peers] writing the KVQuant calibration: {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.exists():
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
+        print(f"[peers] KVQuant calibration failed ({tail}) -- carrying on without the kvquant rows", flush=True)
+        return None
+    return path
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """One result from the ``--shard K/N`` runs: every shard measured the full reference on the same windows and
+    needle tasks (deterministic, so its rows agree; checked) plus its own rows; those are put back in order."""
+    first = shards[0]
+    ref_ppl = [s["methods"][0]["ppl"]["ppl"] for s in shards if s["methods"] and "ppl" in s["methods"][0]]
+    if ref_ppl and max(ref_ppl) - min(ref_ppl) > 1e-6 * max(ref_ppl):
+        raise SystemExit(f"[peers] shards disagree on the full-cache perplexity: {ref_ppl}")
+    methods = [first["methods"][0]] + [m for s in shards for m in s["methods"] if not m.get("reference")]
+    methods.sort(key=lambda m: m.get("order", 0))
+    skipped = []
+    for s in shards:
+        skipped += [x for x in s["skipped"] if x not in skipped]
+    merged = dict(first)
+    merged.update(methods=methods, skipped=skipped, wall_s=max(s["wall_s"] for s in shards),
+                  peak_rss_bytes=max(s["peak_rss_bytes"] for s in shards))
+    merged["config"] = dict(first["config"], shard=None, jobs=len(shards))
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # rendering (run under the venv's python: needs matplotlib)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,6 +122,20 @@ def _needle_cell(row, modes, lens):
     return " · ".join(parts)
 
 
+def _display_path(path: str) -> str:
+    """A data path as the table shows it: relative to the repository when it lies beside or inside it."""
+    try:
+        rel = os.path.relpath(path, REPO)
+    except ValueError:  # another drive (Windows)
+        return path
+    return rel.replace(os.sep, "/") if not rel.startswith(os.pardir + os.sep + os.pardir) else path
+
+
+def _short_spec(spec: str) -> str:
+    """A spec as the table shows it: a file option by its file name only."""
+    return re.sub(r"(calibration=)[^,]*[/\\]([^,/\\]+)", r"\1\2", spec)
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     nd = cfg.get("needle") or {}
@@ -92,7 +146,7 @@ def markdown(result: dict) -> str:
         lines += ["```", result["command"], "```", ""]
     v = result["versions"]
     setup = [f"model {result['model']['name']} ({result['model']['dtype']})",
-             f"data {result['data']['source']} (sha256 {result['data']['sha256'][:12]})"]
+             f"data {_display_path(result['data']['source'])} (sha256 {result['data']['sha256'][:12]})"]
     if cfg["windows"]:
         setup.append(f"P = {cfg['prompt_len']}, C = {cfg['cont_len']}, {cfg['windows']} windows")
     if nd:
@@ -100,9 +154,12 @@ def markdown(result: dict) -> str:
     setup.append(f"speed at {cfg['speed']['context']} tokens + {cfg['speed']['steps']} steps, median of "
                  f"{cfg['speed']['repeats']} interleaved rounds" if cfg.get("speed") else "speed not measured")
     setup.append(f"torch {v['torch']}, transformers {v['transformers']}, kvpress {v['kvpress']}, "
-                 f"optimum-quanto {v['optimum-quanto']}, hqq {v['hqq']}, {v['threads']} thread(s)")
+                 f"optimum-quanto {v['optimum-quanto']}, hqq {v['hqq']}, {v['threads']} thread(s)"
+                 + (f" x {cfg['jobs']} parallel runner processes (each with its own full reference)"
+                    if cfg.get("jobs", 1) > 1 else ""))
     lines += ["; ".join(setup), ""]
-    header = ["method", "family", "stored-bytes ratio @P", "@P+C", "Δppl %", "KL", f"needle ({mode_tag})",
+    header = ["method", "family", "stored-bytes ratio @P", "@P+C", "Δppl %", "KL",
+              f"needle ({mode_tag})" if mode_tag else "needle",
               "TTFT ratio", "decode ratio", "note"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---|---|" + "---:|" * 7 + "---|")
@@ -110,7 +167,7 @@ def markdown(result: dict) -> str:
         mem, ppl, sp = row.get("memory", {}), row.get("ppl", {}), row.get("speed", {})
         ref = row.get("reference")
         cells = [
-            f"`{row['spec']}`" + (" (ref)" if ref else ""),
+            f"`{_short_spec(row['spec'])}`" + (" (ref)" if ref else ""),
             "ours" if row["family"] == "kvcompress" else row["family"],
             _fmt(mem.get("after_prefill", {}).get("ratio"), ".2f", "x"),
             _fmt(mem.get("after_decode", {}).get("ratio"), ".2f", "x"),
@@ -158,7 +215,7 @@ def pareto(result: dict, path: Path) -> None:
         color, marker, name = styles.get(row["family"], ("0.3", "x", row["family"]))
         ax.scatter([x], [y], c=color, marker=marker, s=30, zorder=2, label=None if name in seen else name)
         seen.add(name)
-        ax.annotate(row["spec"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.annotate(_short_spec(row["spec"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("stored-bytes ratio vs fp16 after prefill (higher = smaller cache)")
     ax.set_ylabel("Δ perplexity vs full cache (%, symlog)")
@@ -172,7 +229,39 @@ def pareto(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render(out: Path, results_md: Path | None) -> None:
+README_BEGIN = "<!-- peers:begin (written by benchmarks/peers.py --readme) -->"
+README_END = "<!-- peers:end -->"
+HEADLINE_COLUMNS = (0, 1, 2, 4, 6, 7, 8)  # method, family, ratio @P, Δppl, needle, TTFT, decode
+
+
+def headline(md: str, plot: str) -> str:
+    """The README's headline block from the full Markdown: the command, the set-up line, the table cut to
+    ``HEADLINE_COLUMNS``, the Pareto plot."""
+    out = []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = line.strip().strip("|").split("|")
+            line = "|" + "|".join(cells[i] for i in HEADLINE_COLUMNS) + "|"
+        elif line.startswith("stored-bytes ratio =") or line.startswith("peak RSS"):
+            continue
+        out.append(line)
+    body = "\n".join(out).strip()
+    return f"{README_BEGIN}\n{body}\n\n![ratio vs Δppl]({plot})\n{README_END}"
+
+
+def update_readme(readme: Path, md: str, plot: Path) -> None:
+    """Replace the block between the peers markers in ``readme`` (which must already hold them)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"[peers] {readme} has no '{README_BEGIN}' ... '{README_END}' block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    rel = os.path.relpath(plot, readme.resolve().parent).replace(os.sep, "/")
+    readme.write_text(head + headline(md, rel) + tail)
+    print(f"[peers] updated the headline in {readme}", flush=True)
+
+
+def render(out: Path, results_md: Path | None, readme: Path | None = None) -> None:
     result = json.loads((out / "peers.json").read_text())
     md = markdown(result)
     (out / "peers.md").write_text(md)
@@ -180,6 +269,8 @@ def render(out: Path, results_md: Path | None) -> None:
     if results_md is not None:
         results_md.parent.mkdir(parents=True, exist_ok=True)
         results_md.write_text("# Side by side with the peers\n\n" + md + f"\nPareto plot: `{out / 'pareto.png'}`.\n")
+    if readme is not None:
+        update_readme(readme, md, out / "pareto.png")
     print(md)
 
 
@@ -194,13 +285,21 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--needle-dir", default=str(REPO.parent / "shared" / "data" / "paul-graham-essays"))
     p.add_argument("--reinstall", action="store_true", help="redo every install step of the venv")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runner processes in parallel, each measuring every N-th row against its own full "
+                        "reference (give --threads 1 with it on a small machine); their results are merged")
+    p.add_argument("--kvquant-calibration", default=str(REPO / "results" / "kvquant-smollm2.safetensors"),
+                   help="KVQuant calibration file; written first (kvcompress calibrate kvquant, ~80 s) if missing; "
+                        "'' = no kvquant rows")
     p.add_argument("--render-only", action="store_true", help="only re-render peers.json under --out")
+    p.add_argument("--readme", default="", help="also rewrite the headline block of this README ('' = no)")
     args, passthrough = p.parse_known_args(argv)
     out = Path(args.out).resolve()
     results_md = Path(args.results_md) if args.results_md else None
 
+    readme = Path(args.readme) if args.readme else None
     if args.render_only:
-        render(out, results_md)
+        render(out, results_md, readme)
         return 0
 
     status = ensure_venv(args.reinstall)
@@ -212,21 +311,40 @@ def main(argv=None) -> int:
     for name, st in status.items():
         print(f"[peers] {name}: {'installed' if st['ok'] else 'NOT installed (' + st['error'] + ')'}", flush=True)
 
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    calibration = ensure_calibration(Path(args.kvquant_calibration), args.needle_dir) if args.kvquant_calibration else None
+
     command = shlex.join([Path(sys.executable).name, "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])
     runner = [str(venv_python()), str(REPO / "benchmarks" / "peers_runner.py"), "--data", args.data,
-              "--needle-dir", args.needle_dir, "--out", str(out), "--install-status", str(STATUS),
+              "--needle-dir", args.needle_dir, "--install-status", str(STATUS),
               "--command", command]
     if not status.get("kvpress", {}).get("ok"):
         runner.append("--no-kvpress")
     backends = [b for b, step in (("quanto", "optimum-quanto"), ("hqq", "hqq")) if status.get(step, {}).get("ok")]
     if "--quant-backends" not in passthrough:
         runner += ["--quant-backends", *backends]
-    rc = subprocess.run(runner + passthrough, cwd=REPO).returncode
-    if rc != 0:
-        print(f"[peers] the runner failed (exit {rc})", file=sys.stderr)
-        return rc
+    if calibration is not None:
+        runner += ["--kvquant-calibration", str(calibration)]
+    if args.jobs == 1:
+        rc = subprocess.run(runner + ["--out", str(out)] + passthrough, cwd=REPO).returncode
+        if rc != 0:
+            print(f"[peers] the runner failed (exit {rc})", file=sys.stderr)
+            return rc
+    else:
+        shard_dirs = [out / f"shard-{k}" for k in range(args.jobs)]
+        procs = [subprocess.Popen(runner + ["--out", str(d), "--shard", f"{k}/{args.jobs}"] + passthrough, cwd=REPO)
+                 for k, d in enumerate(shard_dirs)]
+        codes = [pr.wait() for pr in procs]
+        if any(codes):
+            print(f"[peers] runner shard(s) failed: exit codes {codes}", file=sys.stderr)
+            return max(codes)
+        merged = merge_shards([json.loads((d / "peers.json").read_text()) for d in shard_dirs])
+        merged["command"] = command
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "peers.json").write_text(json.dumps(merged, indent=1) + "\n")
     return subprocess.run([str(venv_python()), __file__, "--render-only", "--out", str(out),
-                           "--results-md", str(results_md or "")]).returncode
+                           "--results-md", str(results_md or ""), "--readme", str(readme or "")]).returncode
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ OURS_DEFAULT = [
     "snapkv:budget=0.5",
     "snapkv:budget=0.25",
     "snapkv:budget=0.1",
+    "snapkv:budget=0.5,window=64",  # kvpress's SnapKVPress observation window (ours defaults to the paper's 32)
     "streaming:budget=0.5",
     "streaming:budget=0.25",
     "streaming:budget=0.1",
@@ -166,7 +167,7 @@ def _geometry(model) -> dict:
     }
 
 
-def _kvpress_specs(ratios) -> tuple[list[PeerSpec], list[dict]]:
+def _kvpress_specs(ratios, presses) -> tuple[list[PeerSpec], list[dict]]:
     try:
         import kvpress
         from transformers import DynamicCache
@@ -221,7 +222,8 @@ def _kvpress_specs(ratios) -> tuple[list[PeerSpec], list[dict]]:
         return factory
 
     specs, skipped = [], []
-    for short, cls_name in KVPRESS_PRESSES.items():
+    for short in presses:
+        cls_name = KVPRESS_PRESSES[short]
         if not hasattr(kvpress, cls_name):
             skipped.append({"peer": f"kvpress {cls_name}", "reason": f"kvpress {kvpress.__version__} has no {cls_name}"})
             continue
@@ -297,6 +299,17 @@ def _check_spec(spec, model, ids) -> str | None:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", default="smollm2-135m")
@@ -314,7 +327,12 @@ def main(argv=None) -> int:
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--ours", nargs="*", default=OURS_DEFAULT)
+    p.add_argument("--kvquant-calibration", default=None, metavar="PATH",
+                   help="also run kvquant (bits from --kvquant-bits) with this calibration file")
+    p.add_argument("--kvquant-bits", type=int, nargs="+", default=[3, 2])
     p.add_argument("--compression", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--presses", nargs="*", choices=list(KVPRESS_PRESSES), default=list(KVPRESS_PRESSES),
+                   help="kvpress presses to run (default: all four)")
     p.add_argument("--quant-backends", nargs="*", default=["quanto", "hqq"])
     p.add_argument("--quant-bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--quant-group-size", type=int, default=64)
@@ -323,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--install-status", default=None, help="JSON of the venv's install steps (from peers.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="measure only rows K, K+N, K+2N, ... (and the reference); peers.py --jobs merges the shards")
     p.add_argument("--out", required=True)
     p.add_argument("--command", default=None)
     args = p.parse_args(argv)
@@ -350,27 +370,35 @@ def main(argv=None) -> int:
     skipped: list[dict] = [
         {"peer": k, "reason": f"install failed: {v.get('error', '')}"} for k, v in install.items() if not v.get("ok")
     ]
-    for s in args.ours:
+    ours = list(args.ours)
+    if args.kvquant_calibration:
+        ours += [f"kvquant:bits={b},calibration={args.kvquant_calibration}" for b in args.kvquant_bits]
+    for s in ours:
         try:
             rows.append(parse_spec(s))
         except Exception as exc:  # noqa: BLE001
             skipped.append({"peer": f"ours {s}", "reason": str(exc)})
     peer_specs = []
     if not args.no_kvpress:
-        sp, sk = _kvpress_specs(args.compression)
+        sp, sk = _kvpress_specs(args.compression, args.presses)
         peer_specs += sp
         skipped += sk
     if args.quant_backends:
         sp, sk = _quantized_specs(args.quant_backends, args.quant_bits, args.quant_group_size, args.quant_residual)
         peer_specs += sp
         skipped += sk
+    candidates = rows[1:] + peer_specs
+    order = {s.label: i for i, s in enumerate([ref] + candidates)}
+    if args.shard:
+        k, n = args.shard
+        candidates = candidates[k::n]  # round-robin: this process measures every n-th row (+ the reference)
     probe = windows_from_ids(ids, 128, 1, args.seed)[0].view(1, -1)
-    for s in rows[1:] + peer_specs:
+    for s in candidates:
         err = _check_spec(s, model, probe)
         if err:
             skipped.append({"peer": s.label, "reason": err})
     bad = {x["peer"] for x in skipped}
-    rows = [rows[0]] + [s for s in rows[1:] + peer_specs if s.label not in bad]
+    rows = [ref] + [s for s in candidates if s.label not in bad]
     for s in skipped:
         print(f"[peers] skipped {s['peer']}: {s['reason']}", file=sys.stderr, flush=True)
 
@@ -379,7 +407,7 @@ def main(argv=None) -> int:
 
     res = {
         s.label: {"spec": s.label, "method": s.name, "options": s.kwargs, "family": family(s),
-                  "note": getattr(s, "note", ""), "reference": s is ref}
+                  "note": getattr(s, "note", ""), "reference": s is ref, "order": order[s.label]}
         for s in rows
     }
 
@@ -469,6 +497,7 @@ def main(argv=None) -> int:
             "speed": None if args.no_speed else {"context": args.speed_context, "steps": args.speed_steps,
                                                  "repeats": args.speed_repeats},
             "reference": ref.label,
+            "shard": list(args.shard) if args.shard else None,
             "compression": args.compression,
             "quant": {"bits": args.quant_bits, "group_size": args.quant_group_size, "residual": args.quant_residual},
         },
