@@ -197,6 +197,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """Label positions for points at display heights ``ys``: the same order, at least ``gap`` apart, each as
+    close to its point as that allows (a push-up pass, then the block is re-centred on the points)."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = []
+    for i in order:
+        placed.append(max(ys[i], placed[-1] + gap) if placed else ys[i])
+    shift = sum(p - ys[i] for p, i in zip(placed, order)) / len(order)
+    out = [0.0] * len(ys)
+    for p, i in zip(placed, order):
+        out[i] = p - shift
+    return out
+
+
 def pareto(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -205,9 +219,9 @@ def pareto(result: dict, path: Path) -> None:
 
     styles = {"kvcompress": ("tab:blue", "o", "ours (kvcompress)"), "kvpress": ("tab:orange", "s", "kvpress"),
               "transformers": ("tab:green", "^", "transformers QuantizedCache")}
-    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 7), dpi=120)
     ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
-    seen = set()
+    seen, points = set(), []
     for row in result["methods"]:
         if "ppl" not in row or "memory" not in row:
             continue
@@ -215,15 +229,33 @@ def pareto(result: dict, path: Path) -> None:
         color, marker, name = styles.get(row["family"], ("0.3", "x", row["family"]))
         ax.scatter([x], [y], c=color, marker=marker, s=30, zorder=2, label=None if name in seen else name)
         seen.add(name)
-        ax.annotate(_short_spec(row["spec"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        points.append((x, y, re.sub(r",calibration=[^,]*", "", row["spec"]), color))
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlim(right=max(p[0] for p in points) * 1.25)
+    fig.canvas.draw()  # fix the transforms, then place labels in display space
+    to_px, to_data = ax.transData.transform, ax.transData.inverted().transform
+    px = [to_px((x, y)) for x, y, _, _ in points]
+    clusters: list[list[int]] = []  # points within 25 px of each other horizontally share one label column
+    for i in sorted(range(len(points)), key=lambda i: px[i][0]):
+        if clusters and px[i][0] - px[clusters[-1][0]][0] < 25:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for members in clusters:
+        label_y = _spread([px[i][1] for i in members], gap=9.0)
+        x_col = max(px[i][0] for i in members) + 10
+        for i, ly in zip(members, label_y):
+            _, y_text = to_data((x_col, ly))
+            ax.annotate(points[i][2], (points[i][0], points[i][1]), xytext=(to_data((x_col, ly))[0], y_text),
+                        textcoords="data", fontsize=6, va="center", color=points[i][3],
+                        arrowprops={"arrowstyle": "-", "color": "0.75", "lw": 0.5})
     ax.set_xlabel("stored-bytes ratio vs fp16 after prefill (higher = smaller cache)")
     ax.set_ylabel("Δ perplexity vs full cache (%, symlog)")
     cfg = result["config"]
     ax.set_title(f"{result['model']['name']}: ours vs peers, P={cfg['prompt_len']}, C={cfg['cont_len']}, "
-                 f"{cfg['windows']} windows", fontsize=10)
+                 f"{cfg['windows']} windows (lower right is better)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -268,7 +300,8 @@ def render(out: Path, results_md: Path | None, readme: Path | None = None) -> No
     pareto(result, out / "pareto.png")
     if results_md is not None:
         results_md.parent.mkdir(parents=True, exist_ok=True)
-        results_md.write_text("# Side by side with the peers\n\n" + md + f"\nPareto plot: `{out / 'pareto.png'}`.\n")
+        plot = _display_path(str(out / "pareto.png"))
+        results_md.write_text("# Side by side with the peers\n\n" + md + f"\nPareto plot: `{plot}`.\n")
     if readme is not None:
         update_readme(readme, md, out / "pareto.png")
     print(md)
