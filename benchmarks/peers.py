@@ -246,8 +246,7 @@ def pareto(result: dict, path: Path) -> None:
         label_y = _spread([px[i][1] for i in members], gap=9.0)
         x_col = max(px[i][0] for i in members) + 10
         for i, ly in zip(members, label_y):
-            _, y_text = to_data((x_col, ly))
-            ax.annotate(points[i][2], (points[i][0], points[i][1]), xytext=(to_data((x_col, ly))[0], y_text),
+            ax.annotate(points[i][2], (points[i][0], points[i][1]), xytext=tuple(to_data((x_col, ly))),
                         textcoords="data", fontsize=6, va="center", color=points[i][3],
                         arrowprops={"arrowstyle": "-", "color": "0.75", "lw": 0.5})
     ax.set_xlabel("stored-bytes ratio vs fp16 after prefill (higher = smaller cache)")
@@ -332,6 +331,8 @@ def main(argv=None) -> int:
     results_md = Path(args.results_md) if args.results_md else None
 
     readme = Path(args.readme) if args.readme else None
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if args.render_only:
         render(out, results_md, readme)
         return 0
@@ -345,8 +346,6 @@ def main(argv=None) -> int:
     for name, st in status.items():
         print(f"[peers] {name}: {'installed' if st['ok'] else 'NOT installed (' + st['error'] + ')'}", flush=True)
 
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
     calibration = ensure_calibration(Path(args.kvquant_calibration), args.needle_dir) if args.kvquant_calibration else None
 
     command = shlex.join([Path(sys.executable).name, "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])

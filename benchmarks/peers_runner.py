@@ -157,6 +157,16 @@ class PeerSpec:
         return self.factory(model)
 
 
+def _dist_version(dist: str) -> str | None:
+    """The installed distribution's version, or None (kvpress has no ``__version__`` attribute)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def _geometry(model) -> dict:
     cfg = model.config
     heads = cfg.num_attention_heads
@@ -225,7 +235,7 @@ def _kvpress_specs(ratios, presses) -> tuple[list[PeerSpec], list[dict]]:
     for short in presses:
         cls_name = KVPRESS_PRESSES[short]
         if not hasattr(kvpress, cls_name):
-            skipped.append({"peer": f"kvpress {cls_name}", "reason": f"kvpress {kvpress.__version__} has no {cls_name}"})
+            skipped.append({"peer": f"kvpress {cls_name}", "reason": f"kvpress {_dist_version('kvpress')} has no {cls_name}"})
             continue
         for r in ratios:
             label = f"kvpress:{short}@{r:g}"
@@ -475,14 +485,6 @@ def main(argv=None) -> int:
             print(f"[peers] speed {s.label}", file=sys.stderr, flush=True)
         res[ref.label]["speed"] = {"ttft_ratio": 1.0, "decode_ratio": 1.0, "reference": True}
 
-    def _ver(dist):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version(dist)  # the installed distribution's version (kvpress has no __version__ attribute)
-        except PackageNotFoundError:
-            return None
-
     import kvcompress
 
     result = {
@@ -507,7 +509,8 @@ def main(argv=None) -> int:
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "kvcompress": kvcompress.__version__,
-            "kvpress": _ver("kvpress"), "optimum-quanto": _ver("optimum-quanto"), "hqq": _ver("hqq"),
+            "kvpress": _dist_version("kvpress"), "optimum-quanto": _dist_version("optimum-quanto"),
+            "hqq": _dist_version("hqq"),
             "threads": torch.get_num_threads(),
         },
         "peak_rss_bytes": _memory.peak_rss_bytes(),
