@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from kvcompress.compat import cache_kwargs
 from kvcompress import load_model, make_cache
 from kvcompress.data import load_text, token_windows
 
@@ -39,18 +40,18 @@ def main() -> None:
         for _ in range(args.repeats):
             with make_cache("fastgen", model, recovery=args.recovery, tokenizer=tok) as cache:
                 t0, w0 = time.process_time(), time.perf_counter()
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
                 fg_prefill.append(time.process_time() - t0)
                 fg_wall.append(time.perf_counter() - w0)
                 prof.append(sum(getattr(layer, "profile_seconds", 0.0) for layer in cache.layers))
             with make_cache("full", model) as cache:
                 t0 = time.process_time()
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
                 full_prefill.append(time.process_time() - t0)
             with make_cache("full", model) as cache:
                 t0 = time.process_time()
                 model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=args.new,
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=args.new,
                     min_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id,
                 )
                 gen.append(time.process_time() - t0)

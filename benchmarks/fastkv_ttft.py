@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from kvcompress.compat import cache_kwargs
 from kvcompress import load_model, make_cache
 from kvcompress.data import load_text, token_windows
 
@@ -28,7 +29,7 @@ def prefill(model, ids, method, **options):
     """Seconds for one prefill through a fresh cache, and the last prompt token's log-probabilities."""
     with make_cache(method, model, **options) as cache:
         t0, c0 = time.perf_counter(), time.process_time()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
         seconds = (time.perf_counter() - t0, time.process_time() - c0)
         fraction = cache.method.prefill_fraction(ids.shape[1]) if method == "fastkv" else 1.0
         layer = getattr(cache.method, "tsp_layer", None)

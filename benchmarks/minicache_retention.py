@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text, windows_from_ids
 
 WIKI = "../shared/data/wikitext-2-raw/wiki.test.raw"
@@ -39,10 +40,10 @@ def main_retention(args) -> None:
     for w in windows:
         ids = w.view(1, -1)
         with make_cache("minicache", model, **opts) as cache:
-            model(input_ids=ids[:, : args.prompt_len], past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ids[:, : args.prompt_len], **cache_kwargs(model, cache), logits_to_keep=1)
             after_prefill = retained_fractions(cache)
             for t in range(args.prompt_len, ids.shape[1] - 1):
-                model(input_ids=ids[:, t : t + 1], past_key_values=cache)
+                model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache))
             after_decode = retained_fractions(cache)
         kv = capture_kv(model, ids[:, : args.prompt_len])
         for a, b in after_prefill:

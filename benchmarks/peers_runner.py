@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from kvcompress.cache import LayerMemory, MemoryReport
+from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text, make_needle_tasks, text_sha256, windows_from_ids
 from kvcompress.evaluate import NEEDLE_MODES, pool_windows
 from kvcompress.evaluate import memory as _memory
@@ -298,9 +299,9 @@ def _check_spec(spec, model, ids) -> str | None:
     try:
         with torch.inference_mode(), spec.make(model) as cache:
             x = ids[:, :96]
-            model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=x, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             for t in range(96, 98):
-                model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
             rep = cache.memory_report()
             if not rep.stored_bytes:
                 return "holds no bytes after prefill"

@@ -16,10 +16,11 @@ from kvcompress.attention import grouped_probs
 from kvcompress.cache import CompressedCache, FullLayer, Method
 from kvcompress.observe import Observer
 from kvcompress.rope import apply_rope, unapply_rope
+from kvcompress.compat import cache_kwargs
 
 
 def _greedy(model, ids, cache=None, n=12, attention_mask=None):
-    kw = {} if cache is None else {"past_key_values": cache}
+    kw = {} if cache is None else cache_kwargs(None, cache)
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask
     return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
@@ -40,11 +41,11 @@ def test_full_logits_match_dynamic_cache_exactly(tiny_model):
     ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(2))
     dyn, ours = DynamicCache(config=tiny_model.config), make_cache("full", tiny_model, dtype="model")
     with torch.no_grad():
-        a = tiny_model(ids, past_key_values=dyn).logits
-        b = tiny_model(ids, past_key_values=ours).logits
+        a = tiny_model(ids, **cache_kwargs(None, dyn)).logits
+        b = tiny_model(ids, **cache_kwargs(None, ours)).logits
         nxt = torch.tensor([[5]])
-        a2 = tiny_model(nxt, past_key_values=dyn).logits
-        b2 = tiny_model(nxt, past_key_values=ours).logits
+        a2 = tiny_model(nxt, **cache_kwargs(None, dyn)).logits
+        b2 = tiny_model(nxt, **cache_kwargs(None, ours)).logits
     assert torch.equal(a, b) and torch.equal(a2, b2)
     assert ours.get_seq_length() == 31
 
@@ -56,7 +57,7 @@ def test_full_nbytes_is_sum_of_held_tensors_and_reference_formula(tiny_model):
     for dtype, elem in [("float16", 2), ("model", 4)]:
         cache = make_cache("full", tiny_model, dtype=dtype)
         with torch.no_grad():
-            tiny_model(ids, past_key_values=cache)
+            tiny_model(ids, **cache_kwargs(None, cache))
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.held_tensors())
         assert cache.nbytes() == held
         per_layer = batch * tokens * g.num_kv_heads * g.head_dim * 2
@@ -74,7 +75,7 @@ def test_sliding_layers_reference_is_the_window(tiny_gemma):
     assert g.sliding_window == 16 and "sliding_attention" in g.layer_types
     cache = make_cache("full", tiny_gemma)
     with torch.no_grad():
-        tiny_gemma(torch.randint(1, 128, (1, 40)), past_key_values=cache)
+        tiny_gemma(torch.randint(1, 128, (1, 40)), **cache_kwargs(None, cache))
     for i, layer in enumerate(cache.layers):
         expect = 15 if g.is_sliding(i) else 40
         assert layer.represented_tokens() == expect
@@ -123,7 +124,7 @@ def test_observer_queries_match_the_models_attention(tiny_model):
         ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))
         with CompressedCache(model, _ObservingMethod(model, _ObservingMethod.Config())) as cache:
             with torch.no_grad():
-                out = model(ids, past_key_values=cache, output_attentions=True)
+                out = model(ids, **cache_kwargs(None, cache), output_attentions=True)
             method = cache.method
             for layer_idx, att in enumerate(out.attentions):  # (b, heads, q, k)
                 q = method.seen_queries[layer_idx][0]
@@ -143,9 +144,9 @@ def test_hooks_removed_on_close_and_two_caches_do_not_interfere(tiny_model):
     b = CompressedCache(tiny_model, _ObservingMethod(tiny_model, _ObservingMethod.Config()))
     assert _n_hooks(tiny_model) > before
     with torch.no_grad():
-        tiny_model(ids_a, past_key_values=a)
-        tiny_model(ids_b, past_key_values=b)
-        tiny_model(torch.tensor([[3]]), past_key_values=a)
+        tiny_model(ids_a, **cache_kwargs(None, a))
+        tiny_model(ids_b, **cache_kwargs(None, b))
+        tiny_model(torch.tensor([[3]]), **cache_kwargs(None, a))
     qa, qb = a.method.seen_queries[0], b.method.seen_queries[0]
     assert [q.shape[2] for q in qa] == [10, 1]  # prefill then one decode step, never b's 7 tokens
     assert [q.shape[2] for q in qb] == [7]
@@ -155,7 +156,7 @@ def test_hooks_removed_on_close_and_two_caches_do_not_interfere(tiny_model):
         pass
     assert _n_hooks(tiny_model) == before
     with pytest.raises(KVCompressError, match="closed"):
-        tiny_model(torch.tensor([[3]]), past_key_values=a)
+        tiny_model(torch.tensor([[3]]), **cache_kwargs(None, a))
 
 
 def test_unapply_rope_is_exact_inverse():
@@ -200,7 +201,7 @@ def test_missing_model_package(monkeypatch, tmp_path):
 def test_beam_search_is_refused_clearly(tiny_model):
     with pytest.raises(KVCompressError, match="beam search"):
         tiny_model.generate(
-            torch.randint(1, 128, (1, 8)), past_key_values=make_cache("full", tiny_model), num_beams=2, max_new_tokens=3
+            torch.randint(1, 128, (1, 8)), **cache_kwargs(None, make_cache("full", tiny_model)), num_beams=2, max_new_tokens=3
         )
 
 
@@ -224,7 +225,7 @@ def test_full_matches_dynamic_cache_on_smollm2(smollm2):
     ref = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     for dtype in ("model", "float16"):
         with make_cache("full", model, dtype=dtype) as cache:
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
+            out = model.generate(**inputs, **cache_kwargs(None, cache), max_new_tokens=24, do_sample=False)
         assert torch.equal(out, ref), dtype
     assert cache.get_seq_length() == out.shape[1] - 1
 

@@ -13,6 +13,7 @@ from kvcompress.cache import ModelGeometry
 from kvcompress.eviction import EvictionLayer, pool_scores, received_attention, topk_keep, window_scores
 from kvcompress.registry import list_methods
 from kvcompress.storage import FP16Store
+from kvcompress.compat import cache_kwargs
 
 D = 8
 
@@ -251,9 +252,9 @@ def test_h2o_scores_follow_tokens_through_evictions():
 def teacher_forced_logits(model, cache, ids, prompt_len, chunk=1):
     """Prefill ``prompt_len`` tokens, then feed the rest ``chunk`` tokens at a time; logits of every fed step."""
     with torch.no_grad():
-        out = [model(ids[:, :prompt_len], past_key_values=cache, use_cache=True).logits[:, -1:]]
+        out = [model(ids[:, :prompt_len], **cache_kwargs(None, cache), use_cache=True).logits[:, -1:]]
         for s in range(prompt_len, ids.shape[1] - 1, chunk):
-            out.append(model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], past_key_values=cache).logits)
+            out.append(model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], **cache_kwargs(None, cache)).logits)
     return torch.cat(out, dim=1)
 
 
@@ -296,10 +297,10 @@ def test_batch_rows_select_independently(tiny_model):
     for name in ("snapkv", "h2o"):
         opts = list_methods()[name].test_options
         with make_cache(name, tiny_model, **opts) as both, torch.no_grad():
-            tiny_model(ids, past_key_values=both)
+            tiny_model(ids, **cache_kwargs(None, both))
         for row in (0, 1):
             with make_cache(name, tiny_model, **opts) as one, torch.no_grad():
-                tiny_model(ids[row : row + 1], past_key_values=one)
+                tiny_model(ids[row : row + 1], **cache_kwargs(None, one))
             for lb, lo in zip(both.layers, one.layers):
                 torch.testing.assert_close(lb.stored_kv()[0][row], lo.stored_kv()[0][0], rtol=1e-3, atol=1e-3)
 
@@ -309,7 +310,7 @@ def test_generate_tiny_llama_and_gemma_batch2(tiny_model, tiny_gemma, name):
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(7))
     for model in (tiny_model, tiny_gemma):
         with make_cache(name, model, **list_methods()[name].test_options) as cache:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache),
                                  max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out.shape == (2, 54)
         report = cache.memory_report()
@@ -398,6 +399,6 @@ def test_smollm2_generate(smollm2, prose):
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
         assert agree > 0.5, (name, agree)
     with make_cache("snapkv", model, budget=0.5) as cache:
-        out = model.generate(ids[:, :128], attention_mask=torch.ones_like(ids[:, :128]), past_key_values=cache,
+        out = model.generate(ids[:, :128], attention_mask=torch.ones_like(ids[:, :128]), **cache_kwargs(None, cache),
                              max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 132)

@@ -29,6 +29,7 @@ from kvcompress.methods.fastgen_policies import (
     recoveries,
 )
 from kvcompress.methods.fastgen_ragged import ragged_attention
+from kvcompress.compat import cache_kwargs
 
 IDS = {"special_ids": (0,), "punct_ids": (1, 2, 3)}
 
@@ -173,9 +174,9 @@ def test_ragged_attention_equals_a_per_head_loop(inner, needs_probs, q):
 def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
     ids = _prompt(1, 96)
     with make_cache("full", tiny_model) as full, torch.no_grad():
-        tiny_model(ids, past_key_values=full)
+        tiny_model(ids, **cache_kwargs(None, full))
     with make_cache("fastgen", tiny_model, policy="local", local=0.25) as cache, torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_kwargs(None, cache))
         layers = _fastgen_layers(cache)
         kv, d = 2, 16
         per_token = 2 * d * 2 + 4 + 1  # K and V fp16, int32 position, bool protected flag
@@ -186,7 +187,7 @@ def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
             assert torch.equal(layer.k.view(kv, w, d), ref.k[0, :, -w:])  # the last w tokens, as stored by full
             assert layer.pos.tolist() == list(range(96 - w, 96)) * kv
         for t in range(4):
-            tiny_model(torch.tensor([[7 + t]]), past_key_values=cache)
+            tiny_model(torch.tensor([[7 + t]]), **cache_kwargs(None, cache))
         w = math.ceil(0.25 * 100)
         assert cache.nbytes() == len(layers) * kv * w * per_token < cache.reference_nbytes()
         assert all(layer.pos.tolist() == list(range(100 - w, 100)) * kv for layer in layers)
@@ -195,10 +196,10 @@ def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
 def test_frequent_budget_follows_the_length(tiny_model):
     ids = _prompt(1, 64, seed=2)
     with make_cache("fastgen", tiny_model, policy="frequent", frequent=0.25) as cache, torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_kwargs(None, cache))
         assert all(layer.lengths == [16, 16] and layer.pos is None and layer.score.shape == (32,) for layer in cache.layers)
         for t in range(5):
-            tiny_model(torch.tensor([[9 + t]]), past_key_values=cache)
+            tiny_model(torch.tensor([[9 + t]]), **cache_kwargs(None, cache))
             k = math.ceil(0.25 * (65 + t))
             assert all(layer.lengths == [k, k] and layer.k.shape[0] == 2 * k for layer in cache.layers)
 
@@ -213,11 +214,11 @@ def test_prompt_frequent_set_matches_received_attention(tiny_model):
     with make_cache("full", tiny_model) as full:
         obs = Observer(tiny_model, full)
         with torch.no_grad():
-            tiny_model(ids, past_key_values=full)
+            tiny_model(ids, **cache_kwargs(None, full))
             captured = {i: obs.query_states(i) for i in range(4)}
         obs.remove()
     with make_cache("fastgen", tiny_model, policy="frequent", frequent=0.25) as cache, torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_kwargs(None, cache))
         for i, (layer, ref) in enumerate(zip(cache.layers, full.layers)):
             scores = received_attention(captured[i], ref.k.float(), 16**-0.5)[0]  # (kv, 48)
             for h in range(2):
@@ -231,16 +232,16 @@ def test_multi_token_steps_attend_to_exactly_the_kept_tokens(tiny_model):
     mask that hides the evicted tokens (local-only keeps the same positions in every layer and head)."""
     ids, chunk, step = _prompt(1, 40, seed=6), torch.tensor([[5, 6, 7]]), torch.tensor([[8]])
     with make_cache("fastgen", tiny_model, policy="local", local=0.25) as cache, torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
-        got = [tiny_model(chunk, past_key_values=cache).logits, tiny_model(step, past_key_values=cache).logits]
+        tiny_model(ids, **cache_kwargs(None, cache))
+        got = [tiny_model(chunk, **cache_kwargs(None, cache)).logits, tiny_model(step, **cache_kwargs(None, cache)).logits]
         assert cache.layers[0].pos.tolist() == list(range(44 - 11, 44)) * 2  # window ceil(0.25 * 44) = 11
     with make_cache("full", tiny_model) as full, torch.no_grad():
-        tiny_model(ids, past_key_values=full)
+        tiny_model(ids, **cache_kwargs(None, full))
         keys = torch.arange(43)
         mask = (keys[None] >= 30) & (keys[None] <= torch.arange(40, 43)[:, None])  # kept: the last ceil(0.25 * 40) = 10
-        want = [tiny_model(chunk, past_key_values=full, attention_mask=mask[None, None]).logits]
+        want = [tiny_model(chunk, **cache_kwargs(None, full), attention_mask=mask[None, None]).logits]
         mask = (torch.arange(44) >= 32)[None]  # kept after the chunk: the last ceil(0.25 * 43) = 11, then the new one
-        want.append(tiny_model(step, past_key_values=full, attention_mask=mask[None, None]).logits)
+        want.append(tiny_model(step, **cache_kwargs(None, full), attention_mask=mask[None, None]).logits)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
@@ -252,8 +253,8 @@ def test_recovery_one_reproduces_the_full_cache_exactly(request, which):
 
     def run(method, **opts):
         with make_cache(method, model, **opts) as cache, torch.no_grad():
-            out = [model(ids, past_key_values=cache).logits[:, -1]]
-            out += [model(torch.tensor([[11 + t]]), past_key_values=cache).logits[:, -1] for t in range(4)]
+            out = [model(ids, **cache_kwargs(None, cache)).logits[:, -1]]
+            out += [model(torch.tensor([[11 + t]]), **cache_kwargs(None, cache)).logits[:, -1] for t in range(4)]
             return torch.stack(out), cache.nbytes(), cache.reference_nbytes()
 
     got, nbytes, ref = run("fastgen", recovery=1.0)
@@ -267,7 +268,7 @@ def test_generate_compresses(request, which):
     model = request.getfixturevalue(which)
     ids = _prompt(1, 80)
     with make_cache("fastgen", model, recovery=0.6, **IDS) as cache:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out.shape == (1, 86)
         layers = _fastgen_layers(cache)
         assert layers and all(layer.recoveries is not None for layer in layers)
@@ -287,7 +288,7 @@ def test_batch_two_with_left_padding_equals_rows_alone(tiny_model):
     def gen(ids, attention_mask):
         with make_cache("fastgen", tiny_model, recovery=0.7, **IDS) as cache:
             out = tiny_model.generate(
-                ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                ids, attention_mask=attention_mask, **cache_kwargs(None, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                 pad_token_id=0, output_scores=True, return_dict_in_generate=True,
             )
             return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, 1), cache
@@ -306,11 +307,11 @@ def test_batch_two_with_left_padding_equals_rows_alone(tiny_model):
 def test_two_caches_on_one_model_do_not_interfere(tiny_model):
     ids = _prompt(1, 32)
     with make_cache("fastgen", tiny_model, policy="local") as a, make_cache("full", tiny_model) as b, torch.no_grad():
-        tiny_model(ids, past_key_values=a)
+        tiny_model(ids, **cache_kwargs(None, a))
         assert tiny_model.config._attn_implementation == "sdpa"  # switched only inside a's forward
-        tiny_model(ids, past_key_values=b)
+        tiny_model(ids, **cache_kwargs(None, b))
         assert b.layers[0].k.shape[-2] == 32
-        tiny_model(torch.tensor([[5]]), past_key_values=a)
+        tiny_model(torch.tensor([[5]]), **cache_kwargs(None, a))
         assert a.layers[0].lengths == [math.ceil(0.3 * 33)] * 2
 
 
@@ -372,7 +373,7 @@ def test_inputs_embeds_is_refused(tiny_model):
     ids = _prompt(1, 16)
     with make_cache("fastgen", tiny_model, policy="local") as cache, torch.no_grad():
         with pytest.raises(KVCompressError, match="input_ids"):
-            tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids), past_key_values=cache)
+            tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids), **cache_kwargs(None, cache))
     assert tiny_model.config._attn_implementation == "sdpa"
 
 
@@ -392,7 +393,7 @@ def test_smollm2_chat_prompt_keeps_special_tokens(smollm2):
     inputs = tok(text, return_tensors="pt")
     with make_cache("fastgen", model, recovery=0.9) as cache:  # tokenizer found from the model's name
         assert int(tok.convert_tokens_to_ids(".")) in cache.method.tokens[1].tolist()
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(None, cache), max_new_tokens=8, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 8
         assert cache.nbytes() < cache.reference_nbytes()
         layers = _fastgen_layers(cache)

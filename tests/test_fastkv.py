@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from kvcompress import KVCompressError, make_cache
 from kvcompress.methods.fastkv import gather_tokens, slice_mask, tsp_select
 from kvcompress.observe import decoder_layers
+from kvcompress.compat import cache_kwargs
 
 
 def _ids(b, n, seed=0):
@@ -25,7 +26,7 @@ def _reference_after_tsp(model, ids, index, tsp, attention_mask=None):
     inner, cfg = model.model, model.config
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     with make_cache("full", model) as cache, torch.no_grad():
-        out = model(ids, attention_mask=attention_mask, past_key_values=cache, output_hidden_states=True)
+        out = model(ids, attention_mask=attention_mask, **cache_kwargs(None, cache), output_hidden_states=True)
         hidden = gather_tokens(out.hidden_states[tsp + 1], index, 1)  # output of decoder layer tsp
         b, n = ids.shape
         pos = gather_tokens(torch.arange(n).expand(b, n), index, 1)  # (b, s) original positions
@@ -40,7 +41,7 @@ def _reference_after_tsp(model, ids, index, tsp, attention_mask=None):
             per_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters  # Gemma-3
             rope = inner.rotary_emb(hidden, pos, types[i]) if per_type else inner.rotary_emb(hidden, pos)
             hidden = layer(hidden, attention_mask=allowed[types[i]], position_embeddings=rope, position_ids=pos,
-                           past_key_values=later)
+                           **cache_kwargs(None, later))
         return model.lm_head(inner.norm(hidden))
 
 
@@ -52,7 +53,7 @@ def test_tsp_matches_later_layers_run_by_hand(tiny_model, padded):
         mask = torch.ones_like(ids)
         mask[1, :10] = 0  # left padding on row 1: the mask is a tensor and must be sliced
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.4, budget=0.2) as cache, torch.no_grad():
-        logits = tiny_model(ids, attention_mask=mask, past_key_values=cache).logits
+        logits = tiny_model(ids, attention_mask=mask, **cache_kwargs(None, cache)).logits
         index = cache.method.tsp_index
     s = 39  # ceil(0.4 * 96)
     assert index.shape == (2, s) and logits.shape[:2] == (2, s)
@@ -71,7 +72,7 @@ def test_later_layers_really_run_on_fewer_tokens(tiny_model):
     ]
     try:
         with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.25, budget=0.1) as cache, torch.no_grad():
-            tiny_model(_ids(1, 80), past_key_values=cache)
+            tiny_model(_ids(1, 80), **cache_kwargs(None, cache))
             frac = cache.method.prefill_fraction(80)
     finally:
         for h in hooks:
@@ -93,18 +94,18 @@ def test_noop_settings_reproduce_full_cache_exactly(tiny_model):
     ids = _ids(2, 70, seed=3)
     with torch.no_grad():
         with make_cache("full", tiny_model) as full:
-            a = tiny_model(ids, past_key_values=full).logits
-            a2 = tiny_model(ids[:, :1], past_key_values=full).logits
+            a = tiny_model(ids, **cache_kwargs(None, full)).logits
+            a2 = tiny_model(ids[:, :1], **cache_kwargs(None, full)).logits
         with make_cache("fastkv", tiny_model, tsp_rate=1.0, budget=1.0) as ours:
-            b = tiny_model(ids, past_key_values=ours).logits
-            b2 = tiny_model(ids[:, :1], past_key_values=ours).logits
+            b = tiny_model(ids, **cache_kwargs(None, ours)).logits
+            b2 = tiny_model(ids[:, :1], **cache_kwargs(None, ours)).logits
     assert torch.equal(a, b) and torch.equal(a2, b2)
 
 
 def test_kept_bytes_are_held_tensors_and_budget(tiny_model):
     batch, n = 2, 90
     with make_cache("fastkv", tiny_model, tsp_layer=2, tsp_rate=0.5, budget=0.2) as cache, torch.no_grad():
-        tiny_model(_ids(batch, n), past_key_values=cache)
+        tiny_model(_ids(batch, n), **cache_kwargs(None, cache))
         kept = 18  # ceil(0.2 * 90) per layer and KV head, also after tsp_layer
         for layer in cache.layers:
             held = sum(t.numel() * t.element_size() for t in layer.held_tensors() if t is not None)
@@ -113,11 +114,11 @@ def test_kept_bytes_are_held_tensors_and_budget(tiny_model):
         assert cache.reference_nbytes() / cache.nbytes() == pytest.approx(n / kept)
     # a KV budget above the TSP rate is clamped to the TSP set (all layers keep the same count)
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.2, budget=0.5) as cache, torch.no_grad():
-        tiny_model(_ids(1, 50), past_key_values=cache)
+        tiny_model(_ids(1, 50), **cache_kwargs(None, cache))
         assert {layer.kept_length() for layer in cache.layers} == {10}
     # a token budget
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5, budget=12) as cache, torch.no_grad():
-        tiny_model(_ids(1, 50), past_key_values=cache)
+        tiny_model(_ids(1, 50), **cache_kwargs(None, cache))
         assert {layer.kept_length() for layer in cache.layers} == {12}
 
 
@@ -126,14 +127,14 @@ def test_decode_appends_at_the_right_positions(tiny_model):
     the logical position N given explicitly: decode uses position N and evicts nothing."""
     ids, n = _ids(1, 64, seed=5), 64
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5, budget=0.25) as cache, torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_kwargs(None, cache))
         dyn = DynamicCache(config=tiny_model.config)
         for i, layer in enumerate(cache.layers):
             k, v = layer.stored_kv(torch.float32)
             dyn.update(k, v, i)
         nxt = torch.tensor([[7]])
-        ours = tiny_model(nxt, past_key_values=cache).logits
-        ref = tiny_model(nxt, past_key_values=dyn, position_ids=torch.tensor([[n]])).logits
+        ours = tiny_model(nxt, **cache_kwargs(None, cache)).logits
+        ref = tiny_model(nxt, **cache_kwargs(None, dyn), position_ids=torch.tensor([[n]])).logits
         assert [layer.kept_length() for layer in cache.layers] == [17] * 4
         assert cache.get_seq_length() == n + 1
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)  # ours stores the new token in fp16
@@ -142,7 +143,7 @@ def test_decode_appends_at_the_right_positions(tiny_model):
 def test_generate_batch_two(tiny_model):
     ids = _ids(2, 100, seed=7)
     with make_cache("fastkv", tiny_model, tsp_rate=0.3, budget=0.1) as cache, torch.no_grad():
-        out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache),
                                   max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out.shape == (2, 106)
         assert {layer.kept_length() for layer in cache.layers} == {10 + 5}
@@ -166,12 +167,12 @@ def test_gemma3_layout():
     ids = _ids(1, 80, seed=2)
     with torch.no_grad():
         with make_cache("full", model) as full:
-            a = model(ids, past_key_values=full).logits
+            a = model(ids, **cache_kwargs(None, full)).logits
         with make_cache("fastkv", model, tsp_rate=1.0, budget=1.0) as ours:
-            b = model(ids, past_key_values=ours).logits
+            b = model(ids, **cache_kwargs(None, ours)).logits
         assert torch.equal(a, b)
         with make_cache("fastkv", model, tsp_layer=3, tsp_rate=0.2, budget=0.1) as cache:
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            out = model.generate(ids, **cache_kwargs(None, cache), max_new_tokens=4, do_sample=False, pad_token_id=0)
             index = cache.method.tsp_index
             assert out.shape == (1, 84)
             # the TSP set holds the sliding layers' window (last 15 tokens) + top tokens up to 0.2 * 80
@@ -181,7 +182,7 @@ def test_gemma3_layout():
                 assert layer.kept_length() == (15 if i not in (3, 7) else 8 + 3)
     # later layers (sliding and full, each with its own RoPE and mask) equal a run by hand on the TSP set
     with make_cache("fastkv", model, tsp_layer=3, tsp_rate=0.3, budget=0.2) as cache, torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(None, cache)).logits
         index = cache.method.tsp_index
     assert index.shape == (1, 24)
     torch.testing.assert_close(logits, _reference_after_tsp(model, ids, index, 3), atol=1e-4, rtol=1e-4)
@@ -234,9 +235,9 @@ def test_hooks_are_removed_and_a_second_cache_is_independent(tiny_model):
         assert hooks() != before
         first.close()
         with make_cache("full", tiny_model) as full:
-            assert tiny_model(ids, past_key_values=full).logits.shape[1] == 60  # no reduction leaks
+            assert tiny_model(ids, **cache_kwargs(None, full)).logits.shape[1] == 60  # no reduction leaks
         with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5) as second:
-            assert tiny_model(ids, past_key_values=second).logits.shape[1] == 30
+            assert tiny_model(ids, **cache_kwargs(None, second)).logits.shape[1] == 30
         assert hooks() == before
 
 
@@ -246,12 +247,12 @@ def test_smollm2_fastkv_keeps_the_next_token(smollm2, prose):
     ids = tok(prose[:2000], return_tensors="pt").input_ids[:, :250]
     with torch.no_grad():
         with make_cache("full", model) as full:
-            ref = model(ids, past_key_values=full).logits[:, -1]
+            ref = model(ids, **cache_kwargs(None, full)).logits[:, -1]
         with make_cache("fastkv", model, tsp_rate=0.2, budget=0.2) as cache:
-            out = model(ids, past_key_values=cache).logits
+            out = model(ids, **cache_kwargs(None, cache)).logits
             assert cache.method.tsp_layer == 14 and out.shape[1] == 50
             assert {layer.kept_length() for layer in cache.layers} == {50}
-            nxt = model(out[:, -1:].argmax(-1), past_key_values=cache).logits
+            nxt = model(out[:, -1:].argmax(-1), **cache_kwargs(None, cache)).logits
     kl = torch.nn.functional.kl_div(out[:, -1].log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum")
     assert kl < 0.5 and out[:, -1].argmax() == ref.argmax()
     assert torch.isfinite(nxt).all()

@@ -11,6 +11,7 @@ import kvcompress
 from kvcompress import KVCompressError, ModelGeometry, make_cache
 from kvcompress.methods.kivi import KiviStore, value_group_size
 from kvcompress.storage import make_store
+from kvcompress.compat import cache_kwargs
 
 TINY = dict(b=1, h=2, d=16, layers=4)  # tiny llama: 2 kv heads, head_dim 16, 4 full-attention layers
 
@@ -38,9 +39,9 @@ def fp16_randn(*shape, seed=0):
 @torch.no_grad()
 def forced_logits(model, ids, cache, prompt_len):
     """Prefill ``ids[:, :prompt_len]`` then teacher-force the rest one token at a time; logits of every step."""
-    out = [model(ids[:, :prompt_len], past_key_values=cache).logits[:, -1]]
+    out = [model(ids[:, :prompt_len], **cache_kwargs(None, cache)).logits[:, -1]]
     for t in range(prompt_len, ids.shape[1]):
-        out.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+        out.append(model(ids[:, t : t + 1], **cache_kwargs(None, cache)).logits[:, -1])
     return torch.stack(out, 1)
 
 
@@ -61,10 +62,10 @@ def test_bytes_match_hand_formula(tiny_model, prompt_len, opts, kb, vb, Gv):
     ids = torch.randint(0, 128, (1, prompt_len + 16), generator=torch.Generator().manual_seed(prompt_len))
     cache = make_cache("kivi", tiny_model, **opts)
     kw = dict(kb=kb, vb=vb, G=opts["group_size"], Gv=Gv, R=opts["residual"])
-    tiny_model(ids[:, :prompt_len], past_key_values=cache)
+    tiny_model(ids[:, :prompt_len], **cache_kwargs(None, cache))
     assert cache.nbytes() == TINY["layers"] * hand_bytes(prompt_len, **kw)
     for t in range(prompt_len, ids.shape[1]):  # 16 decode steps: cross at least one key-block flush
-        tiny_model(ids[:, t : t + 1], past_key_values=cache)
+        tiny_model(ids[:, t : t + 1], **cache_kwargs(None, cache))
         assert cache.nbytes() == TINY["layers"] * hand_bytes(t + 1, **kw)
     assert cache.get_seq_length() == ids.shape[1]
     assert cache.nbytes() < cache.reference_nbytes()
@@ -160,7 +161,7 @@ def test_generate_tiny_models_batch2(tiny_model, tiny_gemma):
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
     for model in (tiny_model, tiny_gemma):
         cache = make_cache("kivi", model, bits=2, group_size=8, residual=16)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache), max_new_tokens=8,
                              do_sample=False, pad_token_id=0)
         assert out.shape == (2, 48)
         assert cache.get_seq_length() == 47
@@ -220,7 +221,7 @@ STORY = ("The village sat at the edge of a wide valley, where the river bent twi
 def test_smollm2_kivi4_generation(smollm2):
     model, tok = smollm2
     ids = tok(STORY, return_tensors="pt").input_ids  # ~100 tokens
-    ref = model.generate(ids, past_key_values=make_cache("full", model), max_new_tokens=20, do_sample=False,
+    ref = model.generate(ids, **cache_kwargs(None, make_cache("full", model)), max_new_tokens=20, do_sample=False,
                          attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True)
     full_top1 = torch.stack(ref.logits, 1).argmax(-1)  # (1, 20)
     # KIVI-4 with a 32-token residual (most prompt keys quantized), fed the full cache's continuation

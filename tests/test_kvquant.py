@@ -13,6 +13,7 @@ from conftest import make_tiny_llama
 from kvcompress import KVCompressError, make_cache
 from kvcompress.calibration.kvquant import calibrate, fit_levels, load_calibration
 from kvcompress.rope import apply_rope, unapply_rope
+from kvcompress.compat import cache_kwargs
 
 
 
@@ -42,7 +43,7 @@ def _prompt(n=60, batch=1, seed=1):
 def _prefill(model, ids, method="kvquant", forward=None, **opts):
     cache = make_cache(method, model, **opts)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, **(forward or {}))
+        model(input_ids=ids, **cache_kwargs(None, cache), **(forward or {}))
     return cache
 
 
@@ -246,11 +247,11 @@ def test_outliers_are_sparse_rows_with_exact_values(tiny_model):
 def _teacher_forced_logits(model, ids, P, method, attention_mask=None, **opts):
     with make_cache(method, model, **opts) as cache, torch.no_grad():
         model(input_ids=ids[:, :P], attention_mask=None if attention_mask is None else attention_mask[:, :P],
-              past_key_values=cache)
+              **cache_kwargs(None, cache))
         out = []
         for t in range(P, ids.shape[1]):
             am = None if attention_mask is None else attention_mask[:, : t + 1]
-            out.append(model(input_ids=ids[:, t : t + 1], attention_mask=am, past_key_values=cache).logits[:, -1])
+            out.append(model(input_ids=ids[:, t : t + 1], attention_mask=am, **cache_kwargs(None, cache)).logits[:, -1])
         return torch.stack(out, 1), cache.memory_report()
 
 
@@ -275,7 +276,7 @@ def test_generate_batch2_left_padded_llama_and_gemma(tiny_model, tiny_gemma):
     mask[1, :7] = 0
     for model in (tiny_model, tiny_gemma):
         with make_cache("kvquant", model, nuq=False, bits=3) as cache, torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(None, cache), max_new_tokens=12,
                                  do_sample=False, pad_token_id=0)
             assert out.shape == (2, 52)
             assert cache.nbytes() < cache.reference_nbytes()
@@ -302,7 +303,7 @@ def test_short_prompt_waits_for_prompt_key_ranges(tiny_model):
     with _prefill(tiny_model, ids[:, :3], nuq=False, sink=1) as cache, torch.no_grad():
         layer = cache.layers[0]
         for t in range(3, 30):
-            tiny_model(input_ids=ids[:, t : t + 1], past_key_values=cache)
+            tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, cache))
             if t == 12:
                 assert layer.pend_k.shape[2] == 12 and len(layer.k) == 0 and len(layer.v) == 12
         assert layer.pend_k is None and len(layer.k) == len(layer.v) == 29 == layer.kept_length() - 1
@@ -315,7 +316,7 @@ def test_smollm2_generate_4bit(smollm2, prose):
     outs = {}
     for method, opts in (("full", {}), ("kvquant", {"nuq": False, "bits": 4, "outliers": 0.01})):
         with make_cache(method, model, **opts) as cache, torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache),
                                  max_new_tokens=8, do_sample=False)
             outs[method] = out[0, ids.shape[1] :]
             if method == "kvquant":

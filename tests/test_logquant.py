@@ -12,6 +12,7 @@ import kvcompress.methods.logquant as lq
 from kvcompress import KVCompressError, make_cache
 from kvcompress.cache import ModelGeometry
 from kvcompress.methods.logquant import LogQuantConfig, LogQuantLayer, log_schedule
+from kvcompress.compat import cache_kwargs
 
 
 def _geometry(kv_heads=2, head_dim=16):
@@ -145,7 +146,7 @@ def test_model_logits_equal_in_order_computation(tiny_model):
                 cache.layers[i] = _InOrderLayer(layer.geometry, i, cache.method.config)
                 cache.layers[i].calls = []
         with torch.no_grad():
-            return [tiny_model(x, past_key_values=cache).logits for x in feeds], cache
+            return [tiny_model(x, **cache_kwargs(None, cache)).logits for x in feeds], cache
 
     ours, cache = run(False)
     ref, _ = run(True)
@@ -218,7 +219,7 @@ def test_generate(request, which, batch, key_axis):
     if batch == 2:
         mask[1, :7] = 0  # left padding in the second row
     with make_cache("logquant", model, window=4, key_axis=key_axis) as cache:
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(None, cache), max_new_tokens=10, do_sample=False, pad_token_id=0)
         assert out.shape == (batch, 60)
         assert cache.nbytes() < cache.reference_nbytes()
         full_layers = [layer for layer in cache.layers if isinstance(layer, LogQuantLayer)]
@@ -234,8 +235,8 @@ def test_bits4_is_closer_than_bits2(tiny_model):
 
         def err(bits):
             cache = make_cache("logquant", tiny_model, window=4, bits=bits)
-            tiny_model(ids[:, :-1], past_key_values=cache)
-            return (tiny_model(ids[:, -1:], past_key_values=cache).logits[:, -1] - ref).abs().max().item()
+            tiny_model(ids[:, :-1], **cache_kwargs(None, cache))
+            return (tiny_model(ids[:, -1:], **cache_kwargs(None, cache)).logits[:, -1] - ref).abs().max().item()
 
         assert err(4) < err(2)
 
@@ -270,8 +271,8 @@ def test_smollm2_close_to_full_and_compressed(smollm2):
     with torch.no_grad():
         full = model(ids).logits[0, 160:-1]
         with make_cache("logquant", model, window=8, bits=4) as cache:
-            model(prompt, past_key_values=cache)
-            steps = torch.stack([model(cont[:, i : i + 1], past_key_values=cache).logits[0, -1] for i in range(23)])
+            model(prompt, **cache_kwargs(None, cache))
+            steps = torch.stack([model(cont[:, i : i + 1], **cache_kwargs(None, cache)).logits[0, -1] for i in range(23)])
             ratio = cache.reference_nbytes() / cache.nbytes()
             assert max(layer.fp_k.shape[-2] for layer in cache.layers) <= 24
     kl = F.kl_div(steps.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean").item()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvcompress import KVCompressError, list_methods, make_cache
+from kvcompress.compat import cache_kwargs
 
 METHODS = list_methods()
 COMPRESSING = [name for name in METHODS if name != "full"]
@@ -36,7 +37,7 @@ def test_generate_runs(request, name, which, batch):
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwargs(None, cache),
             max_new_tokens=8,
             min_new_tokens=8,  # random tiny models may emit their EOS id
             do_sample=False,
@@ -52,9 +53,9 @@ def test_compresses_for_real(tiny_model, name):
     ids = _prompt(1, 96)
     with make_cache(name, tiny_model, **METHODS[name].test_options) as cache:
         with torch.no_grad():
-            tiny_model(ids, past_key_values=cache)
+            tiny_model(ids, **cache_kwargs(None, cache))
             for t in range(4):
-                tiny_model(torch.tensor([[7 + t]]), past_key_values=cache)
+                tiny_model(torch.tensor([[7 + t]]), **cache_kwargs(None, cache))
         assert cache.nbytes() < cache.reference_nbytes(), cache.memory_report()
         for layer in cache.layers:  # transformers 5.2 passes the cache_position tensor where 5.3+ passes a length
             seen = layer.seen
@@ -71,9 +72,9 @@ def test_noop_settings_reproduce_full_cache(tiny_model, name):
     def run(method, options):
         logits = []
         with make_cache(method, tiny_model, **options) as cache, torch.no_grad():
-            logits.append(tiny_model(ids, past_key_values=cache).logits[:, -1])
+            logits.append(tiny_model(ids, **cache_kwargs(None, cache)).logits[:, -1])
             for s in steps:
-                logits.append(tiny_model(s, past_key_values=cache).logits[:, -1])
+                logits.append(tiny_model(s, **cache_kwargs(None, cache)).logits[:, -1])
         return torch.stack(logits)
 
     torch.testing.assert_close(run(name, METHODS[name].noop_options), run("full", {}), atol=1e-3, rtol=1e-3)
@@ -85,7 +86,7 @@ def test_generate_on_smollm2(smollm2, name):
     model, tok = smollm2
     inputs = tok(["Water boils at a temperature of"], return_tensors="pt")
     with make_cache(name, model, **METHODS[name].test_options) as cache:
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(None, cache), max_new_tokens=6, do_sample=False)
         assert out.shape[1] == inputs["input_ids"].shape[1] + 6
         if name != "full":
             assert cache.nbytes() <= cache.reference_nbytes()

@@ -23,6 +23,7 @@ from kvcompress.methods.minicache import (
     unit,
 )
 from kvcompress.storage import make_store
+from kvcompress.compat import cache_kwargs
 
 
 def _ids(batch, n, seed=0):
@@ -32,7 +33,7 @@ def _ids(batch, n, seed=0):
 def _prefill(model, ids, **opts):
     cache = make_cache("minicache", model, **opts)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(None, cache))
     return cache
 
 
@@ -135,7 +136,7 @@ def test_bytes_are_held_tensors_and_hand_formula(tiny_model):
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in held)
     full = make_cache("full", tiny_model, dtype="float16")
     with torch.no_grad():
-        tiny_model(ids, past_key_values=full)
+        tiny_model(ids, **cache_kwargs(None, full))
     expect = 0
     for a, c in ((0, 1), (2, 3)):
         ka, va, kb, vb = full.layers[a].k, full.layers[a].v, full.layers[c].k, full.layers[c].v
@@ -174,9 +175,9 @@ def test_noop_gamma_one_reproduces_full_fp16(tiny_model):
     for method, opts in (("full", {"dtype": "float16"}), ("minicache", {"gamma": 1.0, "start_layer": 1, "block": 4})):
         cache = make_cache(method, tiny_model, **opts)
         with torch.no_grad():
-            logits = [tiny_model(ids, past_key_values=cache).logits[:, -1]]
+            logits = [tiny_model(ids, **cache_kwargs(None, cache)).logits[:, -1]]
             for s in range(10):
-                logits.append(tiny_model(torch.full((2, 1), 5 + s), past_key_values=cache).logits[:, -1])
+                logits.append(tiny_model(torch.full((2, 1), 5 + s), **cache_kwargs(None, cache)).logits[:, -1])
         outs.append(torch.stack(logits))
     assert torch.equal(outs[0], outs[1])
 
@@ -185,11 +186,11 @@ def test_decoded_tokens_merge_in_blocks(tiny_model):
     ids = _ids(1, 20)
     cache = make_cache("minicache", tiny_model, start_layer=1, block=4)
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_kwargs(None, cache))
         pair = cache.layers[1].pair
         assert pair.pending == [None, None] and pair.segments[0].length == 20  # prefill merged at once
         for s in range(6):
-            tiny_model(torch.tensor([[3 + s]]), past_key_values=cache)
+            tiny_model(torch.tensor([[3 + s]]), **cache_kwargs(None, cache))
     assert pair.segments[0].length == 24 and pair.pending[0][0].shape[2] == 2 and pair.pending[1][0].shape[2] == 2
     assert cache.get_seq_length() == 26 and all(l.kept_length() == 26 for l in cache.layers)
 
@@ -199,7 +200,7 @@ def test_generate_batch2(request, which):
     model = request.getfixturevalue(which)
     ids = _ids(2, 50, seed=5)
     with make_cache("minicache", model, start_layer=1, block=2) as cache:  # tiny gemma: a 16-token window
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=24,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache), max_new_tokens=24,
                              do_sample=False, pad_token_id=0)
         assert out.shape == (2, 74)
         pairs = [l for l in cache.layers if isinstance(l, MergedLayer)]
@@ -214,9 +215,9 @@ def test_gemma_sliding_pairs_keep_the_window(tiny_gemma):
     cache = make_cache("minicache", tiny_gemma, block=4)
     assert [type(l).__name__ for l in cache.layers][2:4] == ["MergedLayer", "MergedLayer"]
     with torch.no_grad():
-        tiny_gemma(ids, past_key_values=cache)
+        tiny_gemma(ids, **cache_kwargs(None, cache))
         for s in range(9):
-            tiny_gemma(torch.tensor([[7 + s]]), past_key_values=cache)
+            tiny_gemma(torch.tensor([[7 + s]]), **cache_kwargs(None, cache))
     pair = cache.layers[3].pair
     held = sum(s.length for s in pair.segments) + pair.pending[0][0].shape[2]
     # last merge at 48 tokens, token 48 still buffered: the window (15) + at most one segment (16 // 8) + buffer
@@ -236,7 +237,7 @@ def test_kivi_storage_composes(tiny_model):
     assert type(kivi.layers[0].kv).__name__ == "KiviStore"  # unmerged layers use the same storage
     assert type(kivi.layers[1].pair.segments[0].dirs).__name__ == "KiviStore"
     with torch.no_grad():
-        out = tiny_model(torch.tensor([[3]]), past_key_values=kivi).logits
+        out = tiny_model(torch.tensor([[3]]), **cache_kwargs(None, kivi)).logits
     assert torch.isfinite(out).all()
 
 
@@ -297,7 +298,7 @@ def test_smollm2_minicache_generates_and_compresses(smollm2, prose):
     model, tok = smollm2
     ids = tok(prose[:1500], return_tensors="pt").input_ids[:, :256]
     with make_cache("minicache", model) as cache:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+        out = model.generate(ids, **cache_kwargs(None, cache), max_new_tokens=8, do_sample=False,
                              pad_token_id=tok.eos_token_id)
         report = cache.memory_report()
     assert out.shape[1] == ids.shape[1] + 8

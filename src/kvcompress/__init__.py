@@ -3,7 +3,7 @@ actually stored.
 
     model, tok = kvcompress.load_model("smollm2-135m")
     with kvcompress.make_cache("kivi", model, bits=2) as cache:
-        out = model.generate(**tok("Hello", return_tensors="pt"), past_key_values=cache, max_new_tokens=32)
+        out = model.generate(**tok("Hello", return_tensors="pt"), cache=cache, max_new_tokens=32)
         print(cache.memory_report())
 """
 
@@ -26,8 +26,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def evaluate(*args, **kwargs):
-    """Run the evaluation protocol (see :func:`kvcompress.evaluate.run_eval`)."""
-    from .evaluate import run_eval
+def __getattr__(name: str):
+    """``kvcompress.evaluate`` (the evaluation protocol: call it, or import its modules) is loaded on first use."""
+    if name == "evaluate":
+        import importlib
 
-    return run_eval(*args, **kwargs)
+        return importlib.import_module(".evaluate", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -149,6 +149,11 @@ class KVLayer(CacheLayerMixin):
         """``(kv_length, kv_offset)`` for transformers' mask: the kept past + the new tokens, offset by the tokens
         not kept (evicted, merged away or slid out of a window). Accepts 5.2's cache_position tensor too."""
         query_length = _query_length(query_length)
+        if query_length == 0:
+            raise KVCompressError(
+                f"this cache already holds {self.seen} tokens and the forward brings no new one: a cache serves one "
+                "sequence (batch); pass only the new tokens, or make a new cache with make_cache() per generate call"
+            )
         kept = self.kept_length()
         return kept + query_length, max(self.seen - kept, 0)
 
@@ -430,4 +435,15 @@ def make_cache(method: str, model, **options) -> CompressedCache:
     """
     method_cls = get_method(method)
     config = build_config(method_cls, options)
+    check_model(model)
     return CompressedCache(model, method_cls(model, config))
+
+
+def check_model(model) -> None:
+    """A loaded transformers causal LM (a torch module with a ``config``), or one clear error."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        got = "None" if model is None else type(model).__name__
+        raise KVCompressError(
+            f"make_cache needs a loaded transformers model (e.g. model, tok = kvcompress.load_model('smollm2-135m')), "
+            f"got {got}"
+        )

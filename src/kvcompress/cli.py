@@ -9,6 +9,7 @@ import importlib.util
 import sys
 import time
 
+from .compat import cache_kwargs
 from .registry import KVCompressError
 
 # Sub-commands that live in their own modules: name -> module exposing add_arguments(parser) and run(args).
@@ -83,7 +84,7 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     with cache, torch.no_grad():
         out = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            **inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
         dt = time.perf_counter() - t0
         new = out[0, inputs["input_ids"].shape[1] :]

@@ -1,11 +1,12 @@
-"""``load_model``: the embedded models (shipped as GGUF inside PyPI packages) or any HF id / local path.
+"""``load_model``: the embedded models (shipped as GGUF inside PyPI packages), any GGUF file, or any HF id / local path.
 
-A GGUF file is dequantized once by transformers (tens of seconds) and cached as safetensors under
+A GGUF file (embedded or given by path) is dequantized once by transformers (tens of seconds) and cached as safetensors under
 ``$KVCOMPRESS_CACHE`` (default ``~/.cache/kvcompress``)/models/<name>; later loads take seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -78,21 +79,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVCOMPRESS_CACHE") or Path.home() / ".cache" / "kvcompress")
 
 
-def _convert_gguf(name: str, target: Path, progress: bool) -> None:
-    """Dequantize the embedded GGUF with transformers and save model + tokenizer as safetensors."""
+def _convert_gguf(gguf: Path, name: str, target: Path, progress: bool) -> None:
+    """Dequantize a GGUF file with transformers and save model + tokenizer as safetensors in ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = EMBEDDED[name].locate_gguf()
     if progress:
         print(f"kvcompress: converting {gguf.name} to safetensors once (cached in {target})", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise KVCompressError(f"could not read {gguf} as a transformers GGUF model: {exc}") from exc
     model.hf_quantizer = None  # weights are dequantized; save them as plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -105,14 +108,29 @@ def _convert_gguf(name: str, target: Path, progress: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a user's GGUF file is cached once converted: ``models/gguf-<stem>-<hash>``, the hash over the file's
+    resolved path, size and modification time (a changed file is converted again)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"gguf-{gguf.stem}-{key}"
+
+
 def resolve(name_or_path: str, progress: bool = True) -> Path | str:
     """The directory (or hub id) transformers should load for ``name_or_path``; converts embedded models."""
     if name_or_path in EMBEDDED:
         target = cache_dir() / "models" / name_or_path
         if not (target / "config.json").exists() or not (target / "KVCOMPRESS_SOURCE").exists():
-            _convert_gguf(name_or_path, target, progress)
+            _convert_gguf(EMBEDDED[name_or_path].locate_gguf(), name_or_path, target, progress)
         return target
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise KVCompressError(f"GGUF file {path} does not exist")
+        target = gguf_cache_dir(path)
+        if not (target / "config.json").exists() or not (target / "KVCOMPRESS_SOURCE").exists():
+            _convert_gguf(path, path.stem, target, progress)
+        return target
     if path.exists():
         if not (path / "config.json").exists():
             raise KVCompressError(f"{path} exists but has no config.json: not a transformers model directory")
@@ -129,7 +147,8 @@ def resolve(name_or_path: str, progress: bool = True) -> Path | str:
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, progress: bool = True):
     """Load ``(model, tokenizer)`` in eval mode.
 
-    ``name_or_path``: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a local directory or an HF hub id.
+    ``name_or_path``: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a ``.gguf`` file (converted once and cached,
+    like the embedded models), a local directory or an HF hub id.
     ``dtype``: torch dtype to compute in (default float32, the dtype the GGUF dequantizes to).
     """
     import torch
@@ -145,4 +164,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, progress: bool = T
     model.eval()
     if name_or_path in EMBEDDED:
         model.config._name_or_path = name_or_path
+    elif Path(name_or_path).suffix.lower() == ".gguf":
+        model.config._name_or_path = str(Path(name_or_path).expanduser().resolve())
     return model, tok

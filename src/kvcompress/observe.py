@@ -1,7 +1,7 @@
 """How a method sees what the cache API does not hand it: the inputs of each attention module.
 
 An :class:`Observer` registers forward pre-hooks on the model's own attention modules. For every forward
-pass that uses *its* cache (the hook checks ``past_key_values is cache``), it keeps the module's input
+pass that uses *its* cache (the hook checks :func:`kvcompress.compat.uses_cache`), it keeps the module's input
 ``hidden_states (batch, q, hidden)`` and ``position_embeddings`` (cos, sin: ``(batch, q, head_dim)``).
 Because the pre-hook of layer ``l`` runs before that layer calls ``cache.update(..., l)``, a cache layer can
 ask, inside ``update``, for the current step's query states (post-RoPE) and cos/sin. Hooks are removed by
@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .compat import uses_cache
 from .registry import KVCompressError
 from .rope import apply_rope
 
@@ -58,7 +59,7 @@ class Observer:
         ]
 
     def _capture(self, layer_idx, module, args, kwargs):
-        if kwargs.get("past_key_values") is not self._cache_ref():
+        if not uses_cache(kwargs, self._cache_ref()):
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         pos = kwargs.get("position_embeddings")
@@ -82,7 +83,7 @@ class Observer:
         if layer_idx not in self._inputs:
             raise KVCompressError(
                 f"no attention inputs were captured for layer {layer_idx}: the cache must be passed to the "
-                "model as past_key_values, and not be closed"
+                "model (cache=... or past_key_values=...), and not be closed"
             )
         return self._inputs[layer_idx]
 

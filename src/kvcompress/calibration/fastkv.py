@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cache_kwargs
 from ..config import check_ratio
 from ..registry import KVCompressError
 
@@ -35,7 +36,7 @@ def full_hidden(model, windows: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for row in windows:
         with make_cache("full", model) as full:
-            out.append(model.get_decoder()(row.view(1, -1), past_key_values=full).last_hidden_state[0])
+            out.append(model.get_decoder()(row.view(1, -1), **cache_kwargs(model.get_decoder(), full)).last_hidden_state[0])
     return out
 
 
@@ -51,7 +52,7 @@ def layer_similarity(model, windows: torch.Tensor, refs: list[torch.Tensor], tsp
         ids = row.view(1, -1)
         with torch.no_grad():
             with make_cache("fastkv", model, tsp_layer=tsp_layer, tsp_rate=tsp_rate, budget=1.0) as cache:
-                out = decoder(ids, past_key_values=cache).last_hidden_state[0]  # (|TSP|, hidden)
+                out = decoder(ids, **cache_kwargs(decoder, cache)).last_hidden_state[0]  # (|TSP|, hidden)
                 index = cache.method.tsp_index
                 fraction = cache.method.prefill_fraction(ids.shape[1])
         ref = ref if index is None else ref[index[0]]

@@ -279,3 +279,15 @@ def run_eval(
         result["files"] = write_outputs(result, out)
         (Path(out) / "results.partial.json").unlink(missing_ok=True)
     return result
+
+
+class _CallableModule(type(sys)):
+    """``kvcompress.evaluate`` is this package *and* the function: ``kvcompress.evaluate(model, methods, ...)`` runs
+    :func:`run_eval`, while ``kvcompress.evaluate.ppl`` etc. stay importable. (A plain function named like the
+    package would be replaced by the package the first time the package is imported.)"""
+
+    def __call__(self, *args, **kwargs):
+        return run_eval(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import cache_kwargs
 from ..data import NeedleTask, needle_hit
 
 MODES = ("aware", "agnostic")
@@ -30,12 +31,12 @@ def answer(model, cache, task: NeedleTask, mode: str, max_new_tokens: int, eos_i
     """Greedy answer tokens (at most ``max_new_tokens``, stops at EOS) for ``task`` through ``cache``."""
     if mode == "aware":
         ids = torch.tensor([task.input_ids])
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     else:
         ids = torch.tensor([task.context_ids])
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
         for tok in task.question_ids:
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(logits.argmax())
@@ -44,7 +45,7 @@ def answer(model, cache, task: NeedleTask, mode: str, max_new_tokens: int, eos_i
         out.append(nxt)
         if len(out) == max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=torch.tensor([[nxt]]), **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import cache_kwargs
 from ..cache import MemoryReport
 
 
@@ -30,11 +31,11 @@ def teacher_force(model, cache, window: torch.Tensor, prompt_len: int) -> Teache
     one token per forward. Returns the C predictive distributions for ``window[P:]``."""
     ids = window.view(1, -1)
     total = ids.shape[1]
-    out = model(input_ids=ids[:, :prompt_len], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, :prompt_len], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     steps = [out.logits[0, -1].float()]
     memory_prefill = cache.memory_report()
     for t in range(prompt_len, total - 1):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
         steps.append(out.logits[0, -1].float())
     memory_end = cache.memory_report()
     return TeacherForced(torch.stack(steps).log_softmax(-1), memory_prefill, memory_end)

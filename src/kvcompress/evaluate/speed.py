@@ -10,6 +10,7 @@ import statistics
 import time
 
 import torch
+from ..compat import cache_kwargs
 
 
 @torch.inference_mode()
@@ -18,13 +19,13 @@ def time_run(model, spec, ids: torch.Tensor, steps: int) -> dict:
     Returns seconds and the memory ratios after prefill and after decoding."""
     with spec.make(model) as cache:
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
         nxt = logits.argmax().view(1, 1)
         ttft = time.perf_counter() - t0
         mem_prefill = cache.memory_report()
         t0 = time.perf_counter()
         for _ in range(steps):
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
             nxt = logits.argmax().view(1, 1)
         decode = time.perf_counter() - t0
         mem_end = cache.memory_report()

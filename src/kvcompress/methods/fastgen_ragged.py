@@ -23,6 +23,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..compat import uses_cache
 from ..observe import attention_modules
 from ..registry import KVCompressError
 
@@ -154,7 +155,7 @@ class StepInputs:
     def get(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ids is None:
             raise KVCompressError(
-                "fastgen saw K/V without the step's token ids: pass the cache as past_key_values=... and the "
+                "fastgen saw K/V without the step's token ids: pass the cache to the model (cache=...) and the "
                 "tokens as input_ids (not inputs_embeds), and do not use a closed cache"
             )
         if self.ids.shape[1] != q:
@@ -180,7 +181,7 @@ class FastGenHooks:
         self._handles += [modules[i].register_forward_pre_hook(partial(self._hand_layer, i), with_kwargs=True) for i in layers]
 
     def _ours(self, kwargs) -> bool:
-        return kwargs.get("past_key_values") is not None and kwargs.get("past_key_values") is self._cache_ref()
+        return uses_cache(kwargs, self._cache_ref())
 
     def _enter(self, module, args, kwargs):
         if not self._ours(kwargs):

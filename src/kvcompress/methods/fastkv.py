@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import Method, SlidingWindowLayer
+from ..compat import uses_cache
 from ..config import check_budget, check_positive_int, check_ratio, resolve_budget
 from ..eviction import EvictionLayer, StorageOptions, check_pool, topk_keep, window_scores
 from ..observe import Observer, decoder_layers
@@ -190,7 +191,7 @@ class TSPHooks(Observer):
         self._handles.append(blocks[-1].register_forward_hook(self._finish, with_kwargs=True))
 
     def _ours(self, kwargs) -> bool:
-        return kwargs.get("past_key_values") is self._cache_ref()
+        return uses_cache(kwargs, self._cache_ref())
 
     def _start(self, module, args, kwargs):
         self.method.prefill = None

@@ -126,8 +126,8 @@ class KVQuantLayer(KVLayer):
         """``(positions (b|1, q), cos, sin (b, q, d))`` of the current step, checked against the rope table."""
         obs = self.method.observer
         if obs is None:
-            raise KVCompressError("kvquant: pre_rope needs the cache's hooks; pass the cache to the model as "
-                                  "past_key_values and do not close it")
+            raise KVCompressError("kvquant: pre_rope needs the cache's hooks; pass the cache to the model (cache=...) "
+                                  "and do not close it")
         cos, sin = obs.rope(self.layer_idx)
         pos = obs.position_ids(self.layer_idx)
         if pos is None:

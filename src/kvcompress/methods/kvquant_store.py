@@ -10,6 +10,7 @@ import inspect
 
 import torch
 
+from ..compat import uses_cache
 from ..observe import Observer
 from ..quant import (
     normalize_minmax,
@@ -80,7 +81,7 @@ class PositionObserver(Observer):
         super().__init__(model, cache)
 
     def _capture(self, layer_idx, module, args, kwargs):
-        if kwargs.get("past_key_values") is self._cache_ref():
+        if uses_cache(kwargs, self._cache_ref()):
             self._positions[layer_idx] = kwargs.get("position_ids")
         return super()._capture(layer_idx, module, args, kwargs)
 

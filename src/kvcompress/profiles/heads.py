@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import cache_kwargs
 from . import add_common_arguments
 from ..config import check_positive_int, check_ratio
 from ..methods.fastgen_policies import HYBRID_NAMES, HYBRIDS, choose
@@ -35,7 +36,7 @@ def prompt_recoveries(model, tokenizer, windows: torch.Tensor, local: float = 0.
     for row in windows:
         # the smallest admissible T makes every layer profile (T only changes the choice, not the recoveries)
         with make_cache("fastgen", model, tokenizer=tokenizer, recovery=1e-9, local=local, frequent=frequent) as cache:
-            model(input_ids=row.view(1, -1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=row.view(1, -1), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             out.append([None if getattr(layer, "recoveries", None) is None else layer.recoveries[0].clone() for layer in cache.layers])
     return out
 

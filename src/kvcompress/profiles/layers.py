@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import KeepAll, add_common_arguments
+from ..compat import cache_kwargs
 from ..cache import CompressedCache, ModelGeometry
 from ..config import check_positive_int, check_ratio
 from ..methods.minicache import retention_mask, unit
@@ -30,7 +31,7 @@ DEFAULT_OUT = "results/profile-layers"
 def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Prefill ``input_ids (b, n)``; per layer the post-RoPE ``(keys, values)``, each ``(b, kv_heads, n, d)`` fp32."""
     cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
-    model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return [(layer.k.float(), layer.v.float()) for layer in cache.layers]
 
 

@@ -26,6 +26,7 @@ from . import KeepAll, add_common_arguments
 from ..attention import grouped_probs
 from ..cache import CompressedCache, ModelGeometry
 from ..config import check_positive_int
+from ..compat import cache_kwargs
 from ..methods.logquant import log_schedule
 from ..observe import Observer
 from ..registry import KVCompressError
@@ -44,7 +45,7 @@ def attention_of_last(model, input_ids: torch.Tensor, queries: int) -> list[torc
     cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
     observer = Observer(model, cache)
     try:
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         probs = []
         for i, layer in enumerate(cache.layers):
             q = observer.query_states(i, last=queries)
