@@ -3,7 +3,9 @@ on tiny llama / tiny gemma / batch 2, storage composition, the layer-similarity 
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from kvcompress.methods.minicache import (
     merge_states,
     retained,
     retained_fractions,
+    similar_pairs,
     slerp,
     unit,
 )
@@ -154,7 +157,7 @@ def test_bytes_are_held_tensors_and_hand_formula(tiny_model):
 
 def test_merged_layers_really_hold_less(tiny_model):
     ids = _ids(1, 64)
-    cache = _prefill(tiny_model, ids)  # default S = L/2 = 2: pair (1, 2), layers 0 and 3 unmerged
+    cache = _prefill(tiny_model, ids, select="depth")  # S = L/2 = 2: pair (1, 2), layers 0 and 3 unmerged
     kinds = [type(l) for l in cache.layers]
     assert kinds == [StoreLayer, MergedLayer, MergedLayer, StoreLayer]
     pair = cache.layers[1].nbytes() + cache.layers[2].nbytes()
@@ -212,7 +215,7 @@ def test_generate_batch2(request, which):
 def test_gemma_sliding_pairs_keep_the_window(tiny_gemma):
     """Tiny Gemma-3 (window 16, layers 0-4 sliding, 5 full): default S = 3 merges the sliding pair (2, 3)."""
     ids = _ids(1, 40)
-    cache = make_cache("minicache", tiny_gemma, block=4)
+    cache = make_cache("minicache", tiny_gemma, block=4, select="depth")
     assert [type(l).__name__ for l in cache.layers][2:4] == ["MergedLayer", "MergedLayer"]
     with torch.no_grad():
         tiny_gemma(ids, **cache_kwargs(None, cache))
@@ -231,8 +234,8 @@ def test_gemma_sliding_pairs_keep_the_window(tiny_gemma):
 
 def test_kivi_storage_composes(tiny_model):
     ids = _ids(1, 96)
-    fp16 = _prefill(tiny_model, ids)
-    kivi = _prefill(tiny_model, ids, storage="kivi", bits=4, group_size=16, residual=16)
+    fp16 = _prefill(tiny_model, ids, select="depth")
+    kivi = _prefill(tiny_model, ids, select="depth", storage="kivi", bits=4, group_size=16, residual=16)
     assert kivi.nbytes() < 0.6 * fp16.nbytes()
     assert type(kivi.layers[0].kv).__name__ == "KiviStore"  # unmerged layers use the same storage
     assert type(kivi.layers[1].pair.segments[0].dirs).__name__ == "KiviStore"
@@ -278,6 +281,11 @@ def test_profile_layers_on_tiny_model(tiny_model, tmp_path):
         {"storage": "kivi", "bits": 4, "group_size": 32, "residual": 48},
         {"storage": 4},
         {"window": 4},
+        {"select": "all"},
+        {"min_similarity": 1.5},
+        {"min_similarity": True},
+        {"profile": 3},
+        {"select": "depth", "profile": "layers.json"},
     ],
 )
 def test_bad_input_one_clear_error(tiny_model, opts):
@@ -297,7 +305,7 @@ def test_no_pair_of_same_type_is_an_error(tiny_gemma):
 def test_smollm2_minicache_generates_and_compresses(smollm2, prose):
     model, tok = smollm2
     ids = tok(prose[:1500], return_tensors="pt").input_ids[:, :256]
-    with make_cache("minicache", model) as cache:
+    with make_cache("minicache", model, select="depth") as cache:
         out = model.generate(ids, **cache_kwargs(None, cache), max_new_tokens=8, do_sample=False,
                              pad_token_id=tok.eos_token_id)
         report = cache.memory_report()
@@ -307,3 +315,102 @@ def test_smollm2_minicache_generates_and_compresses(smollm2, prose):
     fractions = retained_fractions(cache)
     assert sorted(fractions) == [(l - 1, l) for l in range(15, 30, 2)]
     assert all(0 < f < 0.1 for f in fractions.values())
+
+
+@pytest.mark.model
+def test_smollm2_default_refuses_with_the_best_pair(smollm2):
+    """SmolLM2's adjacent layers are not similar (mean cosine < 0.25): the default refuses, naming the best pair and
+    both ways to force a merge; the paper's rule stays available explicitly."""
+    model, _ = smollm2
+    with pytest.raises(KVCompressError) as err:
+        make_cache("minicache", model)
+    msg = str(err.value)
+    assert "most similar pair" in msg and "select='depth'" in msg and "min_similarity=" in msg
+    best = re.search(r"cosine K (-?[0-9.]+), V (-?[0-9.]+)", msg)
+    assert best and max(float(best.group(1)), float(best.group(2))) < 0.5
+    with make_cache("minicache", model, start_layer=15) as cache:  # explicit start_layer: the paper's pairs
+        assert cache.method.pairs == [(l - 1, l) for l in range(15, 30, 2)]
+
+
+# ---------------------------------------------------------------------------------------------------------- safe default
+
+
+def _twin_layers(model, a: int):
+    """A copy of ``model`` whose layer ``a + 1`` computes exactly layer ``a``'s K and V: layer ``a`` adds nothing to
+    the residual stream (o_proj and the MLP's down_proj zeroed) and layer ``a + 1`` gets its norm and k/v weights."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    layers = twin.model.layers
+    with torch.no_grad():
+        layers[a].self_attn.o_proj.weight.zero_()
+        layers[a].mlp.down_proj.weight.zero_()
+        layers[a + 1].input_layernorm.weight.copy_(layers[a].input_layernorm.weight)
+        for name in ("k_proj", "v_proj"):
+            getattr(layers[a + 1].self_attn, name).weight.copy_(getattr(layers[a].self_attn, name).weight)
+    return twin
+
+
+def test_default_merges_only_measured_similar_pairs(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    with pytest.raises(KVCompressError, match=r"most similar pair from layer 1 on, \(\d, \d\), has mean per-token"):
+        make_cache("minicache", tiny_model)  # random weights: no similar layers
+    twin = _twin_layers(tiny_model, 2)
+    cache = make_cache("minicache", twin)
+    assert cache.method.pairs == [(2, 3)]
+    sim = {tuple(p["pair"]): p for p in cache.method.similarity["pairs"]}
+    assert sim[(2, 3)]["cos_k"] > 0.999 and sim[(2, 3)]["cos_v"] > 0.999 and sim[(1, 2)]["cos_k"] < 0.9
+    assert [type(l).__name__ for l in cache.layers] == ["StoreLayer", "StoreLayer", "MergedLayer", "MergedLayer"]
+    # identical K/V: the merged pair reads back what the full cache holds
+    ids = _ids(1, 40)
+    ref = make_cache("full", twin, dtype="float16")
+    with torch.no_grad():
+        twin(ids, **cache_kwargs(None, cache))
+        twin(ids, **cache_kwargs(None, ref))
+        got = twin(torch.tensor([[5]]), **cache_kwargs(None, cache)).logits
+        want = twin(torch.tensor([[5]]), **cache_kwargs(None, ref)).logits
+    assert torch.allclose(got, want, atol=1e-2)
+    assert cache.nbytes() < ref.nbytes()
+    # the similarity is cached per model as JSON and reused
+    files = list((tmp_path / "layer-similarity").glob("*.json"))
+    assert len(files) == 2 and all(json.loads(f.read_text())["format"].startswith("kvcompress-layer") for f in files)
+    import kvcompress.profiles.layers as layers_mod
+
+    monkeypatch.setattr(layers_mod, "profile_layers", lambda *a, **k: pytest.fail("similarity recomputed"))
+    assert make_cache("minicache", twin).method.pairs == [(2, 3)]
+
+
+def test_similar_pairs_threshold_overlap_and_types():
+    sim = [{"pair": [i, i + 1], "cos_k": k, "cos_v": v}
+           for i, (k, v) in enumerate([(0.99, 0.99), (0.95, 0.97), (0.96, 0.80), (0.93, 0.92), (0.91, 0.95)])]
+    full = ("full_attention",) * 6
+    # from layer 0 on: (0,1) best; (1,2) overlaps it; (2,3) fails on V; (3,4) and (4,5) overlap -> the better (3,4)
+    assert similar_pairs(sim, full, 1, 0.9)[0] == [(0, 1), (3, 4)]
+    pairs, best = similar_pairs(sim, full, 3, 0.9)  # from layer 2 on
+    assert pairs == [(3, 4)] and best["pair"] == [3, 4]
+    assert similar_pairs(sim, full, 1, 0.995) == ([], sim[0])
+    mixed = ("full_attention", "full_attention", "sliding_attention", "full_attention", "full_attention", "full_attention")
+    assert similar_pairs(sim, mixed, 1, 0.9)[0] == [(0, 1), (3, 4)]
+    assert similar_pairs(sim, mixed, 2, 0.9)[0] == [(3, 4)]
+
+
+def test_profile_file_chooses_pairs(tiny_model, tmp_path):
+    path = tmp_path / "layers.json"
+    pairs = [{"pair": [i, i + 1], "cos_k": c, "cos_v": c} for i, c in enumerate([0.1, 0.2, 0.95])]
+    path.write_text(json.dumps({"num_layers": 4, "pairs": pairs}))
+    cache = make_cache("minicache", tiny_model, profile=str(path))
+    assert cache.method.pairs == [(2, 3)] and "pairs [(2, 3)]" in cache.method.describe()
+    # most similar first: (2,3), then (1,2) overlaps it, then (0,1)
+    assert make_cache("minicache", tiny_model, profile=str(path), min_similarity=0.05, start_layer=1,
+                      select="similarity").method.pairs == [(0, 1), (2, 3)]
+    with pytest.raises(KVCompressError, match=r"\(2, 3\), has mean per-token cosine K 0.950.*min_similarity=0.95 merges"):
+        make_cache("minicache", tiny_model, profile=str(path), min_similarity=0.99, start_layer=1,
+                   select="similarity")
+    path.write_text(json.dumps({"num_layers": 6, "pairs": pairs}))
+    with pytest.raises(KVCompressError, match="6-layer model"):
+        make_cache("minicache", tiny_model, profile=str(path))
+    path.write_text("{}")
+    with pytest.raises(KVCompressError, match="not a layers.json"):
+        make_cache("minicache", tiny_model, profile=str(path))
+    with pytest.raises(KVCompressError, match="cannot read"):
+        make_cache("minicache", tiny_model, profile=str(tmp_path / "missing.json"))

@@ -1,10 +1,19 @@
 """``minicache``: merge the KV caches of adjacent layers in the depth dimension (Liu et al., NeurIPS 2024,
 arXiv 2405.14366).
 
-* **Pairs**: layers ``(l-1, l)`` for ``l = S, S+2, S+4, ...`` (``S = start_layer``, default ``L // 2``), i.e.
-  ``(S-1, S), (S+1, S+2), ...``; with S = 15 on SmolLM2 (30 layers) that is 8 pairs, layers 14..29. A pair needs
-  both layers of the same attention type: on Gemma-3 (5 sliding : 1 global) no two global layers are adjacent,
-  so the merged pairs are sliding-window pairs, and a layer whose neighbour has the other type is skipped.
+* **Which pairs** (``select``). ``"similarity"`` (the default when ``start_layer`` is not given): the pairs are
+  chosen from their measured similarity -- the mean per-token cosine of K and of V of every adjacent pair on a
+  short built-in calibration text (:func:`kvcompress.profiles.layers.adjacent_similarity`: 512 tokens of the
+  standard library's pydoc topics, one prefill, cached per model as JSON under ``$KVCOMPRESS_CACHE``; or a
+  ``layers.json`` of ``kvcompress profile layers`` given as ``profile=PATH``). A pair qualifies when both its K and
+  its V similarity reach ``min_similarity`` (0.9) and it lies from ``start_layer - 1`` on (default L/2, as in the
+  paper: shallow layers stay exact); qualifying pairs are taken most similar first, without overlap. Where none
+  qualifies, ``make_cache`` raises a KVCompressError naming the best pair's similarity and how to force a merge.
+  ``"depth"`` (the paper's rule, the default when ``start_layer`` is given): layers ``(l-1, l)`` for
+  ``l = S, S+2, ...`` (``S = start_layer``, default ``L // 2``), i.e. ``(S-1, S), (S+1, S+2), ...``; with S = 15 on
+  SmolLM2 (30 layers) that is 8 pairs, layers 14..29, whatever their similarity. Either way a pair needs both
+  layers of the same attention type: on Gemma-3 (5 sliding : 1 global) no two global layers are adjacent, so the
+  merged pairs are sliding-window pairs, and a layer whose neighbour has the other type is skipped.
 * **Merge** (per token, per KV head, K and V separately): ``x = |x| * x_hat``; one shared direction
   ``e = SLERP(x_hat_{l-1}, x_hat_l; t)`` (t = 0: layer l-1's direction, t = 1: layer l's); both magnitudes kept.
   Layer j is read back as ``|x_j| * e``. ``merge="average"`` is the ablation: the plain weighted average
@@ -38,6 +47,7 @@ arXiv 2405.14366).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +59,10 @@ from ..storage import KVStore, make_store
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
 __all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "Segment", "StoreLayer", "angular_distance",
-           "layer_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
+           "layer_pairs", "similar_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
 
 MERGES = ("slerp", "average")
+SELECTS = ("similarity", "depth")
 SLIDING_SEGMENT = 64  # at most this many positions (and window // 8) per segment of a sliding-window pair
 
 
@@ -63,6 +74,9 @@ SLIDING_SEGMENT = 64  # at most this many positions (and window // 8) per segmen
 @dataclass(frozen=True)
 class MiniCacheConfig:
     start_layer: int | None = None  # S: first merged pair is (S-1, S), then (S+1, S+2)...; None = num_layers // 2
+    select: str | None = None  # similarity (measured pairs) | depth (paper: every pair from S); None: depth if S given
+    min_similarity: float = 0.9  # select=similarity: a pair merges when its mean cos of K and of V both reach this
+    profile: str | None = None  # select=similarity: layers.json of `kvcompress profile layers` (default: built-in text)
     t: float = 0.6  # SLERP interpolation in [0, 1]: 0 = direction of layer l-1, 1 = of layer l (paper: 0.6)
     gamma: float = 0.05  # retention threshold in [0, 1]: top gamma share of the normalized distance range (paper: 0.05)
     merge: str = "slerp"  # slerp (paper) | average (ablation: plain weighted average of the two states)
@@ -76,6 +90,15 @@ class MiniCacheConfig:
         s = self.start_layer
         if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
             raise KVCompressError(f"minicache: start_layer must be an integer (or None for L/2), got {s!r}")
+        if self.select is not None and self.select not in SELECTS:
+            raise KVCompressError(f"minicache: select={self.select!r} is not one of {list(SELECTS)}")
+        m = self.min_similarity
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not -1.0 <= float(m) <= 1.0:
+            raise KVCompressError(f"minicache: min_similarity={m!r} must be a cosine similarity in [-1, 1]")
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise KVCompressError(f"minicache: profile must be the path of a layers.json, got {self.profile!r}")
+        if self.profile is not None and self.selection == "depth":
+            raise KVCompressError("minicache: profile= is used by select='similarity' only")
         check_ratio(self.t, "t", "minicache", low_open=False, high_open=False)
         check_ratio(self.gamma, "gamma", "minicache", low_open=False, high_open=False)
         if self.merge not in MERGES:
@@ -84,8 +107,31 @@ class MiniCacheConfig:
         if not isinstance(self.storage, str):
             raise KVCompressError(f"minicache: storage must be a storage name, got {self.storage!r}")
 
+    @property
+    def selection(self) -> str:
+        if self.select is not None:
+            return self.select
+        return "similarity" if self.start_layer is None else "depth"
+
     def storage_options(self) -> dict:
         return {k: getattr(self, k) for k in ("bits", "group_size", "residual") if getattr(self, k) is not None}
+
+
+def similar_pairs(similarity: list[dict], layer_types: tuple[str, ...], start_layer: int,
+                  min_similarity: float) -> tuple[list[tuple[int, int]], dict | None]:
+    """Pairs ``(l, l+1)`` with ``l >= start_layer - 1``, both layers of one type and ``min(cos_k, cos_v) >=
+    min_similarity``, most similar first, without overlap (returned sorted). Also the best candidate pair's entry
+    (``None`` if there is no candidate)."""
+    cands = [p for p in similarity
+             if p["pair"][0] >= start_layer - 1 and layer_types[p["pair"][0]] == layer_types[p["pair"][1]]]
+    cands.sort(key=lambda p: -min(p["cos_k"], p["cos_v"]))
+    chosen, used = [], set()
+    for p in cands:
+        a, b = p["pair"]
+        if min(p["cos_k"], p["cos_v"]) >= min_similarity and a not in used and b not in used:
+            chosen.append((a, b))
+            used.update((a, b))
+    return sorted(chosen), (cands[0] if cands else None)
 
 
 def layer_pairs(layer_types: tuple[str, ...], start_layer: int) -> list[tuple[int, int]]:
@@ -284,7 +330,7 @@ class MiniCache(Method):
     summary = ("MiniCache: merge adjacent deep layers (SLERP direction + per-layer magnitudes, distant tokens "
                "retained); storage=kivi stacks quantization")
     Config = MiniCacheConfig
-    test_options = {"start_layer": 1}
+    test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
     noop_options = {"gamma": 1.0}  # every entry retained: both layers exact at 2 bytes
 
     def validate(self) -> None:
@@ -295,7 +341,11 @@ class MiniCache(Method):
                 f"minicache: start_layer={self.start_layer} is outside [1, {g.num_layers - 1}] for this "
                 f"{g.num_layers}-layer model (the first merged pair is (start_layer - 1, start_layer))"
             )
-        self.pairs = layer_pairs(g.layer_types, self.start_layer)
+        self.similarity = None
+        if cfg.selection == "similarity":
+            self.pairs = self._similar_pairs()
+        else:
+            self.pairs = layer_pairs(g.layer_types, self.start_layer)
         if not self.pairs:
             raise KVCompressError(
                 f"minicache: no two adjacent layers of the same attention type from layer {self.start_layer - 1} "
@@ -317,6 +367,38 @@ class MiniCache(Method):
             raise KVCompressError(f"minicache: storage={cfg.storage!r} cannot stack with minicache: {exc}") from exc
         if not ok:
             raise KVCompressError(f"minicache: storage={cfg.storage!r} is not an append/read KV store")
+
+    def _similar_pairs(self) -> list[tuple[int, int]]:
+        """select='similarity': the qualifying pairs, or one KVCompressError naming the best pair and the ways out."""
+        from ..profiles.layers import adjacent_similarity, load_similarity
+
+        g, cfg = self.geometry, self.config
+        if cfg.profile is not None:
+            self.similarity = load_similarity(cfg.profile, g.num_layers)
+        else:
+            self.similarity = adjacent_similarity(self.model)
+        pairs, best = similar_pairs(self.similarity["pairs"], g.layer_types, self.start_layer, cfg.min_similarity)
+        if pairs:
+            return pairs
+        if best is None:
+            raise KVCompressError(
+                f"minicache: no two adjacent layers of the same attention type from layer {self.start_layer - 1} "
+                f"on (layer types: {list(g.layer_types)}); choose a smaller start_layer"
+            )
+        a, b = best["pair"]
+        raise KVCompressError(
+            f"minicache: no adjacent layer pair of this model is similar enough to merge safely: the most similar "
+            f"pair from layer {self.start_layer - 1} on, ({a}, {b}), has mean per-token cosine K {best['cos_k']:.3f}, "
+            f"V {best['cos_v']:.3f}; a pair merges when both reach min_similarity={cfg.min_similarity} (measured on "
+            f"{self.similarity.get('tokens', '?')} tokens of {self.similarity.get('source', 'calibration text')}). "
+            f"Merging dissimilar layers degrades the model badly. To merge anyway: select='depth' (the paper's pairs "
+            f"from start_layer={self.start_layer}: (S-1, S), (S+1, S+2), ...), or a lower min_similarity "
+            f"(e.g. min_similarity={math.floor(min(best['cos_k'], best['cos_v']) * 100) / 100:g} merges ({a}, {b}))"
+        )
+
+    def describe(self) -> str:
+        text = super().describe()
+        return f"{text}; pairs {self.pairs}" if self.config.selection == "similarity" else text
 
     def new_store(self) -> KVStore:
         return make_store(self.config.storage, self.geometry, **self.config.storage_options())

@@ -13,7 +13,9 @@ the adjacent-pair curves) under ``--out``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -22,9 +24,12 @@ from . import KeepAll, add_common_arguments
 from ..compat import cache_kwargs
 from ..cache import CompressedCache, ModelGeometry
 from ..config import check_positive_int, check_ratio
+from ..registry import KVCompressError
 from ..methods.minicache import retention_mask, unit
 
 DEFAULT_OUT = "results/profile-layers"
+SIMILARITY_TOKENS = 512  # tokens of the built-in calibration text behind MiniCache's default pair choice
+SIMILARITY_FORMAT = "kvcompress-layer-similarity/1"
 
 
 @torch.inference_mode()
@@ -78,6 +83,132 @@ def profile_layers(model, windows: torch.Tensor, gamma: float = 0.05) -> dict:
         "cos_v": cos_v.tolist(),
         "pairs": pairs,
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adjacent-pair similarity at make_cache time (MiniCache's default pair choice), cached per model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(model) -> str:
+    """sha256 over the model id, its geometry and the bytes of the first and last attention layers' k/v projection
+    weights: the same model gives the same key, another model (or other weights under the same name) another one."""
+    from ..observe import attention_modules
+
+    g = ModelGeometry.from_model(model)
+    h = hashlib.sha256(f"{g.model_id}|{g.num_layers}|{g.num_kv_heads}|{g.head_dim}|{list(g.layer_types)}".encode())
+    attn = attention_modules(model)
+    for i in (min(attn), max(attn)):
+        for proj in (attn[i].k_proj, attn[i].v_proj):
+            h.update(proj.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer_for(model):
+    """The model's tokenizer when one is on disk next to its weights (or it is an embedded/hub model), else None."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        from ..models import resolve
+
+        return AutoTokenizer.from_pretrained(str(resolve(name, progress=False)))
+    except Exception:  # noqa: BLE001 - no tokenizer to be found: fall back to text sampled from the model
+        return None
+
+
+def calibration_ids(model, tokens: int = SIMILARITY_TOKENS) -> tuple[torch.Tensor, str]:
+    """``(1, tokens)`` ids of the built-in calibration text and where they came from.
+
+    The text is the standard library's own prose (``pydoc_data.topics``, the Python reference's topic pages: always
+    installed, English prose with some code), tokenized by the model's tokenizer. A model with no tokenizer on disk
+    (e.g. one built from a config) gets ``tokens`` tokens sampled from itself instead (seed 0, temperature 1)."""
+    tok = _tokenizer_for(model)
+    if tok is not None:
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+        ids = tok(text[: 40 * tokens], return_tensors="pt").input_ids[:, :tokens]
+        if ids.shape[1] == tokens:
+            return ids, "pydoc_data.topics"
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (1, 1), generator=gen)
+    cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
+    with torch.inference_mode():
+        step = ids
+        for _ in range(tokens - 1):
+            logits = model(input_ids=step, **cache_kwargs(model, cache), use_cache=True).logits[:, -1].float()
+            step = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+            ids = torch.cat([ids, step], dim=1)
+    return ids, "sampled from the model (no tokenizer found)"
+
+
+def adjacent_similarity(model, tokens: int = SIMILARITY_TOKENS, use_cache: bool = True) -> dict:
+    """Mean per-token cosine similarity of K and of V of every adjacent layer pair on the built-in calibration text
+    (:func:`calibration_ids`): ``{"pairs": [{"pair": [l, l+1], "cos_k", "cos_v"}], "tokens", "source", ...}``.
+
+    Cost: one prefill of ``tokens`` tokens (plus, for a model without a tokenizer, sampling them). The result is kept
+    as JSON in ``$KVCOMPRESS_CACHE/layer-similarity/<fingerprint>.json`` (fingerprint over the model id, geometry and
+    some weights) and reused while the fingerprint and ``tokens`` match."""
+    from ..models import cache_dir
+
+    check_positive_int(tokens, "tokens", "layer similarity")
+    if tokens < 2:
+        raise KVCompressError("layer similarity: needs at least 2 calibration tokens")
+    key = _fingerprint(model)
+    path = cache_dir() / "layer-similarity" / f"{key[:32]}.json"
+    if use_cache and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("format") == SIMILARITY_FORMAT and cached.get("fingerprint") == key \
+                    and cached.get("tokens") == tokens:
+                return cached
+        except (OSError, ValueError):
+            pass  # unreadable: recompute and overwrite
+    ids, source = calibration_ids(model, tokens)
+    result = profile_layers(model, ids)
+    out = {
+        "format": SIMILARITY_FORMAT,
+        "fingerprint": key,
+        "model": result["model"],
+        "num_layers": result["num_layers"],
+        "tokens": tokens,
+        "source": source,
+        "token_ids_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "pairs": [{k: p[k] for k in ("pair", "types", "cos_k", "cos_v")} for p in result["pairs"]],
+    }
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache directory only costs the recomputation next time
+    return out
+
+
+def load_similarity(path, num_layers: int) -> dict:
+    """Read a ``layers.json`` written by ``kvcompress profile layers`` (or the cached similarity) for a model of
+    ``num_layers`` layers; one clear KVCompressError for anything else."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+        pairs = [{"pair": [int(x["pair"][0]), int(x["pair"][1])], "cos_k": float(x["cos_k"]),
+                  "cos_v": float(x["cos_v"])} for x in data["pairs"]]
+        layers = int(data["num_layers"])
+    except OSError as exc:
+        raise KVCompressError(f"layer similarity: cannot read {str(p)!r} ({exc})") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise KVCompressError(f"layer similarity: {str(p)!r} is not a layers.json written by "
+                              f"`kvcompress profile layers` ({exc!r})") from None
+    if layers != num_layers:
+        raise KVCompressError(f"layer similarity: {str(p)!r} profiles a {layers}-layer model, this one has "
+                              f"{num_layers} layers")
+    return {**data, "pairs": pairs, "source": str(p)}
 
 
 def markdown(result: dict) -> str:
