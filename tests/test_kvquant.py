@@ -197,13 +197,15 @@ def test_positions_are_not_stored_when_derivable(tiny_model):
 # -- bytes -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_bytes_equal_held_tensors_and_hand_formula(tiny_model, bits):
+@pytest.mark.parametrize("bits,token_range", [(2, "token"), (3, "token"), (4, "token"), (3, "head")])
+def test_bytes_equal_held_tensors_and_hand_formula(tiny_model, bits, token_range):
     b, n, h, d, sink = 2, 40, 2, 16, 1
-    with _prefill(tiny_model, _prompt(n, batch=b), nuq=False, bits=bits, outliers=0.0, sink=sink) as cache:
+    with _prefill(tiny_model, _prompt(n, batch=b), nuq=False, bits=bits, outliers=0.0, sink=sink,
+                  token_range=token_range) as cache:
         body = n - sink
         codes = 2 * b * h * body * math.ceil(d * bits / 8)  # packed K and V codes, uint8
-        v_stats = 2 * b * h * body * 2  # value scale + offset per token and head, fp16
+        groups = 1 if token_range == "token" else h  # value ranges per token (paper) or per token and head
+        v_stats = 2 * b * groups * body * 2  # value scale + offset, fp16
         k_stats = 2 * b * h * d * 2  # key offset + scale per channel (from the prompt, per batch row), fp16
         books = 2 * (1 << bits) * 4  # K and V codebooks, fp32
         sink_bytes = 2 * b * h * sink * d * 2
@@ -322,3 +324,93 @@ def test_smollm2_generate_4bit(smollm2, prose):
             if method == "kvquant":
                 assert cache.memory_report().ratio > 3.0
     assert torch.equal(outs["kvquant"][:4], outs["full"][:4])
+
+
+# -- the published recipe: per-token value ranges, outliers left out of the fit, calibration="auto" ---------------
+
+
+def test_value_ranges_are_per_token_over_all_heads(tiny_model):
+    """token_range="token" (default): one fp16 offset/scale per token over all KV heads, from its own values
+    (no outliers: min/max); "head" keeps one per token and head."""
+    n, b, h = 30, 2, 2
+    ids = _prompt(n, batch=b)
+    full = _prefill(tiny_model, ids, "full", dtype="float32")
+    with _prefill(tiny_model, ids, nuq=False, bits=4, outliers=0.0, sink=1) as cache:
+        layer = cache.layers[1]
+        assert layer.v.scale.shape == (b, 1, n - 1, 1) and layer.v.scale.dtype == torch.float16
+        v = full.layers[1].v[:, :, 1:].float()  # (b, h, n-1, d), as the layer received them
+        mx, mn = v.amax(dim=(1, 3), keepdim=True), v.amin(dim=(1, 3), keepdim=True)
+        assert torch.equal(layer.v.offset, ((mx + mn) / 2).half())
+        assert torch.equal(layer.v.scale, ((mx - mn) / 2).half())
+        err_token = (layer._read()[1][:, :, 1:] - v).abs().max()
+        step = float(layer.v.scale.float().max()) / 7.5  # 16 uniform levels over [-1, 1]
+        assert float(err_token) <= step / 2 * 1.01 + 1e-3
+    with _prefill(tiny_model, ids, nuq=False, bits=4, outliers=0.0, sink=1, token_range="head") as cache:
+        assert cache.layers[1].v.scale.shape == (b, h, n - 1, 1)
+
+
+def test_outliers_are_removed_before_normalizing_per_token_row():
+    from kvcompress.calibration.kvquant import normalized_inliers
+
+    x = torch.randn(12, 200, generator=torch.Generator().manual_seed(0))
+    xn, mask, lo, hi = normalized_inliers(x, 0.01, per_channel=False, heads=1)
+    assert lo is None and hi is None
+    assert torch.equal((~mask).sum(1), torch.full((12,), 2))  # round(200 * 0.005) = 1 above and 1 below per row
+    inl = xn.masked_fill(~mask, float("nan"))
+    assert torch.allclose(inl.nan_to_num(-9).amax(1), torch.ones(12), atol=2e-3)  # the thresholds map to +-1
+    assert torch.allclose(inl.nan_to_num(9).amin(1), -torch.ones(12), atol=2e-3)
+    xk, mk, lok, hik = normalized_inliers(x, 0.01, per_channel=True, heads=1)  # keys: per channel over tokens
+    assert lok.shape == (200,) and bool((mk.sum(0) >= 10).all())
+
+
+def test_outliers_do_not_enter_the_codebook_fit():
+    """The values stored sparse are left out of the Fisher-weighted k-means: giving them a huge Fisher weight changes
+    nothing (it would pull levels to +-1 if they were fitted)."""
+    from kvcompress.calibration.kvquant import _fit_all, normalized_inliers
+    from kvcompress.cache import ModelGeometry
+
+    gen = torch.Generator().manual_seed(0)
+    T, h, d = 400, 2, 64  # rows of 128 values: one outlier above and one below per token row at 1 %
+    g = ModelGeometry(1, 2, h, d, ("full_attention",), None, None, "x", torch.float32)
+    k, v = torch.randn(T, h * d, generator=gen), torch.randn(T, h * d, generator=gen) * 3
+    gk, fv = torch.rand(T, h * d, generator=gen), torch.rand(T, h * d, generator=gen)
+    layer = {"k": k.half(), "gk": gk, "v": v.half(), "fv": fv, "cos": None, "sin": None}
+    base = _fit_all([layer], g, [2], [0.01], 256, False)
+    heavy = dict(layer)
+    _, kmask, _, _ = normalized_inliers(k.half().float(), 0.01, True, h)
+    _, vmask, _, _ = normalized_inliers(v.half().float(), 0.01, False, 1)
+    assert (~kmask).any() and (~vmask).any()
+    heavy["gk"] = torch.where(kmask, gk, torch.full_like(gk, 1e4))
+    heavy["fv"] = torch.where(vmask, fv, torch.full_like(fv, 1e8))
+    again = _fit_all([heavy], g, [2], [0.01], 256, False)
+    for name in ("b2/o0.01/key_pre/codebook", "b2/o0.01/value_token/codebook"):
+        assert torch.equal(base[name][0], again[name][0]), name
+    # the perturbation has power: with no sparse part every value is fitted, and the heavy weights move the levels
+    light0, heavy0 = (_fit_all([x], g, [2], [0.0], 256, False) for x in (layer, heavy))
+    for name in ("b2/o0/key_pre/codebook", "b2/o0/value_token/codebook"):
+        assert float((light0[name][0] - heavy0[name][0]).abs().max()) > 0.05, name
+
+
+def test_auto_calibration_needs_a_tokenizer(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    with pytest.raises(KVCompressError, match="calibration='auto' needs the model's tokenizer"):
+        make_cache("kvquant", tiny_model, calibration="auto")
+
+
+@pytest.mark.model
+def test_auto_calibration_is_written_once_and_used_by_the_default_list(smollm2, tmp_path, monkeypatch):
+    import kvcompress.calibration.kvquant as kq
+    from kvcompress.evaluate.spec import default_specs
+
+    model, _ = smollm2
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(kq, "AUTO_SEQS", 2)
+    monkeypatch.setattr(kq, "AUTO_SEQ_LEN", 48)
+    with make_cache("kvquant", model, calibration="auto") as cache:
+        assert cache.method.calibration.meta["data"] == ["pydoc"] and cache.method.calibration.meta["auto"]
+    files = list((tmp_path / "kvquant").glob("*.safetensors"))
+    assert len(files) == 1 and files[0].with_suffix(".safetensors.json").is_file()
+    monkeypatch.setattr(kq, "calibrate", lambda *a, **k: pytest.fail("calibrated twice"))
+    specs, skipped = default_specs(model)
+    assert "kvquant:calibration=auto" in [s.label for s in specs]
+    assert "kvquant" not in [s["method"] for s in skipped]

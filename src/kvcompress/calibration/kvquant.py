@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..quant import fit_codebook, normalize_minmax, outlier_thresholds, quantize
 from ..registry import KVCompressError
 
 FORMAT = "kvcompress-kvquant-calibration/1"
-VARIANTS = ("key_pre", "key_post", "value")
+VARIANTS = ("key_pre", "key_post", "value", "value_token")  # value: ranges per token and head; value_token: per token
 ALLOWED_BITS = (2, 3, 4)
 
 
@@ -83,7 +84,7 @@ class Calibration:
         L, h, d, k = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, 1 << bits
         for which in VARIANTS:
             shapes = {"codebook": (L, k), "qnorm": (L, k)}
-            if which != "value":
+            if which.startswith("key"):
                 shapes |= {"lower": (L, h, d), "upper": (L, h, d)}
             for what, shape in shapes.items():
                 t = self.tensors.get(tensor_name(bits, o, which, what))
@@ -93,7 +94,7 @@ class Calibration:
 
     def layer_entry(self, bits: int, outliers: float, which: str, layer: int) -> dict[str, torch.Tensor]:
         o = self._outliers_key(outliers)
-        whats = ("codebook", "qnorm") + (("lower", "upper") if which != "value" else ())
+        whats = ("codebook", "qnorm") + (("lower", "upper") if which.startswith("key") else ())
         return {w: self.tensors[tensor_name(bits, o, which, w)][layer] for w in whats}
 
     def save(self, path) -> None:
@@ -214,7 +215,13 @@ def _rotate(rows: torch.Tensor, cos, sin, heads: int) -> torch.Tensor:
 
 def normalized_inliers(x: torch.Tensor, outliers: float, per_channel: bool, heads: int):
     """Normalize rows ``x (T, h*d)`` as the cache does; returns ``(xn, inlier mask, lower, upper)``
-    (``lower/upper``: per-channel thresholds ``(h*d,)``, or None for per-token)."""
+    (``lower/upper``: per-channel thresholds ``(h*d,)``, or None for per-token).
+
+    The recipe: the outliers (``outliers / 2`` of the values above an upper and as many below a lower threshold --
+    per channel over the tokens for keys, per token row for values) are removed *before* normalizing; the rest is
+    mapped to [-1, 1] by offset ``(upper + lower) / 2`` and half-range ``(upper - lower) / 2``. Per token with
+    ``heads == 1`` (``token_range="token"``) that range is the row's thresholds; with ``heads > 1``
+    (``token_range="head"``) each head's min/max after clamping. ``mask`` is False for the outliers."""
     if per_channel:
         if outliers > 0:
             lo, hi = outlier_thresholds(x, outliers, axis=0)
@@ -240,9 +247,11 @@ def fit_levels(xn: torch.Tensor, weights: torch.Tensor, bits: int, bins: int = 4
     """Fisher-weighted k-means levels of ``xn`` (values in [-1, 1]) and their Q-Norm version:
     ``(codebook, qnorm)`` each ``(2**bits,)``.
 
-    All values are used: they are binned into ``bins`` equal bins over [-1, 1] (bin = weighted mean of its values,
-    weight = summed Fisher), and the weighted 1-D k-means (``fit_codebook``) runs on the bins -- the same
-    objective up to the within-bin spread (bin width 2/bins), at a fraction of the cost.
+    Every value *given* is used -- the caller passes the inliers only (``xn[mask]`` of :func:`normalized_inliers`:
+    the values the sparse part will hold exactly are left out of the fit, as in the paper). They are binned into
+    ``bins`` equal bins over [-1, 1] (bin = weighted mean of its values, weight = summed Fisher), and the weighted
+    1-D k-means (``fit_codebook``) runs on the bins -- the same objective up to the within-bin spread (bin width
+    2/bins), at a fraction of the cost.
     """
     x = xn.double().clamp(-1, 1)
     w = weights.double()
@@ -264,7 +273,8 @@ def _fit_all(layers: list[dict], g, bits: list[int], outliers: list[float], bins
 
     tensors: dict[str, list] = {}
     for li, layer in enumerate(tqdm(layers, desc="kvquant: codebooks", disable=not progress)):
-        variants = {"key_pre": (layer["k"].float(), layer["gk"].square()), "value": (layer["v"].float(), layer["fv"])}
+        variants = {"key_pre": (layer["k"].float(), layer["gk"].square()), "value": (layer["v"].float(), layer["fv"]),
+                    "value_token": (layer["v"].float(), layer["fv"])}
         if layer["cos"] is not None:
             variants["key_post"] = (_rotate(layer["k"], layer["cos"], layer["sin"], g.num_kv_heads),
                                     _rotate(layer["gk"], layer["cos"], layer["sin"], g.num_kv_heads).square())
@@ -272,7 +282,8 @@ def _fit_all(layers: list[dict], g, bits: list[int], outliers: list[float], bins
             variants["key_post"] = variants["key_pre"]
         for o in outliers:
             for which, (x, fisher) in variants.items():
-                xn, mask, lo, hi = normalized_inliers(x, o, which != "value", g.num_kv_heads)
+                heads = 1 if which == "value_token" else g.num_kv_heads  # value_token: one range per token
+                xn, mask, lo, hi = normalized_inliers(x, o, which.startswith("key"), heads)
                 if lo is not None:
                     for what, t in (("lower", lo), ("upper", hi)):
                         tensors.setdefault(tensor_name(bits[0], o, which, what), []).append(
@@ -336,6 +347,63 @@ def calibrate(model, input_ids: torch.Tensor, bits=(3,), outliers=(0.0, 0.01), e
         **(data_info or {}),
     }
     return Calibration(meta, stacked)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# calibration="auto": calibrate once per model on built-in text, cached
+# --------------------------------------------------------------------------------------------------------------------
+
+AUTO_SEQS, AUTO_SEQ_LEN = 16, 1024  # 16 x 1k tokens (the paper: 16 x 2k of WikiText-2 train)
+AUTO_BITS, AUTO_OUTLIERS = (2, 3, 4), (0.0, 0.01)
+
+
+def auto_calibration_path(model) -> Path:
+    """Where ``calibration="auto"`` keeps this model's file: ``$KVCOMPRESS_CACHE/kvquant/<fingerprint>.safetensors``
+    (fingerprint over the model id, geometry and some weights: see :func:`kvcompress.profiles.layers._fingerprint`)."""
+    from ..models import cache_dir
+    from ..profiles.layers import _fingerprint
+
+    return cache_dir() / "kvquant" / f"{_fingerprint(model)[:32]}-auto.safetensors"
+
+
+def auto_calibration(model, progress: bool = True) -> Path:
+    """The path of this model's cached automatic calibration, written on first use: Fisher + thresholds + codebooks
+    for bits 2/3/4 and outliers 0/1 % from ``AUTO_SEQS`` x ``AUTO_SEQ_LEN`` tokens of the standard library's pydoc
+    topics (always installed, never an evaluation text), tokenized by the model's own tokenizer."""
+    import sys
+
+    from ..profiles.layers import _tokenizer_for
+
+    path = auto_calibration_path(model)
+    if path.is_file():
+        try:
+            load_calibration(path)
+            return path
+        except KVCompressError:
+            pass  # unreadable: calibrate again
+    tok = _tokenizer_for(model)
+    if tok is None:
+        raise KVCompressError("kvquant: calibration='auto' needs the model's tokenizer on disk (load the model with "
+                              "kvcompress.load_model or from a directory); or write a file with "
+                              "`kvcompress calibrate kvquant` and pass calibration=PATH")
+    text = read_text(["pydoc"])
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    if ids.numel() < AUTO_SEQS * AUTO_SEQ_LEN:
+        raise KVCompressError(f"kvquant: the built-in calibration text has only {ids.numel()} tokens for this "
+                              "tokenizer; pass calibration=PATH")
+    starts = torch.linspace(0, ids.numel() - AUTO_SEQ_LEN, AUTO_SEQS).long()
+    seqs = torch.stack([ids[s : s + AUTO_SEQ_LEN] for s in starts])
+    if progress:
+        print(f"kvquant: calibrating this model once on {AUTO_SEQS} x {AUTO_SEQ_LEN} tokens of pydoc topics "
+              f"(cached in {path})", file=sys.stderr, flush=True)
+    info = {"data": ["pydoc"], "data_sha256": hashlib.sha256(text.encode()).hexdigest(), "data_tokens": int(ids.numel()),
+            "auto": True}
+    cal = calibrate(model, seqs, AUTO_BITS, AUTO_OUTLIERS, 1, data_info=info)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    cal.save(tmp)
+    tmp.replace(path)
+    tmp.with_suffix(tmp.suffix + ".json").replace(path.with_suffix(path.suffix + ".json"))
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------

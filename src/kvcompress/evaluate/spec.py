@@ -73,17 +73,20 @@ def needs_calibration(method_cls) -> bool:
 
 
 def default_specs(model) -> tuple[list[MethodSpec], list[dict]]:
-    """Every registered method with its default options; methods that need calibration (or otherwise cannot
-    be built with defaults on this model) are skipped and returned with the reason."""
+    """Every registered method with its default options (plus the method's ``default_options``, e.g. kvquant's
+    ``calibration="auto"``: calibrated once per model on first use, cached); methods that need calibration (or
+    otherwise cannot be built with defaults on this model) are skipped and returned with the reason."""
     from ..registry import _METHOD_MODULES
 
     specs, skipped = [], []
     order = {n: i for i, n in enumerate(_METHOD_MODULES)}
     for name, cls in sorted(list_methods().items(), key=lambda kv: order.get(kv[0], len(order))):
-        if needs_calibration(cls):
+        extra = dict(getattr(cls, "default_options", None) or {})
+        if needs_calibration(cls) and not extra:
             skipped.append({"method": name, "reason": "needs a calibration file (no default); pass it explicitly"})
             continue
-        spec = MethodSpec(name, (), name)
+        label = name + (":" + ",".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+        spec = MethodSpec(name, tuple(extra.items()), label)
         try:
             with spec.make(model):
                 pass

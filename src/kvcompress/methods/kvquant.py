@@ -17,7 +17,8 @@ model's own rotary module for the stored positions. Positions are derivable (not
 
 Held per layer: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 for K and V (3 bits: a 2-bit and a 1-bit
 plane, the same bytes when 8 divides head_dim); value scale/offset
-``(b, h, n, 1)`` fp16 (also for keys when ``per_channel_keys=False``); the per-channel key range
+``(b, 1, n, 1)`` fp16 (one range per token over all KV heads, as in the paper; ``token_range="head"``: ``(b, h, n, 1)``)
+(also for keys when ``per_channel_keys=False``); the per-channel key range
 ``(h*d,)`` fp16 x2 (calibration) or ``(b, h*d)`` (prompt); codebooks; outliers as CSR rows
 (row = (token, batch row), width = h*d): per-row counts (uint8 / int16), column (uint8 / int16) and fp16
 value per outlier; the fp16 sink. Sliding-window layers (Gemma-3) are quantized the same way and evict
@@ -39,6 +40,7 @@ from .kvquant_store import Positions, QuantStream, RopeTable, PositionObserver
 
 MIN_PROMPT_TOKENS = 16  # key_stats="prompt": tokens needed before the per-channel ranges are fixed
 KEY_STATS = ("auto", "calibration", "prompt")
+TOKEN_RANGES = ("token", "head")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,9 +57,10 @@ class KVQuantConfig:
     pre_rope: bool = True  # quantize keys before RoPE, re-rotate on read
     nuq: bool = True  # calibrated non-uniform codebook (needs calibration); False: uniform levels
     qnorm: bool = False  # Q-Norm: centroids corrected to keep the mean/std of the data (needs calibration)
-    calibration: str | None = None  # path of a file written by `kvcompress calibrate kvquant`
+    calibration: str | None = None  # file of `kvcompress calibrate kvquant`, or "auto": calibrate once per model, cached
     key_stats: str = "auto"  # per-channel key ranges from: calibration | prompt | auto (calibration if a file)
     quantize_sliding: bool = True  # quantize sliding-window layers too (False: plain fp16 window)
+    token_range: str = "token"  # per-token streams (values): one range per token over all KV heads | head: per head
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4), "kvquant")
@@ -69,6 +72,8 @@ class KVQuantConfig:
         for name in ("per_channel_keys", "pre_rope", "nuq", "qnorm", "quantize_sliding"):
             if not isinstance(getattr(self, name), bool):
                 raise KVCompressError(f"kvquant: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.token_range not in TOKEN_RANGES:
+            raise KVCompressError(f"kvquant: token_range={self.token_range!r} is not one of {list(TOKEN_RANGES)}")
         if self.key_stats not in KEY_STATS:
             raise KVCompressError(f"kvquant: key_stats={self.key_stats!r} is not one of {list(KEY_STATS)}")
         if self.calibration is not None and not isinstance(self.calibration, (str, Path)):
@@ -115,8 +120,9 @@ class KVQuantLayer(KVLayer):
         kb, vb = method.books(layer_idx)
         h, d = g.num_kv_heads, g.head_dim
         self.k = QuantStream(cfg.bits, cfg.outliers, kb["codebook"], kb["decode"], h, d, cfg.per_channel_keys,
-                             kb.get("lower"), kb.get("upper"))
-        self.v = QuantStream(cfg.bits, cfg.outliers, vb["codebook"], vb["decode"], h, d, per_channel=False)
+                             kb.get("lower"), kb.get("upper"), token_range=cfg.token_range)
+        self.v = QuantStream(cfg.bits, cfg.outliers, vb["codebook"], vb["decode"], h, d, per_channel=False,
+                             token_range=cfg.token_range)
         self.head_k = self.head_v = None  # sink: (b, h, s, d) 2-byte floats, post-RoPE
         self.pend_k = None  # key_stats="prompt": keys waiting for the per-channel range, (b, h, p, d) 2-byte
         self.pos = Positions()
@@ -233,6 +239,7 @@ class KVQuant(Method):
                "dense-and-sparse outliers, fp16 sink")
     Config = KVQuantConfig
     test_options = {"nuq": False, "bits": 4, "sink": 2}
+    default_options = {"calibration": "auto"}  # `kvcompress eval` default list: calibrate on first use (cached)
     noop_options = None  # every setting quantizes
 
     def validate(self) -> None:
@@ -240,9 +247,10 @@ class KVQuant(Method):
         self.observer = None
         self.calibration = None
         if cfg.calibration is not None:
-            from ..calibration.kvquant import load_calibration
+            from ..calibration.kvquant import auto_calibration, load_calibration
 
-            self.calibration = load_calibration(cfg.calibration)
+            path = auto_calibration(self.model) if cfg.calibration == "auto" else cfg.calibration
+            self.calibration = load_calibration(path)
             self.calibration.check(g, cfg.bits, cfg.outliers)
         if cfg.pre_rope:
             from ..observe import attention_modules
@@ -254,7 +262,8 @@ class KVQuant(Method):
         """Per-layer ``{codebook, decode[, lower, upper]}`` for keys and for values (own copies: counted per layer)."""
         cfg, cal = self.config, self.calibration
         out = []
-        for which in ("key_pre" if cfg.pre_rope else "key_post", "value"):
+        value = "value_token" if cfg.token_range == "token" else "value"
+        for which in ("key_pre" if cfg.pre_rope else "key_post", value):
             cb = dec = torch.linspace(-1.0, 1.0, 1 << cfg.bits)
             book = {}
             if cal is not None:
@@ -263,7 +272,7 @@ class KVQuant(Method):
                     cb = dec = entry["codebook"]
                 if cfg.qnorm:
                     dec = entry["qnorm"]
-                if which != "value" and cfg.channel_stats_from == "calibration":
+                if which.startswith("key") and cfg.channel_stats_from == "calibration":
                     book["lower"], book["upper"] = entry["lower"].reshape(-1), entry["upper"].reshape(-1)
             book["codebook"] = cb.clone()
             book["decode"] = book["codebook"] if dec is cb else dec.clone()

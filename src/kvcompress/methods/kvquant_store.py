@@ -20,6 +20,7 @@ from ..quant import (
     split_outliers,
     unpack_bits,
 )
+from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
 
 
@@ -164,12 +165,16 @@ class QuantStream:
     """Quantized K or V of the stored tokens.
 
     ``per_channel``: rows are normalized with the fixed per-channel range ``lower/upper`` ``(1|b, width)``
-    (given, or fixed by :meth:`fix_range` from data); else per token and head (``normalize_minmax``).
+    (given, or fixed by :meth:`fix_range` from data); else per token: ``token_range="token"`` one range per token
+    over all KV heads (the paper: its outlier thresholds, or min/max without outliers; scale/offset ``(b, 1, n, 1)``),
+    ``"head"`` one per token and KV head (min/max of the row after the outliers left; ``(b, h, n, 1)``).
     ``codebook`` assigns codes, ``decode_book`` reconstructs (different only with Q-Norm).
     """
 
-    def __init__(self, bits, fraction, codebook, decode_book, heads, head_dim, per_channel, lower=None, upper=None):
+    def __init__(self, bits, fraction, codebook, decode_book, heads, head_dim, per_channel, lower=None, upper=None,
+                 token_range="token"):
         self.bits, self.fraction, self.h, self.d = bits, fraction, heads, head_dim
+        self.token_range = token_range
         self.codebook, self.decode_book = codebook, decode_book
         self.per_channel = per_channel
         self.planes: list[torch.Tensor] = []  # packed codes, each (b, h, n, bytes) uint8 (see pack_planes)
@@ -218,6 +223,16 @@ class QuantStream:
             s = self.scale.float().unsqueeze(0)
             xn = ((rows - self.offset.float().unsqueeze(0)) / torch.where(s > 0, s, torch.ones_like(s))).clamp(-1, 1)
             codes = quantize_codebook(from_rows(xn, h).contiguous(), self.codebook)
+        elif self.token_range == "token":  # one range per token (rows are clamped to the thresholds: min/max = them)
+            mn, mx = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)  # (q, b, 1)
+            offset, scale = ((mx + mn) / 2).half(), ((mx - mn) / 2).half()
+            check_fp16_finite(offset, scale)
+            s = scale.float()
+            xn = (rows - offset.float()) / torch.where(s > 0, s, torch.ones_like(s))
+            codes = quantize_codebook(from_rows(xn, h).contiguous(), self.codebook)
+            scale, offset = scale.permute(1, 2, 0).unsqueeze(-1), offset.permute(1, 2, 0).unsqueeze(-1)  # (b, 1, q, 1)
+            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
+            self.offset = offset if self.offset is None else torch.cat([self.offset, offset], dim=2)
         else:
             xn, scale, offset = normalize_minmax(from_rows(rows, h).contiguous(), axis=-1)
             codes = quantize_codebook(xn, self.codebook)
