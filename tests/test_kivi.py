@@ -148,12 +148,15 @@ def test_closeness_to_full_cache(tiny_model):
     ids = torch.randint(0, 128, (2, 45), generator=torch.Generator().manual_seed(3))
     full = forced_logits(tiny_model, ids, make_cache("full", tiny_model), 40)
     noop = kvcompress.list_methods()["kivi"].noop_options
-    assert torch.equal(forced_logits(tiny_model, ids, make_cache("kivi", tiny_model, **noop), 40), full)
+    # KIVI attends by itself (chunked fp32 online softmax) where the full cache uses transformers' sdpa: the same
+    # sums in another order
+    torch.testing.assert_close(forced_logits(tiny_model, ids, make_cache("kivi", tiny_model, **noop), 40), full,
+                               rtol=0, atol=2e-5)
     err = {}
     for bits in (8, 4, 2):
         got = forced_logits(tiny_model, ids, make_cache("kivi", tiny_model, bits=bits, group_size=8, residual=16), 40)
         err[bits] = (got - full).abs().max().item()
-        assert torch.equal(got[:, 0], full[:, 0])  # the prompt attends to itself at full precision
+        torch.testing.assert_close(got[:, 0], full[:, 0], rtol=0, atol=2e-5)  # the prompt attends to itself at full precision
     assert 0 < err[8] < 2e-2 and err[8] < err[4] < err[2]
 
 

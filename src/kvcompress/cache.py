@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention.interface import LAYER_MARK
+from .attention.interface import install as install_attention
 from .registry import KVCompressError, build_config, get_method
 
 FP16_BYTES = 2
@@ -112,6 +114,9 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    #: True: the layer computes its own attention over its stored parts (:meth:`attend_step`); False: it returns
+    #: dense K/V from :meth:`store` and transformers attends
+    attends = False
 
     def __init__(self, geometry: ModelGeometry, layer_idx: int):
         super().__init__()
@@ -120,6 +125,7 @@ class KVLayer(CacheLayerMixin):
         self.seen = 0  # logical tokens seen
         self.batch_size = 0
         self.peak_transient_bytes = 0  # largest dequantized copy handed to attention
+        self._pending = None  # the step's new K/V between update() and attend() (layers with ``attends``)
 
     # -- transformers contract -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -135,12 +141,50 @@ class KVLayer(CacheLayerMixin):
                 f"batch size changed from {self.batch_size} to {key_states.shape[0]} inside one cache; "
                 "make a new cache per batch"
             )
+        if self.attends:
+            return self._hand_to_attention(key_states, value_states)
         keys, values = self.store(key_states, value_states)
         self.seen += key_states.shape[-2]
         held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
         transient = sum(t.numel() * t.element_size() for t in (keys, values) if t.data_ptr() not in held)
         self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
         return keys, values
+
+    # -- layers that attend by themselves (attends = True) ------------------------------------------------------------
+    def _hand_to_attention(self, key_states, value_states):
+        """Keep the step's new ``(b, kv_heads, q, d)`` K/V until :meth:`attend`, and mark them so that kvcompress's
+        attention function (:mod:`kvcompress.attention.interface`) calls :meth:`attend` of this layer."""
+        if self._pending is not None:
+            raise KVCompressError(
+                f"layer {self.layer_idx}: the previous step's attention did not go through kvcompress (the model's "
+                "attention implementation was changed after make_cache?); make a new cache"
+            )
+        self._pending = (key_states, value_states)
+        setattr(key_states, LAYER_MARK, self)
+        return key_states, value_states
+
+    def attend(self, query, keys, values, padding, scaling: float) -> torch.Tensor:
+        """Called by the attention function: ``query (b, heads, q, d)``, the marked new ``keys``/``values``
+        ``(b, kv_heads, q, d)``, ``padding``: the forward's 2-D mask ``(b, tokens)`` bool or None. Updates the
+        compressed state and returns the attention output ``(b, q, heads, d)``."""
+        if self._pending is None or self._pending[0] is not keys:
+            raise KVCompressError(f"layer {self.layer_idx}: attention was asked for keys this layer did not hand out")
+        self._pending = None
+        q = keys.shape[2]
+        new_valid = None
+        if padding is not None:
+            new_valid = padding[:, -q:].to(device=keys.device, dtype=torch.bool)
+            if bool(new_valid.all()):
+                new_valid = None
+        output, transient = self.attend_step(query, keys, values, new_valid, scaling)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
+        self.seen += q
+        return output
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        """Attend over the stored parts plus the new tokens, then update the state; ``new_valid (b, q)`` bool or
+        None (no padding). Returns ``(output (b, q, heads, d), transient bytes)``. Layers with ``attends``."""
+        raise NotImplementedError
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -154,6 +198,8 @@ class KVLayer(CacheLayerMixin):
                 f"this cache already holds {self.seen} tokens and the forward brings no new one: a cache serves one "
                 "sequence (batch); pass only the new tokens, or make a new cache with make_cache() per generate call"
             )
+        if self.attends:  # the mask only carries the new tokens' padding; the layer masks its own past
+            return query_length, self.seen
         kept = self.kept_length()
         return kept + query_length, max(self.seen - kept, 0)
 
@@ -223,12 +269,14 @@ class FullLayer(KVLayer):
 
 
 class StoreLayer(KVLayer):
-    """A full-attention layer whose past K/V live in a ``KVStore`` (kivi codes, fp16, ...): attention sees the
-    store's read-back of the past plus the new tokens rounded to the store's 2-byte dtype."""
+    """A full-attention layer whose past K/V live in a ``KVStore`` (kivi codes, fp16, ...). With ``attends`` (set by
+    a subclass) it attends over the store's parts chunk by chunk (:meth:`attend_step`); otherwise attention sees
+    the store's read-back of the past plus the new tokens rounded to the store's 2-byte dtype."""
 
     def __init__(self, geometry: ModelGeometry, layer_idx: int, kv_store):
         super().__init__(geometry, layer_idx)
         self.kv = kv_store
+        self.valid: torch.Tensor | None = None  # (batch, 1, stored) bool once padding was seen; None = all real
 
     def store(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``(b, h, seen + q, d)``: read-back past | new tokens at 2-byte precision."""
@@ -240,8 +288,28 @@ class StoreLayer(KVLayer):
         self.kv.append(key_states, value_states)
         return new_k, new_v
 
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from .attention import KVPart, attend_parts
+
+        sd = self.kv.dtype
+        parts, offset = self.kv.parts(), 0
+        for part in parts:
+            if self.valid is not None:
+                part.valid = self.valid[:, :, offset : offset + part.length]
+            offset += part.length
+        nv = None if new_valid is None else new_valid[:, None, :]
+        result = attend_parts(query, [*parts, KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)], scaling)
+        if new_valid is not None or self.valid is not None:
+            b, q = keys.shape[0], keys.shape[2]
+            nv = torch.ones(b, 1, q, dtype=torch.bool, device=keys.device) if nv is None else nv
+            if self.valid is None:
+                self.valid = torch.ones(b, 1, len(self.kv), dtype=torch.bool, device=keys.device)
+            self.valid = torch.cat([self.valid, nv], dim=-1)
+        self.kv.append(keys, values)
+        return result.output, result.transient_bytes
+
     def held_tensors(self):
-        return self.kv.held_tensors()
+        return [*self.kv.held_tensors(), self.valid]
 
 
 class SlidingWindowLayer(FullLayer):
@@ -380,6 +448,8 @@ class CompressedCache(Cache):
         if len(layers) != self.geometry.num_layers:
             raise KVCompressError(f"{method.name} built {len(layers)} layers for a {self.geometry.num_layers}-layer model")
         super().__init__(layers=layers)
+        if any(layer.attends for layer in layers):
+            install_attention(model)
         self.observer = method.install_hooks(self)
 
     # -- accounting --------------------------------------------------------------------------------------------------

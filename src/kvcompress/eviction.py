@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import grouped_probs
+from .attention import KVPart, attend_parts, grouped_probs
 from .cache import KVLayer, ModelGeometry
 from .config import check_positive_int
 from .registry import KVCompressError
@@ -97,10 +97,15 @@ def window_scores(
     over the prompt keys ``(b, kv_heads, k, d)``, summed over the window and over each KV group's query heads,
     then pooled along the tokens *before* the window (as SnapKV does; the window's own ``w`` scores are left
     unpooled — callers keep the window anyway). Returns fp32 ``(b, kv_heads, k)``."""
-    scores = received_attention(query, keys, scaling)
-    w = query.shape[-2]
-    prefix = scores.shape[-1] - w
+    return pool_window_scores(received_attention(query, keys, scaling), query.shape[-2], pool, kernel)
+
+
+def pool_window_scores(scores: torch.Tensor, window: int, pool: str = "avg", kernel: int = 5) -> torch.Tensor:
+    """Pool ``scores (b, kv_heads, k)`` along the tokens before the last ``window`` (SnapKV); the window's own
+    scores are left as they are."""
+    prefix = scores.shape[-1] - window
     if prefix > 0:
+        scores = scores.clone()
         scores[..., :prefix] = pool_scores(scores[..., :prefix], pool, kernel)
     return scores
 
@@ -162,11 +167,20 @@ class EvictionLayer(KVLayer):
         self.token_state: dict[str, torch.Tensor] = {}
         self.storage = storage
         self.committed = False
+        self.valid: torch.Tensor | None = None  # (batch, kv_heads, stored) bool once padding was seen; None = all real
 
     # -- adding and dropping tokens ---------------------------------------------------------------------------------
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``(b, kv_heads, q, d)`` new tokens; return all stored tokens ``[kept | new]`` in the compute dtype."""
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, new_valid: torch.Tensor | None = None,
+               read_back: bool = True):
+        """Add ``(b, kv_heads, q, d)`` new tokens (``new_valid (b, q)``: False = padding, None = all real); return
+        all stored tokens ``[kept | new]`` in the compute dtype (None with ``read_back=False``)."""
         b, h, q, _ = key_states.shape
+        if new_valid is not None or self.valid is not None:
+            nv = torch.ones(b, q, dtype=torch.bool, device=key_states.device) if new_valid is None else new_valid
+            nv = nv[:, None, :].expand(b, h, q)
+            if self.valid is None:
+                self.valid = torch.ones(b, h, self.kept_length(), dtype=torch.bool, device=key_states.device)
+            self.valid = torch.cat([self.valid, nv], dim=-1)
         if self.track_positions:
             pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=key_states.device)
             pos = pos.expand(b, h, q)
@@ -176,12 +190,12 @@ class EvictionLayer(KVLayer):
             self.token_state[name] = torch.cat([state, pad], dim=2)
         if self.committed:
             self.storage.append(key_states, value_states)
-            return self.storage.read(key_states.dtype)
+            return self.storage.read(key_states.dtype) if read_back else None
         dt = self.geometry.storage_dtype
         k, v = key_states.to(dt), value_states.to(dt)
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k.to(key_states.dtype), self.v.to(value_states.dtype)
+        return (self.k.to(key_states.dtype), self.v.to(value_states.dtype)) if read_back else None
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only the stored tokens at ``indices`` — ``(n,)`` (same for all rows and heads) or
@@ -204,6 +218,8 @@ class EvictionLayer(KVLayer):
         else:
             raise KVCompressError(f"keep() needs (n,) or (batch, kv_heads, n) indices, got {tuple(indices.shape)}")
         self.k, self.v = take(self.k), take(self.v)
+        if self.valid is not None:
+            self.valid = take(self.valid)
         if self.positions is not None:
             self.positions = take(self.positions)
         self.token_state = {name: take(t) for name, t in self.token_state.items()}
@@ -233,8 +249,46 @@ class EvictionLayer(KVLayer):
             return len(self.storage)
         return 0 if self.k is None else self.k.shape[-2]
 
+    # -- attending by itself (subclasses set ``attends = True`` and implement :meth:`after_attention`) ---------------
+    def past_parts(self) -> list[KVPart]:
+        """The kept tokens as attention parts (the store's parts once committed), with their validity."""
+        if self.committed:
+            parts, offset = [], 0
+            for part in self.storage.parts():
+                if self.valid is not None:
+                    part.valid = self.valid[:, :, offset : offset + part.length]
+                offset += part.length
+                parts.append(part)
+            return parts
+        if self.k is None or not self.k.shape[2]:
+            return []
+        return [KVPart.dense(self.k, self.v, self.valid)]
+
+    def probs_wanted(self, q: int) -> int:
+        """How many of the step's last queries' attention probabilities :meth:`after_attention` needs (0: none)."""
+        return 0
+
+    def after_attention(self, probs: torch.Tensor | None, q: int) -> None:
+        """Evict after the step's tokens were appended; ``probs (b, kv_heads, group, probs_wanted, kept)`` fp32 over
+        the stored tokens in order (the new ones last), or None."""
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        dt = self.geometry.storage_dtype
+        nv = None if new_valid is None else new_valid[:, None, :]
+        new = KVPart.dense(keys.to(dt), values.to(dt), nv, causal=True)
+        result = attend_parts(query, [*self.past_parts(), new], scaling, probs_last=self.probs_wanted(keys.shape[2]))
+        self.append(keys, values, new_valid, read_back=False)
+        self.after_attention(result.probs, keys.shape[2])
+        return result.output, result.transient_bytes
+
+    def selection_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores (b, kv_heads, kept)`` with padding made the first to go (-inf)."""
+        if self.valid is None:
+            return scores
+        return scores.masked_fill(~self.valid, float("-inf"))
+
     def held_tensors(self) -> list[torch.Tensor | None]:
-        held = [self.k, self.v, self.positions, *self.token_state.values()]
+        held = [self.k, self.v, self.valid, self.positions, *self.token_state.values()]
         if self.storage is not None:
             held += self.storage.held_tensors()
         return held
@@ -254,6 +308,7 @@ __all__ = [
     "StorageOptions",
     "check_pool",
     "pool_scores",
+    "pool_window_scores",
     "received_attention",
     "topk_keep",
     "window_scores",

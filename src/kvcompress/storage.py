@@ -51,6 +51,16 @@ class KVStore:
     def held_tensors(self) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
+    def parts(self) -> list:
+        """The stored tokens as :class:`kvcompress.attention.KVPart` s in token order (read chunk by chunk by the
+        attention path). Default: one dense part over :meth:`read` (a store without a chunked reader)."""
+        from .attention import KVPart
+
+        if not len(self):
+            return []
+        k, v = self.read(torch.float32)
+        return [KVPart.dense(k, v, kind=type(self).__name__)]
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -76,6 +86,11 @@ class FP16Store(KVStore):
 
     def read(self, dtype=torch.float32):
         return self.k.to(dtype), self.v.to(dtype)
+
+    def parts(self):
+        from .attention import KVPart
+
+        return [] if self.k is None else [KVPart.dense(self.k, self.v, kind="fp16")]
 
     def held_tensors(self):
         return [self.k, self.v]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.interface import inner_of
 from ..cache import KVLayer, Method
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
@@ -74,6 +75,7 @@ class FastGen(Method):
         special_ids: tuple | None = None  # explicit special token ids (override the tokenizer's)
         punct_ids: tuple | None = None  # explicit punctuation token ids (override the tokenizer's)
         chunk: int = 256  # prompt queries per profiling chunk (transient map: kv_heads x group x chunk x length)
+        local_always: bool = False  # refinement (not the paper): adaptive heads choose only among hybrids with local
 
         def __post_init__(self):
             check_ratio(self.recovery, "recovery", "fastgen", high_open=False)
@@ -81,6 +83,8 @@ class FastGen(Method):
             check_ratio(self.frequent, "frequent", "fastgen")
             parse_policy(self.policy)
             check_positive_int(self.chunk, "chunk", "fastgen")
+            if not isinstance(self.local_always, bool):
+                raise KVCompressError(f"fastgen: local_always must be True or False, got {self.local_always!r}")
             object.__setattr__(self, "special_ids", _check_ids(self.special_ids, "special_ids"))
             object.__setattr__(self, "punct_ids", _check_ids(self.punct_ids, "punct_ids"))
             tok = self.tokenizer
@@ -92,7 +96,7 @@ class FastGen(Method):
         text_cfg = self.model.config.get_text_config(decoder=True)
         if getattr(text_cfg, "attn_logit_softcapping", None):
             raise KVCompressError("fastgen: models with attention logit softcapping are not supported")
-        impl = self.model.config._attn_implementation or "eager"
+        impl = inner_of(self.model)
         if impl not in ("sdpa", "eager"):
             raise KVCompressError(f"fastgen runs on sdpa or eager attention; this model uses {impl!r}")
         self.forced = parse_policy(self.config.policy)
@@ -286,7 +290,7 @@ class FastGenLayer(KVLayer):
                 colsum, bandcol = column_stats(query[r][:, idx], key[r][:, idx], scaling, cfg.local, cfg.chunk, band=adaptive)
                 if adaptive:
                     recs.append(recoveries(colsum, bandcol, special, punct, cfg.frequent))
-                pols = choose(recs[-1], cfg.recovery) if adaptive else [self.forced] * kv
+                pols = choose(recs[-1], cfg.recovery, cfg.local_always) if adaptive else [self.forced] * kv
             else:
                 pols = [self.forced] * kv
             keep, prot = prompt_keep(pols, special, punct, colsum, cfg.local, cfg.frequent)

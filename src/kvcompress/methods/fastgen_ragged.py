@@ -23,6 +23,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..attention.interface import inner_of
 from ..compat import uses_cache
 from ..observe import attention_modules
 from ..registry import KVCompressError
@@ -171,7 +172,7 @@ class FastGenHooks:
         self.inputs = inputs
         modules = attention_modules(model)
         self.config = modules[layers[0]].config if layers else model.config
-        self.name = register(self.config._attn_implementation or "eager")
+        self.name = register(inner_of(model))
         self._saved: str | None = None
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         self._handles = [

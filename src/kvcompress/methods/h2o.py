@@ -1,7 +1,7 @@
 """``h2o``: Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023) — keep the tokens that received the most
 cumulative attention ("heavy hitters") plus the most recent tokens. The cache holds ``heavy + recent`` tokens
-(sized from the prompt) per KV head; every forward adds the step's attention probabilities (recomputed from the
-step's queries against the returned keys, summed over the query heads of each KV group) to the kept tokens'
+(sized from the prompt) per KV head; every forward adds the step's attention probabilities (from the
+step's own attention, summed over the query heads of each KV group) to the kept tokens'
 scores, then evicts down to the budget. Scores are held per token and follow it through evictions.
 """
 
@@ -13,8 +13,7 @@ import torch
 
 from ..cache import Method
 from ..config import check_budget, resolve_budget
-from ..eviction import EvictionLayer, received_attention, topk_keep
-from ..observe import Observer
+from ..eviction import EvictionLayer, topk_keep
 from ..registry import register
 
 
@@ -48,15 +47,13 @@ class H2O(Method):
             return self.sliding_layer(layer_idx)
         return H2OLayer(self.geometry, layer_idx, self.config, self)
 
-    def install_hooks(self, cache):
-        full = [i for i in range(self.geometry.num_layers) if not self.geometry.is_sliding(i)]
-        self.observer = Observer(self.model, cache, layers=full)
-        return self.observer
-
 
 class H2OLayer(EvictionLayer):
     """Holds at most ``heavy + recent`` tokens per (row, KV head) and their cumulative attention
-    ``token_state["score"] (batch, kv_heads, kept)`` fp32 (counted in ``nbytes``)."""
+    ``token_state["score"] (batch, kv_heads, kept)`` fp32 (counted in ``nbytes``). The step's attention
+    probabilities come from the step's own attention (``attends``); padding receives none and goes first."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx, config, method):
         super().__init__(geometry, layer_idx)
@@ -64,15 +61,18 @@ class H2OLayer(EvictionLayer):
         self.method = method
         self.heavy = self.recent = None  # sized from the prompt at the first call
 
-    def store(self, key_states, value_states):
+    def attend_step(self, query, keys, values, new_valid, scaling):
         if self.heavy is None:
-            self.heavy, self.recent = self.config.sizes(key_states.shape[-2])
-            b, h = key_states.shape[:2]
-            self.token_state["score"] = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
-        keys, values = self.append(key_states, value_states)  # also appends zero scores for the new tokens
-        obs = self.method.observer
-        query = obs.query_states(self.layer_idx)
-        self.token_state["score"] += received_attention(query, keys, obs.scaling(self.layer_idx))
-        if keys.shape[-2] > self.heavy + self.recent:
-            self.keep(topk_keep(self.token_state["score"], self.heavy + self.recent, always_keep_last=self.recent))
-        return keys, values
+            self.heavy, self.recent = self.config.sizes(keys.shape[-2])
+            b, h = keys.shape[:2]
+            self.token_state["score"] = torch.zeros(b, h, 0, dtype=torch.float32, device=keys.device)
+        return super().attend_step(query, keys, values, new_valid, scaling)
+
+    def probs_wanted(self, q):
+        return q
+
+    def after_attention(self, probs, q):
+        self.token_state["score"] += probs.sum(dim=(2, 3))  # over the group's query heads and the step's queries
+        if self.kept_length() > self.heavy + self.recent:
+            scores = self.selection_scores(self.token_state["score"])
+            self.keep(topk_keep(scores, self.heavy + self.recent, always_keep_last=self.recent))

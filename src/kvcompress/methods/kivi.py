@@ -110,6 +110,19 @@ class _Quantized:
                              self.group)
         return q.dequantize(dtype)
 
+    def read_range(self, start: int, stop: int, shape_bhd: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized tokens ``[start, stop)``: ``(b, h, stop - start, d)``; for per-channel keys ``start`` is a
+        multiple of the group and ``stop`` a multiple of it or the end."""
+        b, h, d = shape_bhd
+        if self.axis == 2:
+            g0, g1 = start // self.group, -(-stop // self.group)
+            scale, zero = self.scale[:, :, g0:g1], self.zero[:, :, g0:g1]
+        else:
+            scale, zero = self.scale[:, :, start:stop], self.zero[:, :, start:stop]
+        q = UniformQuantized(self.packed[:, :, start:stop], scale, zero, self.bits, (b, h, stop - start, d), self.axis,
+                             self.group)
+        return q.dequantize(dtype)
+
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.packed, self.scale, self.zero]
 
@@ -167,6 +180,30 @@ class KiviStore(KVStore):
     def held_tensors(self) -> list[torch.Tensor | None]:
         return [*self.kq.tensors(), self.k_res, *self.vq.tensors(), self.v_res]
 
+    def read_range(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[start, stop)`` dequantized: ``(batch, kv_heads, stop - start, head_dim)`` keys and values."""
+        b, h, _, d = self.k_res.shape
+
+        def one(quant: _Quantized, res: torch.Tensor) -> torch.Tensor:
+            n_q = quant.length
+            pieces = []
+            if start < n_q:
+                pieces.append(quant.read_range(start, min(stop, n_q), (b, h, d), dtype))
+            if stop > n_q:
+                pieces.append(res[:, :, max(start - n_q, 0) : stop - n_q].to(dtype))
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+        return one(self.kq, self.k_res), one(self.vq, self.v_res)
+
+    def parts(self):
+        """One chunked part over ``[quantized | residual]``; chunks fall on key-group edges."""
+        from ..attention import CHUNK, KVPart
+
+        if not len(self):
+            return []
+        chunk = max(self.group_size, CHUNK - CHUNK % self.group_size)
+        return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
+
     def __len__(self) -> int:
         return 0 if self.k_res is None else self.kq.length + self.k_res.shape[2]
 
@@ -187,7 +224,10 @@ class KiviStore(KVStore):
 
 
 class KiviLayer(StoreLayer):
-    """A full-attention layer whose past K/V live in a :class:`KiviStore`."""
+    """A full-attention layer whose past K/V live in a :class:`KiviStore`; it attends over the quantized past chunk by
+    chunk (never the whole dequantized past at once) and masks padding."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx: int, config: KiviConfig):
         super().__init__(geometry, layer_idx, KiviStore(geometry, bits=config.bits, group_size=config.group_size,

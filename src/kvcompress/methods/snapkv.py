@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from ..cache import Method
 from ..config import check_budget, check_positive_int, resolve_budget
-from ..eviction import EvictionLayer, StorageOptions, check_pool, topk_keep, window_scores
-from ..observe import Observer
+from ..eviction import EvictionLayer, StorageOptions, check_pool, pool_window_scores, topk_keep
 from ..registry import register
 
 
@@ -46,32 +45,31 @@ class SnapKV(Method):
             return self.sliding_layer(layer_idx)
         return SnapKVLayer(self.geometry, layer_idx, self.config, self)
 
-    def install_hooks(self, cache):
-        full = [i for i in range(self.geometry.num_layers) if not self.geometry.is_sliding(i)]
-        self.observer = Observer(self.model, cache, layers=full)
-        return self.observer
-
 
 class SnapKVLayer(EvictionLayer):
-    """At the first call (the prompt) selects ``budget`` tokens per (row, KV head) and moves them to the store;
-    later calls append."""
+    """At the first call (the prompt) attends over the whole prompt, then keeps ``budget`` tokens per (row, KV head),
+    scored by the last ``window`` queries' attention from that same computation, and moves them to the store;
+    later calls append. Padding scores nothing and is kept only where a row has fewer real tokens than the budget
+    (then it stays masked)."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx, config, method):
         super().__init__(geometry, layer_idx, storage=config.make_store(geometry))
         self.config = config
         self.method = method
 
-    def store(self, key_states, value_states):
+    def probs_wanted(self, q):
+        if self.committed or resolve_budget(self.config.budget, q) >= q:
+            return 0
+        return min(self.config.window, q)
+
+    def after_attention(self, probs, q):
         if self.committed:
-            return self.append(key_states, value_states)
-        keys, values = self.append(key_states, value_states)
-        n = keys.shape[-2]
-        budget = resolve_budget(self.config.budget, n)
-        if budget < n:
-            obs = self.method.observer
-            window = min(self.config.window, n)
-            query = obs.query_states(self.layer_idx, last=window)
-            scores = window_scores(query, keys, obs.scaling(self.layer_idx), self.config.pool, self.config.kernel)
-            self.keep(topk_keep(scores, budget, always_keep_last=window))
+            return
+        if probs is not None:
+            window = probs.shape[3]
+            scores = pool_window_scores(probs.sum(dim=(2, 3)), window, self.config.pool, self.config.kernel)
+            self.keep(topk_keep(self.selection_scores(scores), resolve_budget(self.config.budget, q),
+                                always_keep_last=window))
         self.commit()
-        return keys, values

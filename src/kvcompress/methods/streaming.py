@@ -59,19 +59,32 @@ class StreamingLLM(Method):
 
 
 class StreamingLayer(EvictionLayer):
-    """Holds ``sink + window`` tokens at most: ``[0, sink)`` and the last ``window`` (same for every head)."""
+    """Holds ``sink + window`` tokens at most: the first ``sink`` real tokens and the last ``window`` (per batch row:
+    padding is never a sink and is the first to go)."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx, config):
         super().__init__(geometry, layer_idx)
         self.config = config
         self.sink = self.window = None  # sized from the prompt at the first call
 
-    def store(self, key_states, value_states):
+    def attend_step(self, query, keys, values, new_valid, scaling):
         if self.sink is None:
-            self.sink, self.window = self.config.sizes(key_states.shape[-2])
-        keys, values = self.append(key_states, value_states)
+            self.sink, self.window = self.config.sizes(keys.shape[-2])
+        return super().attend_step(query, keys, values, new_valid, scaling)
+
+    def after_attention(self, probs, q):
         n = self.kept_length()
-        if n > self.sink + self.window:
-            idx = torch.cat([torch.arange(self.sink), torch.arange(n - self.window, n)])
-            self.keep(idx)
-        return keys, values
+        budget = self.sink + self.window
+        if n <= budget:
+            return
+        if self.valid is None:  # no padding: the same tokens for every row and head
+            self.keep(torch.cat([torch.arange(self.sink), torch.arange(n - self.window, n)]))
+            return
+        # per row: the first `sink` real tokens, then the most recent, padding last
+        pos = torch.arange(n, device=self.valid.device).expand_as(self.valid)
+        rank = self.valid.cumsum(dim=-1)
+        sink = self.valid & (rank <= self.sink)
+        score = torch.where(sink, float(2 * n), pos.float()).masked_fill(~self.valid, -1.0)
+        self.keep(torch.topk(score, budget, dim=-1).indices)

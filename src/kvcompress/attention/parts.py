@@ -1,0 +1,117 @@
+"""Exact softmax attention over a layer's stored parts, chunk by chunk, merged by log-sum-exp.
+
+A layer's past is a list of :class:`KVPart` (kept full-precision tokens, quantized blocks, a residual, ...), plus
+the step's new tokens as the last, causal part. :func:`attend_parts` reads each part ``chunk`` tokens at a time
+(dequantizing only that chunk), keeps a running max / sum / output per query row and merges them exactly (the
+online softmax of flash-attention), so the transient memory is bounded by the chunk, not by the context.
+
+Shapes: ``query (batch, heads, q, head_dim)`` with ``heads = kv_heads * group`` (query head ``j`` reads KV head
+``j // group``, as transformers' ``repeat_kv``); a part's chunk ``(batch, kv_heads, n, head_dim)``; validity
+``(batch, kv_heads or 1, n)`` bool (False = padding or an empty slot: never attended).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+#: tokens dequantized at a time (the transient per part is ``batch * kv_heads * CHUNK * head_dim * 2`` floats)
+CHUNK = 2048
+
+
+@dataclass
+class KVPart:
+    """A run of ``length`` stored tokens of one layer.
+
+    ``read(start, stop, dtype)`` returns ``(keys, values)`` of tokens ``[start, stop)``, each
+    ``(batch, kv_heads, stop - start, head_dim)`` in ``dtype`` (a transient copy for quantized parts, a view for
+    dense ones). ``valid``: ``(batch, kv_heads or 1, length)`` bool or None (all valid). ``causal``: the step's
+    new tokens (query ``i`` sees new token ``j`` iff ``j <= i``). ``kind`` names the storage, for reports.
+    """
+
+    length: int
+    read: Callable[[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+    valid: torch.Tensor | None = None
+    causal: bool = False
+    kind: str = "dense"
+    chunk_tokens: int = CHUNK  # a quantized part sets a multiple of its group so chunks fall on group edges
+
+    @classmethod
+    def dense(cls, keys: torch.Tensor, values: torch.Tensor, valid=None, causal=False, kind="dense") -> "KVPart":
+        """A part over tensors already held: ``keys``/``values (batch, kv_heads, n, head_dim)``."""
+
+        def read(start, stop, dtype):
+            return keys[:, :, start:stop].to(dtype), values[:, :, start:stop].to(dtype)
+
+        return cls(keys.shape[2], read, valid, causal, kind)
+
+
+@dataclass
+class AttentionResult:
+    """``output (batch, q, heads, head_dim)`` in the query dtype (the layout transformers' attention functions
+    return); ``probs (batch, kv_heads, group, q_probs, keys)`` fp32 over all parts in order, for the last
+    ``q_probs`` queries, when asked for; ``transient_bytes``: the largest chunk read at once."""
+
+    output: torch.Tensor
+    probs: torch.Tensor | None
+    transient_bytes: int
+
+
+def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs_last: int = 0) -> AttentionResult:
+    """Softmax attention of ``query`` over the concatenation of ``parts`` (the last ``q`` queries of the sequence).
+
+    ``probs_last``: also return the attention probabilities of the last ``probs_last`` queries over every key
+    (for methods that score tokens: H2O, SnapKV); 0 = none. A query row with no visible key gets output 0.
+    Computed in fp32.
+    """
+    b, heads, q, d = query.shape
+    if not parts:
+        raise ValueError("attention needs at least one part")
+    kv_heads = None
+    out = m = l = None
+    kept_scores: list[torch.Tensor] = []
+    transient = 0
+    rows = None
+    for part in parts:
+        step = max(part.chunk_tokens, 1)
+        for start in range(0, part.length, step):
+            stop = min(start + step, part.length)
+            k, v = part.read(start, stop, torch.float32)
+            transient = max(transient, 2 * k.numel() * k.element_size())
+            if kv_heads is None:
+                kv_heads = k.shape[1]
+                group = heads // kv_heads
+                qg = query.float().reshape(b, kv_heads, group * q, d) * scaling
+                rows = torch.arange(group * q, device=query.device) % q  # query index of each folded row
+                out = qg.new_zeros(b, kv_heads, group * q, v.shape[-1])
+                m = qg.new_full((b, kv_heads, group * q), float("-inf"))
+                l = qg.new_zeros(b, kv_heads, group * q)
+            s = torch.matmul(qg, k.transpose(-1, -2))  # (b, kv, g*q, n)
+            mask = None
+            if part.valid is not None:
+                mask = part.valid[:, :, start:stop].to(torch.bool).unsqueeze(2)  # (b, kv|1, 1, n)
+            if part.causal:
+                cols = torch.arange(start, stop, device=query.device)
+                causal = (cols.unsqueeze(0) <= rows.unsqueeze(1)).view(1, 1, group * q, stop - start)
+                mask = causal if mask is None else mask & causal
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            if probs_last:
+                kept_scores.append(s.view(b, kv_heads, group, q, -1)[:, :, :, q - probs_last :])
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing visible yet
+            p = torch.exp(s - safe.unsqueeze(-1))
+            alpha = torch.exp(m - safe)
+            l = l * alpha + p.sum(dim=-1)
+            out = out * alpha.unsqueeze(-1) + torch.matmul(p, v)
+            m = m_new
+    output = out / l.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    output = output.view(b, kv_heads, group, q, -1).reshape(b, heads, q, -1).transpose(1, 2)
+    probs = None
+    if probs_last:
+        lse = (torch.where(torch.isinf(m), torch.zeros_like(m), m) + torch.log(l.clamp_min(1e-38)))
+        lse = lse.view(b, kv_heads, group, q)[:, :, :, q - probs_last :].unsqueeze(-1)
+        probs = torch.exp(torch.cat(kept_scores, dim=-1) - lse)
+    return AttentionResult(output.to(query.dtype).contiguous(), probs, transient)

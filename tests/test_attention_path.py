@@ -1,0 +1,185 @@
+"""The one attention path (kvcompress.attention): exact merging over parts, padding, two caches at once, and forwards
+without a kvcompress cache left to the model's own attention."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from kvcompress import KVCompressError, make_cache
+from kvcompress.attention import KVPart, attend_parts
+from kvcompress.attention.interface import inner_of, uninstall
+from kvcompress.compat import cache_kwargs
+
+
+def dense_reference(query, keys, values, valid, q_new, scaling):
+    """fp64 softmax attention of ``query (b, H, q, d)`` over ``keys/values (b, kv, n, d)``; the last ``q_new`` keys are
+    the causal new tokens; ``valid (b, kv, n)``."""
+    b, heads, q, d = query.shape
+    kv, n = keys.shape[1], keys.shape[2]
+    g = heads // kv
+    k = keys.double().repeat_interleave(g, dim=1)
+    v = values.double().repeat_interleave(g, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", query.double(), k) * scaling
+    cols = torch.arange(n)
+    allowed = (cols[None, :] < n - q_new) | (cols[None, :] - (n - q_new) <= torch.arange(q)[:, None])
+    mask = allowed[None, None] & valid.repeat_interleave(g, dim=1)[:, :, None, :]
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", p, v).transpose(1, 2), p
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    past=st.lists(st.integers(0, 23), min_size=0, max_size=3),
+    q=st.integers(1, 6),
+    group=st.sampled_from([1, 2, 3]),
+    chunk=st.integers(1, 9),
+    pad=st.integers(0, 3),
+    seed=st.integers(0, 1000),
+)
+def test_parts_merge_exactly(past, q, group, chunk, pad, seed):
+    """Any split of the past into parts, any chunk size, padding and GQA: the same as one dense softmax."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv, d = 2, 2, 8
+    lengths = [*past, q]
+    n = sum(lengths)
+    keys, values = torch.randn(b, kv, n, d, generator=gen), torch.randn(b, kv, n, d, generator=gen)
+    valid = torch.ones(b, kv, n, dtype=torch.bool)
+    valid[1, :, : min(pad, n)] = False  # row 1 starts with padding
+    query = torch.randn(b, kv * group, q, d, generator=gen)
+    parts, start = [], 0
+    for i, length in enumerate(lengths):
+        sl = slice(start, start + length)
+        part = KVPart.dense(keys[:, :, sl], values[:, :, sl], valid[:, :, sl], causal=i == len(lengths) - 1)
+        part.chunk_tokens = chunk
+        parts.append(part)
+        start += length
+    res = attend_parts(query, parts, d**-0.5, probs_last=q)
+    want, probs = dense_reference(query, keys, values, valid, q, d**-0.5)
+    torch.testing.assert_close(res.output.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.probs.double(), probs.view(b, kv, group, q, n), rtol=0, atol=1e-6)
+    assert res.transient_bytes <= 2 * b * kv * max(min(chunk, max(lengths)), 1) * d * 4
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _generate(model, method, options, ids, mask, new=10):
+    cache = make_cache(method, model, **options)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1] :]
+
+
+#: methods whose padded rows are claimed exact, with integer budgets (the same token count for every row)
+PADDING_EXACT = {
+    "full": {},
+    "streaming": {"sink": 2, "budget": 24},
+    "h2o": {"heavy": 12, "recent": 12},
+    "snapkv": {"budget": 24, "window": 4},
+}
+
+
+@pytest.mark.parametrize("method", sorted(PADDING_EXACT))
+def test_a_left_padded_row_generates_what_it_generates_alone(tiny_model, method):
+    gen = torch.Generator().manual_seed(11)
+    long_row, short_row = torch.randint(1, 128, (50,), generator=gen), torch.randint(1, 128, (31,), generator=gen)
+    ids, mask = _left_pad([long_row, short_row])
+    both = _generate(tiny_model, method, PADDING_EXACT[method], ids, mask)
+    for i, row in enumerate([long_row, short_row]):
+        alone = _generate(tiny_model, method, PADDING_EXACT[method], row[None], torch.ones(1, len(row), dtype=torch.long))
+        assert both[i].tolist() == alone[0].tolist(), (method, i)
+
+
+def test_padding_is_never_attended(tiny_model):
+    """Changing what the pad positions hold changes nothing for a self-attending layer."""
+    gen = torch.Generator().manual_seed(12)
+    ids, mask = _left_pad([torch.randint(1, 128, (30,), generator=gen), torch.randint(1, 128, (18,), generator=gen)])
+    other = ids.clone()
+    other[1, :12] = 77
+    a = _generate(tiny_model, "kivi", {"bits": 4, "group_size": 4, "residual": 8}, ids, mask)
+    b = _generate(tiny_model, "kivi", {"bits": 4, "group_size": 4, "residual": 8}, other, mask)
+    assert a[0].tolist() == b[0].tolist()  # row 0 has no padding; row 1's quantization statistics see the pads
+
+
+def test_two_caches_from_two_threads_generate_what_they_generate_alone(tiny_model):
+    gen = torch.Generator().manual_seed(13)
+    prompts = {"kivi": torch.randint(1, 128, (1, 40), generator=gen), "snapkv": torch.randint(1, 128, (1, 40), generator=gen)}
+    options = {"kivi": {"bits": 2, "group_size": 8, "residual": 16}, "snapkv": {"budget": 16, "window": 4}}
+    ones = {k: torch.ones_like(v) for k, v in prompts.items()}
+    alone = {m: _generate(tiny_model, m, options[m], prompts[m], ones[m], new=16) for m in prompts}
+    got, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def work(m):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                got[m] = _generate(tiny_model, m, options[m], prompts[m], ones[m], new=16)
+                assert got[m].tolist() == alone[m].tolist()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert {m: got[m].tolist() for m in got} == {m: alone[m].tolist() for m in alone}
+
+
+def test_a_forward_without_our_cache_is_untouched(tiny_model):
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        before = tiny_model(ids, **cache_kwargs(tiny_model, DynamicCache())).logits
+        make_cache("kivi", tiny_model)  # installs kvcompress attention on the model
+        assert tiny_model.config._attn_implementation == "kvcompress_" + inner_of(tiny_model)
+        after = tiny_model(ids, **cache_kwargs(tiny_model, DynamicCache())).logits
+        plain = tiny_model(ids).logits
+    assert torch.equal(before, after) and torch.equal(before, plain)
+
+
+def test_attention_that_bypasses_the_layer_is_one_clear_error():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=5, layers=2)  # a private model: the switch below must not touch the shared one
+    cache = make_cache("kivi", model)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (1, 12)), **cache_kwargs(model, cache))
+        uninstall(model)
+        model(torch.tensor([[3]]), **cache_kwargs(model, cache))  # attended by sdpa over the new token only
+        with pytest.raises(KVCompressError, match="did not go through kvcompress"):
+            model(torch.tensor([[4]]), **cache_kwargs(model, cache))
+
+
+def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch):
+    """KIVI reads its quantized past chunk by chunk: the transient stays at the chunk size as the context grows."""
+    import kvcompress.attention.parts as parts
+
+    monkeypatch.setattr(parts, "CHUNK", 16)
+    import kvcompress.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK", 16)
+    cache = make_cache("kivi", tiny_model, bits=4, group_size=8, residual=8)
+    with torch.no_grad():
+        tiny_model(torch.randint(1, 128, (1, 8)), **cache_kwargs(tiny_model, cache))
+        for t in range(120):
+            tiny_model(torch.tensor([[1 + t % 100]]), **cache_kwargs(tiny_model, cache))
+    g = cache.geometry
+    bound = 2 * 1 * g.num_kv_heads * 16 * g.head_dim * 4  # K and V of one 16-token chunk in fp32
+    assert 0 < cache.memory_report().peak_transient_bytes <= bound
