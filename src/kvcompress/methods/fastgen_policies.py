@@ -155,12 +155,15 @@ def recoveries(
     return (out / n).clamp(max=1.0)
 
 
-def choose(rec: torch.Tensor, threshold: float) -> list[int]:
+def choose(rec: torch.Tensor, threshold: float, local_always: bool = False) -> list[int]:
     """Cheapest hybrid per head with recovery >= ``threshold`` (full when none, and always at threshold 1:
-    a dropped token always carries some attention)."""
+    a dropped token always carries some attention). ``local_always`` (a refinement, not the paper): only the hybrids
+    that keep the local window (special+punct+frequent+local) or full are candidates."""
     if threshold >= 1.0:
         return [FULL] * rec.shape[0]
     ok = rec[:, :-1] >= threshold
+    if local_always:
+        ok = ok & torch.tensor([bool(h & LOCAL) for h in HYBRIDS[:-1]], device=ok.device)
     return [HYBRIDS[int(row.nonzero()[0])] if row.any() else FULL for row in ok]
 
 
