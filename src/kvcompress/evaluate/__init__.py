@@ -5,6 +5,7 @@
 
 - ppl.py    compressed-context perplexity, KL(full || method), top-1 agreement
 - needle.py needle in a haystack, query-aware and query-agnostic
+- ruler.py  RULER's synthetic long-context tasks (needle variants, variable tracking, word extraction), built offline
 - speed.py  TTFT and decode ratios vs the full cache, interleaved in one process
 - memory.py stored / reference bytes after prefill and after decoding, peak RSS
 - report.py rich table, Markdown, JSON; plots.py the Pareto figure
@@ -29,6 +30,7 @@ from ..registry import KVCompressError, build_config, get_method
 from . import memory as _memory
 from . import needle as _needle
 from . import ppl as _ppl
+from . import ruler as _ruler
 from . import speed as _speed
 from .spec import MethodSpec, default_specs, parse_spec, validate_specs
 
@@ -88,6 +90,11 @@ def run_eval(
     speed_context: int = 512,
     speed_steps: int = 16,
     speed_repeats: int = 2,
+    ruler=(),
+    ruler_dir: str | Path | None = None,
+    ruler_per_task: int = _ruler.DEFAULT_PER_TASK,
+    ruler_mode: str = "aware",
+    ruler_families=None,
     reference: str = "full",
     seed: int = 0,
     out: str | Path | None = None,
@@ -98,7 +105,9 @@ def run_eval(
     default options, skipping those that need calibration) against ``reference`` on ``model``.
 
     ``model``: a name/path for :func:`kvcompress.load_model`, or a loaded model (then pass ``tokenizer``).
-    ``windows=0``, ``needle=()`` / ``(0,)``, ``speed=False`` skip a part. Returns the result dict (also written
+    ``windows=0``, ``needle=()`` / ``(0,)``, ``speed=False`` skip a part. ``ruler``: RULER context lengths (``True``:
+    1k-8k clamped to the model), ``ruler_per_task`` tasks per family and length, families ``ruler_families`` (default
+    all), haystack ``ruler_dir`` (default pydoc prose), ``ruler_mode`` aware / agnostic / both. Returns the result dict (also written
     as results.json / results.md / pareto.png under ``out`` when given).
     """
     started = time.perf_counter()
@@ -111,6 +120,12 @@ def run_eval(
     _check_int(speed_context, "speed_context", 1)
     _check_int(speed_steps, "speed_steps", 1)
     _check_int(speed_repeats, "speed_repeats", 1)
+    _check_int(ruler_per_task, "ruler_per_task", 1)
+    if ruler_mode not in NEEDLE_MODES:
+        raise KVCompressError(f"ruler_mode must be one of {sorted(NEEDLE_MODES)}, got {ruler_mode!r}")
+    ruler_fams = _ruler.check_families(ruler_families)
+    ruler_gen = max(_ruler.MAX_NEW_TOKENS[f] for f in ruler_fams)
+    _ruler.resolve_lengths(ruler, None, ruler_gen)  # bad values raise before the model loads
     if needle_mode not in NEEDLE_MODES:
         raise KVCompressError(f"needle_mode must be one of {sorted(NEEDLE_MODES)}, got {needle_mode!r}")
     needle_lens = sorted({_check_int(n, "needle context length", 0) for n in (needle or ())} - {0})
@@ -124,6 +139,7 @@ def run_eval(
     specs = None if methods is None else [parse_spec(m) for m in methods]
     text = load_text(data)
     haystack = (load_text(needle_dir) if needle_dir is not None else load_text(DEFAULT_SOURCE)) if needle_lens else None
+    ruler_text = (load_text(ruler_dir) if ruler_dir is not None else load_text(DEFAULT_SOURCE)) if ruler else None
 
     # -- model, context limits, every cache built once -----------------------------------------------------------------
     model_name = model if isinstance(model, (str, Path)) else None
@@ -139,6 +155,7 @@ def run_eval(
     needs.update({f"needle context {n}": n + needle_tokens for n in needle_lens})
     if speed:
         needs["speed_context + speed_steps"] = speed_context + speed_steps
+    ruler_lens = _ruler.resolve_lengths(ruler, limit, ruler_gen)  # too long for the model -> KVCompressError
     for what, n in needs.items():
         if limit is not None and n > limit:
             raise KVCompressError(f"{what} = {n} tokens exceeds the model's maximum of {limit} positions")
@@ -166,6 +183,8 @@ def run_eval(
     modes = NEEDLE_MODES[needle_mode]
     tasks = [t for n in needle_lens for t in make_needle_tasks(tokenizer, haystack, n, depths, needle_per_depth, seed)]
     speed_ids = windows_from_ids(ids, speed_context, 1, seed)[0].view(1, -1) if speed else None
+    ruler_modes = NEEDLE_MODES[ruler_mode]
+    ruler_tasks = _ruler.make_all(tokenizer, ruler_text, ruler_lens, ruler_fams, ruler_per_task, seed) if ruler_lens else []
     timings: dict = {}
     result = {
         "kvcompress_version": __version__,
@@ -198,6 +217,17 @@ def run_eval(
             if needle_lens
             else None,
             "speed": {"context": speed_context, "steps": speed_steps, "repeats": speed_repeats} if speed else None,
+            "ruler": {
+                "haystack": str(ruler_dir) if ruler_dir is not None else DEFAULT_SOURCE,
+                "haystack_sha256": text_sha256(ruler_text),
+                "context_lens": ruler_lens,
+                "families": list(ruler_fams),
+                "per_task": ruler_per_task,
+                "modes": list(ruler_modes),
+                "max_new_tokens": {f: _ruler.MAX_NEW_TOKENS[f] for f in ruler_fams},
+            }
+            if ruler_lens
+            else None,
             "reference": ref_label,
         },
         "methods": list(result_rows.values()),  # the row dicts are filled in place, phase by phase
@@ -257,6 +287,23 @@ def run_eval(
             result_rows[s.label]["needle"] = {"accuracy": _needle.summarize(found[s.label]), "tasks": found[s.label]}
         timings["needle_s"] = time.perf_counter() - t0
         checkpoint("needle")
+
+    # -- RULER: every task through every method (all methods see the same tasks), checkpointed after each task ---------
+    if ruler_lens:
+        t0 = time.perf_counter()
+        got = {s.label: [] for s in rows}
+        bar = _progress(len(ruler_tasks) * len(ruler_modes) * len(rows), "ruler", progress)
+        for i, task in enumerate(ruler_tasks):
+            for mode in ruler_modes:
+                for s in rows:
+                    torch.manual_seed(seed)
+                    got[s.label].append(_ruler.run_task(model, tokenizer, s, task, mode))
+                    bar.update(1)
+            for s in rows:
+                result_rows[s.label]["ruler"] = {"scores": _ruler.summarize(got[s.label]), "tasks": got[s.label]}
+            timings["ruler_s"] = time.perf_counter() - t0
+            checkpoint(f"ruler {i + 1}/{len(ruler_tasks)} tasks")
+        bar.close()
 
     # -- speed: method and reference interleaved -----------------------------------------------------------------------
     if speed:

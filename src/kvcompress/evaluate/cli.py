@@ -6,6 +6,8 @@ import shlex
 import sys
 import time
 
+TASKS = ("ppl", "needle", "speed", "ruler")
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, local directory or HF id")
@@ -34,6 +36,20 @@ def add_arguments(p) -> None:
     p.add_argument("--speed-steps", type=int, default=16, help="decode steps timed per speed run (default 16)")
     p.add_argument("--speed-repeats", type=int, default=2, help="interleaved full/method rounds (default 2; median)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
+        help="parts to run: ppl needle speed ruler (default: ppl needle speed, as the --windows/--needle/--no-speed "
+        "options say; naming tasks runs only those)",
+    )
+    p.add_argument("--ruler-lengths", type=int, nargs="+", default=None,
+                   help="RULER context lengths (default 1024 2048 4096 8192, clamped to the model's positions)")
+    p.add_argument("--ruler-per-task", type=int, default=15,
+                   help="RULER tasks per family and length (default 15: 105 per length, binomial SE <= 4.9 points)")
+    p.add_argument("--ruler-mode", choices=["aware", "agnostic", "both"], default="aware",
+                   help="aware: the question is in the prompt the method compresses; agnostic: asked after (default aware)")
+    p.add_argument("--ruler-families", nargs="+", default=None, metavar="FAMILY",
+                   help="RULER task families (default all: niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe)")
+    p.add_argument("--ruler-dir", default=None, help="RULER haystack: a directory of essays or a text file (default: pydoc)")
     p.add_argument("--reference", default="full", help="the reference cache spec (default full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default results/eval-<timestamp>)")
@@ -56,23 +72,31 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
 
     out = args.out or f"results/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    tasks = set(args.tasks or ("ppl", "needle", "speed"))
+    if "ruler" not in tasks and (args.ruler_lengths or args.ruler_families or args.ruler_dir):
+        raise KVCompressError("--ruler-lengths / --ruler-families / --ruler-dir need --tasks ... ruler")
     result = run_eval(
         args.model,
         args.methods or None,
         data=args.data,
         prompt_len=args.prompt_len,
         cont_len=args.cont_len,
-        windows=args.windows,
-        needle=args.needle,
+        windows=args.windows if "ppl" in tasks else 0,
+        needle=args.needle if "needle" in tasks else (),
         needle_dir=args.needle_dir,
         needle_depths=args.needle_depths,
         needle_per_depth=args.needle_per_depth,
         needle_mode=args.needle_mode,
         needle_tokens=args.needle_tokens,
-        speed=not args.no_speed,
+        speed=not args.no_speed and "speed" in tasks,
         speed_context=args.speed_context,
         speed_steps=args.speed_steps,
         speed_repeats=args.speed_repeats,
+        ruler=(args.ruler_lengths or True) if "ruler" in tasks else (),
+        ruler_dir=args.ruler_dir,
+        ruler_per_task=args.ruler_per_task,
+        ruler_mode=args.ruler_mode,
+        ruler_families=args.ruler_families,
         reference=args.reference,
         seed=args.seed,
         out=out,

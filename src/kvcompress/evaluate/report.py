@@ -12,6 +12,11 @@ def _needle_counts(row: dict, mode: str, n: int) -> str:
     return f"{sum(t['hit'] for t in tasks)}/{len(tasks)}" if tasks else "-"
 
 
+def _ruler_cell(cell: dict | None) -> str:
+    """``{"score", "se", "n"}`` -> "63.2 ± 4.7" (points)."""
+    return "-" if not cell else f"{cell['score']:.1f} ± {cell['se']:.1f}"
+
+
 def _fmt(value, spec: str, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -28,6 +33,10 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", "bytes ratio @P", "bytes ratio @P+C", "ppl", "Δppl %", "KL", "top-1 agree"]
     header += [f"needle {n} ({mode_tag})" for n in lens]
     header += ["TTFT ratio", "decode ratio"]
+    ruler = cfg.get("ruler") or {}
+    r_lens, r_modes = ruler.get("context_lens", []), ruler.get("modes", [])
+    r_tag = " · ".join({"aware": "aware", "agnostic": "agn."}[m] for m in r_modes)
+    header += [f"RULER {n} ({r_tag})" for n in r_lens]
     out = []
     for row in result["methods"]:
         ppl, mem, speed = row.get("ppl", {}), row.get("memory", {}), row.get("speed", {})
@@ -45,6 +54,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             cells += ["1 (ref)", "1 (ref)"]
         else:
             cells += [_fmt(speed.get("ttft_ratio"), ".2f", "x"), _fmt(speed.get("decode_ratio"), ".2f", "x")]
+        scores = row.get("ruler", {}).get("scores", {})
+        cells += [" · ".join(_ruler_cell(scores.get(m, {}).get(str(n))) for m in r_modes) for n in r_lens]
         out.append(cells)
     return header, out
 
@@ -63,6 +74,12 @@ def describe_setup(result: dict) -> str:
         parts.append(
             f"needle at {', '.join(map(str, nd['context_lens']))} tokens, depths {nd['depths']}, "
             f"{nd['per_depth']} per depth, haystack {nd['haystack']}"
+        )
+    if cfg.get("ruler"):
+        ru = cfg["ruler"]
+        parts.append(
+            f"RULER at {', '.join(map(str, ru['context_lens']))} tokens, {ru['per_task']} tasks per family and length "
+            f"({len(ru['families'])} families), haystack {ru['haystack']}"
         )
     if cfg.get("speed"):
         sp = cfg["speed"]
@@ -87,6 +104,39 @@ def rich_table(result: dict):
     return table
 
 
+def ruler_tables(result: dict) -> list[str]:
+    """Markdown lines: per mode and context length (and over all lengths), a table of methods x families with
+    score ± binomial SE in points, the overall score and the mean bytes ratio over the tasks."""
+    ruler = result["config"].get("ruler") or {}
+    if not ruler:
+        return []
+    fams = ruler["families"]
+    keys = [str(n) for n in ruler["context_lens"]] + (["all"] if len(ruler["context_lens"]) > 1 else [])
+    lines = []
+    for mode in ruler["modes"]:
+        for key in keys:
+            title = f"{key} tokens" if key != "all" else "all lengths"
+            lines += ["", f"RULER, {title}, query-{mode} (score ± SE in points; n tasks per row in the overall cell):", ""]
+            header = ["method"] + fams + ["overall", "n", "bytes ratio"]
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+            for row in result["methods"]:
+                cell = row.get("ruler", {}).get("scores", {}).get(mode, {}).get(key)
+                if not cell:
+                    continue
+                cells = [row["spec"] + (" (ref)" if row.get("reference") else "")]
+                cells += [_ruler_cell(cell["families"].get(f)) for f in fams]
+                cells += [_ruler_cell(cell), str(cell["n"]), _fmt(cell.get("bytes_ratio"), ".2f", "x")]
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "RULER score of a task = share of its expected strings in the greedy output (whole words, case-insensitive); "
+        "a cell = mean over its tasks in points ± the binomial standard error 100·sqrt(p(1-p)/n) (an upper bound for "
+        "the partial-credit families). bytes ratio = fp16 reference bytes / bytes held, at the end of each task.",
+    ]
+    return lines
+
+
 def markdown(result: dict) -> str:
     """Markdown: the exact command, the setup line, the table, notes (skipped methods, what ratios mean)."""
     header, rows = table_rows(result)
@@ -105,6 +155,7 @@ def markdown(result: dict) -> str:
         "needle: exact-match hits / tasks, query-aware · query-agnostic. TTFT / decode ratio = reference time / "
         "method time (> 1 = faster), medians of interleaved rounds; absolute timings are noisy on a shared CPU.",
     ]
+    lines += ruler_tables(result)
     for s in result.get("skipped", []):
         lines.append(f"- skipped `{s['method']}`: {s['reason']}")
     wall = result["timings"].get("total_s", sum(result["timings"].values()))  # partial / merged runs: the parts
@@ -153,13 +204,14 @@ def merge(results: list[dict]) -> dict:
             raise ValueError("cannot merge runs with different reference caches")
     out = json.loads(json.dumps(base, default=str))
     out["command"] = "\n".join(r["command"] for r in results if r.get("command"))
-    out["config"] = dict(out["config"], windows=0, needle=None, speed=None)
+    out["config"] = dict(out["config"], windows=0, needle=None, speed=None, ruler=None)
     out["timings"] = {}
     rows: dict[str, dict] = {}
-    parts = {"ppl": ("ppl", "memory"), "needle": ("needle",), "speed": ("speed",)}
+    parts = {"ppl": ("ppl", "memory"), "needle": ("needle",), "speed": ("speed",), "ruler": ("ruler",)}
     for r in results:
         cfg = r["config"]
-        has = {"ppl": bool(cfg["windows"]), "needle": bool(cfg.get("needle")), "speed": bool(cfg.get("speed"))}
+        has = {"ppl": bool(cfg["windows"]), "needle": bool(cfg.get("needle")), "speed": bool(cfg.get("speed")),
+               "ruler": bool(cfg.get("ruler"))}
         for part, present in has.items():
             if not present:
                 continue
@@ -173,7 +225,7 @@ def merge(results: list[dict]) -> dict:
                     raise ValueError(f"two runs both measured {part}")
                 out["config"][part] = cfg[part]
         for row in r["methods"]:
-            dst = rows.setdefault(row["spec"], {k: v for k, v in row.items() if k not in ("ppl", "memory", "needle", "speed")})
+            dst = rows.setdefault(row["spec"], {k: v for k, v in row.items() if k not in ("ppl", "memory", "needle", "speed", "ruler")})
             for part, present in has.items():
                 if present:
                     dst.update({k: row[k] for k in parts[part] if k in row})
