@@ -218,7 +218,7 @@ def _insert(tokenizer, hay: list[int], sentences: list[list[int]], depths: list[
                 pos = lo + int(ends[-1]) + 1
         positions.append(pos)
     out, prev = [], 0
-    for pos, sent in zip(positions, sentences):  # positions are non-decreasing (depths sorted, snapping is monotone)
+    for pos, sent in zip(positions, sentences):  # depths are sorted; max() keeps snapped positions in order too
         pos = max(pos, prev)
         out += hay[prev:pos] + sent
         prev = pos
