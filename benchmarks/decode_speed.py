@@ -1,0 +1,88 @@
+"""Decode speed vs transformers' DynamicCache at several contexts, interleaved in one process.
+
+For each context L and method spec: prefill L tokens of real text, then time ``--steps`` greedy decode steps; the
+method and a DynamicCache run alternately ``--rounds`` times and the median ratio ``dynamic_time / method_time`` is
+printed (> 1 = the method decodes faster). Also: the attention path each layer takes (self-attending over stored
+parts, or dense K/V handed to transformers) and the peak transient bytes of the method's cache.
+
+    python benchmarks/decode_speed.py --contexts 1024 4096 8192 --threads 1 > benchmarks/results/decode-speed/results.md
+
+Absolute times are printed for context only; the machine is shared, only the interleaved ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+from kvcompress import load_model
+from kvcompress.compat import cache_kwargs
+from kvcompress.data import encode, load_text
+from kvcompress.evaluate.spec import parse_spec
+
+DEFAULT_METHODS = ["full", "kivi:bits=4", "kivi:bits=2", "logquant", "streaming:budget=0.25", "h2o",
+                   "snapkv:budget=0.25", "kvquant:nuq=False,bits=3", "minicache:select='depth'", "fastkv", "fastgen"]
+
+
+@torch.inference_mode()
+def decode_seconds(model, make, ids: torch.Tensor, steps: int):
+    """Seconds for ``steps`` greedy decode steps after prefilling ``ids (1, L)``; and the cache."""
+    cache = make()
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
+    nxt = logits.argmax().view(1, 1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[0, -1].argmax().view(1, 1)
+    return time.perf_counter() - t0, cache
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, progress=False)
+    text_ids = torch.tensor(encode(tok, load_text(args.data)))
+    print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
+    print(f"model {args.model} ({next(model.parameters()).dtype}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), {args.steps} decode steps, median of {args.rounds} interleaved rounds\n")
+    print("| method | context | decode ratio vs DynamicCache | method tok/s | DynamicCache tok/s | path | peak transient |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for length in args.contexts:
+        ids = text_ids[:length].view(1, -1)
+        for label in args.methods:
+            spec = parse_spec(label)
+            try:
+                ratios, ours, theirs, cache = [], [], [], None
+                for _ in range(args.rounds):
+                    t_ref, _ = decode_seconds(model, lambda: DynamicCache(), ids, args.steps)
+                    t_m, cache = decode_seconds(model, lambda: spec.make(model), ids, args.steps)
+                    ratios.append(t_ref / t_m)
+                    ours.append(args.steps / t_m)
+                    theirs.append(args.steps / t_ref)
+                    if hasattr(cache, "close"):
+                        cache.close()
+            except Exception as exc:  # a method that refuses this model / context is reported, not fatal
+                print(f"| `{label}` | {length} | refused: {str(exc)[:80]} | | | | |")
+                continue
+            path = "self-attending" if all(getattr(layer, "attends", False) for layer in cache.layers if not getattr(layer, "is_sliding", False)) else "dense K/V to transformers"
+            peak = cache.memory_report().peak_transient_bytes / 2**20
+            print(f"| `{label}` | {length} | {statistics.median(ratios):.2f}x | {statistics.median(ours):.1f} | "
+                  f"{statistics.median(theirs):.1f} | {path} | {peak:.2f} MiB |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
