@@ -183,3 +183,34 @@ def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch):
     g = cache.geometry
     bound = 2 * 1 * g.num_kv_heads * 16 * g.head_dim * 4  # K and V of one 16-token chunk in fp32
     assert 0 < cache.memory_report().peak_transient_bytes <= bound
+
+
+def partial_reference(keys, values, valid):
+    """A stand-in fused kernel over dense tensors: ``fused(qg, valid) -> (acc, m, l)`` as KVPart documents."""
+
+    def fused(qg, _valid):
+        s = torch.matmul(qg, keys.float().transpose(-1, -2))
+        if valid is not None:
+            s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        m = s.amax(dim=-1)
+        safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        p = torch.exp(s - safe.unsqueeze(-1))
+        return torch.matmul(p, values.float()), m, p.sum(dim=-1)
+
+    return fused
+
+
+def test_a_fused_part_merges_exactly():
+    gen = torch.Generator().manual_seed(21)
+    b, kv, d, q, group = 2, 2, 8, 3, 3
+    keys, values = torch.randn(b, kv, 40, d, generator=gen), torch.randn(b, kv, 40, d, generator=gen)
+    valid = torch.ones(b, kv, 40, dtype=torch.bool)
+    valid[0, :, :7] = False
+    query = torch.randn(b, kv * group, q, d, generator=gen)
+    past = KVPart.dense(keys[:, :, :37], values[:, :, :37], valid[:, :, :37])
+    past.read = None  # the fused kernel must be the only way in
+    past.fused = partial_reference(keys[:, :, :37], values[:, :, :37], valid[:, :, :37])
+    new = KVPart.dense(keys[:, :, 37:], values[:, :, 37:], valid[:, :, 37:], causal=True)
+    got = attend_parts(query, [past, new], d**-0.5)
+    want, _ = dense_reference(query, keys, values, valid, q, d**-0.5)
+    torch.testing.assert_close(got.output.double(), want, rtol=0, atol=1e-5)

@@ -37,6 +37,13 @@ class KVPart:
     causal: bool = False
     kind: str = "dense"
     chunk_tokens: int = CHUNK  # a quantized part sets a multiple of its group so chunks fall on group edges
+    #: a fused kernel over the whole part, or None: ``fused(qg, valid) -> (acc, m, l)`` with ``qg (b, kv_heads, rows,
+    #: d)`` fp32 queries already multiplied by the scaling (rows = group * q, query heads of a KV group folded in),
+    #: ``valid`` as above; returns fp32 ``acc (b, kv_heads, rows, d) = sum_j exp(s_j - m) v_j``, ``m (b, kv_heads,
+    #: rows)`` the row max (-inf where nothing is visible) and ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``. Used for
+    #: non-causal parts when no probabilities are asked for.
+    fused: Callable | None = None
+    kv_heads: int = 0  # KV heads of the part (0 = learnt from its first chunk); needed by fused parts
 
     @classmethod
     def dense(cls, keys: torch.Tensor, values: torch.Tensor, valid=None, causal=False, kind="dense") -> "KVPart":
@@ -45,7 +52,7 @@ class KVPart:
         def read(start, stop, dtype):
             return keys[:, :, start:stop].to(dtype), values[:, :, start:stop].to(dtype)
 
-        return cls(keys.shape[2], read, valid, causal, kind)
+        return cls(keys.shape[2], read, valid, causal, kind, kv_heads=keys.shape[1])
 
 
 @dataclass
@@ -69,25 +76,39 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
     b, heads, q, d = query.shape
     if not parts:
         raise ValueError("attention needs at least one part")
-    kv_heads = None
-    out = m = l = None
+    kv_heads = group = out = m = l = qg = rows = None
     kept_scores: list[torch.Tensor] = []
     transient = 0
-    rows = None
+
+    def start_rows(n_kv: int):
+        nonlocal kv_heads, group, qg, rows, out, m, l
+        kv_heads, group = n_kv, heads // n_kv
+        qg = query.float().reshape(b, kv_heads, group * q, d) * scaling
+        rows = torch.arange(group * q, device=query.device) % q  # query index of each folded row
+        out = qg.new_zeros(b, kv_heads, group * q, d)
+        m = qg.new_full((b, kv_heads, group * q), float("-inf"))
+        l = qg.new_zeros(b, kv_heads, group * q)
+
+    known = [p.kv_heads for p in parts if p.kv_heads]
+    if known:
+        start_rows(known[0])
     for part in parts:
+        if part.fused is not None and not part.causal and not probs_last and kv_heads is not None:
+            acc, m_part, l_part = part.fused(qg, part.valid)
+            m_new = torch.maximum(m, m_part)
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            alpha, beta = torch.exp(m - safe), torch.exp(m_part - safe)
+            l = l * alpha + l_part * beta
+            out = out * alpha.unsqueeze(-1) + acc * beta.unsqueeze(-1)
+            m = m_new
+            continue
         step = max(part.chunk_tokens, 1)
         for start in range(0, part.length, step):
             stop = min(start + step, part.length)
             k, v = part.read(start, stop, torch.float32)
             transient = max(transient, 2 * k.numel() * k.element_size())
             if kv_heads is None:
-                kv_heads = k.shape[1]
-                group = heads // kv_heads
-                qg = query.float().reshape(b, kv_heads, group * q, d) * scaling
-                rows = torch.arange(group * q, device=query.device) % q  # query index of each folded row
-                out = qg.new_zeros(b, kv_heads, group * q, v.shape[-1])
-                m = qg.new_full((b, kv_heads, group * q), float("-inf"))
-                l = qg.new_zeros(b, kv_heads, group * q)
+                start_rows(k.shape[1])
             s = torch.matmul(qg, k.transpose(-1, -2))  # (b, kv, g*q, n)
             mask = None
             if part.valid is not None:
