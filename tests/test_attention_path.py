@@ -80,7 +80,7 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):
 def _generate(model, method, options, ids, mask, new=10):
     cache = make_cache(method, model, **options)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=new,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=0)
     return out[:, ids.shape[1] :]
 
@@ -91,6 +91,7 @@ PADDING_EXACT = {
     "streaming": {"sink": 2, "budget": 24},
     "h2o": {"heavy": 12, "recent": 12},
     "snapkv": {"budget": 24, "window": 4},
+    "fastkv": {"tsp_layer": 1, "tsp_rate": 30, "budget": 20, "window": 4},
 }
 
 

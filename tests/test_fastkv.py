@@ -99,7 +99,9 @@ def test_noop_settings_reproduce_full_cache_exactly(tiny_model):
         with make_cache("fastkv", tiny_model, tsp_rate=1.0, budget=1.0) as ours:
             b = tiny_model(ids, **cache_kwargs(None, ours)).logits
             b2 = tiny_model(ids[:, :1], **cache_kwargs(None, ours)).logits
-    assert torch.equal(a, b) and torch.equal(a2, b2)
+    # fastkv attends by itself (chunked fp32 online softmax) where the full cache uses transformers' sdpa
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+    torch.testing.assert_close(b2, a2, rtol=0, atol=2e-5)
 
 
 def test_kept_bytes_are_held_tensors_and_budget(tiny_model):
@@ -170,7 +172,7 @@ def test_gemma3_layout():
             a = model(ids, **cache_kwargs(None, full)).logits
         with make_cache("fastkv", model, tsp_rate=1.0, budget=1.0) as ours:
             b = model(ids, **cache_kwargs(None, ours)).logits
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5)  # fastkv's full layers attend by themselves
         with make_cache("fastkv", model, tsp_layer=3, tsp_rate=0.2, budget=0.1) as cache:
             out = model.generate(ids, **cache_kwargs(None, cache), max_new_tokens=4, do_sample=False, pad_token_id=0)
             index = cache.method.tsp_index

@@ -35,7 +35,8 @@ import torch
 from ..cache import Method, SlidingWindowLayer
 from ..compat import uses_cache
 from ..config import check_budget, check_positive_int, check_ratio, resolve_budget
-from ..eviction import EvictionLayer, StorageOptions, check_pool, topk_keep, window_scores
+from ..attention.interface import PADDING_MARK
+from ..eviction import EvictionLayer, StorageOptions, check_pool, pool_window_scores, topk_keep
 from ..observe import Observer, decoder_layers
 from ..registry import KVCompressError, register
 
@@ -51,7 +52,7 @@ DEFAULT_TSP_DEPTH = 15 / 32
 @dataclass(frozen=True)
 class FastKVConfig(StorageOptions):
     tsp_layer: int | None = None  # last layer run on the full prompt; None = full-attention layer nearest 15/32 of depth
-    tsp_rate: float = 0.2  # share of the prompt propagated past tsp_layer (window included), in (0, 1]
+    tsp_rate: float | int = 0.2  # propagated past tsp_layer (window included): share of the prompt in (0, 1] or tokens
     budget: float | int = 0.1  # KV kept per layer and KV head (window included): share of the prompt or tokens
     window: int = 8  # N_obs: last prompt queries that score the tokens (always kept and propagated)
     pool: str = "max"  # max (latest paper version) | avg (earlier version) | none
@@ -60,7 +61,7 @@ class FastKVConfig(StorageOptions):
     def __post_init__(self):
         if self.tsp_layer is not None:
             check_positive_int(self.tsp_layer, "tsp_layer", "fastkv", minimum=0)
-        check_ratio(self.tsp_rate, "tsp_rate", "fastkv", low_open=True, high_open=False)
+        check_budget(self.tsp_rate, "fastkv", "tsp_rate")
         check_budget(self.budget, "fastkv")
         check_positive_int(self.window, "window", "fastkv")
         check_pool(self.pool, self.kernel, "fastkv")
@@ -103,14 +104,19 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tenso
 
 def slice_mask(mask, index: torch.Tensor):
     """``(batch|1, 1|heads, n, n)`` mask -> rows and columns of the selected tokens; ``None`` stays ``None``
-    (sdpa's implicit causal mask is right for a subset kept in original order)."""
+    (sdpa's implicit causal mask is right for a subset kept in original order). The padding the mask carries for
+    kvcompress's attention (``(batch, tokens)``) is sliced to the selected tokens too."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise KVCompressError(
             f"fastkv needs a 4-D attention mask tensor (sdpa or eager attention), got {type(mask).__name__}"
         )
-    return gather_tokens(gather_tokens(mask, index, 2), index, 3)
+    sliced = gather_tokens(gather_tokens(mask, index, 2), index, 3)
+    padding = getattr(mask, PADDING_MARK, None)
+    if padding is not None:
+        setattr(sliced, PADDING_MARK, gather_tokens(padding[:, -mask.shape[2] :], index, 1))
+    return sliced
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,40 +130,58 @@ class _LogicalPrompt:
     def update(self, key_states, value_states, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
         run = self.method.prefill  # set only during the prefill forward
+        if run is not None and not self.attends:
+            self.seen = run.n
+        return out
+
+    def attend(self, *args, **kwargs):
+        out = super().attend(*args, **kwargs)
+        run = self.method.prefill
         if run is not None:
             self.seen = run.n
         return out
 
 
 class FastKVLayer(_LogicalPrompt, EvictionLayer):
-    """Full-attention layer: at prefill keeps ``kv_budget`` tokens per (row, KV head) of what it received
-    (SnapKV-style scores; the TSP scores are taken here at ``tsp_layer``); decoding appends."""
+    """Full-attention layer: at prefill attends over what it received, then keeps ``kv_budget`` tokens per (row, KV
+    head) scored by the last ``window`` queries of that same attention (SnapKV-style; the TSP scores are taken here at
+    ``tsp_layer``); decoding appends. Padding scores nothing: never selected unless a row is shorter than the budget
+    (then it stays masked)."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx, config, method):
         super().__init__(geometry, layer_idx, storage=config.make_store(geometry))
         self.config = config
         self.method = method
 
-    def store(self, key_states, value_states):
-        if self.committed:
-            return self.append(key_states, value_states)
+    def _selects(self, n: int) -> bool:
         run = self.method.prefill
-        if run is None:
+        if self.committed or run is None:
+            return False
+        return run.kv_budget < n or (self.layer_idx == self.method.tsp_layer and run.tsp_len < n)
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        if not self.committed and self.method.prefill is None:
             raise KVCompressError("fastkv: the prefill did not pass through the model's hooks (wrong model?)")
-        keys, values = self.append(key_states, value_states)
-        n = keys.shape[-2]
-        at_tsp = self.layer_idx == self.method.tsp_layer and run.tsp_len < n
-        if run.kv_budget < n or at_tsp:
-            obs = self.method.observer
-            window = min(self.config.window, n)
-            query = obs.query_states(self.layer_idx, last=window)
-            scores = window_scores(query, keys, obs.scaling(self.layer_idx), self.config.pool, self.config.kernel)
-            if at_tsp:
-                run.scores = scores.sum(dim=1)  # (b, n): over all heads
-            if run.kv_budget < n:
+        return super().attend_step(query, keys, values, new_valid, scaling)
+
+    def probs_wanted(self, q):
+        return min(self.config.window, q) if self._selects(q) else 0
+
+    def after_attention(self, probs, q):
+        if self.committed:
+            return
+        run = self.method.prefill
+        if probs is not None:
+            window = probs.shape[3]
+            scores = self.selection_scores(
+                pool_window_scores(probs.sum(dim=(2, 3)), window, self.config.pool, self.config.kernel))
+            if self.layer_idx == self.method.tsp_layer and run.tsp_len < q:
+                run.scores = scores.sum(dim=1)  # (b, n): over all heads (padding stays -inf)
+            if run.kv_budget < q:
                 self.keep(topk_keep(scores, run.kv_budget, always_keep_last=window))
         self.commit()
-        return keys, values
 
 
 class FastKVSlidingLayer(_LogicalPrompt, SlidingWindowLayer):
@@ -175,12 +199,11 @@ class FastKVSlidingLayer(_LogicalPrompt, SlidingWindowLayer):
 
 
 class TSPHooks(Observer):
-    """The Observer's attention pre-hooks (queries for scoring) plus decoder-layer hooks for TSP, active only
-    in the prefill forward of ``cache``. Removed on ``cache.close()``."""
+    """Decoder-layer hooks for TSP, active only in the prefill forward of ``cache``. Removed on ``cache.close()``."""
 
     def __init__(self, method: "FastKV", cache):
         g = method.geometry
-        super().__init__(method.model, cache, layers=[i for i in range(g.num_layers) if not g.is_sliding(i)])
+        super().__init__(method.model, cache, layers=[])  # no attention hooks: scores come from the attention itself
         self.method = method
         blocks = method.blocks
         tsp = method.tsp_layer
@@ -302,7 +325,7 @@ class FastKV(Method):
         recent = min(cfg.window, n)
         if g.sliding_window is not None:
             recent = max(recent, min(g.sliding_window - 1, n))
-        tsp_len = max(resolve_budget(float(cfg.tsp_rate), n), recent)
+        tsp_len = max(resolve_budget(cfg.tsp_rate, n), recent)
         return Prefill(n=n, tsp_len=tsp_len, recent=recent, kv_budget=min(resolve_budget(cfg.budget, n), tsp_len))
 
     def prefill_fraction(self, n: int) -> float:
