@@ -92,6 +92,8 @@ PADDING_EXACT = {
     "h2o": {"heavy": 12, "recent": 12},
     "snapkv": {"budget": 24, "window": 4},
     "fastkv": {"tsp_layer": 1, "tsp_rate": 30, "budget": 20, "window": 4},
+    "kivi": {"bits": 2, "group_size": 4, "residual": 8},
+    "logquant": {"window": 4},
 }
 
 
@@ -114,7 +116,7 @@ def test_padding_is_never_attended(tiny_model):
     other[1, :12] = 77
     a = _generate(tiny_model, "kivi", {"bits": 4, "group_size": 4, "residual": 8}, ids, mask)
     b = _generate(tiny_model, "kivi", {"bits": 4, "group_size": 4, "residual": 8}, other, mask)
-    assert a[0].tolist() == b[0].tolist()  # row 0 has no padding; row 1's quantization statistics see the pads
+    assert a.tolist() == b.tolist()
 
 
 def test_two_caches_from_two_threads_generate_what_they_generate_alone(tiny_model):

@@ -126,6 +126,7 @@ class KVLayer(CacheLayerMixin):
         self.batch_size = 0
         self.peak_transient_bytes = 0  # largest dequantized copy handed to attention
         self._pending = None  # the step's new K/V between update() and attend() (layers with ``attends``)
+        self._rows: list[KVLayer] | None = None  # per-row layers of a padded batch (split_rows_on_padding)
 
     # -- transformers contract -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -176,15 +177,66 @@ class KVLayer(CacheLayerMixin):
             new_valid = padding[:, -q:].to(device=keys.device, dtype=torch.bool)
             if bool(new_valid.all()):
                 new_valid = None
-        output, transient = self.attend_step(query, keys, values, new_valid, scaling)
+        if self.split_rows_on_padding and (new_valid is not None or self._rows is not None):
+            output, transient = self._attend_rows(query, keys, values, new_valid, scaling)
+        else:
+            output, transient = self.attend_step(query, keys, values, new_valid, scaling)
         self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
         self.seen += q
         return output
 
     def attend_step(self, query, keys, values, new_valid, scaling):
         """Attend over the stored parts plus the new tokens, then update the state; ``new_valid (b, q)`` bool or
-        None (no padding). Returns ``(output (b, q, heads, d), transient bytes)``. Layers with ``attends``."""
+        None (no padding). Returns ``(output (b, q, heads, d), transient bytes)``. Layers with ``attends``.
+
+        Default (layers that implement :meth:`store`): attend over the dense ``[past | new]`` that ``store`` returns
+        (the new tokens causal, their padding masked)."""
+        from .attention import KVPart, attend_parts
+
+        q = keys.shape[2]
+        k, v = self.store(keys, values)
+        past = k.shape[2] - q
+        parts = [KVPart.dense(k[:, :, :past], v[:, :, :past])] if past else []
+        nv = None if new_valid is None else new_valid[:, None, :]
+        parts.append(KVPart.dense(k[:, :, past:], v[:, :, past:], nv, causal=True))
+        result = attend_parts(query, parts, scaling)
+        held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
+        transient = sum(t.numel() * t.element_size() for t in (k, v) if t.data_ptr() not in held)
+        return result.output, max(transient, result.transient_bytes)
+
+    # -- padded batches, one row at a time (split_rows_on_padding) ---------------------------------------------------
+    #: a layer whose state cannot mask padding (quantization groups, flush schedules) sets this: once a padded batch
+    #: is seen it keeps one single-row layer per row (:meth:`new_row_layer`), fed only that row's real tokens, so a
+    #: row holds and computes exactly what it would alone
+    split_rows_on_padding = False
+
+    def new_row_layer(self) -> "KVLayer":
+        """A fresh layer of the same kind and config for one batch row (layers with ``split_rows_on_padding``)."""
         raise NotImplementedError
+
+    def _attend_rows(self, query, keys, values, new_valid, scaling):
+        b, q = keys.shape[0], keys.shape[2]
+        if self._rows is None:
+            if self.seen:
+                raise KVCompressError(
+                    f"layer {self.layer_idx}: padding appeared after the first step; pad the prompt (left) only"
+                )
+            self._rows = [self.new_row_layer() for _ in range(b)]
+        valid = torch.ones(b, q, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid
+        output = query.new_zeros(b, q, query.shape[1], query.shape[3])
+        transient = 0
+        for r, row in enumerate(self._rows):
+            idx = valid[r].nonzero().squeeze(-1)
+            if not idx.numel():
+                continue
+            k, v = keys[r : r + 1, :, idx], values[r : r + 1, :, idx]
+            if not row.is_initialized:
+                row.lazy_initialization(k, v)
+            out, t = row.attend_step(query[r : r + 1, :, idx], k, v, None, scaling)
+            row.seen += idx.numel()
+            output[r, idx] = out[0]
+            transient += t
+        return output, transient
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -241,6 +293,8 @@ class KVLayer(CacheLayerMixin):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
+        if self._rows is not None:
+            return sum(row.nbytes() for row in self._rows)
         return tensors_nbytes(self.held_tensors())
 
     def reference_nbytes(self) -> int:

@@ -228,11 +228,16 @@ class KiviLayer(StoreLayer):
     chunk (never the whole dequantized past at once) and masks padding."""
 
     attends = True
+    split_rows_on_padding = True  # key groups and residual flushes are per row: a padded row runs alone
 
     def __init__(self, geometry, layer_idx: int, config: KiviConfig):
+        self.config = config
         super().__init__(geometry, layer_idx, KiviStore(geometry, bits=config.bits, group_size=config.group_size,
                                                         residual=config.residual, key_bits=config.key_bits,
                                                         value_bits=config.value_bits))
+
+    def new_row_layer(self):
+        return KiviLayer(self.geometry, self.layer_idx, self.config)
 
 
 @register("kivi")

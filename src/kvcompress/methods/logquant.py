@@ -127,8 +127,12 @@ class LogQuantLayer(KVLayer):
     The full-precision block ``(batch, kv_heads, n_fp <= 3W, head_dim)`` in the 2-byte storage dtype is
     ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush."""
 
+    attends = True  # attends over its dense read-back through kvcompress's attention path
+    split_rows_on_padding = True  # quantization blocks and the log schedule are per row: a padded row runs alone
+
     def __init__(self, geometry: ModelGeometry, layer_idx: int, config: LogQuantConfig):
         super().__init__(geometry, layer_idx)
+        self.config = config
         self.window = config.window
         group = min(config.group_size, geometry.head_dim)
         key_axis, key_group = (-2, config.window) if config.key_axis == "channel" else (-1, group)
@@ -168,6 +172,9 @@ class LogQuantLayer(KVLayer):
 
     def held_tensors(self):
         return [self.fp_k, self.fp_v, *self.kq.tensors(), *self.vq.tensors()]
+
+    def new_row_layer(self):
+        return LogQuantLayer(self.geometry, self.layer_idx, self.config)
 
     @property
     def quantized_length(self) -> int:
