@@ -217,3 +217,43 @@ def test_a_fused_part_merges_exactly():
     got = attend_parts(query, [past, new], d**-0.5)
     want, _ = dense_reference(query, keys, values, valid, q, d**-0.5)
     torch.testing.assert_close(got.output.double(), want, rtol=0, atol=1e-5)
+
+
+def test_token_runs_grow_without_copying_the_past():
+    """Appending one token at a time: O(log n) runs, each token copied O(log n) times, nothing beyond what is held."""
+    from kvcompress.storage import TokenRuns
+
+    runs, copied = TokenRuns(), 0
+    real_cat = torch.cat
+
+    def counting_cat(tensors, dim=0):
+        nonlocal copied
+        copied += sum(t.shape[2] for t in tensors)
+        return real_cat(tensors, dim=dim)
+
+    torch.cat = counting_cat
+    try:
+        for t in range(1000):
+            runs.append(torch.full((1, 1, 1, 2), float(t)))
+    finally:
+        torch.cat = real_cat
+    lengths = [run[0].shape[2] for run in runs.runs]
+    assert sum(lengths) == len(runs) == 1000 and lengths == sorted(lengths, reverse=True)
+    assert len(lengths) == bin(1000).count("1")  # a binary counter: one run per set bit
+    assert copied <= 1000 * 10  # log2(1000) < 10 copies per token; a cat onto the whole past per step: ~500k
+    assert torch.equal(runs.joined()[0].flatten()[::2], torch.arange(1000, dtype=torch.float32))
+    assert sum(t.numel() for t in runs.tensors()) == 1000 * 2  # no capacity slack
+
+
+def test_fp16_storage_appends_without_copying_the_past(tiny_model):
+    """SnapKV's decode appends go to its fp16 store: the big run from the prompt is never copied again."""
+    cache = make_cache("snapkv", tiny_model, budget=64, window=4)
+    with torch.no_grad():
+        tiny_model(torch.randint(1, 128, (1, 200)), **cache_kwargs(tiny_model, cache))
+        layer = cache.layers[0]
+        prompt_run = layer.storage.kv.runs[0][0]
+        for t in range(40):
+            tiny_model(torch.tensor([[1 + t]]), **cache_kwargs(tiny_model, cache))
+    assert len(layer.storage) == 64 + 40
+    assert [run[0].shape[2] for run in layer.storage.kv.runs] == [64, 32, 8]  # 40 = 32 + 8: the newer runs
+    assert layer.storage.kv.runs[0][0].data_ptr() == prompt_run.data_ptr()  # the prompt's run was never copied

@@ -68,6 +68,41 @@ class KVStore:
         return sum(t.numel() * t.element_size() for t in self.held_tensors() if t is not None)
 
 
+class TokenRuns:
+    """Tensors that grow along the token axis (dim 2) without copying their past: kept as a few contiguous runs whose
+    lengths strictly decrease (a binary counter: appending merges the last runs while the newer is not shorter).
+    A token is copied O(log n) times over its life instead of once per step as ``torch.cat`` onto the whole past
+    would, there are O(log n) runs, and nothing is allocated beyond what is held (no capacity slack to count).
+
+    ``append(*tensors)`` takes aligned tensors ``(batch, heads, n, ...)`` (e.g. keys and values); ``runs`` is the
+    list of aligned tuples, oldest first."""
+
+    def __init__(self):
+        self.runs: list[tuple[torch.Tensor, ...]] = []
+
+    def append(self, *tensors: torch.Tensor) -> None:
+        if not tensors[0].shape[2]:
+            return
+        self.runs.append(tuple(tensors))
+        while len(self.runs) >= 2 and self.runs[-1][0].shape[2] >= self.runs[-2][0].shape[2]:
+            newer, older = self.runs.pop(), self.runs.pop()
+            self.runs.append(tuple(torch.cat([a, b], dim=2) for a, b in zip(older, newer)))
+
+    def __len__(self) -> int:
+        return sum(run[0].shape[2] for run in self.runs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for run in self.runs for t in run]
+
+    def joined(self) -> tuple[torch.Tensor, ...] | None:
+        """Every run concatenated (a transient copy when there are several runs); None when empty."""
+        if not self.runs:
+            return None
+        if len(self.runs) == 1:
+            return self.runs[0]
+        return tuple(torch.cat(parts, dim=2) for parts in zip(*self.runs))
+
+
 @register_store("fp16")
 class FP16Store(KVStore):
     """Plain 2-byte floats (bfloat16 when the model computes in bfloat16)."""
@@ -76,24 +111,22 @@ class FP16Store(KVStore):
         if options:
             raise KVCompressError(f"fp16 storage takes no options, got {sorted(options)}")
         self.dtype = geometry.storage_dtype
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.kv = TokenRuns()  # (keys, values) runs, each (b, h, n_i, d)
 
     def append(self, keys, values):
-        k, v = keys.to(self.dtype), values.to(self.dtype)
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        self.kv.append(keys.to(self.dtype), values.to(self.dtype))
 
     def read(self, dtype=torch.float32):
-        return self.k.to(dtype), self.v.to(dtype)
+        k, v = self.kv.joined()
+        return k.to(dtype), v.to(dtype)
 
     def parts(self):
         from .attention import KVPart
 
-        return [] if self.k is None else [KVPart.dense(self.k, self.v, kind="fp16")]
+        return [KVPart.dense(k, v, kind="fp16") for k, v in self.kv.runs]
 
     def held_tensors(self):
-        return [self.k, self.v]
+        return self.kv.tensors()
 
     def __len__(self):
-        return 0 if self.k is None else self.k.shape[-2]
+        return len(self.kv)
