@@ -7,26 +7,28 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..registry import KVCompressError
+
 
 def normalize_axis(axis: int, ndim: int) -> int:
-    """Map ``axis`` (possibly negative) to ``0..ndim-1`` or raise ValueError."""
+    """Map ``axis`` (possibly negative) to ``0..ndim-1`` or raise KVCompressError."""
     try:
         a = operator.index(axis)
     except TypeError:
-        raise ValueError(f"axis must be an integer, got {axis!r}") from None
+        raise KVCompressError(f"axis must be an integer, got {axis!r}") from None
     if not -ndim <= a < ndim:
-        raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dims")
+        raise KVCompressError(f"axis {a} is out of range for a tensor with {ndim} dims")
     return a % ndim
 
 
 def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
-    """Raise ValueError unless ``x`` is a floating-point tensor with >= 1 dim."""
+    """Raise KVCompressError unless ``x`` is a floating-point tensor with >= 1 dim."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise KVCompressError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        raise KVCompressError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension")
+        raise KVCompressError(f"{name} must have at least one dimension")
 
 
 def group_layout(
@@ -38,18 +40,18 @@ def group_layout(
     """
     length = shape[axis]
     if length == 0:
-        raise ValueError(f"cannot quantize along axis {axis} of length 0")
+        raise KVCompressError(f"cannot quantize along axis {axis} of length 0")
     if group_size is None:
         g = length
     else:
         try:
             g = operator.index(group_size)
         except TypeError:
-            raise ValueError(f"group_size must be an int or None, got {group_size!r}") from None
+            raise KVCompressError(f"group_size must be an int or None, got {group_size!r}") from None
         if g <= 0:
-            raise ValueError(f"group_size must be positive, got {g}")
+            raise KVCompressError(f"group_size must be positive, got {g}")
         if length % g != 0:
-            raise ValueError(
+            raise KVCompressError(
                 f"group_size {g} does not divide the length {length} of axis {axis}"
             )
     grouped = tuple(shape[:axis]) + (length // g, g) + tuple(shape[axis + 1:])
@@ -57,10 +59,10 @@ def group_layout(
 
 
 def check_fp16_finite(*tensors: torch.Tensor) -> None:
-    """Raise ValueError if any fp16 statistic is inf/NaN (input non-finite or beyond fp16 range)."""
+    """Raise KVCompressError if any fp16 statistic is inf/NaN (input non-finite or beyond fp16 range)."""
     for t in tensors:
         if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(
+            raise KVCompressError(
                 "quantization statistics are not finite in fp16: input contains inf/NaN "
                 "or values beyond the fp16 range (|x| > 65504)"
             )

@@ -15,6 +15,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from ..registry import KVCompressError
+
 from ._common import check_float_tensor, check_fp16_finite, normalize_axis
 from .packing import pack_bits, unpack_bits, validate_bits
 
@@ -30,13 +32,13 @@ __all__ = [
 
 def _check_codebook(codebook: torch.Tensor) -> None:
     if not isinstance(codebook, torch.Tensor) or not codebook.dtype.is_floating_point:
-        raise ValueError("codebook must be a floating-point torch.Tensor")
+        raise KVCompressError("codebook must be a floating-point torch.Tensor")
     if codebook.dim() != 1 or not 1 <= codebook.numel() <= 256:
-        raise ValueError(
+        raise KVCompressError(
             f"codebook must be 1-D with 1..256 entries, got shape {tuple(codebook.shape)}"
         )
     if codebook.numel() > 1 and not bool((codebook[1:] >= codebook[:-1]).all()):
-        raise ValueError("codebook must be sorted in ascending order")
+        raise KVCompressError("codebook must be sorted in ascending order")
 
 
 def _weighted_quantiles(v: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -67,23 +69,23 @@ def fit_codebook(
     bits = validate_bits(bits)
     check_float_tensor(values, "values")
     if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        raise KVCompressError(f"max_samples must be >= 1, got {max_samples}")
     device = values.device
     v = values.detach().reshape(-1).to("cpu", torch.float64)
     if weights is None:
         w = torch.ones_like(v)
     else:
         if not isinstance(weights, torch.Tensor) or weights.numel() != values.numel():
-            raise ValueError(
+            raise KVCompressError(
                 f"weights must be a tensor with {values.numel()} elements (one per value)"
             )
         w = weights.detach().reshape(-1).to("cpu", torch.float64)
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError("weights must be finite and non-negative")
+            raise KVCompressError("weights must be finite and non-negative")
     keep = torch.isfinite(v) & (w > 0)
     v, w = v[keep], w[keep]
     if v.numel() == 0:
-        raise ValueError("no finite values with positive weight to fit a codebook on")
+        raise KVCompressError("no finite values with positive weight to fit a codebook on")
     if v.numel() > max_samples:
         gen = torch.Generator().manual_seed(int(seed))
         idx = torch.randperm(v.numel(), generator=gen)[:max_samples]
@@ -140,7 +142,7 @@ def dequantize_codebook(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Te
     """LUT gather: codes (any shape, int) -> codebook[codes] (same shape, codebook dtype)."""
     _check_codebook(codebook)
     if codes.dtype.is_floating_point or codes.dtype.is_complex:
-        raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
+        raise KVCompressError(f"codes must have an integer dtype, got {codes.dtype}")
     return codebook.to(codes.device)[codes.long()]
 
 
@@ -156,7 +158,7 @@ def normalize_minmax(
     check_float_tensor(x)
     a = normalize_axis(axis, x.dim())
     if x.shape[a] == 0:
-        raise ValueError(f"cannot normalize along axis {a} of length 0")
+        raise KVCompressError(f"cannot normalize along axis {a} of length 0")
     xf = x.float()
     mn = xf.amin(dim=a, keepdim=True)
     mx = xf.amax(dim=a, keepdim=True)
@@ -224,7 +226,7 @@ def quantize_with_codebook(
         bits = max(1, math.ceil(math.log2(codebook.numel())))
     bits = validate_bits(bits)
     if codebook.numel() > (1 << bits):
-        raise ValueError(
+        raise KVCompressError(
             f"codebook has {codebook.numel()} entries, more than 2**bits = {1 << bits}"
         )
     xn, scale, offset = normalize_minmax(x, axis)

@@ -8,6 +8,8 @@ from typing import Iterator, Tuple
 
 import torch
 
+from ..registry import KVCompressError
+
 from ._common import check_float_tensor, normalize_axis
 
 __all__ = ["SparseOutliers", "split_outliers", "outlier_thresholds"]
@@ -44,7 +46,7 @@ class SparseOutliers:
     def scatter_into(self, dense: torch.Tensor) -> torch.Tensor:
         """Return a copy of ``dense`` (shape ``shape``) with the outlier values written back."""
         if tuple(dense.shape) != tuple(self.shape):
-            raise ValueError(
+            raise KVCompressError(
                 f"dense has shape {tuple(dense.shape)}, expected {tuple(self.shape)}"
             )
         out = dense.reshape(-1).clone()
@@ -65,15 +67,15 @@ def split_outliers(
     """
     check_float_tensor(x)
     if x.numel() >= 2**31:
-        raise ValueError("x has too many elements for int32 flat indices")
+        raise KVCompressError("x has too many elements for int32 flat indices")
     lower = torch.as_tensor(lower, device=x.device)
     upper = torch.as_tensor(upper, device=x.device)
     try:
         torch.broadcast_shapes(lower.shape, upper.shape, x.shape)
     except RuntimeError as e:
-        raise ValueError(f"thresholds are not broadcastable to x: {e}") from None
+        raise KVCompressError(f"thresholds are not broadcastable to x: {e}") from None
     if torch.broadcast_shapes(lower.shape, upper.shape, x.shape) != x.shape:
-        raise ValueError("thresholds must broadcast to x's shape without enlarging it")
+        raise KVCompressError("thresholds must broadcast to x's shape without enlarging it")
     mask = (x > upper) | (x < lower)
     idx = mask.reshape(-1).nonzero().squeeze(1)
     sparse = SparseOutliers(
@@ -100,10 +102,10 @@ def outlier_thresholds(
     a = normalize_axis(axis, x.dim())
     fraction = float(fraction)
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+        raise KVCompressError(f"fraction must be in [0, 1), got {fraction}")
     n = x.shape[a]
     if n == 0:
-        raise ValueError(f"cannot compute thresholds along axis {a} of length 0")
+        raise KVCompressError(f"cannot compute thresholds along axis {a} of length 0")
     stat_shape = list(x.shape)
     stat_shape[a] = 1
     if fraction == 0.0:

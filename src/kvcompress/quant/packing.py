@@ -14,19 +14,21 @@ import operator
 
 import torch
 
+from ..registry import KVCompressError
+
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes", "validate_bits"]
 
 
 def validate_bits(bits: int) -> int:
-    """Return ``bits`` as int, raising ValueError unless it is an integer in 1..8."""
+    """Return ``bits`` as int, raising KVCompressError unless it is an integer in 1..8."""
     if isinstance(bits, bool):
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+        raise KVCompressError(f"bits must be an integer in 1..8, got {bits!r}")
     try:
         b = operator.index(bits)
     except TypeError:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}") from None
+        raise KVCompressError(f"bits must be an integer in 1..8, got {bits!r}") from None
     if not 1 <= b <= 8:
-        raise ValueError(f"bits must be in 1..8, got {b}")
+        raise KVCompressError(f"bits must be in 1..8, got {b}")
     return b
 
 
@@ -34,7 +36,7 @@ def packed_nbytes(n: int, bits: int) -> int:
     """Number of bytes holding ``n`` codes of ``bits`` bits: ``ceil(n*bits/8)``."""
     bits = validate_bits(bits)
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise KVCompressError(f"n must be >= 0, got {n}")
     return (n * bits + 7) // 8
 
 
@@ -55,16 +57,16 @@ def pack_bits(codes: torch.Tensor, bits: int, *, validate: bool = True) -> torch
     """
     bits = validate_bits(bits)
     if not isinstance(codes, torch.Tensor):
-        raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+        raise KVCompressError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex:
-        raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
+        raise KVCompressError(f"codes must have an integer dtype, got {codes.dtype}")
     if codes.dim() == 0:
-        raise ValueError("codes must have at least one dimension")
+        raise KVCompressError("codes must have at least one dimension")
     n = codes.shape[-1]
     if validate and codes.numel() > 0:
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= (1 << bits):
-            raise ValueError(
+            raise KVCompressError(
                 f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got range [{lo}, {hi}]"
             )
     c = codes.to(torch.uint8)
@@ -95,12 +97,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 (..., ceil(n*bits/8)) -> uint8 codes (..., n)."""
     bits = validate_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise ValueError("packed must be a torch.uint8 tensor")
+        raise KVCompressError("packed must be a torch.uint8 tensor")
     if packed.dim() == 0:
-        raise ValueError("packed must have at least one dimension")
+        raise KVCompressError("packed must have at least one dimension")
     expected = packed_nbytes(n, bits)
     if packed.shape[-1] != expected:
-        raise ValueError(
+        raise KVCompressError(
             f"packed last dim is {packed.shape[-1]} but {n} codes of {bits} bits need {expected} bytes"
         )
     lead = packed.shape[:-1]
