@@ -34,7 +34,7 @@ import torch
 
 from ..cache import Method, SlidingWindowLayer
 from ..compat import uses_cache
-from ..config import check_budget, check_positive_int, check_ratio, resolve_budget
+from ..config import check_budget, check_positive_int, resolve_budget
 from ..attention.interface import PADDING_MARK
 from ..eviction import EvictionLayer, StorageOptions, check_pool, pool_window_scores, topk_keep
 from ..observe import Observer, decoder_layers
@@ -202,7 +202,6 @@ class TSPHooks(Observer):
     """Decoder-layer hooks for TSP, active only in the prefill forward of ``cache``. Removed on ``cache.close()``."""
 
     def __init__(self, method: "FastKV", cache):
-        g = method.geometry
         super().__init__(method.model, cache, layers=[])  # no attention hooks: scores come from the attention itself
         self.method = method
         blocks = method.blocks
