@@ -60,10 +60,11 @@ def cmd_list(args) -> int:
     table = Table(title="kvcompress methods")
     table.add_column("method")
     table.add_column("what it does")
+    table.add_column("attention")
     table.add_column("defaults")
     for name, cls in list_methods().items():
         defaults = ", ".join(f"{k}={v}" for k, v in config_defaults(cls).items())
-        table.add_row(name, cls.summary, defaults)
+        table.add_row(name, cls.summary, cls.attention, defaults)
     Console(width=200).print(table)
     return 0
 

@@ -25,6 +25,9 @@ class Method:
     test_options: dict = {}
     #: options under which the method keeps every token exactly at 2-byte precision, or None if it has none
     noop_options: dict | None = None
+    #: how its full-attention layers attend (``kvcompress list``): over their stored parts through kvcompress's
+    #: attention function, or a dense K/V copy handed to transformers' attention
+    attention: str = "transformers: dense K/V copy"
 
     @dataclass(frozen=True)
     class Config:

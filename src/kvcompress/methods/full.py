@@ -16,6 +16,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class FullCache(Method):
     noop_options = {}
     summary = "uncompressed K/V (the reference); dtype='float16' stores 2 bytes per value, 'model' the model's own dtype"
+    attention = "transformers: as DynamicCache"
 
     @dataclass(frozen=True)
     class Config:

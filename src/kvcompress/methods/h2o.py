@@ -20,6 +20,7 @@ from ..registry import register
 @register("h2o")
 class H2O(Method):
     summary = "H2O: heavy hitters (cumulative attention) + recent tokens; scores updated at every decode step"
+    attention = "kvcompress: kept tokens, scores from it"
     test_options = {"heavy": 0.15, "recent": 0.15}
     noop_options = {"heavy": 1 << 20, "recent": 1 << 20}
 

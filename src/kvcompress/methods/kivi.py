@@ -243,6 +243,7 @@ class KiviLayer(StoreLayer):
 @register("kivi")
 class Kivi(Method):
     summary = "KIVI: keys per-channel, values per-token asymmetric 2/4/8-bit quantization + fp16 residual of R tokens"
+    attention = "kvcompress: quantized parts, chunked"
     Config = KiviConfig
     test_options = {"bits": 2, "group_size": 8, "residual": 16}
     noop_options = {"residual": 1 << 20}  # a residual longer than any prompt keeps every token at 2 bytes

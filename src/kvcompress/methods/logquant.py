@@ -189,6 +189,7 @@ class LogQuantLayer(KVLayer):
 @register("logquant")
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
+    attention = "kvcompress: dense read-back"
     Config = LogQuantConfig
     test_options = {"window": 8}
     noop_options = None  # no setting keeps every token at 2 bytes: a window past the context is an error

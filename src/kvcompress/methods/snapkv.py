@@ -18,6 +18,7 @@ from ..registry import register
 @register("snapkv")
 class SnapKV(Method):
     summary = "SnapKV: the last prompt queries pick the kept tokens per KV head (prompt-only); composes with storage"
+    attention = "kvcompress: kept tokens, scores from it"
     test_options = {"budget": 0.3, "window": 8}
     noop_options = {"budget": 1.0}
 

@@ -22,6 +22,7 @@ DEFAULT_WINDOW = 2000  # the paper's setting when neither window nor budget is g
 @register("streaming")
 class StreamingLLM(Method):
     summary = "StreamingLLM: attention sinks + recent window; evicts at prefill and every decode step"
+    attention = "kvcompress: kept tokens"
     test_options = {"sink": 4, "budget": 0.25}
     noop_options = {"window": 1 << 20}
 
