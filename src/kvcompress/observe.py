@@ -68,10 +68,6 @@ class Observer:
         self._inputs[layer_idx] = (hidden, pos)
         return None
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -86,10 +82,6 @@ class Observer:
                 "model (cache=... or past_key_values=...), and not be closed"
             )
         return self._inputs[layer_idx]
-
-    def hidden_states(self, layer_idx: int) -> torch.Tensor:
-        """Input of the attention module: ``(batch, q, hidden)``."""
-        return self._get(layer_idx)[0]
 
     def rope(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of the current step, ``(batch, q, head_dim)``."""
