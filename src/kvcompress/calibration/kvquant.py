@@ -1,6 +1,7 @@
 """Calibrate KVQuant on text: Fisher-weighted nuq codebooks and per-channel key outlier thresholds.
 
 ``kvcompress calibrate kvquant --model smollm2-135m --data ../shared/data/paul-graham-essays --bits 3``
+(or ``make_cache("kvquant", model, calibration="auto")``: :func:`auto_calibration`, once per model, cached)
 
 1. Fisher information from real gradients: for each calibration sequence (one at a time, so memory stays
    bounded) a forward + backward of the mean next-token NLL with the weights frozen; forward hooks keep the
@@ -10,7 +11,8 @@
 2. Per layer, for keys (pre-RoPE, and post-RoPE for ``pre_rope=False``) per-channel outlier thresholds at
    ``outliers/2`` and ``1 - outliers/2`` over the calibration tokens (min/max for 0); for values per-token
    thresholds (as at run time). Values are normalized to [-1, 1] like the cache does (keys per channel with
-   the thresholds, values per token and head) and outliers are left out.
+   the thresholds; values per token -- ``value_token``, one range over all KV heads, the paper -- and per token
+   and head -- ``value``, for ``token_range="head"``) and outliers are left out of the fit.
 3. Per layer and for K / V: ``2**bits`` levels by Fisher-weighted 1-D k-means (``kvcompress.quant.fit_codebook``),
    and the Q-Norm variant (levels mapped affinely so the dequantized data keeps the mean/std of the data).
 
