@@ -195,14 +195,46 @@ class KiviStore(KVStore):
 
         return one(self.kq, self.k_res), one(self.vq, self.v_res)
 
+    def fused_tokens(self) -> int:
+        """Leading tokens served by the fused kernel (:mod:`kvcompress.kernels`): those whose keys *and* values are
+        quantized, cut to a multiple of the key group; 0 when no kernel applies (numba missing, switched off, a
+        non-CPU tensor, a value group that splits a byte of codes)."""
+        from .. import kernels
+
+        n = min(self.kq.length, self.vq.length)
+        n -= n % self.group_size
+        if not n or not kernels.kivi_fused_applies(self.kq.packed.device, self.kq.bits, self.vq.bits, self.head_dim,
+                                                   self.value_group):
+            return 0
+        return n
+
     def parts(self):
-        """One chunked part over ``[quantized | residual]``; chunks fall on key-group edges."""
+        """``[fused | chunked]`` parts over ``[quantized | residual]``: the first :meth:`fused_tokens` tokens as one
+        ``kind="kivi-fused"`` part whose ``fused`` kernel attends straight from the codes (its ``read`` still serves
+        callers that ask for probabilities), the rest -- the residual, and the quantized keys whose values are still
+        in it -- as a ``kind="kivi"`` part read chunk by chunk (all of it when no kernel applies); chunks fall on
+        key-group edges."""
+        from .. import kernels
         from ..attention import CHUNK, KVPart
 
         if not len(self):
             return []
         chunk = max(self.group_size, CHUNK - CHUNK % self.group_size)
-        return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
+        n_f = self.fused_tokens()
+        if not n_f:
+            return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
+        kq, vq, kv_heads = self.kq, self.vq, self.k_res.shape[1]
+        # the tensors as of now: a later append makes new ones (or writes past n_f), so the part stays consistent
+        k_codes, v_codes = (kq.packed, kq.scale, kq.zero), (vq.packed, vq.scale, vq.zero)
+
+        def fused(qg, valid):
+            return kernels.kivi_attention(qg, n_f, *k_codes, kq.bits, kq.group, *v_codes, vq.bits, vq.group, valid)
+
+        parts = [KVPart(n_f, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=kv_heads)]
+        if len(self) > n_f:
+            parts.append(KVPart(len(self) - n_f, lambda s, e, dtype: self.read_range(n_f + s, n_f + e, dtype),
+                                kind="kivi", chunk_tokens=chunk, kv_heads=kv_heads))
+        return parts
 
     def __len__(self) -> int:
         return 0 if self.k_res is None else self.kq.length + self.k_res.shape[2]

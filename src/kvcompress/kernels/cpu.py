@@ -1,0 +1,432 @@
+"""Fused attention over KIVI's packed codes on the CPU (numba): ``(acc, m, l)`` straight from the codes.
+
+What is read, per KV head and token: the packed key codes (``ceil(d*kbits/8)`` bytes), the packed value codes and the
+value's fp16 scale/zero (one pair per ``Gv`` channels); per group of ``G`` tokens the keys' fp16 scale/zero per
+channel. Nothing is dequantized to memory:
+
+* **keys** (per channel): ``s_r(t) = q_r . (code_t * ks_g + kz_g) = (q_r * ks_g) . code_t + q_r . kz_g``. The scaled
+  query ``q_r * ks_g`` and the bias ``q_r . kz_g`` are formed once per group (``rows * d`` operations per ``G``
+  tokens), so a token costs one unpack plus one dot product per query row.
+* **values** (per token): a token's row is unpacked and dequantized once into a small buffer, then added with its
+  softmax weight to every query row of the KV group.
+* **one pass serves every query row** of the KV group (GQA/MQA heads and multi-token queries folded into ``rows``).
+* **unpacking**: codes are unpacked in *planes*: for 1/2/4/8 bits, byte ``u`` holds channels ``u*per .. u*per+per-1``
+  (``per = 8 // bits``); plane ``k`` takes bits ``[k*bits, (k+1)*bits)`` of every byte, so each plane is one
+  contiguous, vectorizable loop over the row's bytes that reads each byte once (3/5/6/7 bits: ``bits`` bytes form a
+  word of 8 codes, plane ``k`` = code ``k`` of every word). The query and the statistics are permuted into the same
+  plane order once per group, so no code is ever moved.
+* **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
+  polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score.
+* **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
+  ``numba.prange``; each returns its own ``(acc, m, l)`` and a second parallel loop merges them by log-sum-exp
+  (flash-decoding). With one thread a serial twin of the same code runs (no thread pool launch).
+
+fp16 statistics are passed as their raw ``uint16`` bits (numba has no CPU float16) and decoded in the kernel.
+Shapes are in :func:`kivi_attention`; everything is fp32 inside.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, uint64
+
+#: LLVM fast-math flags: reassociation lets dot products vectorize; no ``nnan``/``ninf`` (-inf marks empty rows)
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693145751953125)
+_LN2_LO = np.float32(1.428606765330187e-06)
+_TWO112 = np.float32(2.0**112)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layout: where each channel lands when a row of codes is unpacked in planes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plane_layout(bits: int, d: int) -> tuple[int, int]:
+    """``(per, units)``: codes per unit (a byte for 1/2/4/8 bits, ``bits`` bytes otherwise) and units per row of ``d``
+    codes (the last unit may be padded with zero codes)."""
+    if 8 % bits == 0:
+        return 8 // bits, -(-d * bits // 8)
+    return 8, -(-d // 8)
+
+
+def plane_channels(bits: int, d: int) -> np.ndarray:
+    """``(per * units,)`` int32: the channel at each position of an unpacked row, -1 for padding. Rows are unpacked
+    plane-major: position ``k * units + u`` holds code ``k`` of unit ``u``, channel ``u * per + k``."""
+    per, units = plane_layout(bits, d)
+    pos = np.arange(per * units)
+    chan = (pos % units) * per + pos // units
+    return np.where(chan < d, chan, -1).astype(np.int32)
+
+
+def value_layout_ok(bits: int, d: int, group: int) -> bool:
+    """True when every unit of a value row lies inside one value group (``group`` a multiple of the codes per unit,
+    ``d`` a multiple of ``group``), so a unit's codes share one scale: what the kernel needs for values."""
+    per, _ = plane_layout(bits, d)
+    return group > 0 and d % group == 0 and group % per == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Block pieces: each handles one block of tokens (one key group) per call
+# --------------------------------------------------------------------------------------------------------------------
+#
+# Written for LLVM's loop vectorizer (numba runs no SLP vectorizer); every choice below was measured on a 64-channel row:
+# * indices are uint64: numba wraps negative signed indices, and that select blocks vectorization (35 -> 5 ns/row);
+# * one loop per bit plane with a constant shift: a variable shift, or two stores per iteration, keep a loop scalar;
+# * no call with array arguments inside a per-token loop: numba increfs/decrefs (atomically) every array it hands to
+#   an inlined helper, which cost more than the arithmetic; so helpers take a whole block.
+
+_0, _1, _2, _3, _4 = (np.uint64(i) for i in range(5))
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _unpack_block(src, ta, nt, bits, units, su, out):
+    """``out[i] (per * units,)`` = the codes of packed row ``src[ta + i]`` (``src (n, nbytes) uint8``) for ``i < nt``,
+    plane-major (code ``k`` of unit ``u`` at ``k * units + u``), each times ``su[i, u]`` (the value scale of the
+    unit; ones for keys). 3/5/6/7 bits (``bits`` bytes = a word of 8 codes) and 1 bit take scalar loops."""
+    if bits == 4:
+        for i in range(nt):
+            t = ta + i
+            for u in range(units):
+                out[i, u] = np.float32(np.int32(src[t, u]) & 15) * su[i, u]
+            for u in range(units):
+                out[i, units + u] = np.float32(np.int32(src[t, u]) >> 4) * su[i, u]
+    elif bits == 2:
+        u2, u3 = _2 * units, _3 * units
+        for i in range(nt):
+            t = ta + i
+            for u in range(units):
+                out[i, u] = np.float32(np.int32(src[t, u]) & 3) * su[i, u]
+            for u in range(units):
+                out[i, units + u] = np.float32((np.int32(src[t, u]) >> 2) & 3) * su[i, u]
+            for u in range(units):
+                out[i, u2 + u] = np.float32((np.int32(src[t, u]) >> 4) & 3) * su[i, u]
+            for u in range(units):
+                out[i, u3 + u] = np.float32(np.int32(src[t, u]) >> 6) * su[i, u]
+    elif bits == 8:
+        for i in range(nt):
+            t = ta + i
+            for u in range(units):
+                out[i, u] = np.float32(src[t, u]) * su[i, u]
+    elif bits == 1:
+        for i in range(nt):
+            t = ta + i
+            for k in range(8):
+                for u in range(units):
+                    out[i, uint64(k) * units + u] = np.float32((np.int32(src[t, u]) >> k) & 1) * su[i, u]
+    else:  # 3, 5, 6, 7 bits: `bits` bytes hold 8 codes (the row's last word may be cut short)
+        mask = (1 << bits) - 1
+        nbytes, width = uint64(src.shape[1]), uint64(bits)
+        for i in range(nt):
+            t = ta + i
+            for u in range(units):
+                w = np.int64(0)
+                for j in range(width):
+                    if u * width + j < nbytes:
+                        w |= np.int64(src[t, u * width + j]) << (np.int64(j) * 8)
+                f = su[i, u]
+                for k in range(8):
+                    out[i, uint64(k) * units + u] = np.float32((w >> (k * bits)) & mask) * f
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _scores_block(qs, bias, kf, nt, ok, sc):
+    """``sc[r, i] = bias[r] + qs[r] . kf[i]`` for ``i < nt`` (-inf where ``ok[i] == 0``): one pass over a token's
+    unpacked key serves up to four rows (independent accumulators, no serial reduction chain)."""
+    rows, pk = uint64(qs.shape[0]), uint64(qs.shape[1])
+    for i in range(nt):
+        for r0 in range(_0, rows, _4):
+            nr = min(_4, rows - r0)
+            r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
+            if nr == 4:
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for p in range(pk):
+                    x = kf[i, p]
+                    s0 += qs[r0, p] * x
+                    s1 += qs[r1, p] * x
+                    s2 += qs[r2, p] * x
+                    s3 += qs[r3, p] * x
+                sc[r0, i], sc[r1, i], sc[r2, i], sc[r3, i] = s0 + bias[r0], s1 + bias[r1], s2 + bias[r2], s3 + bias[r3]
+            elif nr == 3:
+                s0 = s1 = s2 = np.float32(0.0)
+                for p in range(pk):
+                    x = kf[i, p]
+                    s0 += qs[r0, p] * x
+                    s1 += qs[r1, p] * x
+                    s2 += qs[r2, p] * x
+                sc[r0, i], sc[r1, i], sc[r2, i] = s0 + bias[r0], s1 + bias[r1], s2 + bias[r2]
+            elif nr == 2:
+                s0 = s1 = np.float32(0.0)
+                for p in range(pk):
+                    x = kf[i, p]
+                    s0 += qs[r0, p] * x
+                    s1 += qs[r1, p] * x
+                sc[r0, i], sc[r1, i] = s0 + bias[r0], s1 + bias[r1]
+            else:
+                s0 = np.float32(0.0)
+                for p in range(pk):
+                    s0 += qs[r0, p] * kf[i, p]
+                sc[r0, i] = s0 + bias[r0]
+        if ok[i] == 0.0:
+            for r in range(rows):
+                sc[r, i] = -np.inf
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _values_block(vf, nt, sc, vze, ngv, acc, zacc):
+    """``acc[r] += sc[r, i] * vf[i]`` and ``zacc[r, j] += sc[r, i] * vze[i * ngv + j]`` for ``i < nt``. Two tokens per
+    pass over ``acc`` (half its loads and stores), one row at a time: a loop with one store stream vectorizes."""
+    rows, pv = uint64(acc.shape[0]), uint64(acc.shape[1])
+    i = _0
+    while i + _1 < nt:
+        i1 = i + _1
+        for r in range(rows):
+            w0, w1 = sc[r, i], sc[r, i1]
+            for p in range(pv):
+                acc[r, p] += w0 * vf[i, p] + w1 * vf[i1, p]
+        i += _2
+    if i < nt:
+        for r in range(rows):
+            w0 = sc[r, i]
+            for p in range(pv):
+                acc[r, p] += w0 * vf[i, p]
+    for i in range(nt):
+        for r in range(rows):
+            w = sc[r, i]
+            for j in range(ngv):
+                zacc[r, j] += w * vze[i * ngv + j]
+
+
+@njit(cache=True, inline="always")
+def _halves(src, start, n, bits_buf, f, out):
+    """Decode the ``n`` fp16 values ``src[start:start + n]`` (given as ``uint16`` bits) into ``out[:n]`` (float32):
+    sign to bit 31, exponent and mantissa shifted into place, then times 2**112 to rebias the exponent. Exact for
+    normal and subnormal numbers (the statistics are finite by construction); branch-free, so it vectorizes.
+    ``bits_buf``: uint32 scratch of length >= n, ``f`` the same memory viewed as float32; ``start``, ``n``: uint64."""
+    for i in range(n):
+        h = np.uint32(src[start + i])
+        bits_buf[i] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+    for i in range(n):
+        out[i] = f[i] * _TWO112
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _softmax_block(sc, nt, ok, m, l, acc, zacc, ebits, scale):
+    """Online softmax over the block's scores ``sc (rows, >= nt)``: raise ``m`` to the block max (rescaling ``acc``,
+    ``zacc``, ``l`` only when it grows), turn ``sc`` into weights ``exp(sc - m) * ok`` and add them to ``l``. exp:
+    range reduction to ``|f| <= ln2/2``, a degree-6 polynomial, the power of two written as bits (``ebits``: int32
+    scratch, ``scale`` the same memory as float32); vectorizes, relative error < 2e-7; arguments below -87 give
+    ~1e-38 (then times ``ok``)."""
+    rows = uint64(sc.shape[0])
+    for r in range(rows):
+        bm = np.float32(-np.inf)
+        for i in range(nt):
+            bm = max(bm, sc[r, i])
+        if bm > m[r]:
+            alpha = np.float32(0.0) if m[r] == -np.inf else np.float32(np.exp(m[r] - bm))
+            for p in range(uint64(acc.shape[1])):
+                acc[r, p] *= alpha
+            for j in range(uint64(zacc.shape[1])):
+                zacc[r, j] *= alpha
+            l[r] *= alpha
+            m[r] = bm
+        mr = m[r]
+        for i in range(nt):
+            v = max(sc[r, i] - mr, np.float32(-87.0))
+            k = np.float32(np.floor(v * _LOG2E + np.float32(0.5)))
+            f = v - k * _LN2_HI - k * _LN2_LO
+            p = np.float32(1.0 / 720.0)
+            p = p * f + np.float32(1.0 / 120.0)
+            p = p * f + np.float32(1.0 / 24.0)
+            p = p * f + np.float32(1.0 / 6.0)
+            p = p * f + np.float32(0.5)
+            p = p * f + np.float32(1.0)
+            p = p * f + np.float32(1.0)
+            sc[r, i] = p * ok[i]
+            ebits[i] = (np.int32(k) + 127) << 23
+        total = np.float32(0.0)
+        for i in range(nt):
+            sc[r, i] *= scale[i]
+            total += sc[r, i]
+        l[r] += total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One token range of one (batch, KV head)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, fastmath=_FM)
+def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, t0, t1,
+                  acc_out, m_out, l_out):
+    """Attention of ``q (rows, d)`` over tokens ``[t0, t1)`` (``t0`` a multiple of ``kgroup``) of one (batch, KV head).
+
+    ``kp (n, kbytes)`` uint8 key codes; ``ks``/``kz (n_groups * d,)`` uint16 (fp16 bits) per-channel statistics of
+    groups of ``kgroup`` tokens, flattened; ``vp (n, vbytes)`` value codes; ``vs``/``vz (n * d / vgroup,)`` per-token
+    statistics of groups of ``vgroup`` channels, flattened; ``kchan``/``vchan``: :func:`plane_channels` of the key /
+    value bits; ``valid (n,)`` bool or empty (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
+    """
+    nrows, nd = q.shape
+    rows, d = uint64(nrows), uint64(nd)
+    pk, pv = uint64(kchan.shape[0]), uint64(vchan.shape[0])
+    kunits = pk // uint64(8 // kbits if 8 % kbits == 0 else 8)
+    vper = uint64(8 // vbits if 8 % vbits == 0 else 8)
+    vunits = pv // vper
+    gv = uint64(vgroup)
+    ngv = d // gv
+    vug = gv // vper  # units per value group
+    grp, start, stop = uint64(kgroup), uint64(t0), uint64(t1)
+    has_valid = valid.shape[0] > 0
+    width = min(kgroup, t1 - t0)
+
+    qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' plane order
+    for r in range(rows):
+        for p in range(pk):
+            c = kchan[p]
+            if c >= 0:
+                qp[r, p] = q[r, c]
+    qs = np.zeros((nrows, kchan.shape[0]), np.float32)  # q * key scale of the current group, plane order
+    bias = np.empty(nrows, np.float32)  # q . key zero of the current group
+    kstat = np.empty(nd, np.float32)
+    kzero = np.empty(nd, np.float32)
+    kscale_p = np.zeros(kchan.shape[0], np.float32)
+    kones = np.ones((width, kunits), np.float32)
+    kf = np.empty((width, kchan.shape[0]), np.float32)  # unpacked key codes of the block
+    vf = np.empty((width, vchan.shape[0]), np.float32)  # unpacked value codes * scale of the block
+    su = np.empty((width, vunits), np.float32)  # the value scale of each unit of each token of the block
+    sc = np.empty((nrows, width), np.float32)  # scores, then weights, of the block
+    ok = np.empty(width, np.float32)  # 1.0 where the token is visible
+    ebits = np.empty(width, np.int32)
+    escale = ebits.view(np.float32)
+    nvs = width * (nd // vgroup)
+    hbits = np.empty(max(nd, nvs), np.uint32)
+    hfloat = hbits.view(np.float32)
+    vsc = np.empty(nvs, np.float32)
+    vze = np.empty(nvs, np.float32)
+    acc = np.zeros((nrows, vchan.shape[0]), np.float32)  # sum of weight * scale * code, plane order
+    zacc = np.zeros((nrows, nd // vgroup), np.float32)  # sum of weight * zero, per value group
+    m = np.full(nrows, -np.inf, np.float32)
+    l = np.zeros(nrows, np.float32)
+
+    g = start // grp
+    while g * grp < stop:
+        ta, tb = max(g * grp, start), min(g * grp + grp, stop)
+        nt = tb - ta
+        seen = 0
+        for i in range(nt):
+            ok[i] = 1.0 if (not has_valid or valid[ta + i]) else 0.0
+            seen += 1 if ok[i] > 0 else 0
+        if seen == 0:
+            g += _1
+            continue
+        # keys: scaled query and bias of this group, then the scores of every row
+        _halves(ks, g * d, d, hbits, hfloat, kstat)
+        _halves(kz, g * d, d, hbits, hfloat, kzero)
+        for p in range(pk):
+            c = kchan[p]
+            kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
+        for r in range(rows):
+            sb = np.float32(0.0)
+            for c in range(d):
+                sb += q[r, c] * kzero[c]
+            bias[r] = sb
+            for p in range(pk):
+                qs[r, p] = qp[r, p] * kscale_p[p]
+        _unpack_block(kp, ta, nt, kbits, kunits, kones, kf)
+        _scores_block(qs, bias, kf, nt, ok, sc)
+        _softmax_block(sc, nt, ok, m, l, acc, zacc, ebits, escale)
+        # values: v = code * scale + zero; the scaled codes go to acc, the zeros to zacc per value group
+        _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
+        _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
+        for i in range(nt):
+            for j in range(ngv):
+                s_ = vsc[i * ngv + j]
+                for u in range(j * vug, j * vug + vug):
+                    su[i, u] = s_
+        _unpack_block(vp, ta, nt, vbits, vunits, su, vf)
+        _values_block(vf, nt, sc, vze, ngv, acc, zacc)
+        g += _1
+
+    for r in range(rows):
+        m_out[r] = m[r]
+        l_out[r] = l[r]
+        for p in range(pv):
+            c = vchan[p]
+            if c >= 0:
+                acc_out[r, c] = acc[r, p] + zacc[r, uint64(c) // gv]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole layer: split the context, run the ranges, merge
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, fastmath=_FM)
+def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
+              pacc, pm, pl):
+    """Token range ``item % splits`` of (batch, KV head) ``item // splits`` into ``pacc[item]``, ``pm``, ``pl``."""
+    h = qg.shape[1]
+    splits = pm.shape[0] // (qg.shape[0] * h)
+    bh, si = item // splits, item % splits
+    bi, hi = bh // h, bh % h
+    t0, t1 = si * span, min((si + 1) * span, n)
+    vmask = valid[bi, hi if valid.shape[1] > 1 else 0] if valid.shape[2] > 0 else valid[0, 0]
+    _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kchan, vp[bi, hi], vs[bi, hi],
+                  vz[bi, hi], vbits, vgroup, vchan, vmask, t0, t1, pacc[item], pm[item], pl[item])
+
+
+@njit(cache=True, fastmath=_FM)
+def _merge(bh, pacc, pm, pl, acc, m, l):
+    """Merge the splits of (batch, KV head) ``bh`` by log-sum-exp into ``acc[bi, hi]``, ``m``, ``l``."""
+    h, rows, d = acc.shape[1], acc.shape[2], acc.shape[3]
+    splits = pm.shape[0] // (acc.shape[0] * h)
+    bi, hi = bh // h, bh % h
+    for r in range(rows):
+        mx = np.float32(-np.inf)
+        for si in range(splits):
+            mx = max(mx, pm[bh * splits + si, r])
+        m[bi, hi, r] = mx
+        l[bi, hi, r] = 0.0
+        for c in range(d):
+            acc[bi, hi, r, c] = 0.0
+        if mx == -np.inf:
+            continue
+        for si in range(splits):
+            it = bh * splits + si
+            if pm[it, r] == -np.inf:
+                continue
+            w = np.float32(np.exp(pm[it, r] - mx))
+            l[bi, hi, r] += w * pl[it, r]
+            for c in range(d):
+                acc[bi, hi, r, c] += w * pacc[it, r, c]
+
+
+@njit(cache=True, parallel=True)
+def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
+                        pacc, pm, pl, acc, m, l):
+    """Every (batch, KV head, token range) item under ``prange``, then the merge per (batch, KV head).
+
+    ``qg (b, h, rows, d)`` fp32; ``kp``/``vp (b, h, >= n, nbytes)`` uint8; ``ks``/``kz``/``vs``/``vz (b, h, *)``
+    uint16, the flattened fp16 statistics; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``span``: tokens
+    per range (a multiple of ``kgroup``); scratch ``pacc (items, rows, d)``, ``pm``/``pl (items, rows)`` with
+    ``items = b * h * ceil(n / span)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
+    """
+    for item in prange(pm.shape[0]):
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
+                  pacc, pm, pl)
+    for bh in prange(acc.shape[0] * acc.shape[1]):
+        _merge(bh, pacc, pm, pl, acc, m, l)
+
+
+@njit(cache=True)
+def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
+                      pacc, pm, pl, acc, m, l):
+    """:func:`kivi_layer_parallel` on the calling thread."""
+    for item in range(pm.shape[0]):
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
+                  pacc, pm, pl)
+    for bh in range(acc.shape[0] * acc.shape[1]):
+        _merge(bh, pacc, pm, pl, acc, m, l)
