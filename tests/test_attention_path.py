@@ -257,3 +257,38 @@ def test_fp16_storage_appends_without_copying_the_past(tiny_model):
     assert len(layer.storage) == 64 + 40
     assert [run[0].shape[2] for run in layer.storage.kv.runs] == [64, 32, 8]  # 40 = 32 + 8: the newer runs
     assert layer.storage.kv.runs[0][0].data_ptr() == prompt_run.data_ptr()  # the prompt's run was never copied
+
+
+#: SmolLM2 settings for the padded-batch check (the issue's scenario: two essay excerpts, the short one left-padded)
+SMOLLM2_PADDING = {
+    "full": {},
+    "kivi": {"bits": 4},
+    "logquant": {},
+    "streaming": {"sink": 4, "budget": 200},
+    "h2o": {"heavy": 100, "recent": 100},
+    "snapkv": {"budget": 200},
+    "fastkv": {"tsp_rate": 240, "budget": 200},
+}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("method", sorted(SMOLLM2_PADDING))
+def test_smollm2_padded_rows_generate_what_they_generate_alone(smollm2, method):
+    from pathlib import Path
+
+    model, tok = smollm2
+    essays = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "paul-graham-essays").glob("*.txt"))
+    if essays:
+        text = essays[0].read_text(encoding="utf-8")
+    else:  # without ../shared: the built-in prose
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    long_row, short_row = ids[:500], ids[1000:1300]
+    batch, mask = _left_pad([long_row, short_row], pad_id=tok.pad_token_id or 0)
+    both = _generate(model, method, SMOLLM2_PADDING[method], batch, mask, new=16)
+    for i, row in enumerate([long_row, short_row]):
+        alone = _generate(model, method, SMOLLM2_PADDING[method], row[None], torch.ones(1, len(row), dtype=torch.long),
+                          new=16)
+        assert both[i].tolist() == alone[0].tolist(), (method, i)
