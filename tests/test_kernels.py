@@ -1,0 +1,242 @@
+"""Fused attention kernels (kvcompress.kernels): equal to dequantize-then-attend, wired into KIVI's parts, and the same
+generations with the kernels on and off.
+
+Tolerance (fp32 kernel vs an fp64 reference over the same dequantized codes): the normalized output within
+``2e-5 * (1 + max |v|)`` and the log-sum-exp within ``2e-5 * (1 + max |s|)`` -- fp32 rounding of the scores and of the
+sums, and the kernel's polynomial exp (relative error < 2e-7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcompress import ModelGeometry, kernels, make_cache
+from kvcompress.attention import KVPart, attend_parts
+from kvcompress.compat import cache_kwargs
+from kvcompress.kernels import cpu
+from kvcompress.quant import quantize_uniform
+from kvcompress.storage import make_store
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
+
+TOL = 2e-5
+
+
+def reference(qg, keys, values, valid):
+    """fp64 ``(out, lse)`` of ``qg (b, h, rows, d)`` over ``keys``/``values (b, h, n, d)``; ``valid (b, h|1, n)`` or None.
+    Rows that see nothing: out 0, lse -inf."""
+    s = torch.einsum("bhrd,bhnd->bhrn", qg.double(), keys.double())
+    if valid is not None:
+        s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhrn,bhnd->bhrd", p, values.double()), lse, s
+
+
+def check_partials(acc, m, l, qg, keys, values, valid):
+    """``(acc, m, l)`` of a fused kernel against :func:`reference` (see the module docstring for the tolerance)."""
+    want, lse, s = reference(qg, keys, values, valid)
+    seen = torch.isfinite(lse)
+    assert torch.equal(torch.isfinite(m), seen)  # -inf exactly where a row sees nothing ...
+    assert bool((l[~seen] == 0).all()) and bool((acc[~seen] == 0).all())  # ... and nothing is summed there
+    out = acc.double() / l.double().clamp_min(1e-300)[..., None]
+    assert (out - want).abs().max().item() <= TOL * (1 + values.abs().max().item())
+    if bool(seen.any()):
+        got_lse = m.double() + torch.log(l.double())
+        assert (got_lse[seen] - lse[seen]).abs().max().item() <= TOL * (1 + s[torch.isfinite(s)].abs().max().item())
+
+
+def fp16_randn(gen, *shape, scale=2.0):
+    return (torch.randn(*shape, generator=gen) * scale).half().float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The kernel alone
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw):
+    """(k_bits, v_bits, d, G, Gv) with Gv dividing d and never splitting a packing unit of the value codes."""
+    k_bits, v_bits = draw(st.sampled_from([1, 2, 3, 4, 5, 8])), draw(st.sampled_from([1, 2, 3, 4, 6, 8]))
+    d = draw(st.sampled_from([8, 16, 24, 64]))
+    per = 8 // v_bits if 8 % v_bits == 0 else 8
+    gv = draw(st.sampled_from([g for g in range(per, d + 1, per) if d % g == 0]))
+    return k_bits, v_bits, d, draw(st.integers(1, 12)), gv
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    n=st.integers(1, 90),
+    b=st.integers(1, 2),
+    kv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    q=st.integers(1, 5),
+    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_equals_dequantize_then_attend(layout, n, b, kv, group, q, padding, parallel, seed):
+    """Any bits (1-8), token counts that are not a multiple of the key group, batch, GQA ratios (1, 3, MHA/MQA), one
+    or several queries, padding (shared by the KV heads, per head, a whole row), serial and threaded."""
+    k_bits, v_bits, d, G, Gv = layout
+    gen = torch.Generator().manual_seed(seed)
+    n_keys = -(-n // G) * G  # the store quantizes whole key groups; the kernel reads the first n tokens
+    keys, values = fp16_randn(gen, b, kv, n_keys, d), fp16_randn(gen, b, kv, n, d)
+    kq = quantize_uniform(keys, k_bits, axis=2, group_size=G)
+    vq = quantize_uniform(values, v_bits, axis=3, group_size=Gv)
+    qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
+    valid = None
+    if padding == "shared":
+        valid = torch.rand(b, 1, n, generator=gen) > 0.3
+    elif padding == "per-head":
+        valid = torch.rand(b, kv, n, generator=gen) > 0.5
+    elif padding == "all":
+        valid = torch.ones(b, 1, n, dtype=torch.bool)
+        valid[-1] = False  # the last row sees nothing: m = -inf, l = 0, acc = 0
+    before = kernels.MIN_PARALLEL_WORK
+    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
+    try:
+        acc, m, l = kernels.kivi_attention(qg, n, kq.packed, kq.scale, kq.zero, k_bits, G, vq.packed, vq.scale,
+                                           vq.zero, v_bits, Gv, valid)
+    finally:
+        kernels.MIN_PARALLEL_WORK = before
+    assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
+    check_partials(acc, m, l, qg, kq.dequantize()[:, :, :n], vq.dequantize(), valid)
+
+
+def test_fused_reads_a_prefix_of_longer_buffers():
+    """Codes of more tokens than asked for, in buffers with spare capacity (a preallocated store): only the first n
+    count, and nothing is copied to make them contiguous."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, d, G, n, cap = 2, 3, 64, 32, 100, 256
+    keys, values = fp16_randn(gen, b, h, cap, d), fp16_randn(gen, b, h, cap, d)
+    kq, vq = quantize_uniform(keys, 4, axis=2, group_size=G), quantize_uniform(values, 2, axis=3, group_size=32)
+    views = [t[:, :, : (n if t.shape[2] == cap else -(-n // G))] for t in (kq.packed, kq.scale, kq.zero)]
+    vviews = [t[:, :, :n] for t in (vq.packed, vq.scale, vq.zero)]
+    assert not views[0].is_contiguous()
+    assert kernels._rows_view(views[0]).ctypes.data == kq.packed.data_ptr()  # a view of the buffer, not a copy
+    qg = torch.randn(b, h, 3, d, generator=gen) / 8
+    acc, m, l = kernels.kivi_attention(qg, n, *views, 4, G, *vviews, 2, 32)
+    check_partials(acc, m, l, qg, kq.dequantize()[:, :, :n], vq.dequantize()[:, :, :n], None)
+
+
+def test_fp16_statistics_decode_exactly():
+    """The kernel decodes fp16 bits itself (numba has no CPU float16): every finite fp16 value, subnormals included."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32)
+    bits = bits[((bits >> 10) & 0x1F) != 0x1F].to(torch.int16)  # all finite fp16 values
+    as_fp16 = bits.view(torch.float16)
+    src = bits.numpy().view(np.uint16)
+    n = src.shape[0]
+    buf, out = np.empty(n, np.uint32), np.empty(n, np.float32)
+    cpu._halves(src, np.uint64(0), np.uint64(n), buf, buf.view(np.float32), out)
+    assert torch.equal(torch.from_numpy(out), as_fp16.float())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Wired into KIVI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def geometry(head_dim=16, kv_heads=2):
+    return ModelGeometry(num_layers=1, num_heads=kv_heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                         layer_types=("full_attention",), sliding_window=None, max_positions=None, model_id="test",
+                         dtype=torch.float32)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    G=st.sampled_from([2, 4, 8]),
+    blocks=st.integers(1, 3),
+    appends=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    group=st.sampled_from([1, 3]),
+    q=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, q, seed):
+    """Whatever has been appended (empty, short or long residuals; values still in the residual while their keys are
+    quantized), ``[fused | chunked]`` parts give the attention of the dequantized store."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv, d = 2, 2, 16
+    store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
+    for n in appends:
+        store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
+    parts = store.parts()
+    assert sum(p.length for p in parts) == len(store)
+    n_fused = min(store.kq.length, store.vq.length) // G * G
+    if not cpu.value_layout_ok(bits, d, store.value_group):  # e.g. 2-bit values in groups of 2: a byte spans groups
+        n_fused = 0
+    assert [p.kind for p in parts] == (["kivi-fused"] if n_fused else []) + (["kivi"] if len(store) > n_fused else [])
+    new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
+    query = torch.randn(b, kv * group, q, d, generator=gen)
+    got = attend_parts(query, [*parts, KVPart.dense(new_k, new_v, causal=True)], d**-0.5).output
+    past_k, past_v = store.read(torch.float64)
+    keys, values = torch.cat([past_k, new_k.double()], 2), torch.cat([past_v, new_v.double()], 2)
+    n = keys.shape[2]
+    s = torch.einsum("bhqd,bhkd->bhqk", query.double(), keys.repeat_interleave(group, 1)) * d**-0.5
+    s = s.masked_fill(torch.arange(n) > torch.arange(n - q, n)[:, None], float("-inf"))  # the new tokens: causal
+    want = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), values.repeat_interleave(group, 1)).transpose(1, 2)
+    assert (got.double() - want).abs().max().item() <= TOL * (1 + values.abs().max().item())
+
+
+def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = fp16_randn(gen, 1, 2, 70, 16)
+
+    def kinds(**options):
+        store = make_store("kivi", geometry(options.pop("d", 16)), **options)
+        store.append(x[..., : store.head_dim], x[..., : store.head_dim])
+        return [p.kind for p in store.parts()]
+
+    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused", "kivi"]
+    with kernels.fused(False):  # switched off
+        assert kinds(bits=4, group_size=8, residual=16) == ["kivi"]
+    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused", "kivi"]  # the switch was restored
+    # 2-bit values in groups of 6 channels (d=12, G=6): a byte of codes would straddle two value groups
+    assert kinds(d=12, bits=2, group_size=6, residual=12) == ["kivi"]
+    monkeypatch.setattr(kernels, "AVAILABLE", False)  # numba missing
+    assert kinds(bits=4, group_size=8, residual=16) == ["kivi"]
+
+
+@torch.no_grad()
+def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch):
+    """Greedy generation (batch 2, and a left-padded batch whose rows run alone) gives the same tokens, and
+    teacher-forced logits agree to fp32 rounding; the fused kernel really ran."""
+    calls = []
+    real = kernels.kivi_attention
+    monkeypatch.setattr(kernels, "kivi_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 128, (2, 60), generator=gen)
+    padded_mask = torch.ones_like(ids)
+    padded_mask[1, :23] = 0
+    options = {"bits": 2, "group_size": 8, "residual": 16}
+
+    def run(on, mask):
+        with kernels.fused(on):
+            cache = make_cache("kivi", tiny_model, **options)
+            out = tiny_model.generate(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache), max_new_tokens=16,
+                                      do_sample=False, pad_token_id=0)
+            return out[:, ids.shape[1]:]
+
+    for mask in (torch.ones_like(ids), padded_mask):
+        calls.clear()
+        fused = run(True, mask)
+        assert calls, "the fused kernel was never called"
+        calls.clear()
+        assert run(False, mask).tolist() == fused.tolist() and not calls
+
+    def forced(on):
+        with kernels.fused(on):
+            cache = make_cache("kivi", tiny_model, **options)
+            logits = [tiny_model(ids[:, :40], **cache_kwargs(tiny_model, cache)).logits[:, -1]]
+            for t in range(40, ids.shape[1]):
+                logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits[:, -1])
+            return torch.stack(logits, 1)
+
+    torch.testing.assert_close(forced(True), forced(False), rtol=0, atol=1e-4)
