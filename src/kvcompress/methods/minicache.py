@@ -331,7 +331,7 @@ class MiniCache(Method):
                "retained); storage=kivi stacks quantization")
     Config = MiniCacheConfig
     test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
-    noop_options = {"gamma": 1.0}  # every entry retained: both layers exact at 2 bytes
+    noop_options = {"gamma": 1.0, "select": "depth"}  # every entry retained: both layers exact at 2 bytes
 
     def validate(self) -> None:
         g, cfg = self.geometry, self.config
