@@ -73,6 +73,7 @@ def layouts(draw):
 @given(
     layout=layouts(),
     n=st.integers(1, 90),
+    tails=st.tuples(st.integers(0, 90), st.integers(0, 90)),
     b=st.integers(1, 2),
     kv=st.integers(1, 3),
     group=st.sampled_from([1, 2, 3, 4]),
@@ -81,15 +82,19 @@ def layouts(draw):
     parallel=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_fused_equals_dequantize_then_attend(layout, n, b, kv, group, q, padding, parallel, seed):
-    """Any bits (1-8), token counts that are not a multiple of the key group, batch, GQA ratios (1, 3, MHA/MQA), one
-    or several queries, padding (shared by the KV heads, per head, a whole row), serial and threaded."""
+def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel, seed):
+    """Any bits (1-8), token counts that are not a multiple of the key group, keys and values leaving the float tail
+    at different points (none, some, all tokens coded), batch, GQA ratios (1, 3, MHA/MQA), one or several queries,
+    padding (shared by the KV heads, per head, a whole row), serial and threaded."""
     k_bits, v_bits, d, G, Gv = layout
     gen = torch.Generator().manual_seed(seed)
-    n_keys = -(-n // G) * G  # the store quantizes whole key groups; the kernel reads the first n tokens
-    keys, values = fp16_randn(gen, b, kv, n_keys, d), fp16_randn(gen, b, kv, n, d)
-    kq = quantize_uniform(keys, k_bits, axis=2, group_size=G)
-    vq = quantize_uniform(values, v_bits, axis=3, group_size=Gv)
+    rk, rv = min(tails[0], n), min(tails[1], n)  # tokens held as floats after the codes
+    nk, nv = n - rk, n - rv
+    keys, values = fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d)
+    # the store quantizes whole key groups; the kernel reads the first nk coded tokens
+    padded_keys = torch.cat([keys[:, :, :nk], fp16_randn(gen, b, kv, -(-nk // G) * G - nk, d)], 2)
+    kq = quantize_uniform(padded_keys, k_bits, axis=2, group_size=G) if nk else None
+    vq = quantize_uniform(values[:, :, :nv], v_bits, axis=3, group_size=Gv) if nv else None
     qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
     valid = None
     if padding == "shared":
@@ -102,12 +107,17 @@ def test_fused_equals_dequantize_then_attend(layout, n, b, kv, group, q, padding
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
     try:
-        acc, m, l = kernels.kivi_attention(qg, n, kq.packed, kq.scale, kq.zero, k_bits, G, vq.packed, vq.scale,
-                                           vq.zero, v_bits, Gv, valid)
+        k_codes = (kq.packed, kq.scale, kq.zero) if kq is not None else (None,) * 3
+        v_codes = (vq.packed, vq.scale, vq.zero) if vq is not None else (None,) * 3
+        acc, m, l = kernels.kivi_attention(qg, n, *k_codes, k_bits, G, *v_codes, v_bits, Gv, valid,
+                                           k_tail=keys[:, :, nk:] if rk else None,
+                                           v_tail=values[:, :, nv:].half() if rv else None)
     finally:
         kernels.MIN_PARALLEL_WORK = before
     assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
-    check_partials(acc, m, l, qg, kq.dequantize()[:, :, :n], vq.dequantize(), valid)
+    ref_k = torch.cat([kq.dequantize()[:, :, :nk] if nk else keys[:, :, :0], keys[:, :, nk:]], 2)
+    ref_v = torch.cat([vq.dequantize() if nv else values[:, :, :0], values[:, :, nv:]], 2)
+    check_partials(acc, m, l, qg, ref_k, ref_v, valid)
 
 
 def test_fused_reads_a_prefix_of_longer_buffers():
@@ -161,7 +171,7 @@ def geometry(head_dim=16, kv_heads=2):
 )
 def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, q, seed):
     """Whatever has been appended (empty, short or long residuals; values still in the residual while their keys are
-    quantized), ``[fused | chunked]`` parts give the attention of the dequantized store."""
+    quantized), the store's parts give the attention of the dequantized store."""
     gen = torch.Generator().manual_seed(seed)
     b, kv, d = 2, 2, 16
     store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
@@ -169,10 +179,9 @@ def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, 
         store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
     parts = store.parts()
     assert sum(p.length for p in parts) == len(store)
-    n_fused = min(store.kq.length, store.vq.length) // G * G
-    if not cpu.value_layout_ok(bits, d, store.value_group):  # e.g. 2-bit values in groups of 2: a byte spans groups
-        n_fused = 0
-    assert [p.kind for p in parts] == (["kivi-fused"] if n_fused else []) + (["kivi"] if len(store) > n_fused else [])
+    # fused once values are quantized, unless a byte of 2-bit values would span two value groups (groups of 2)
+    fused = bool(store.vq.length) and cpu.value_layout_ok(bits, d, store.value_group)
+    assert [p.kind for p in parts] == ["kivi-fused" if fused else "kivi"]
     new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
     query = torch.randn(b, kv * group, q, d, generator=gen)
     got = attend_parts(query, [*parts, KVPart.dense(new_k, new_v, causal=True)], d**-0.5).output
@@ -194,10 +203,11 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
         store.append(x[..., : store.head_dim], x[..., : store.head_dim])
         return [p.kind for p in store.parts()]
 
-    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused", "kivi"]
+    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused"]
     with kernels.fused(False):  # switched off
         assert kinds(bits=4, group_size=8, residual=16) == ["kivi"]
-    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused", "kivi"]  # the switch was restored
+    assert kinds(bits=4, group_size=8, residual=16) == ["kivi-fused"]  # the switch was restored
+    assert kinds(bits=4, group_size=8, residual=128) == ["kivi"]  # 70 tokens: all still in the residual
     # 2-bit values in groups of 6 channels (d=12, G=6): a byte of codes would straddle two value groups
     assert kinds(d=12, bits=2, group_size=6, residual=12) == ["kivi"]
     monkeypatch.setattr(kernels, "AVAILABLE", False)  # numba missing

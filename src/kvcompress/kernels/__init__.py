@@ -65,10 +65,18 @@ def _layout(k_bits: int, v_bits: int, d: int, v_group: int):
     return _cpu.plane_channels(k_bits, d), _cpu.plane_channels(v_bits, d)
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array without a copy when it is contiguous (its storage, detached)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+
+
 def _rows_view(t: torch.Tensor) -> np.ndarray:
     """``t (b, h, n, w)`` whose rows ``(n, w)`` are contiguous as a C-contiguous numpy array ``(b, h, cap, w)`` with
     ``cap >= n`` (the capacity of a preallocated buffer ``t`` is a prefix of; never copied then), else a copy."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.is_contiguous():
         return t.numpy()
     b, h, _, w = t.shape
@@ -87,32 +95,57 @@ def _ceil(a: int, b: int) -> int:
 
 def _halves(t: torch.Tensor) -> np.ndarray:
     """fp16 stats ``(b, h, rows, w)`` as their uint16 bits, flattened per (batch, head): ``(b, h, cap * w)``."""
-    a = _rows_view(t.view(torch.int16))
-    return a.reshape(a.shape[0], a.shape[1], -1).view(np.uint16)
+    a = _rows_view(t).view(np.uint16)
+    return a.reshape(a.shape[0], a.shape[1], -1)
 
 
-def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
-                   k_bits: int, k_group: int, v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
-                   v_bits: int, v_group: int, valid: torch.Tensor | None = None):
-    """Attention partials of ``qg`` over the first ``n`` tokens of KIVI codes (the ``KVPart.fused`` contract).
+_ALL_VALID = np.ones((1, 1, 0), np.bool_)
 
-    ``qg (b, kv_heads, rows, d)`` fp32, already scaled; ``k_packed (b, kv_heads, >= n, ceil(d*k_bits/8))`` uint8,
-    ``k_scale``/``k_zero (b, kv_heads, >= ceil(n/k_group), d)`` fp16 (per channel, groups of ``k_group`` tokens);
-    ``v_packed (b, kv_heads, >= n, ceil(d*v_bits/8))`` uint8, ``v_scale``/``v_zero (b, kv_heads, >= n, d // v_group)``
-    fp16 (per token, groups of ``v_group`` channels); ``valid (b, kv_heads | 1, n)`` bool or None.
+
+def _tail(t: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
+    """Tokens held as floats ``(b, h, r, d)`` as float32 numpy (a small copy: at most a residual)."""
+    if t is None:
+        b, h, _, d = like.shape
+        return np.zeros((b, h, 0, d), np.float32)
+    return _np(t.float() if t.dtype != torch.float32 else t)
+
+
+def _codes(t: torch.Tensor | None, b: int, h: int, width: int, dtype) -> np.ndarray:
+    return np.zeros((b, h, 0, width), dtype) if t is None else _rows_view(t)
+
+
+def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_scale: torch.Tensor | None,
+                   k_zero: torch.Tensor | None, k_bits: int, k_group: int, v_packed: torch.Tensor | None,
+                   v_scale: torch.Tensor | None, v_zero: torch.Tensor | None, v_bits: int, v_group: int,
+                   valid: torch.Tensor | None = None, k_tail: torch.Tensor | None = None,
+                   v_tail: torch.Tensor | None = None):
+    """Attention partials of ``qg`` over ``n`` tokens held as KIVI codes, then floats (the ``KVPart.fused`` contract).
+
+    ``qg (b, kv_heads, rows, d)`` fp32, already scaled. Keys: the first ``nk = n - len(k_tail)`` tokens from
+    ``k_packed (b, kv_heads, >= nk, ceil(d*k_bits/8))`` uint8 with ``k_scale``/``k_zero (b, kv_heads, >=
+    ceil(nk/k_group), d)`` fp16 (per channel, groups of ``k_group`` tokens), then ``k_tail (b, kv_heads, r_k, d)``
+    (floats: a residual; None = none). Values: the first ``nv = n - len(v_tail)`` from ``v_packed (b, kv_heads, >= nv,
+    ceil(d*v_bits/8))`` with ``v_scale``/``v_zero (b, kv_heads, >= nv, d // v_group)`` fp16 (per token, groups of
+    ``v_group`` channels), then ``v_tail``. Codes may be None when no token uses them. ``valid (b, kv_heads | 1, n)``
+    bool or None.
+
     Returns fp32 ``acc (b, kv_heads, rows, d) = sum_j exp(s_j - m) v_j``, ``m (b, kv_heads, rows)`` (-inf where no
-    token is visible), ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``, with ``s_j = qg . dequantized key_j``.
+    token is visible), ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``, with ``s_j = qg . key_j`` over the dequantized
+    keys. The context is split over ``torch.get_num_threads()`` numba threads when the work is large enough.
     """
     b, h, rows, d = qg.shape
-    q = qg.detach().float().contiguous().numpy()
+    q = _np(qg if qg.dtype == torch.float32 else qg.float())
+    kr, vr = _tail(k_tail, qg), _tail(v_tail, qg)
+    nk, nv = n - kr.shape[2], n - vr.shape[2]
     acc = np.empty((b, h, rows, d), np.float32)
     m = np.empty((b, h, rows), np.float32)
     l = np.empty((b, h, rows), np.float32)
     kchan, vchan = _layout(k_bits, v_bits, d, v_group)
-    if valid is None:
-        vmask = np.ones((1, 1, 0), np.bool_)
-    else:
-        vmask = valid.detach().to(torch.bool).contiguous().numpy()
+    kbytes, vbytes = (d * k_bits + 7) // 8, (d * v_bits + 7) // 8
+    kp, vp = _codes(k_packed, b, h, kbytes, np.uint8), _codes(v_packed, b, h, vbytes, np.uint8)
+    ks, kz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (k_scale, k_zero))
+    vs, vz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (v_scale, v_zero))
+    vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
     threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
     parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
     try:
@@ -120,12 +153,8 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor, k_scale: to
         if parallel:  # a multiple of the threads in all, at least two ranges per thread
             splits = max(1, 2 * threads // math.gcd(b * h, 2 * threads))
         span = _ceil(_ceil(n, splits), k_group) * k_group  # tokens per range, a multiple of the key group
-        items = b * h * _ceil(n, span)
-        pacc = np.empty((items, rows, d), np.float32)
-        pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
-        args = (q, _rows_view(k_packed), _halves(k_scale), _halves(k_zero), k_bits, k_group, kchan,
-                _rows_view(v_packed), _halves(v_scale), _halves(v_zero), v_bits, v_group, vchan, vmask,
-                n, span, pacc, pm, pl, acc, m, l)
+        args = (q, kp, ks, kz, k_bits, k_group, kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan, nv, vr, vmask,
+                n, span, acc, m, l)
         if parallel:
             _cpu.numba.set_num_threads(threads)
             _cpu.kivi_layer_parallel(*args)

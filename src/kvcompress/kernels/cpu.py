@@ -83,12 +83,12 @@ _0, _1, _2, _3, _4 = (np.uint64(i) for i in range(5))
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _unpack_block(src, ta, nt, bits, units, su, out):
-    """``out[i] (per * units,)`` = the codes of packed row ``src[ta + i]`` (``src (n, nbytes) uint8``) for ``i < nt``,
-    plane-major (code ``k`` of unit ``u`` at ``k * units + u``), each times ``su[i, u]`` (the value scale of the
+def _unpack_block(src, ta, i0, i1, bits, units, su, out):
+    """``out[i] (per * units,)`` = the codes of packed row ``src[ta + i]`` (``src (n, nbytes) uint8``) for ``i0 <= i <
+    i1``, plane-major (code ``k`` of unit ``u`` at ``k * units + u``), each times ``su[i, u]`` (the value scale of the
     unit; ones for keys). 3/5/6/7 bits (``bits`` bytes = a word of 8 codes) and 1 bit take scalar loops."""
     if bits == 4:
-        for i in range(nt):
+        for i in range(i0, i1):
             t = ta + i
             for u in range(units):
                 out[i, u] = np.float32(np.int32(src[t, u]) & 15) * su[i, u]
@@ -96,7 +96,7 @@ def _unpack_block(src, ta, nt, bits, units, su, out):
                 out[i, units + u] = np.float32(np.int32(src[t, u]) >> 4) * su[i, u]
     elif bits == 2:
         u2, u3 = _2 * units, _3 * units
-        for i in range(nt):
+        for i in range(i0, i1):
             t = ta + i
             for u in range(units):
                 out[i, u] = np.float32(np.int32(src[t, u]) & 3) * su[i, u]
@@ -107,12 +107,12 @@ def _unpack_block(src, ta, nt, bits, units, su, out):
             for u in range(units):
                 out[i, u3 + u] = np.float32(np.int32(src[t, u]) >> 6) * su[i, u]
     elif bits == 8:
-        for i in range(nt):
+        for i in range(i0, i1):
             t = ta + i
             for u in range(units):
                 out[i, u] = np.float32(src[t, u]) * su[i, u]
     elif bits == 1:
-        for i in range(nt):
+        for i in range(i0, i1):
             t = ta + i
             for k in range(8):
                 for u in range(units):
@@ -120,7 +120,7 @@ def _unpack_block(src, ta, nt, bits, units, su, out):
     else:  # 3, 5, 6, 7 bits: `bits` bytes hold 8 codes (the row's last word may be cut short)
         mask = (1 << bits) - 1
         nbytes, width = uint64(src.shape[1]), uint64(bits)
-        for i in range(nt):
+        for i in range(i0, i1):
             t = ta + i
             for u in range(units):
                 w = np.int64(0)
@@ -133,11 +133,11 @@ def _unpack_block(src, ta, nt, bits, units, su, out):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _scores_block(qs, bias, kf, nt, ok, sc):
-    """``sc[r, i] = bias[r] + qs[r] . kf[i]`` for ``i < nt`` (-inf where ``ok[i] == 0``): one pass over a token's
-    unpacked key serves up to four rows (independent accumulators, no serial reduction chain)."""
+def _scores_block(qs, bias, kf, i0, i1, sc):
+    """``sc[r, i] = bias[r] + qs[r] . kf[i]`` for ``i0 <= i < i1``: one pass over a token's unpacked key serves up to
+    four rows (independent accumulators, no serial reduction chain)."""
     rows, pk = uint64(qs.shape[0]), uint64(qs.shape[1])
-    for i in range(nt):
+    for i in range(i0, i1):
         for r0 in range(_0, rows, _4):
             nr = min(_4, rows - r0)
             r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
@@ -170,34 +170,56 @@ def _scores_block(qs, bias, kf, nt, ok, sc):
                 for p in range(pk):
                     s0 += qs[r0, p] * kf[i, p]
                 sc[r0, i] = s0 + bias[r0]
-        if ok[i] == 0.0:
-            for r in range(rows):
-                sc[r, i] = -np.inf
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _values_block(vf, nt, sc, vze, ngv, acc, zacc):
-    """``acc[r] += sc[r, i] * vf[i]`` and ``zacc[r, j] += sc[r, i] * vze[i * ngv + j]`` for ``i < nt``. Two tokens per
-    pass over ``acc`` (half its loads and stores), one row at a time: a loop with one store stream vectorizes."""
+def _values_block(vf, i0, i1, sc, vze, ngv, acc, zacc):
+    """``acc[r] += sc[r, i] * vf[i]`` and ``zacc[r, j] += sc[r, i] * vze[i * ngv + j]`` for ``i0 <= i < i1``. Two tokens
+    per pass over ``acc`` (half its loads and stores), one row at a time: a loop with one store stream vectorizes."""
     rows, pv = uint64(acc.shape[0]), uint64(acc.shape[1])
-    i = _0
-    while i + _1 < nt:
-        i1 = i + _1
+    i = i0
+    while i + _1 < i1:
+        i1_ = i + _1
         for r in range(rows):
-            w0, w1 = sc[r, i], sc[r, i1]
+            w0, w1 = sc[r, i], sc[r, i1_]
             for p in range(pv):
-                acc[r, p] += w0 * vf[i, p] + w1 * vf[i1, p]
+                acc[r, p] += w0 * vf[i, p] + w1 * vf[i1_, p]
         i += _2
-    if i < nt:
+    if i < i1:
         for r in range(rows):
             w0 = sc[r, i]
             for p in range(pv):
                 acc[r, p] += w0 * vf[i, p]
-    for i in range(nt):
+    for i in range(i0, i1):
         for r in range(rows):
             w = sc[r, i]
             for j in range(ngv):
                 zacc[r, j] += w * vze[i * ngv + j]
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dense_scores(q, kr, off, i0, i1, sc):
+    """``sc[r, i] = q[r] . kr[off + i - i0]`` for ``i0 <= i < i1``: keys still held as floats (the residual)."""
+    rows, d = uint64(q.shape[0]), uint64(q.shape[1])
+    for i in range(i0, i1):
+        t = off + i - i0
+        for r in range(rows):
+            s = np.float32(0.0)
+            for c in range(d):
+                s += q[r, c] * kr[t, c]
+            sc[r, i] = s
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dense_values(vr, off, i0, i1, sc, accn):
+    """``accn[r] += sc[r, i] * vr[off + i - i0]`` for ``i0 <= i < i1``: values still held as floats."""
+    rows, d = uint64(accn.shape[0]), uint64(accn.shape[1])
+    for i in range(i0, i1):
+        t = off + i - i0
+        for r in range(rows):
+            w = sc[r, i]
+            for c in range(d):
+                accn[r, c] += w * vr[t, c]
 
 
 @njit(cache=True, inline="always")
@@ -214,28 +236,32 @@ def _halves(src, start, n, bits_buf, f, out):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _softmax_block(sc, nt, ok, m, l, acc, zacc, ebits, scale):
-    """Online softmax over the block's scores ``sc (rows, >= nt)``: raise ``m`` to the block max (rescaling ``acc``,
-    ``zacc``, ``l`` only when it grows), turn ``sc`` into weights ``exp(sc - m) * ok`` and add them to ``l``. exp:
-    range reduction to ``|f| <= ln2/2``, a degree-6 polynomial, the power of two written as bits (``ebits``: int32
-    scratch, ``scale`` the same memory as float32); vectorizes, relative error < 2e-7; arguments below -87 give
-    ~1e-38 (then times ``ok``)."""
+def _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, scale):
+    """Online softmax over the block's scores ``sc (rows, >= nt)``: mask tokens with ``ok[i] == 0``, raise ``m`` to the
+    block max (rescaling ``acc``, ``zacc``, ``accn``, ``l`` only when it grows), turn ``sc`` into weights ``exp(sc -
+    m) * ok`` and add them to ``l``. exp: range reduction to ``|f| <= ln2/2``, a degree-6 polynomial, the power of two
+    written as bits (``ebits``: int32 scratch, ``scale`` the same memory as float32); vectorizes, relative error <
+    2e-7; arguments are clamped to [-87, 0] (below -87: ~1e-38; a masked token's score may exceed the max: it gets
+    exp(0) * 0)."""
     rows = uint64(sc.shape[0])
     for r in range(rows):
         bm = np.float32(-np.inf)
         for i in range(nt):
-            bm = max(bm, sc[r, i])
+            if ok[i] != 0.0:
+                bm = max(bm, sc[r, i])
         if bm > m[r]:
             alpha = np.float32(0.0) if m[r] == -np.inf else np.float32(np.exp(m[r] - bm))
             for p in range(uint64(acc.shape[1])):
                 acc[r, p] *= alpha
+            for c in range(uint64(accn.shape[1])):
+                accn[r, c] *= alpha
             for j in range(uint64(zacc.shape[1])):
                 zacc[r, j] *= alpha
             l[r] *= alpha
             m[r] = bm
         mr = m[r]
         for i in range(nt):
-            v = max(sc[r, i] - mr, np.float32(-87.0))
+            v = min(max(sc[r, i] - mr, np.float32(-87.0)), np.float32(0.0))  # <= 0 also for masked tokens
             k = np.float32(np.floor(v * _LOG2E + np.float32(0.5)))
             f = v - k * _LN2_HI - k * _LN2_LO
             p = np.float32(1.0 / 720.0)
@@ -260,14 +286,16 @@ def _softmax_block(sc, nt, ok, m, l, acc, zacc, ebits, scale):
 
 
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, t0, t1,
-                  acc_out, m_out, l_out):
+def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+                  t0, t1, acc_out, m_out, l_out):
     """Attention of ``q (rows, d)`` over tokens ``[t0, t1)`` (``t0`` a multiple of ``kgroup``) of one (batch, KV head).
 
-    ``kp (n, kbytes)`` uint8 key codes; ``ks``/``kz (n_groups * d,)`` uint16 (fp16 bits) per-channel statistics of
-    groups of ``kgroup`` tokens, flattened; ``vp (n, vbytes)`` value codes; ``vs``/``vz (n * d / vgroup,)`` per-token
-    statistics of groups of ``vgroup`` channels, flattened; ``kchan``/``vchan``: :func:`plane_channels` of the key /
-    value bits; ``valid (n,)`` bool or empty (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
+    Keys: tokens ``< nk`` from codes ``kp (>= nk, kbytes)`` uint8 with per-channel statistics ``ks``/``kz (n_groups *
+    d,)`` uint16 (fp16 bits, groups of ``kgroup`` tokens, flattened), the rest from ``kr (*, d)`` float32 (token
+    ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with per-token statistics
+    ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr`` (``vr[t - nv]``).
+    ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty (all valid).
+    Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
     """
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
@@ -279,6 +307,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup
     ngv = d // gv
     vug = gv // vper  # units per value group
     grp, start, stop = uint64(kgroup), uint64(t0), uint64(t1)
+    kcodes, vcodes = uint64(nk), uint64(nv)
     has_valid = valid.shape[0] > 0
     width = min(kgroup, t1 - t0)
 
@@ -308,6 +337,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup
     vze = np.empty(nvs, np.float32)
     acc = np.zeros((nrows, vchan.shape[0]), np.float32)  # sum of weight * scale * code, plane order
     zacc = np.zeros((nrows, nd // vgroup), np.float32)  # sum of weight * zero, per value group
+    accn = np.zeros((nrows, nd), np.float32)  # sum of weight * value for values held as floats
     m = np.full(nrows, -np.inf, np.float32)
     l = np.zeros(nrows, np.float32)
 
@@ -322,41 +352,51 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup
         if seen == 0:
             g += _1
             continue
-        # keys: scaled query and bias of this group, then the scores of every row
-        _halves(ks, g * d, d, hbits, hfloat, kstat)
-        _halves(kz, g * d, d, hbits, hfloat, kzero)
-        for p in range(pk):
-            c = kchan[p]
-            kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
-        for r in range(rows):
-            sb = np.float32(0.0)
-            for c in range(d):
-                sb += q[r, c] * kzero[c]
-            bias[r] = sb
+        # keys: the block's coded tokens [0, ik), then those held as floats [ik, nt)
+        ik = min(max(kcodes, ta), tb) - ta
+        if ik > 0:  # scaled query and bias of this group, then the scores of every row
+            _halves(ks, g * d, d, hbits, hfloat, kstat)
+            _halves(kz, g * d, d, hbits, hfloat, kzero)
             for p in range(pk):
-                qs[r, p] = qp[r, p] * kscale_p[p]
-        _unpack_block(kp, ta, nt, kbits, kunits, kones, kf)
-        _scores_block(qs, bias, kf, nt, ok, sc)
-        _softmax_block(sc, nt, ok, m, l, acc, zacc, ebits, escale)
+                c = kchan[p]
+                kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
+            for r in range(rows):
+                sb = np.float32(0.0)
+                for c in range(d):
+                    sb += q[r, c] * kzero[c]
+                bias[r] = sb
+                for p in range(pk):
+                    qs[r, p] = qp[r, p] * kscale_p[p]
+            _unpack_block(kp, ta, _0, ik, kbits, kunits, kones, kf)
+            _scores_block(qs, bias, kf, _0, ik, sc)
+        if ik < nt:
+            _dense_scores(q, kr, ta + ik - kcodes, ik, nt, sc)
+        _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, escale)
         # values: v = code * scale + zero; the scaled codes go to acc, the zeros to zacc per value group
-        _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
-        _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
-        for i in range(nt):
-            for j in range(ngv):
-                s_ = vsc[i * ngv + j]
-                for u in range(j * vug, j * vug + vug):
-                    su[i, u] = s_
-        _unpack_block(vp, ta, nt, vbits, vunits, su, vf)
-        _values_block(vf, nt, sc, vze, ngv, acc, zacc)
+        iv = min(max(vcodes, ta), tb) - ta
+        if iv > 0:
+            _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
+            _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
+            for i in range(iv):
+                for j in range(ngv):
+                    s_ = vsc[i * ngv + j]
+                    for u in range(j * vug, j * vug + vug):
+                        su[i, u] = s_
+            _unpack_block(vp, ta, _0, iv, vbits, vunits, su, vf)
+            _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc)
+        if iv < nt:
+            _dense_values(vr, ta + iv - vcodes, iv, nt, sc, accn)
         g += _1
 
     for r in range(rows):
         m_out[r] = m[r]
         l_out[r] = l[r]
+        for c in range(d):
+            acc_out[r, c] = accn[r, c]
         for p in range(pv):
             c = vchan[p]
             if c >= 0:
-                acc_out[r, c] = acc[r, p] + zacc[r, uint64(c) // gv]
+                acc_out[r, c] += acc[r, p] + zacc[r, uint64(c) // gv]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -365,8 +405,8 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
-              pacc, pm, pl):
+def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+              n, span, pacc, pm, pl):
     """Token range ``item % splits`` of (batch, KV head) ``item // splits`` into ``pacc[item]``, ``pm``, ``pl``."""
     h = qg.shape[1]
     splits = pm.shape[0] // (qg.shape[0] * h)
@@ -374,8 +414,9 @@ def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgr
     bi, hi = bh // h, bh % h
     t0, t1 = si * span, min((si + 1) * span, n)
     vmask = valid[bi, hi if valid.shape[1] > 1 else 0] if valid.shape[2] > 0 else valid[0, 0]
-    _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kchan, vp[bi, hi], vs[bi, hi],
-                  vz[bi, hi], vbits, vgroup, vchan, vmask, t0, t1, pacc[item], pm[item], pl[item])
+    _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kchan, nk, kr[bi, hi], vp[bi, hi],
+                  vs[bi, hi], vz[bi, hi], vbits, vgroup, vchan, nv, vr[bi, hi], vmask, t0, t1, pacc[item], pm[item],
+                  pl[item])
 
 
 @njit(cache=True, fastmath=_FM)
@@ -405,28 +446,36 @@ def _merge(bh, pacc, pm, pl, acc, m, l):
 
 
 @njit(cache=True, parallel=True)
-def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
-                        pacc, pm, pl, acc, m, l):
+def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+                        n, span, acc, m, l):
     """Every (batch, KV head, token range) item under ``prange``, then the merge per (batch, KV head).
 
-    ``qg (b, h, rows, d)`` fp32; ``kp``/``vp (b, h, >= n, nbytes)`` uint8; ``ks``/``kz``/``vs``/``vz (b, h, *)``
-    uint16, the flattened fp16 statistics; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``span``: tokens
-    per range (a multiple of ``kgroup``); scratch ``pacc (items, rows, d)``, ``pm``/``pl (items, rows)`` with
-    ``items = b * h * ceil(n / span)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
+    ``qg (b, h, rows, d)`` fp32; codes ``kp``/``vp (b, h, >= nk | nv, nbytes)`` uint8; ``ks``/``kz``/``vs``/``vz (b,
+    h, *)`` uint16, the flattened fp16 statistics; ``kr``/``vr (b, h, >= n - nk | n - nv, d)`` float32, the tokens
+    after the codes; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``span``: tokens per range (a multiple
+    of ``kgroup``); results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
     """
-    for item in prange(pm.shape[0]):
-        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
-                  pacc, pm, pl)
-    for bh in prange(acc.shape[0] * acc.shape[1]):
+    b, h, rows, d = qg.shape
+    items = b * h * ((n + span - 1) // span)
+    pacc = np.empty((items, rows, d), np.float32)
+    pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
+    for item in prange(items):
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+                  n, span, pacc, pm, pl)
+    for bh in prange(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)
 
 
 @njit(cache=True)
-def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
-                      pacc, pm, pl, acc, m, l):
+def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+                      n, span, acc, m, l):
     """:func:`kivi_layer_parallel` on the calling thread."""
-    for item in range(pm.shape[0]):
-        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, vp, vs, vz, vbits, vgroup, vchan, valid, n, span,
-                  pacc, pm, pl)
-    for bh in range(acc.shape[0] * acc.shape[1]):
+    b, h, rows, d = qg.shape
+    items = b * h * ((n + span - 1) // span)
+    pacc = np.empty((items, rows, d), np.float32)
+    pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
+    for item in range(items):
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
+                  n, span, pacc, pm, pl)
+    for bh in range(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)

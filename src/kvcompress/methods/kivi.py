@@ -195,46 +195,38 @@ class KiviStore(KVStore):
 
         return one(self.kq, self.k_res), one(self.vq, self.v_res)
 
-    def fused_tokens(self) -> int:
-        """Leading tokens served by the fused kernel (:mod:`kvcompress.kernels`): those whose keys *and* values are
-        quantized, cut to a multiple of the key group; 0 when no kernel applies (numba missing, switched off, a
-        non-CPU tensor, a value group that splits a byte of codes)."""
+    def fused(self) -> bool:
+        """Whether :meth:`parts` gives the fused part: once some values are quantized (before that the store holds
+        only 2-byte tokens, attended as before) and a kernel applies (:func:`kvcompress.kernels.kivi_fused_applies`:
+        numba present and switched on, CPU tensors, value groups that never split a byte of codes)."""
         from .. import kernels
 
-        n = min(self.kq.length, self.vq.length)
-        n -= n % self.group_size
-        if not n or not kernels.kivi_fused_applies(self.kq.packed.device, self.kq.bits, self.vq.bits, self.head_dim,
-                                                   self.value_group):
-            return 0
-        return n
+        return bool(self.vq.length) and kernels.kivi_fused_applies(self.vq.packed.device, self.kq.bits, self.vq.bits,
+                                                                   self.head_dim, self.value_group)
 
     def parts(self):
-        """``[fused | chunked]`` parts over ``[quantized | residual]``: the first :meth:`fused_tokens` tokens as one
-        ``kind="kivi-fused"`` part whose ``fused`` kernel attends straight from the codes (its ``read`` still serves
-        callers that ask for probabilities), the rest -- the residual, and the quantized keys whose values are still
-        in it -- as a ``kind="kivi"`` part read chunk by chunk (all of it when no kernel applies); chunks fall on
-        key-group edges."""
+        """The stored tokens as attention parts. With :meth:`fused`, one ``kind="kivi-fused"`` part whose ``fused``
+        kernel attends straight from the codes and the residual in one pass (keys and values leave the residual at
+        different times; the kernel takes each from where it is); its ``read`` still serves callers that ask for
+        probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk. Chunks fall on key-group edges."""
         from .. import kernels
         from ..attention import CHUNK, KVPart
 
         if not len(self):
             return []
         chunk = max(self.group_size, CHUNK - CHUNK % self.group_size)
-        n_f = self.fused_tokens()
-        if not n_f:
+        if not self.fused():
             return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
-        kq, vq, kv_heads = self.kq, self.vq, self.k_res.shape[1]
-        # the tensors as of now: a later append makes new ones (or writes past n_f), so the part stays consistent
+        n, kq, vq = len(self), self.kq, self.vq
+        # the tensors as of now: a later append makes new ones (or writes past n), so the part stays consistent
         k_codes, v_codes = (kq.packed, kq.scale, kq.zero), (vq.packed, vq.scale, vq.zero)
+        k_res, v_res = self.k_res, self.v_res
 
         def fused(qg, valid):
-            return kernels.kivi_attention(qg, n_f, *k_codes, kq.bits, kq.group, *v_codes, vq.bits, vq.group, valid)
+            return kernels.kivi_attention(qg, n, *k_codes, kq.bits, kq.group, *v_codes, vq.bits, vq.group, valid,
+                                          k_tail=k_res, v_tail=v_res)
 
-        parts = [KVPart(n_f, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=kv_heads)]
-        if len(self) > n_f:
-            parts.append(KVPart(len(self) - n_f, lambda s, e, dtype: self.read_range(n_f + s, n_f + e, dtype),
-                                kind="kivi", chunk_tokens=chunk, kv_heads=kv_heads))
-        return parts
+        return [KVPart(n, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=k_res.shape[1])]
 
     def __len__(self) -> int:
         return 0 if self.k_res is None else self.kq.length + self.k_res.shape[2]
@@ -275,7 +267,7 @@ class KiviLayer(StoreLayer):
 @register("kivi")
 class Kivi(Method):
     summary = "KIVI: keys per-channel, values per-token asymmetric 2/4/8-bit quantization + fp16 residual of R tokens"
-    attention = "kvcompress: quantized parts, chunked"
+    attention = "kvcompress: fused numba kernel over the codes (chunked without numba)"
     Config = KiviConfig
     test_options = {"bits": 2, "group_size": 8, "residual": 16}
     noop_options = {"residual": 1 << 20}  # a residual longer than any prompt keeps every token at 2 bytes
