@@ -341,16 +341,6 @@ class MiniCache(Method):
                 f"minicache: start_layer={self.start_layer} is outside [1, {g.num_layers - 1}] for this "
                 f"{g.num_layers}-layer model (the first merged pair is (start_layer - 1, start_layer))"
             )
-        self.similarity = None
-        if cfg.selection == "similarity":
-            self.pairs = self._similar_pairs()
-        else:
-            self.pairs = layer_pairs(g.layer_types, self.start_layer)
-        if not self.pairs:
-            raise KVCompressError(
-                f"minicache: no two adjacent layers of the same attention type from layer {self.start_layer - 1} "
-                f"on (layer types: {list(g.layer_types)}); choose a smaller start_layer"
-            )
         if cfg.storage == "fp16" and cfg.storage_options():
             raise KVCompressError(
                 f"minicache: {sorted(cfg.storage_options())} apply to a quantizing storage (e.g. storage='kivi'); "
@@ -367,6 +357,17 @@ class MiniCache(Method):
             raise KVCompressError(f"minicache: storage={cfg.storage!r} cannot stack with minicache: {exc}") from exc
         if not ok:
             raise KVCompressError(f"minicache: storage={cfg.storage!r} is not an append/read KV store")
+        # the similarity profile runs the model: only after every option was checked
+        self.similarity = None
+        if cfg.selection == "similarity":
+            self.pairs = self._similar_pairs()
+        else:
+            self.pairs = layer_pairs(g.layer_types, self.start_layer)
+        if not self.pairs:
+            raise KVCompressError(
+                f"minicache: no two adjacent layers of the same attention type from layer {self.start_layer - 1} "
+                f"on (layer types: {list(g.layer_types)}); choose a smaller start_layer"
+            )
 
     def _similar_pairs(self) -> list[tuple[int, int]]:
         """select='similarity': the qualifying pairs, or one KVCompressError naming the best pair and the ways out."""
