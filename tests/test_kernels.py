@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcompress import ModelGeometry, kernels, make_cache
+from kvcompress import ModelGeometry, attention, kernels, make_cache
 from kvcompress.attention import KVPart, attend_parts
 from kvcompress.compat import cache_kwargs
 from kvcompress.kernels import cpu
@@ -167,24 +167,36 @@ def geometry(head_dim=16, kv_heads=2):
     appends=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     group=st.sampled_from([1, 3]),
     q=st.integers(1, 3),
+    many_rows=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, q, seed):
+def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, q, many_rows, seed):
     """Whatever has been appended (empty, short or long residuals; values still in the residual while their keys are
-    quantized), the store's parts give the attention of the dequantized store."""
+    quantized), the store's parts give the attention of the dequantized store -- also past ``MAX_FUSED_ROWS``, where
+    the fused part computes its partials from dequantized chunks (``chunked_partials``)."""
     gen = torch.Generator().manual_seed(seed)
     b, kv, d = 2, 2, 16
     store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
     for n in appends:
         store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
-    parts = store.parts()
+    before_chunk = attention.CHUNK
+    attention.CHUNK = G  # chunks of one key group: the chunked merges run many times
+    try:
+        parts = store.parts()
+    finally:
+        attention.CHUNK = before_chunk
     assert sum(p.length for p in parts) == len(store)
     # fused once values are quantized, unless a byte of 2-bit values would span two value groups (groups of 2)
     fused = bool(store.vq.length) and cpu.value_layout_ok(bits, d, store.value_group)
     assert [p.kind for p in parts] == ["kivi-fused" if fused else "kivi"]
     new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
     query = torch.randn(b, kv * group, q, d, generator=gen)
-    got = attend_parts(query, [*parts, KVPart.dense(new_k, new_v, causal=True)], d**-0.5).output
+    before = kernels.MAX_FUSED_ROWS
+    kernels.MAX_FUSED_ROWS = 0 if many_rows else 1 << 30
+    try:
+        got = attend_parts(query, [*parts, KVPart.dense(new_k, new_v, causal=True)], d**-0.5).output
+    finally:
+        kernels.MAX_FUSED_ROWS = before
     past_k, past_v = store.read(torch.float64)
     keys, values = torch.cat([past_k, new_k.double()], 2), torch.cat([past_v, new_v.double()], 2)
     n = keys.shape[2]

@@ -27,13 +27,17 @@ try:  # numba is a dependency, but a platform without a wheel still works (chunk
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
     _cpu, AVAILABLE, UNAVAILABLE_REASON = None, False, f"numba could not be imported ({exc})"
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "enabled", "fused", "kivi_attention", "kivi_fused_applies"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "chunked_partials", "enabled", "fused", "kivi_attention",
+           "kivi_fused_applies"]
 
 _state = {"enabled": True}
 #: numba's default (workqueue) thread pool must not be entered by two Python threads at once: the second runs serial
 _PARALLEL = threading.Lock()
 #: below this many (batch * kv_heads * tokens) a thread-pool launch costs more than it saves
 MIN_PARALLEL_WORK = 8192
+#: above this many query rows per KV head (query heads of a group x query tokens) a chunked dequantize + matmul
+#: (BLAS) beats the kernel: measured crossover ~190 rows (SmolLM2 shapes, 4k tokens, 4-bit, 1 thread)
+MAX_FUSED_ROWS = 128
 
 
 def enabled() -> bool:
@@ -164,3 +168,28 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
         if parallel:
             _PARALLEL.release()
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+
+
+def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None):
+    """The ``KVPart.fused`` contract computed by dequantizing ``chunk`` tokens at a time and two matmuls per chunk:
+    ``read(start, stop, torch.float32) -> (keys, values)`` each ``(b, kv_heads, stop - start, d)``; ``qg``, ``valid``
+    and the returned ``(acc, m, l)`` as in :func:`kivi_attention`. What a fused part falls back to for many query rows
+    (a long prefill chunk), where BLAS beats the kernel."""
+    b, h, rows, d = qg.shape
+    acc = qg.new_zeros(b, h, rows, d)
+    m = qg.new_full((b, h, rows), float("-inf"))
+    l = qg.new_zeros(b, h, rows)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        k, v = read(start, stop, torch.float32)
+        s = torch.matmul(qg, k.transpose(-1, -2))  # (b, h, rows, stop - start)
+        if valid is not None:
+            s = s.masked_fill(~valid[:, :, None, start:stop].to(torch.bool), float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - safe.unsqueeze(-1))
+        alpha = torch.exp(m - safe)
+        l = l * alpha + p.sum(dim=-1)
+        acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v)
+        m = m_new
+    return acc, m, l

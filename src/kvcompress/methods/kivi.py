@@ -223,6 +223,8 @@ class KiviStore(KVStore):
         k_res, v_res = self.k_res, self.v_res
 
         def fused(qg, valid):
+            if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: BLAS on dequantized chunks is faster
+                return kernels.chunked_partials(qg, self.read_range, n, chunk, valid)
             return kernels.kivi_attention(qg, n, *k_codes, kq.bits, kq.group, *v_codes, vq.bits, vq.group, valid,
                                           k_tail=k_res, v_tail=v_res)
 
