@@ -9,7 +9,8 @@ tokens, values per token in groups of 32 channels, fp16 scale/zero; 4 and 2 bits
 * ``fused``: :func:`kvcompress.kernels.kivi_attention` straight from the codes (all n tokens quantized), plus the
   final division ``acc / l``.
 * ``as wired``: ``attend_parts`` over a real ``KiviStore`` (R = 128 residual) plus the new token, as a KIVI layer
-  attends at decode: the fused part, the residual read chunk by chunk, the log-sum-exp merge.
+  attends at decode: ``KiviStore.parts()`` (one fused part over codes and fp16 residual), the new token as a dense
+  causal part, the log-sum-exp merge.
 
 Bytes per step: fp32 sdpa reads K and V (``30 * 3 * n * 64 * 4 * 2``); the fused kernel reads the codes and the fp16
 statistics of the n tokens; dequant + sdpa reads the codes, writes fp32 K/V and reads them back. GB/s = bytes /
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
               "between the fastest and the upper quartile): compare columns within a row (interleaved), not "
               "absolute times across runs.")
     print("\n`spread`: (upper quartile - fastest) / fastest round, worst column of the row. `fused vs sdpa` > 1: the "
-          "kernel is faster. `as wired` adds the 128-token fp16 residual (read in chunks) and the merge.")
+          "kernel is faster. `as wired`: KIVI's real layer path (fused part over codes + the 128-token fp16 residual, "
+          "the new token, the merge in `attend_parts`).")
     return 0
 
 
