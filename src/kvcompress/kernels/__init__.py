@@ -5,9 +5,16 @@ path merges it with the other parts by log-sum-exp. Today: KIVI's layout (keys p
 values per token in groups of ``Gv`` channels, fp16 scale/zero, codes of 1..8 bits packed by
 :func:`kvcompress.quant.pack_bits`) on the CPU with numba (:mod:`.cpu`).
 
-Where no kernel applies -- numba missing, a CUDA tensor, the switch off -- stores give a chunked part instead
-(``KVPart.kind`` says which: ``"kivi-fused"`` vs ``"kivi"``). Switch off for a block of code with
-``with kernels.fused(False): ...`` (tests and benchmarks compare both paths).
+Where no kernel applies -- numba missing, a CUDA tensor, the switch off, a value group that splits a byte of codes --
+stores give a chunked part instead (``KVPart.kind`` says which: ``"kivi-fused"`` vs ``"kivi"``). Switch off for a
+block of code with ``with kernels.fused(False): ...`` (tests and benchmarks compare both paths). A fused part asked
+for more than :data:`MAX_FUSED_ROWS` query rows (a long prefill chunk) computes its partials by
+:func:`chunked_partials` instead, where BLAS wins.
+
+Why numba: a JIT with wheels on every platform (no compiler on the user's machine), ``prange`` threads, and loops
+written in Python that LLVM's loop vectorizer turns into AVX2 once they are shaped for it (see :mod:`.cpu`). The
+alternative at hand, torch ops on the codes, is the chunked path: 2-7x slower than this kernel
+(``benchmarks/attention_microbench.py``). A C/C++ extension was not tried: it needs a compiler at install.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "chunked_partials", "enabled", "fu
            "kivi_fused_applies"]
 
 _state = {"enabled": True}
-#: numba's default (workqueue) thread pool must not be entered by two Python threads at once: the second runs serial
+#: numba's workqueue threading layer (its fallback without TBB or OpenMP) must not be entered by two Python threads at
+#: once: a second caller runs the serial kernel instead of waiting
 _PARALLEL = threading.Lock()
 #: below this many (batch * kv_heads * tokens) a thread-pool launch costs more than it saves
 MIN_PARALLEL_WORK = 8192

@@ -7,16 +7,19 @@ channel. Nothing is dequantized to memory:
 * **keys** (per channel): ``s_r(t) = q_r . (code_t * ks_g + kz_g) = (q_r * ks_g) . code_t + q_r . kz_g``. The scaled
   query ``q_r * ks_g`` and the bias ``q_r . kz_g`` are formed once per group (``rows * d`` operations per ``G``
   tokens), so a token costs one unpack plus one dot product per query row.
-* **values** (per token): a token's row is unpacked and dequantized once into a small buffer, then added with its
-  softmax weight to every query row of the KV group.
+* **values** (per token, ``v = code * scale + zero`` per group of ``Gv`` channels): a token's codes are unpacked
+  times their scale once and added with the softmax weight to every query row; the zero points are summed per
+  (row, value group) on the side (``sum_t w_t * zero_t``) and added at the end, so ``v`` is never formed.
 * **one pass serves every query row** of the KV group (GQA/MQA heads and multi-token queries folded into ``rows``).
+* **the residual**: keys and values leave KIVI's fp16 residual at different times; the kernel takes the first ``nk``
+  keys and ``nv`` values from codes and the rest from float tails, so one call covers a whole layer.
 * **unpacking**: codes are unpacked in *planes*: for 1/2/4/8 bits, byte ``u`` holds channels ``u*per .. u*per+per-1``
   (``per = 8 // bits``); plane ``k`` takes bits ``[k*bits, (k+1)*bits)`` of every byte, so each plane is one
   contiguous, vectorizable loop over the row's bytes that reads each byte once (3/5/6/7 bits: ``bits`` bytes form a
   word of 8 codes, plane ``k`` = code ``k`` of every word). The query and the statistics are permuted into the same
   plane order once per group, so no code is ever moved.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
-  polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score.
+  polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
   ``numba.prange``; each returns its own ``(acc, m, l)`` and a second parallel loop merges them by log-sum-exp
   (flash-decoding). With one thread a serial twin of the same code runs (no thread pool launch).
