@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import KVPart, attend_parts, grouped_probs
+from .attention import KVPart, attend_parts, grouped_probs, grow_validity, with_validity
 from .cache import KVLayer, ModelGeometry
 from .config import check_positive_int
 from .registry import KVCompressError
@@ -175,12 +175,7 @@ class EvictionLayer(KVLayer):
         """Add ``(b, kv_heads, q, d)`` new tokens (``new_valid (b, q)``: False = padding, None = all real); return
         all stored tokens ``[kept | new]`` in the compute dtype (None with ``read_back=False``)."""
         b, h, q, _ = key_states.shape
-        if new_valid is not None or self.valid is not None:
-            nv = torch.ones(b, q, dtype=torch.bool, device=key_states.device) if new_valid is None else new_valid
-            nv = nv[:, None, :].expand(b, h, q)
-            if self.valid is None:
-                self.valid = torch.ones(b, h, self.kept_length(), dtype=torch.bool, device=key_states.device)
-            self.valid = torch.cat([self.valid, nv], dim=-1)
+        self.valid = grow_validity(self.valid, new_valid, self.kept_length(), key_states, h)
         if self.track_positions:
             pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=key_states.device)
             pos = pos.expand(b, h, q)
@@ -253,13 +248,7 @@ class EvictionLayer(KVLayer):
     def past_parts(self) -> list[KVPart]:
         """The kept tokens as attention parts (the store's parts once committed), with their validity."""
         if self.committed:
-            parts, offset = [], 0
-            for part in self.storage.parts():
-                if self.valid is not None:
-                    part.valid = self.valid[:, :, offset : offset + part.length]
-                offset += part.length
-                parts.append(part)
-            return parts
+            return with_validity(self.storage.parts(), self.valid)
         if self.k is None or not self.k.shape[2]:
             return []
         return [KVPart.dense(self.k, self.v, self.valid)]

@@ -32,8 +32,6 @@ def tensors_nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-
-
 class KVLayer(CacheLayerMixin):
     """Base of every kvcompress layer.
 
@@ -79,10 +77,13 @@ class KVLayer(CacheLayerMixin):
             return self._hand_to_attention(key_states, value_states)
         keys, values = self.store(key_states, value_states)
         self.seen += key_states.shape[-2]
-        held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
-        transient = sum(t.numel() * t.element_size() for t in (keys, values) if t.data_ptr() not in held)
-        self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes(keys, values))
         return keys, values
+
+    def _transient_bytes(self, *tensors: torch.Tensor) -> int:
+        """Bytes of ``tensors`` that are not held by the layer (copies made for attention)."""
+        held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
+        return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in held)
 
     # -- layers that attend by themselves (attends = True) ------------------------------------------------------------
     def _hand_to_attention(self, key_states, value_states):
@@ -133,9 +134,7 @@ class KVLayer(CacheLayerMixin):
         nv = None if new_valid is None else new_valid[:, None, :]
         parts.append(KVPart.dense(k[:, :, past:], v[:, :, past:], nv, causal=True))
         result = attend_parts(query, parts, scaling)
-        held = {t.data_ptr() for t in self.held_tensors() if t is not None and t.numel()}
-        transient = sum(t.numel() * t.element_size() for t in (k, v) if t.data_ptr() not in held)
-        return result.output, max(transient, result.transient_bytes)
+        return result.output, max(self._transient_bytes(k, v), result.transient_bytes)
 
     # -- padded batches, one row at a time (split_rows_on_padding) ---------------------------------------------------
     #: a layer whose state cannot mask padding (quantization groups, flush schedules) sets this: once a padded batch
@@ -276,22 +275,13 @@ class StoreLayer(KVLayer):
         return new_k, new_v
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from .attention import KVPart, attend_parts
+        from .attention import KVPart, attend_parts, grow_validity, with_validity
 
         sd = self.kv.dtype
-        parts, offset = self.kv.parts(), 0
-        for part in parts:
-            if self.valid is not None:
-                part.valid = self.valid[:, :, offset : offset + part.length]
-            offset += part.length
         nv = None if new_valid is None else new_valid[:, None, :]
+        parts = with_validity(self.kv.parts(), self.valid)
         result = attend_parts(query, [*parts, KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)], scaling)
-        if new_valid is not None or self.valid is not None:
-            b, q = keys.shape[0], keys.shape[2]
-            nv = torch.ones(b, 1, q, dtype=torch.bool, device=keys.device) if nv is None else nv
-            if self.valid is None:
-                self.valid = torch.ones(b, 1, len(self.kv), dtype=torch.bool, device=keys.device)
-            self.valid = torch.cat([self.valid, nv], dim=-1)
+        self.valid = grow_validity(self.valid, new_valid, len(self.kv), keys, 1)
         self.kv.append(keys, values)
         return result.output, result.transient_bytes
 

@@ -10,7 +10,7 @@
 - :mod:`.probs` recomputes attention probabilities for profiling tools.
 """
 
-from .parts import CHUNK, AttentionResult, KVPart, attend_parts
+from .parts import CHUNK, AttentionResult, KVPart, attend_parts, grow_validity, with_validity
 from .probs import grouped_probs
 
-__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "grouped_probs"]
+__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "grow_validity", "with_validity", "grouped_probs"]

@@ -55,6 +55,32 @@ class KVPart:
         return cls(keys.shape[2], read, valid, causal, kind, kv_heads=keys.shape[1])
 
 
+def with_validity(parts: list[KVPart], valid: torch.Tensor | None) -> list[KVPart]:
+    """Give ``parts`` (a layer's stored tokens, in order) their slices of ``valid (batch, kv_heads or 1, total)``;
+    ``None`` leaves them all valid. Returns ``parts``."""
+    offset = 0
+    for part in parts:
+        if valid is not None:
+            part.valid = valid[:, :, offset : offset + part.length]
+        offset += part.length
+    return parts
+
+
+def grow_validity(valid: torch.Tensor | None, new_valid: torch.Tensor | None, stored: int,
+                  new_keys: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """Validity of a layer's stored tokens after appending the step's ``new_keys (batch, _, q, d)``: ``valid (batch,
+    heads, stored)`` or None (all real so far), ``new_valid (batch, q)`` or None (all real). Stays None until padding
+    is first seen."""
+    if new_valid is None and valid is None:
+        return None
+    b, q, dev = new_keys.shape[0], new_keys.shape[2], new_keys.device
+    if new_valid is None:
+        new_valid = torch.ones(b, q, dtype=torch.bool, device=dev)
+    if valid is None:
+        valid = torch.ones(b, heads, stored, dtype=torch.bool, device=dev)
+    return torch.cat([valid, new_valid[:, None, :].expand(b, heads, q)], dim=-1)
+
+
 @dataclass
 class AttentionResult:
     """``output (batch, q, heads, head_dim)`` in the query dtype (the layout transformers' attention functions
