@@ -104,15 +104,19 @@ def install(model) -> str:
     return names[-1]
 
 
+def _own_implementation(cfg) -> str:
+    """``cfg``'s attention implementation without kvcompress's prefix."""
+    current = cfg._attn_implementation or "eager"
+    return current[len(PREFIX) :] if current.startswith(PREFIX) else current
+
+
 def uninstall(model) -> None:
     """Give ``model`` its own attention implementation back (caches made for it stop attending by themselves)."""
     for cfg in _configs(model):
-        current = cfg._attn_implementation or "eager"
-        if current.startswith(PREFIX):
-            cfg._attn_implementation = current[len(PREFIX) :]
+        if (cfg._attn_implementation or "").startswith(PREFIX):
+            cfg._attn_implementation = _own_implementation(cfg)
 
 
 def inner_of(model) -> str:
     """The model's own implementation (``sdpa`` / ``eager``), whether or not kvcompress is installed."""
-    current = model.config.get_text_config(decoder=True)._attn_implementation or "eager"
-    return current[len(PREFIX) :] if current.startswith(PREFIX) else current
+    return _own_implementation(model.config.get_text_config(decoder=True))

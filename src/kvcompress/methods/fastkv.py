@@ -155,11 +155,15 @@ class FastKVLayer(_LogicalPrompt, EvictionLayer):
         self.config = config
         self.method = method
 
+    def _picks_tsp(self, n: int) -> bool:
+        """This is the TSP layer and the prefill of ``n`` tokens propagates fewer."""
+        return self.layer_idx == self.method.tsp_layer and self.method.prefill.tsp_len < n
+
     def _selects(self, n: int) -> bool:
         run = self.method.prefill
         if self.committed or run is None:
             return False
-        return run.kv_budget < n or (self.layer_idx == self.method.tsp_layer and run.tsp_len < n)
+        return run.kv_budget < n or self._picks_tsp(n)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
         if not self.committed and self.method.prefill is None:
@@ -177,7 +181,7 @@ class FastKVLayer(_LogicalPrompt, EvictionLayer):
             window = probs.shape[3]
             scores = self.selection_scores(
                 pool_window_scores(probs.sum(dim=(2, 3)), window, self.config.pool, self.config.kernel))
-            if self.layer_idx == self.method.tsp_layer and run.tsp_len < q:
+            if self._picks_tsp(q):
                 run.scores = scores.sum(dim=1)  # (b, n): over all heads (padding stays -inf)
             if run.kv_budget < q:
                 self.keep(topk_keep(scores, run.kv_budget, always_keep_last=window))
