@@ -48,6 +48,16 @@ def make_tiny_gemma3(seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared, oversubscribed CPU this is several times faster; the previous setting comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return make_tiny_llama()

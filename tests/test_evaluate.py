@@ -18,13 +18,7 @@ from kvcompress.evaluate.spec import needs_calibration, parse_spec
 from test_data import CharTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is several times faster for small models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _window(n: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:

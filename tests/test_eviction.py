@@ -18,13 +18,7 @@ from kvcompress.compat import cache_kwargs
 D = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared CPU (a 10-30x slowdown here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def geometry(heads=4, kv_heads=2, head_dim=D, layers=1):

@@ -19,6 +19,8 @@ from kvcompress.evaluate.report import markdown, merge
 
 from test_data import CharTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HAYSTACK = "/work/shared/data/paul-graham-essays"
 LEN = 1500  # characters = tokens with the CharTokenizer
 
@@ -271,12 +273,6 @@ def test_default_lengths_clamped_to_the_model():
 # -- the harness, report, merge and CLI --------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_run_eval_ruler_on_the_tiny_model(tiny_model, text, tmp_path):
