@@ -27,9 +27,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``kvcompress.evaluate`` (the evaluation protocol: call it, or import its modules) is loaded on first use."""
-    if name == "evaluate":
+    """``kvcompress.evaluate`` (the evaluation protocol: call it, or import its modules) and ``kvcompress.tune`` (the
+    setting search) are loaded on first use."""
+    if name in ("evaluate", "tune"):  # both are callable modules: kvcompress.tune(model, data, max_loss="2%")
         import importlib
 
-        return importlib.import_module(".evaluate", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``kvcompress list | generate | eval | calibrate <method> | profile <what>``."""
+"""``kvcompress list | generate | eval | tune | calibrate <method> | profile <what>``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .registry import KVCompressError
 
 # Sub-commands that live in their own modules: name -> module exposing add_arguments(parser) and run(args).
 EVAL_MODULE = "kvcompress.evaluate.cli"
+TUNE_MODULE = "kvcompress.tune"
 CALIBRATORS = {
     "kvquant": "kvcompress.calibration.kvquant",
     "fastkv": "kvcompress.calibration.fastkv",
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     if _module_exists(EVAL_MODULE):
         mod = importlib.import_module(EVAL_MODULE)
         p = sub.add_parser("eval", help="perplexity, KL, needle, speed and memory of methods vs the full cache")
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    if _module_exists(TUNE_MODULE):
+        mod = importlib.import_module(TUNE_MODULE)
+        p = sub.add_parser("tune", help="pick a method and setting for your model and text within a loss you accept")
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
 
