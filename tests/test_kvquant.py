@@ -155,14 +155,26 @@ def test_fisher_weights_pull_the_levels():
 # -- pre-RoPE --------------------------------------------------------------------------------------------------------
 
 
+def _check_rerotation(layer, true_post, cos, sin):
+    """``layer`` stores ``true_post (1|b, h, n, d)`` (post-RoPE keys the model made, sink 1): its stored keys are
+    pre-RoPE within the quantization step, and read back rotated with the model's own cos/sin."""
+    b, h, _, d = true_post.shape
+    true_pre = unapply_rope(true_post, cos, sin)[:, :, 1:]
+    stored_pre = layer.k.read()
+    step = layer.k.scale.float().reshape(-1, h, 1, d) / 15  # half the distance between 16 uniform levels
+    assert bool(((stored_pre - true_pre).abs() <= step * 1.01 + 1e-4).all())
+    keys, _ = layer._read()
+    assert torch.equal(keys[:, :, :1], true_post[:, :, :1].half().float())  # the sink, as given
+    assert torch.allclose(keys[:, :, 1:], apply_rope(stored_pre, cos[:, 1:], sin[:, 1:]), atol=1e-5)
+
+
 def test_pre_rope_unrotate_rerotate_is_exact(tiny_model):
     """Stored keys are pre-RoPE (within the quantization step of the true pre-RoPE keys); on read they are rotated
-    with the model's own cos/sin at the stored positions (left padding: per-row positions, stored as int32)."""
+    with the model's own cos/sin at the stored positions: per-row positions that do not follow 0, 1, 2, ... are
+    stored as int32; a left-padded batch keeps one layer per row, whose real tokens sit at 0, 1, 2, ..."""
     ids = _prompt(40, batch=2)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate() passes
-    fwd = {"attention_mask": mask, "position_ids": pos}
+    pos = torch.arange(40).unsqueeze(0) + torch.tensor([[0], [3]])  # row 1 starts at position 3
+    fwd = {"attention_mask": torch.ones_like(ids), "position_ids": pos}
     full = _prefill(tiny_model, ids, "full", fwd, dtype="float32")
     cache = _prefill(tiny_model, ids, forward=fwd, nuq=False, bits=4, outliers=0.0, sink=1)
     layer, true_post = cache.layers[1], full.layers[1].k  # (2, 2, 40, 16)
@@ -170,16 +182,23 @@ def test_pre_rope_unrotate_rerotate_is_exact(tiny_model):
     tc, ts = layer.method.rope.cos_sin(pos, "full_attention")
     assert torch.equal(tc, cos.float()) and torch.equal(ts, sin.float())
     assert torch.allclose(apply_rope(unapply_rope(true_post, cos, sin), cos, sin), true_post, atol=1e-6)
-
     assert layer.pos.explicit is not None and layer.pos.explicit.dtype == torch.int32
     assert torch.equal(layer.pos.explicit.long(), pos[:, 1:])
-    true_pre = unapply_rope(true_post, cos, sin)[:, :, 1:]
-    stored_pre = layer.k.read()
-    step = layer.k.scale.float().reshape(2, 2, 1, 16) / 15  # half the distance between 16 uniform levels
-    assert bool(((stored_pre - true_pre).abs() <= step * 1.01 + 1e-4).all())
-    keys, _ = layer._read()
-    assert torch.equal(keys[:, :, :1], true_post[:, :, :1].half().float())  # the sink, as given
-    assert torch.allclose(keys[:, :, 1:], apply_rope(stored_pre, cos[:, 1:], sin[:, 1:]), atol=1e-5)
+    _check_rerotation(layer, true_post, cos, sin)
+    cache.close()
+
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate() passes
+    fwd = {"attention_mask": mask, "position_ids": pos}
+    full = _prefill(tiny_model, ids, "full", fwd, dtype="float32")
+    cache = _prefill(tiny_model, ids, forward=fwd, nuq=False, bits=4, outliers=0.0, sink=1)
+    true_post = full.layers[1].k
+    cos, sin = tiny_model.model.rotary_emb(true_post, pos)
+    for r, row in enumerate(cache.layers[1]._rows):
+        real = mask[r].nonzero().squeeze(-1)
+        assert row.pos.explicit is None and row.seen == len(real)
+        _check_rerotation(row, true_post[r : r + 1, :, real], cos[r : r + 1, real], sin[r : r + 1, real])
     cache.close()
 
 
@@ -278,7 +297,11 @@ def test_generate_batch2_left_padded_llama_and_gemma(tiny_model, tiny_gemma):
             assert cache.nbytes() < cache.reference_nbytes()
             for layer in cache.layers:
                 assert layer.kept_length() == (15 if layer.is_sliding else 51)
-                assert layer.pos.explicit is not None and layer.pos.explicit.shape[0] == 2
+                if layer.is_sliding:  # transformers attends over the dense window: positions stored per row
+                    assert layer.pos.explicit is not None and layer.pos.explicit.shape[0] == 2
+                else:  # one layer per row, each holding its real tokens at positions 0, 1, 2, ...
+                    assert [row.seen for row in layer._rows] == [51, 44]
+                    assert all(row.pos.explicit is None for row in layer._rows)
 
 
 def test_sliding_layers_evict_and_full_layers_keep_the_sink(tiny_gemma):

@@ -58,6 +58,9 @@ class KVLayer(CacheLayerMixin):
         self.peak_transient_bytes = 0  # largest dequantized copy handed to attention
         self._pending = None  # the step's new K/V between update() and attend() (layers with ``attends``)
         self._rows: list[KVLayer] | None = None  # per-row layers of a padded batch (split_rows_on_padding)
+        #: a single-row layer of a padded batch: ``(batch row, indices of the step's real tokens)`` it serves in the
+        #: current step (set by the batch's layer before each step; for state the forward carries per batch row)
+        self.row_view: tuple[int, torch.Tensor] | None = None
 
     # -- transformers contract -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -164,6 +167,7 @@ class KVLayer(CacheLayerMixin):
             k, v = keys[r : r + 1, :, idx], values[r : r + 1, :, idx]
             if not row.is_initialized:
                 row.lazy_initialization(k, v)
+            row.row_view = (r, idx)
             out, t = row.attend_step(query[r : r + 1, :, idx], k, v, None, scaling)
             row.seen += idx.numel()
             output[r, idx] = out[0]

@@ -69,27 +69,36 @@ class KVStore:
 
 
 class TokenRuns:
-    """Tensors that grow along the token axis (dim 2) without copying their past: kept as a few contiguous runs whose
+    """Tensors that grow along the token axis without copying their past: kept as a few contiguous runs whose
     lengths strictly decrease (a binary counter: appending merges the last runs while the newer is not shorter).
     A token is copied O(log n) times over its life instead of once per step as ``torch.cat`` onto the whole past
     would, there are O(log n) runs, and nothing is allocated beyond what is held (no capacity slack to count).
 
-    ``append(*tensors)`` takes aligned tensors ``(batch, heads, n, ...)`` (e.g. keys and values); ``runs`` is the
-    list of aligned tuples, oldest first."""
+    ``append(*tensors)`` takes aligned tensors (e.g. keys and values ``(batch, heads, n, ...)``); ``runs`` is the
+    list of aligned tuples, oldest first. ``dims``: the token axis of each tensor (default 2 for all); a run's
+    length is the size of its first tensor along its axis (the others may hold any number of entries per token,
+    e.g. sparse outliers)."""
 
-    def __init__(self):
+    def __init__(self, dims: tuple[int, ...] | None = None):
         self.runs: list[tuple[torch.Tensor, ...]] = []
+        self.dims = dims
+
+    def _dim(self, i: int) -> int:
+        return 2 if self.dims is None else self.dims[i]
+
+    def run_length(self, run: tuple[torch.Tensor, ...]) -> int:
+        return run[0].shape[self._dim(0)]
 
     def append(self, *tensors: torch.Tensor) -> None:
-        if not tensors[0].shape[2]:
+        if not tensors[0].shape[self._dim(0)]:
             return
         self.runs.append(tuple(tensors))
-        while len(self.runs) >= 2 and self.runs[-1][0].shape[2] >= self.runs[-2][0].shape[2]:
+        while len(self.runs) >= 2 and self.run_length(self.runs[-1]) >= self.run_length(self.runs[-2]):
             newer, older = self.runs.pop(), self.runs.pop()
-            self.runs.append(tuple(torch.cat([a, b], dim=2) for a, b in zip(older, newer)))
+            self.runs.append(tuple(torch.cat([a, b], dim=self._dim(i)) for i, (a, b) in enumerate(zip(older, newer))))
 
     def __len__(self) -> int:
-        return sum(run[0].shape[2] for run in self.runs)
+        return sum(self.run_length(run) for run in self.runs)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for run in self.runs for t in run]
@@ -100,7 +109,11 @@ class TokenRuns:
             return None
         if len(self.runs) == 1:
             return self.runs[0]
-        return tuple(torch.cat(parts, dim=2) for parts in zip(*self.runs))
+        return tuple(torch.cat(parts, dim=self._dim(i)) for i, parts in enumerate(zip(*self.runs)))
+
+    def replace(self, *tensors: torch.Tensor) -> None:
+        """Hold ``tensors`` as the only run (after the caller cut or rewrote the joined past)."""
+        self.runs = [tuple(tensors)] if tensors[0].shape[self._dim(0)] else []
 
 
 @register_store("fp16")

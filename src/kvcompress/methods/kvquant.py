@@ -105,8 +105,13 @@ class KVQuantConfig:
 
 
 class KVQuantLayer(KVLayer):
-    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]``; returns the past dequantized (keys
-    re-rotated) followed by the step's new tokens as given. Sliding-window layers keep ``window - 1`` tokens."""
+    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]``. Full-attention layers attend by
+    themselves: over the sink, the body dequantized a chunk at a time (keys re-rotated for the chunk's positions)
+    and the step's new tokens as given; a padded batch keeps one single-row layer per row, so per-channel ranges,
+    outlier thresholds, the sink and positions are each row's own. Sliding-window layers keep ``window - 1``
+    tokens and hand transformers the dense past (its windowed mask)."""
+
+    split_rows_on_padding = True
 
     def __init__(self, method: "KVQuant", layer_idx: int):
         g, cfg = method.geometry, method.config
@@ -115,6 +120,7 @@ class KVQuantLayer(KVLayer):
         self.layer_type = g.layer_types[layer_idx]
         self.window = g.sliding_window if g.is_sliding(layer_idx) else None
         self.is_sliding = self.window is not None
+        self.attends = not self.is_sliding
         self.sink = 0 if self.is_sliding else cfg.sink
         self.pre_rope = cfg.pre_rope
         kb, vb = method.books(layer_idx)
@@ -127,15 +133,24 @@ class KVQuantLayer(KVLayer):
         self.pend_k = None  # key_stats="prompt": keys waiting for the per-channel range, (b, h, p, d) 2-byte
         self.pos = Positions()
 
+    def new_row_layer(self):
+        return KVQuantLayer(self.method, self.layer_idx)
+
     # -- positions and RoPE ------------------------------------------------------------------------------------------
     def _step_rope(self, q: int):
-        """``(positions (b|1, q), cos, sin (b, q, d))`` of the current step, checked against the rope table."""
+        """``(positions (b|1, q), cos, sin (b, q, d))`` of the current step, checked against the model's rotary
+        module (a single-row layer of a padded batch takes its row's real tokens: ``row_view``)."""
         obs = self.method.observer
         if obs is None:
             raise KVCompressError("kvquant: pre_rope needs the cache's hooks; pass the cache to the model (cache=...) "
                                   "and do not close it")
         cos, sin = obs.rope(self.layer_idx)
         pos = obs.position_ids(self.layer_idx)
+        if self.row_view is not None:
+            r, idx = self.row_view
+            cos, sin = (t[min(r, t.shape[0] - 1)][None][:, idx.to(t.device)] for t in (cos, sin))
+            if pos is not None:
+                pos = pos[min(r, pos.shape[0] - 1)][None][:, idx.to(pos.device)]
         if pos is None:
             pos = torch.arange(self.seen, self.seen + q).unsqueeze(0)
         pos = pos.to(cos.device)
@@ -147,10 +162,58 @@ class KVQuantLayer(KVLayer):
             )
         return pos, cos.float(), sin.float()
 
-    # -- store / read ------------------------------------------------------------------------------------------------
+    # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import KVPart, attend_parts
+
+        nv = None if new_valid is None else new_valid[:, None, :]
+        parts = [*self._past_parts(), KVPart.dense(keys, values, nv, causal=True)]
+        result = attend_parts(query, parts, scaling)
+        self._append(keys, values)
+        return result.output, result.transient_bytes
+
+    def _past_parts(self) -> list:
+        """The sink (fp16) and the body (read chunk by chunk by :meth:`_read_body`) as attention parts."""
+        from ..attention import KVPart
+
+        parts = []
+        if self.head_k is not None:
+            parts.append(KVPart.dense(self.head_k, self.head_v, kind="fp16"))
+        if len(self.v):
+            parts.append(KVPart(len(self.v), self._read_body, kind="kvquant", kv_heads=self.geometry.num_kv_heads))
+        return parts
+
+    def _read_body(self, start: int, stop: int, dtype=torch.float32):
+        """Body tokens ``[start, stop)`` dequantized, keys rotated to their positions: ``(b, h, stop - start, d)``
+        each. Keys still waiting for their per-channel range (``pend_k``) follow the quantized ones."""
+        nk = len(self.k)
+        ks = []
+        if start < nk:
+            ks.append(self.k.read(start, min(stop, nk)))
+        if stop > nk:
+            ks.append(self.pend_k[:, :, max(start - nk, 0) : stop - nk].float())
+        k = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
+        if self.pre_rope:
+            if self.pos.explicit is None:
+                cos, sin = self.method.rope.cos_sin_range(self.pos.start + start, stop - start, self.layer_type)
+            else:
+                cos, sin = self.method.rope.cos_sin(self.pos.explicit[:, start:stop], self.layer_type)
+            k = apply_rope(k, cos, sin)
+        return k.to(dtype), self.v.read(start, stop).to(dtype)
+
+    # -- store / read (sliding layers: transformers attends over the dense past) --------------------------------------
     def store(self, key_states, value_states):
-        q, sd = key_states.shape[2], self.geometry.storage_dtype
         past = self._read() if self.kept_length() else None
+        self._append(key_states, value_states)
+        if past is None:
+            return key_states, value_states
+        pk, pv = past
+        return (torch.cat([pk.to(key_states.dtype), key_states], dim=2),
+                torch.cat([pv.to(value_states.dtype), value_states], dim=2))
+
+    def _append(self, key_states, value_states):
+        """Take the step's ``(b, h, q, d)`` post-RoPE keys and values into the sink and the quantized body."""
+        q, sd = key_states.shape[2], self.geometry.storage_dtype
         n_sink = min(q, max(0, self.sink - self.seen))
         if n_sink:
             hk, hv = key_states[:, :, :n_sink].to(sd), value_states[:, :, :n_sink].to(sd)
@@ -165,11 +228,6 @@ class KVQuantLayer(KVLayer):
             self._append_body(k, v)
         if self.is_sliding and self.kept_length() > self.window - 1:
             self._drop_front(self.kept_length() - (self.window - 1))
-        if past is None:
-            return key_states, value_states
-        pk, pv = past
-        return (torch.cat([pk.to(key_states.dtype), key_states], dim=2),
-                torch.cat([pv.to(value_states.dtype), value_states], dim=2))
 
     def _append_body(self, k, v):
         self.v.append(v)
@@ -190,18 +248,9 @@ class KVQuantLayer(KVLayer):
             ks.append(self.head_k.float())
             vs.append(self.head_v.float())
         if len(self.v):
-            body = [self.k.read()] if len(self.k) else []
-            if self.pend_k is not None:
-                body.append(self.pend_k.float())
-            kb = torch.cat(body, dim=2)
-            if self.pre_rope:
-                if self.pos.explicit is None:
-                    cos, sin = self.method.rope.cos_sin_range(self.pos.start, self.pos.n, self.layer_type)
-                else:
-                    cos, sin = self.method.rope.cos_sin(self.pos.get(), self.layer_type)
-                kb = apply_rope(kb, cos, sin)
-            ks.append(kb)
-            vs.append(self.v.read())
+            k, v = self._read_body(0, len(self.v))
+            ks.append(k)
+            vs.append(v)
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def _drop_front(self, n: int):
@@ -216,6 +265,8 @@ class KVQuantLayer(KVLayer):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def kept_length(self) -> int:
+        if self._rows is not None:  # a padded batch: each row holds its own real tokens
+            return max(row.kept_length() for row in self._rows)
         return (0 if self.head_k is None else self.head_k.shape[2]) + len(self.v)
 
     def represented_tokens(self) -> int:

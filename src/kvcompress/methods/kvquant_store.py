@@ -22,6 +22,7 @@ from ..quant import (
 )
 from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
+from ..storage import TokenRuns
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -30,39 +31,29 @@ from ..registry import KVCompressError
 
 
 class RopeTable:
-    """cos/sin of the model's own rotary module for any positions, per layer type, cached lazily.
+    """cos/sin of the model's own rotary module for any positions, per layer type, computed when asked.
 
-    Derivable from positions, so not counted as KV bytes. ``cos_sin(positions (b|1, n), layer_type)`` ->
-    ``(cos, sin)`` each ``(b|1, n, head_dim)`` fp32.
+    Nothing is kept between calls (a table of every position would be memory the cache holds but does not count):
+    the cost is one ``cos``/``sin`` per stored position and dimension per read. ``cos_sin(positions (b|1, n),
+    layer_type)`` -> ``(cos, sin)`` each ``(b|1, n, head_dim)`` fp32, rounded through the model's dtype as the model
+    does.
     """
 
     def __init__(self, model, dtype: torch.dtype):
         self.module = find_rotary(model)
         self.takes_layer_type = "layer_type" in inspect.signature(self.module.forward).parameters
         self.dtype = dtype
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _table(self, needed: int, layer_type: str):
-        cos, _ = self._tables.get(layer_type, (None, None))
-        if cos is None or cos.shape[0] < needed:
-            size = 1 << max(needed - 1, 255).bit_length()
-            pos = torch.arange(size).unsqueeze(0)
-            x = torch.zeros(1, dtype=self.dtype)
-            with torch.no_grad():
-                args = (x, pos, layer_type) if self.takes_layer_type else (x, pos)
-                c, s = self.module(*args)
-            self._tables[layer_type] = (c[0].float(), s[0].float())
-        return self._tables[layer_type]
 
     def cos_sin(self, positions: torch.Tensor, layer_type: str):
-        cos, sin = self._table(int(positions.max()) + 1, layer_type)
-        idx = positions.long().to(cos.device)
-        return cos[idx], sin[idx]
+        pos = positions.long()
+        x = torch.zeros(1, dtype=self.dtype, device=pos.device)
+        with torch.no_grad():
+            c, s = self.module(x, pos, layer_type) if self.takes_layer_type else self.module(x, pos)
+        return c.float(), s.float()
 
     def cos_sin_range(self, start: int, n: int, layer_type: str):
-        """cos/sin of positions ``start .. start+n-1``: ``(1, n, head_dim)`` views of the table."""
-        cos, sin = self._table(start + n, layer_type)
-        return cos[start : start + n].unsqueeze(0), sin[start : start + n].unsqueeze(0)
+        """cos/sin of positions ``start .. start+n-1``: ``(1, n, head_dim)``."""
+        return self.cos_sin(torch.arange(start, start + n).unsqueeze(0), layer_type)
 
 
 def find_rotary(model):
@@ -126,36 +117,30 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor
     return unpack_bits(planes[0], bits, d)
 
 
-class SparseRows:
-    """Exact outliers in CSR form over token-major rows ``(n, b, width)``: ``counts (n, b)`` per row,
-    ``cols (nnz,)`` column in the row, ``vals (nnz,)`` fp16. Appending tokens appends rows."""
+def sparse_rows(sp, n: int, b: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outliers of token-major rows ``(n, b, width)`` (``sp``: :class:`kvcompress.quant.SparseOutliers`) in CSR form:
+    ``counts (n, b)`` per row (uint8 / int16), ``cols (nnz,)`` the column in the row, ``vals (nnz,)`` fp16."""
+    idx = sp.indices.long()
+    counts = torch.bincount(idx // width, minlength=n * b).reshape(n, b).to(_small_int(width))
+    return counts, (idx % width).to(_small_int(width - 1)), sp.values
 
-    def __init__(self, width: int):
-        self.width = width
-        self.counts = torch.zeros(0, 0, dtype=_small_int(width))
-        self.cols = torch.zeros(0, dtype=_small_int(width - 1))
-        self.vals = torch.zeros(0, dtype=torch.float16)
 
-    def append(self, sp, n: int, b: int) -> None:
-        idx = sp.indices.long()
-        counts = torch.bincount(idx // self.width, minlength=n * b).reshape(n, b)
-        self.counts = torch.cat([self.counts.reshape(-1, b), counts.to(self.counts.dtype)])
-        self.cols = torch.cat([self.cols, (idx % self.width).to(self.cols.dtype)])
-        self.vals = torch.cat([self.vals, sp.values])
+def scatter_rows_(x: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Write CSR outliers (:func:`sparse_rows` of the same tokens) into ``x (b, h, n, d)`` (contiguous, in place)."""
+    if vals.numel():
+        b, h, n, d = x.shape
+        r = torch.repeat_interleave(torch.arange(n * b, device=x.device), counts.reshape(-1).long())
+        c = cols.long()
+        flat = (((r % b) * h + c // d) * n + r // b) * d + c % d
+        x.view(-1)[flat] = vals.to(x.dtype)
+    return x
 
-    def scatter_(self, x: torch.Tensor) -> torch.Tensor:
-        """Write the outliers into ``x (b, h, n, d)`` (contiguous, in place)."""
-        if self.vals.numel():
-            b, h, n, d = x.shape
-            r = torch.repeat_interleave(torch.arange(n * b), self.counts.reshape(-1).long())
-            c = self.cols.long()
-            flat = (((r % b) * h + c // d) * n + r // b) * d + c % d
-            x.view(-1)[flat] = self.vals.to(x.dtype)
-        return x
 
-    def drop_front(self, k: int) -> None:
-        nnz = int(self.counts[:k].long().sum())
-        self.counts, self.cols, self.vals = self.counts[k:].clone(), self.cols[nnz:].clone(), self.vals[nnz:].clone()
+class SparseView:
+    """The CSR outliers of a whole stream, joined (a transient view for inspection)."""
+
+    def __init__(self, counts, cols, vals):
+        self.counts, self.cols, self.vals = counts, cols, vals
 
     def tensors(self):
         return [self.counts, self.cols, self.vals]
@@ -169,6 +154,10 @@ class QuantStream:
     over all KV heads (the paper: its outlier thresholds, or min/max without outliers; scale/offset ``(b, 1, n, 1)``),
     ``"head"`` one per token and KV head (min/max of the row after the outliers left; ``(b, h, n, 1)``).
     ``codebook`` assigns codes, ``decode_book`` reconstructs (different only with Q-Norm).
+
+    Held in :class:`kvcompress.storage.TokenRuns` (appending never copies the whole past); a run is
+    ``(*planes (b, h, n, bytes) uint8, [scale, offset (b, 1|h, n, 1) fp16 per token], [counts (n, b), cols, vals]
+    outliers)``.
     """
 
     def __init__(self, bits, fraction, codebook, decode_book, heads, head_dim, per_channel, lower=None, upper=None,
@@ -177,21 +166,23 @@ class QuantStream:
         self.token_range = token_range
         self.codebook, self.decode_book = codebook, decode_book
         self.per_channel = per_channel
-        self.planes: list[torch.Tensor] = []  # packed codes, each (b, h, n, bytes) uint8 (see pack_planes)
-        self.scale = self.offset = None  # per token: (b, h, n, 1) fp16; per channel: (1|b, width) fp16
-        self.sparse = SparseRows(heads * head_dim) if fraction > 0 else None
+        self.n_planes = 2 if bits == 3 else 1
+        self.has_sparse = fraction > 0
+        dims = (2,) * self.n_planes + ((2, 2) if not per_channel else ()) + ((0, 0, 0) if self.has_sparse else ())
+        self.runs = TokenRuns(dims)
+        self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
         if per_channel and lower is not None:
             self._set_range(lower, upper)
 
     @property
     def ready(self) -> bool:
-        return not self.per_channel or self.scale is not None
+        return not self.per_channel or self.channel_scale is not None
 
     def _set_range(self, lower, upper):
         """Held as fp16 offset/scale; the thresholds used later are ``offset -/+ scale``."""
         w = self.h * self.d
-        self.offset = ((upper.float() + lower.float()) / 2).half().reshape(-1, w)  # (1|b, width)
-        self.scale = ((upper.float() - lower.float()) / 2).half().reshape(-1, w)
+        self.channel_offset = ((upper.float() + lower.float()) / 2).half().reshape(-1, w)  # (1|b, width)
+        self.channel_scale = ((upper.float() - lower.float()) / 2).half().reshape(-1, w)
 
     def fix_range(self, x: torch.Tensor) -> None:
         """Per-channel range from ``x (b, h, n, d)``: outlier thresholds along tokens (min/max if none)."""
@@ -203,26 +194,28 @@ class QuantStream:
         self._set_range(lo.squeeze(-1), hi.squeeze(-1))
 
     def __len__(self):
-        return self.planes[0].shape[2] if self.planes else 0
+        return len(self.runs)
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and append ``x (b, h, q, d)``."""
         b, h, q, d = x.shape
         rows = to_rows(x.float())
         if self.per_channel:
-            lo = (self.offset.float() - self.scale.float()).unsqueeze(0)
-            hi = (self.offset.float() + self.scale.float()).unsqueeze(0)
+            lo = (self.channel_offset.float() - self.channel_scale.float()).unsqueeze(0)
+            hi = (self.channel_offset.float() + self.channel_scale.float()).unsqueeze(0)
         elif self.fraction > 0:
             lo, hi = outlier_thresholds(rows, self.fraction, axis=-1)
-        if self.sparse is not None:
+        sparse = ()
+        if self.has_sparse:
             rows, sp = split_outliers(rows, lo, hi)
-            self.sparse.append(sp, q, b)
+            sparse = sparse_rows(sp, q, b, h * d)
         elif self.per_channel:
             rows = torch.minimum(torch.maximum(rows, lo), hi)
+        ranges = ()
         if self.per_channel:
-            s = self.scale.float().unsqueeze(0)
-            xn = ((rows - self.offset.float().unsqueeze(0)) / torch.where(s > 0, s, torch.ones_like(s))).clamp(-1, 1)
-            codes = quantize_codebook(from_rows(xn, h).contiguous(), self.codebook)
+            s = self.channel_scale.float().unsqueeze(0)
+            xn = ((rows - self.channel_offset.float().unsqueeze(0)) / torch.where(s > 0, s, torch.ones_like(s)))
+            codes = quantize_codebook(from_rows(xn.clamp(-1, 1), h).contiguous(), self.codebook)
         elif self.token_range == "token":  # one range per token (rows are clamped to the thresholds: min/max = them)
             mn, mx = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)  # (q, b, 1)
             offset, scale = ((mx + mn) / 2).half(), ((mx - mn) / 2).half()
@@ -230,40 +223,89 @@ class QuantStream:
             s = scale.float()
             xn = (rows - offset.float()) / torch.where(s > 0, s, torch.ones_like(s))
             codes = quantize_codebook(from_rows(xn, h).contiguous(), self.codebook)
-            scale, offset = scale.permute(1, 2, 0).unsqueeze(-1), offset.permute(1, 2, 0).unsqueeze(-1)  # (b, 1, q, 1)
-            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
-            self.offset = offset if self.offset is None else torch.cat([self.offset, offset], dim=2)
+            ranges = (scale.permute(1, 2, 0).unsqueeze(-1), offset.permute(1, 2, 0).unsqueeze(-1))  # (b, 1, q, 1)
         else:
             xn, scale, offset = normalize_minmax(from_rows(rows, h).contiguous(), axis=-1)
             codes = quantize_codebook(xn, self.codebook)
-            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], dim=2)
-            self.offset = offset if self.offset is None else torch.cat([self.offset, offset], dim=2)
-        new = pack_planes(codes, self.bits)
-        self.planes = new if not self.planes else [torch.cat([a, p], dim=2) for a, p in zip(self.planes, new)]
+            ranges = (scale, offset)
+        self.runs.append(*pack_planes(codes, self.bits), *ranges, *sparse)
 
-    def read(self) -> torch.Tensor:
-        """All stored tokens, dequantized: ``(b, h, n, d)`` fp32 (contiguous)."""
-        codes = unpack_planes(self.planes, self.bits, self.d)
+    def _read_run(self, run, a: int, z: int) -> torch.Tensor:
+        """Tokens ``[a, z)`` of one run, dequantized: ``(b, h, z - a, d)`` fp32."""
+        planes = [p[:, :, a:z] for p in run[: self.n_planes]]
+        codes = unpack_planes(planes, self.bits, self.d)
         x = self.decode_book.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+        rest = run[self.n_planes :]
         if self.per_channel:
-            b = self.scale.shape[0]
-            x = x * self.scale.float().view(b, self.h, 1, self.d) + self.offset.float().view(b, self.h, 1, self.d)
+            b = self.channel_scale.shape[0]
+            x = (x * self.channel_scale.float().view(b, self.h, 1, self.d)
+                 + self.channel_offset.float().view(b, self.h, 1, self.d))
         else:
-            x = x * self.scale.float() + self.offset.float()
-        return self.sparse.scatter_(x) if self.sparse is not None else x
+            scale, offset, rest = rest[0], rest[1], rest[2:]
+            x = x * scale[:, :, a:z].float() + offset[:, :, a:z].float()
+        if self.has_sparse:
+            counts, cols, vals = rest
+            n0 = int(counts[:a].long().sum())
+            n1 = n0 + int(counts[a:z].long().sum())
+            x = scatter_rows_(x.contiguous(), counts[a:z], cols[n0:n1], vals[n0:n1])
+        return x
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stored tokens ``[start, stop)`` (default all), dequantized: ``(b, h, n, d)`` fp32 (a transient copy)."""
+        stop = len(self) if stop is None else stop
+        pieces, offset = [], 0
+        for run in self.runs.runs:
+            n = self.runs.run_length(run)
+            a, z = max(start, offset), min(stop, offset + n)
+            if a < z:
+                pieces.append(self._read_run(run, a - offset, z - offset))
+            offset += n
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     def drop_front(self, k: int) -> None:
-        self.planes = [p[:, :, k:].clone() for p in self.planes]
-        if not self.per_channel:
-            self.scale, self.offset = self.scale[:, :, k:].clone(), self.offset[:, :, k:].clone()
-        if self.sparse is not None:
-            self.sparse.drop_front(k)
+        """Forget the ``k`` oldest tokens (sliding windows)."""
+        joined = list(self.runs.joined())
+        for i in range(self.n_planes + (0 if self.per_channel else 2)):
+            joined[i] = joined[i][:, :, k:].clone()
+        if self.has_sparse:
+            counts, cols, vals = joined[-3:]
+            nnz = int(counts[:k].long().sum())
+            joined[-3:] = [counts[k:].clone(), cols[nnz:].clone(), vals[nnz:].clone()]
+        self.runs.replace(*joined)
+
+    # -- joined views (inspection, tests) ------------------------------------------------------------------------------
+    def _joined(self, i: int):
+        joined = self.runs.joined()
+        return None if joined is None else joined[i]
+
+    @property
+    def planes(self) -> list[torch.Tensor]:
+        return [self._joined(i) for i in range(self.n_planes)] if len(self) else []
+
+    @property
+    def scale(self):
+        return self.channel_scale if self.per_channel else self._joined(self.n_planes)
+
+    @property
+    def offset(self):
+        return self.channel_offset if self.per_channel else self._joined(self.n_planes + 1)
+
+    @property
+    def sparse(self) -> SparseView | None:
+        if not self.has_sparse:
+            return None
+        joined = self.runs.joined()
+        if joined is None:
+            w = self.h * self.d
+            return SparseView(torch.zeros(0, 0, dtype=_small_int(w)), torch.zeros(0, dtype=_small_int(w - 1)),
+                              torch.zeros(0, dtype=torch.float16))
+        return SparseView(*joined[-3:])
 
     def tensors(self):
-        out = [*self.planes, self.scale, self.offset, self.codebook]
+        out = [*self.runs.tensors(), self.channel_scale, self.channel_offset, self.codebook]
         if self.decode_book is not self.codebook:
             out.append(self.decode_book)
-        return out + (self.sparse.tensors() if self.sparse is not None else [])
+        return out
 
 
 class Positions:
