@@ -3,8 +3,15 @@ real SmolLM2-135M (converted once per machine, cached under $KVCOMPRESS_CACHE)."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernel's tests run in Triton's interpreter on a CPU-only machine; triton reads this when it is first
+    # imported (torch._dynamo, imported by transformers, imports it), so it is set here, before anything else
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 4):

@@ -1,9 +1,11 @@
 """Fused attention kernels (kvcompress.kernels): equal to dequantize-then-attend, wired into KIVI's parts, and the same
-generations with the kernels on and off.
+generations with the kernels on and off -- the CPU kernel (numba) and the Triton kernel (on a CPU-only machine in
+Triton's interpreter, ``TRITON_INTERPRET=1``, fp16/fp32 only; on a CUDA machine compiled, on CUDA tensors).
 
-Tolerance (fp32 kernel vs an fp64 reference over the same dequantized codes): the normalized output within
-``2e-5 * (1 + max |v|)`` and the log-sum-exp within ``2e-5 * (1 + max |s|)`` -- fp32 rounding of the scores and of the
-sums, and the kernel's polynomial exp (relative error < 2e-7).
+Tolerance (fp32 kernel vs an fp64 reference over the same dequantized codes), both kernels: the normalized output
+within ``2e-5 * (1 + max |v|)`` and the log-sum-exp within ``2e-5 * (1 + max |s|)`` -- fp32 rounding of the scores and
+of the sums, and the CPU kernel's polynomial exp (relative error < 2e-7); the Triton kernel's dots run at
+``input_precision="ieee"`` (no TF32).
 """
 
 from __future__ import annotations
@@ -17,13 +19,27 @@ from hypothesis import strategies as st
 from kvcompress import ModelGeometry, attention, kernels, make_cache
 from kvcompress.attention import KVPart, attend_parts
 from kvcompress.compat import cache_kwargs
-from kvcompress.kernels import cpu
 from kvcompress.quant import quantize_uniform
 from kvcompress.storage import make_store
 
-pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
+cpu = kernels._cpu  # None without numba
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
+needs_triton = pytest.mark.skipif(not kernels.triton_status()[0], reason=kernels.triton_status()[1])
+#: where the Triton kernel runs in these tests: compiled on a GPU when there is one, else interpreted on the CPU
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = 2e-5
+
+
+def triton_kernel():
+    """:mod:`kvcompress.kernels.gpu`, checked to be interpreted when there is no GPU (``tests/conftest.py`` sets
+    ``TRITON_INTERPRET=1`` before triton is first imported: triton reads it then)."""
+    from kvcompress.kernels import gpu
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if TRITON_DEVICE == "cpu":
+        assert isinstance(gpu._kivi_partials, InterpretedFunction), "triton was imported before TRITON_INTERPRET=1"
+    return gpu
 
 
 def reference(qg, keys, values, valid):
@@ -69,23 +85,10 @@ def layouts(draw):
     return k_bits, v_bits, d, draw(st.integers(1, 12)), gv
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    layout=layouts(),
-    n=st.integers(1, 90),
-    tails=st.tuples(st.integers(0, 90), st.integers(0, 90)),
-    b=st.integers(1, 2),
-    kv=st.integers(1, 3),
-    group=st.sampled_from([1, 2, 3, 4]),
-    q=st.integers(1, 5),
-    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
-    parallel=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
-def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel, seed):
-    """Any bits (1-8), token counts that are not a multiple of the key group, keys and values leaving the float tail
-    at different points (none, some, all tokens coded), batch, GQA ratios (1, 3, MHA/MQA), one or several queries,
-    padding (shared by the KV heads, per head, a whole row), serial and threaded."""
+def kivi_case(layout, n, tails, b, kv, group, q, padding, seed):
+    """One random layer held as KIVI codes + float tails: ``(qg, n, codes..., tails, valid)`` for the kernels and the
+    dequantized ``(keys, values)`` the reference attends to. ``tails = (r_k, r_v)``: tokens after the codes (clipped to
+    ``n``); ``padding``: "none", "shared" (by the KV heads), "per-head", "all" (the last batch row sees nothing)."""
     k_bits, v_bits, d, G, Gv = layout
     gen = torch.Generator().manual_seed(seed)
     rk, rv = min(tails[0], n), min(tails[1], n)  # tokens held as floats after the codes
@@ -104,22 +107,87 @@ def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, 
     elif padding == "all":
         valid = torch.ones(b, 1, n, dtype=torch.bool)
         valid[-1] = False  # the last row sees nothing: m = -inf, l = 0, acc = 0
+    args = (qg, n, *((kq.packed, kq.scale, kq.zero) if kq is not None else (None,) * 3), k_bits, G,
+            *((vq.packed, vq.scale, vq.zero) if vq is not None else (None,) * 3), v_bits, Gv, valid)
+    tails_kw = {"k_tail": keys[:, :, nk:] if rk else None, "v_tail": values[:, :, nv:].half() if rv else None}
+    ref_k = torch.cat([kq.dequantize()[:, :, :nk] if nk else keys[:, :, :0], keys[:, :, nk:]], 2)
+    ref_v = torch.cat([vq.dequantize() if nv else values[:, :, :0], values[:, :, nv:]], 2)
+    return args, tails_kw, (ref_k, ref_v)
+
+
+def to_device(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    n=st.integers(1, 90),
+    tails=st.tuples(st.integers(0, 90), st.integers(0, 90)),
+    b=st.integers(1, 2),
+    kv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    q=st.integers(1, 5),
+    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel, seed):
+    """Any bits (1-8), token counts that are not a multiple of the key group, keys and values leaving the float tail
+    at different points (none, some, all tokens coded), batch, GQA ratios (1, 3, MHA/MQA), one or several queries,
+    padding (shared by the KV heads, per head, a whole row), serial and threaded."""
+    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    qg, valid = args[0], args[-1]
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
     try:
-        k_codes = (kq.packed, kq.scale, kq.zero) if kq is not None else (None,) * 3
-        v_codes = (vq.packed, vq.scale, vq.zero) if vq is not None else (None,) * 3
-        acc, m, l = kernels.kivi_attention(qg, n, *k_codes, k_bits, G, *v_codes, v_bits, Gv, valid,
-                                           k_tail=keys[:, :, nk:] if rk else None,
-                                           v_tail=values[:, :, nv:].half() if rv else None)
+        acc, m, l = kernels.kivi_attention(*args, **tails_kw)
     finally:
         kernels.MIN_PARALLEL_WORK = before
-    assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
-    ref_k = torch.cat([kq.dequantize()[:, :, :nk] if nk else keys[:, :, :0], keys[:, :, nk:]], 2)
-    ref_v = torch.cat([vq.dequantize() if nv else values[:, :, :0], values[:, :, nv:]], 2)
+    assert acc.shape == (b, kv, group * q, layout[2]) and m.shape == l.shape == (b, kv, group * q)
     check_partials(acc, m, l, qg, ref_k, ref_v, valid)
 
 
+@st.composite
+def triton_layouts(draw):
+    """(k_bits, v_bits, d, G, Gv): 2/3/4 bits (1 and 8 too, rarely), any ``Gv`` dividing ``d`` (the Triton kernel
+    gathers a scale per channel: a byte of codes may span two value groups)."""
+    k_bits, v_bits = (draw(st.sampled_from([2, 3, 4, 2, 3, 4, 1, 8])) for _ in range(2))
+    d = draw(st.sampled_from([8, 24, 64]))  # 24: not a power of two (masked channels)
+    gv = draw(st.sampled_from([g for g in range(1, d + 1) if d % g == 0]))
+    return k_bits, v_bits, d, draw(st.integers(1, 40)), gv
+
+
+@needs_triton
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=triton_layouts(),
+    n=st.integers(1, 150),  # up to three blocks of BLOCK_N = 64 tokens
+    tails=st.tuples(st.integers(0, 150), st.integers(0, 150)),
+    b=st.integers(1, 2),
+    heads=st.sampled_from([(2, 1), (3, 3), (1, 4), (1, 1)]),  # (KV heads, query heads per KV head): MHA, GQA, MQA
+    q=st.integers(1, 3),
+    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+    splits=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 10_000),
+)
+def test_triton_equals_dequantize_then_attend(layout, n, tails, b, heads, q, padding, splits, seed):
+    """The Triton kernel over the same cases as the CPU kernel: 2/3/4 bits (and 1/8), lengths that are not a multiple
+    of the key group or of the kernel's block, float tails of every size (empty, some, all tokens), batch, padding,
+    MHA/GQA/MQA, one or several query tokens, the context split into ranges merged by log-sum-exp. Interpreted on the
+    CPU when there is no GPU."""
+    gpu = triton_kernel()
+    kv, group = heads
+    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    dev_args = [to_device(a, TRITON_DEVICE) for a in args]
+    dev_tails = {k: to_device(v, TRITON_DEVICE) for k, v in tails_kw.items()}
+    acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
+    assert acc.shape == (b, kv, group * q, layout[2]) and m.shape == l.shape == (b, kv, group * q)
+    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
+
+
+@needs_numba
 def test_fused_reads_a_prefix_of_longer_buffers():
     """Codes of more tokens than asked for, in buffers with spare capacity (a preallocated store): only the first n
     count, and nothing is copied to make them contiguous."""
@@ -136,6 +204,27 @@ def test_fused_reads_a_prefix_of_longer_buffers():
     check_partials(acc, m, l, qg, kq.dequantize()[:, :, :n], vq.dequantize()[:, :, :n], None)
 
 
+@needs_triton
+def test_triton_reads_a_prefix_of_longer_buffers():
+    """The Triton kernel takes strided views of buffers with spare capacity (strides passed, nothing copied) and a
+    validity slice of a longer mask."""
+    gpu = triton_kernel()
+    gen = torch.Generator().manual_seed(0)
+    b, h, d, G, n, cap = 2, 3, 64, 32, 100, 256
+    keys, values = fp16_randn(gen, b, h, cap, d), fp16_randn(gen, b, h, cap, d)
+    kq, vq = quantize_uniform(keys, 4, axis=2, group_size=G), quantize_uniform(values, 2, axis=3, group_size=32)
+    kq.packed, kq.scale, kq.zero, vq.packed, vq.scale, vq.zero = (
+        t.to(TRITON_DEVICE) for t in (kq.packed, kq.scale, kq.zero, vq.packed, vq.scale, vq.zero))
+    views = [t[:, :, : (n if t.shape[2] == cap else -(-n // G))] for t in (kq.packed, kq.scale, kq.zero)]
+    vviews = [t[:, :, :n] for t in (vq.packed, vq.scale, vq.zero)]
+    valid = (torch.rand(b, 1, cap + 10, generator=gen) > 0.2)[:, :, 5 : n + 5]
+    qg = torch.randn(b, h, 3, d, generator=gen) / 8
+    acc, m, l = (t.cpu() for t in gpu.kivi_attention(qg.to(TRITON_DEVICE), n, *views, 4, G, *vviews, 2, 32,
+                                                      valid.to(TRITON_DEVICE), splits=2))
+    check_partials(acc, m, l, qg, kq.dequantize().cpu()[:, :, :n], vq.dequantize().cpu()[:, :, :n], valid)
+
+
+@needs_numba
 def test_fp16_statistics_decode_exactly():
     """The kernel decodes fp16 bits itself (numba has no CPU float16): every finite fp16 value, subnormals included."""
     bits = torch.arange(0, 1 << 16, dtype=torch.int32)
@@ -159,8 +248,43 @@ def geometry(head_dim=16, kv_heads=2):
                          dtype=torch.float32)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+def kivi_parts_case(bits, G, blocks, appends, group, q, many_rows, seed, backend, device="cpu"):
+    """Append ``appends`` tokens to a KIVI store on ``device``, attend over its parts (+ the step's new tokens, causal)
+    with the fused kernels switched to ``backend``, and compare with attention over the dequantized store (fp64)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv, d = 2, 2, 16
+    store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
+    for n in appends:
+        store.append(fp16_randn(gen, b, kv, n, d).to(device), fp16_randn(gen, b, kv, n, d).to(device))
+    new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
+    query = torch.randn(b, kv * group, q, d, generator=gen)
+    before_chunk, before_rows = attention.CHUNK, kernels.MAX_FUSED_ROWS
+    attention.CHUNK = G  # chunks of one key group: the chunked merges run many times
+    kernels.MAX_FUSED_ROWS = 0 if many_rows else 1 << 30
+    try:
+        with kernels.fused(True, backend=backend):
+            parts = store.parts()
+            assert sum(p.length for p in parts) == len(store)
+            # fused once values are quantized; on the CPU kernel not where a byte of 2-bit values would span two
+            # value groups (groups of 2)
+            fused = bool(store.vq.length) and (backend == "triton" or cpu.value_layout_ok(bits, d, store.value_group))
+            assert [p.kind for p in parts] == ["kivi-fused" if fused else "kivi"]
+            assert store.attention_path() == (f"fused-{backend}" if fused else "dense" if not store.vq.length
+                                              else "chunked")
+            dense = KVPart.dense(new_k.to(device), new_v.to(device), causal=True)
+            got = attend_parts(query.to(device), [*parts, dense], d**-0.5).output.cpu()
+    finally:
+        attention.CHUNK, kernels.MAX_FUSED_ROWS = before_chunk, before_rows
+    past_k, past_v = (x.cpu() for x in store.read(torch.float64))
+    keys, values = torch.cat([past_k, new_k.double()], 2), torch.cat([past_v, new_v.double()], 2)
+    n = keys.shape[2]
+    s = torch.einsum("bhqd,bhkd->bhqk", query.double(), keys.repeat_interleave(group, 1)) * d**-0.5
+    s = s.masked_fill(torch.arange(n) > torch.arange(n - q, n)[:, None], float("-inf"))  # the new tokens: causal
+    want = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), values.repeat_interleave(group, 1)).transpose(1, 2)
+    assert (got.double() - want).abs().max().item() <= TOL * (1 + values.abs().max().item())
+
+
+parts_strategies = dict(
     bits=st.sampled_from([2, 4, 8]),
     G=st.sampled_from([2, 4, 8]),
     blocks=st.integers(1, 3),
@@ -170,42 +294,29 @@ def geometry(head_dim=16, kv_heads=2):
     many_rows=st.booleans(),
     seed=st.integers(0, 10_000),
 )
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**parts_strategies)
 def test_kivi_parts_attend_like_the_dense_read(bits, G, blocks, appends, group, q, many_rows, seed):
     """Whatever has been appended (empty, short or long residuals; values still in the residual while their keys are
     quantized), the store's parts give the attention of the dequantized store -- also past ``MAX_FUSED_ROWS``, where
     the fused part computes its partials from dequantized chunks (``chunked_partials``)."""
-    gen = torch.Generator().manual_seed(seed)
-    b, kv, d = 2, 2, 16
-    store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
-    for n in appends:
-        store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
-    before_chunk = attention.CHUNK
-    attention.CHUNK = G  # chunks of one key group: the chunked merges run many times
-    try:
-        parts = store.parts()
-    finally:
-        attention.CHUNK = before_chunk
-    assert sum(p.length for p in parts) == len(store)
-    # fused once values are quantized, unless a byte of 2-bit values would span two value groups (groups of 2)
-    fused = bool(store.vq.length) and cpu.value_layout_ok(bits, d, store.value_group)
-    assert [p.kind for p in parts] == ["kivi-fused" if fused else "kivi"]
-    new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
-    query = torch.randn(b, kv * group, q, d, generator=gen)
-    before = kernels.MAX_FUSED_ROWS
-    kernels.MAX_FUSED_ROWS = 0 if many_rows else 1 << 30
-    try:
-        got = attend_parts(query, [*parts, KVPart.dense(new_k, new_v, causal=True)], d**-0.5).output
-    finally:
-        kernels.MAX_FUSED_ROWS = before
-    past_k, past_v = store.read(torch.float64)
-    keys, values = torch.cat([past_k, new_k.double()], 2), torch.cat([past_v, new_v.double()], 2)
-    n = keys.shape[2]
-    s = torch.einsum("bhqd,bhkd->bhqk", query.double(), keys.repeat_interleave(group, 1)) * d**-0.5
-    s = s.masked_fill(torch.arange(n) > torch.arange(n - q, n)[:, None], float("-inf"))  # the new tokens: causal
-    want = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, -1), values.repeat_interleave(group, 1)).transpose(1, 2)
-    assert (got.double() - want).abs().max().item() <= TOL * (1 + values.abs().max().item())
+    kivi_parts_case(bits, G, blocks, appends, group, q, many_rows, seed, "numba")
 
 
+@needs_triton
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**parts_strategies)
+def test_kivi_parts_attend_like_the_dense_read_triton(bits, G, blocks, appends, group, q, many_rows, seed):
+    """The same through the Triton kernel (``kernels.fused(True, backend="triton")``; interpreted on a CPU-only
+    machine): KIVI's parts dispatch to it and it attends like the dequantized store."""
+    triton_kernel()
+    kivi_parts_case(bits, G, blocks, appends, group, q, many_rows, seed, "triton", TRITON_DEVICE)
+
+
+@needs_numba
 def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x = fp16_randn(gen, 1, 2, 70, 16)
@@ -226,6 +337,7 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
     assert kinds(bits=4, group_size=8, residual=16) == ["kivi"]
 
 
+@needs_numba
 @torch.no_grad()
 def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch):
     """Greedy generation (batch 2, and a left-padded batch whose rows run alone) gives the same tokens, and
@@ -262,3 +374,95 @@ def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monke
             return torch.stack(logits, 1)
 
     torch.testing.assert_close(forced(True), forced(False), rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Which kernel runs where
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_backend_follows_the_device(monkeypatch):
+    """numba for CPU tensors, triton for CUDA tensors, None (the chunked path) where the JIT is missing, the switch is
+    off or the device has no kernel; ``fused(True, backend=...)`` forces one."""
+    cuda, cpu_dev = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(kernels, "triton_status", lambda: (True, "test"))
+    assert kernels.backend(cpu_dev) == ("numba" if kernels.AVAILABLE else None)
+    assert kernels.backend(cuda) == "triton"
+    assert kernels.backend(torch.device("meta")) is None
+    # 2-bit values in groups of 6 channels: the CPU kernel cannot take them (a byte spans two groups), Triton can
+    assert kernels.kivi_fused_applies(cuda, 2, 2, 12, 6)
+    assert not kernels.kivi_fused_applies(cpu_dev, 2, 2, 12, 6)
+    assert not kernels.kivi_fused_applies(cuda, 2, 2, 12, 5)  # a value group must divide head_dim
+    with kernels.fused(False):
+        assert kernels.backend(cuda) is None and kernels.backend(cpu_dev) is None
+    with kernels.fused(True, backend="triton"):
+        assert kernels.backend(cpu_dev) == "triton"
+    assert kernels.backend(cpu_dev) == ("numba" if kernels.AVAILABLE else None)  # restored
+    monkeypatch.setattr(kernels, "triton_status", lambda: (False, "triton missing"))
+    assert kernels.backend(cuda) is None and not kernels.kivi_fused_applies(cuda, 4, 4, 64, 32)
+    with pytest.raises(ValueError):
+        with kernels.fused(True, backend="cuda"):
+            pass
+
+
+@needs_triton
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the tiny model runs on the CPU: the interpreter's test")
+@torch.no_grad()
+def test_generation_through_the_triton_kernel(tiny_model, monkeypatch):
+    """Tiny llama, KIVI-2 (G = 8, R = 16), the Triton kernel forced on CPU tensors (interpreted): teacher-forced logits
+    agree with the chunked path (kernels off) to fp32 rounding and greedy tokens are the same; the kernel really ran."""
+    gpu = triton_kernel()
+    calls = []
+    real = gpu.kivi_attention
+    monkeypatch.setattr(gpu, "kivi_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(7))
+    options = {"bits": 2, "group_size": 8, "residual": 16}
+
+    def forced(on):
+        with kernels.fused(on, backend="triton" if on else None):
+            cache = make_cache("kivi", tiny_model, **options)
+            logits = [tiny_model(ids[:, :30], **cache_kwargs(tiny_model, cache)).logits[:, -1]]
+            for t in range(30, ids.shape[1]):
+                logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits[:, -1])
+            return torch.stack(logits, 1)
+
+    got = forced(True)
+    assert calls, "the Triton kernel was never called"
+    calls.clear()
+    want = forced(False)
+    assert not calls
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_numba
+@torch.no_grad()
+def test_memory_report_says_which_path_each_layer_takes(tiny_model, capsys):
+    """``memory_report()`` names each layer's attention path: fused-numba once KIVI holds codes, chunked with the
+    kernels off, dense while only the fp16 residual is held and for the full cache; also for a padded batch (rows run
+    alone) and for KIVI storage under eviction (snapkv); ``kvcompress list`` prints which kernels this machine has."""
+    from kvcompress.cli import main
+
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def report(method, mask=None, **options):
+        cache = make_cache(method, tiny_model, **options)
+        tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache))
+        return cache.memory_report()
+
+    kivi = {"bits": 2, "group_size": 8, "residual": 16}
+    got = report("kivi", **kivi)
+    assert [r.attention for r in got.layers] == ["fused-numba"] * 4
+    assert got.attention == {"fused-numba": 4} and got.to_dict()["attention"] == {"fused-numba": 4}
+    assert str(got).endswith("; attention: fused-numba x4")
+    with kernels.fused(False):
+        assert report("kivi", **kivi).attention == {"chunked": 4}
+    assert report("kivi", bits=2, group_size=8, residual=64).attention == {"dense": 4}  # 40 tokens: all in the residual
+    assert report("full").attention == {"dense": 4}
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    assert report("kivi", mask, **kivi).attention == {"fused-numba": 4}  # one single-row layer per row, both fused
+    assert report("snapkv", budget=0.9, storage="kivi", **kivi).attention == {"fused-numba": 4}
+    assert report("snapkv", budget=0.9).attention == {"dense": 4}
+    assert main(["list"]) == 0
+    assert f"CPU tensors -> numba {cpu.numba.__version__}" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 from .attention.interface import install as install_attention
 from .geometry import ModelGeometry
 from .layers import FP16_BYTES, FullLayer, KVLayer, SlidingWindowLayer, StoreLayer, tensors_nbytes
-from .memory import LayerMemory, MemoryReport
+from .memory import LayerMemory, MemoryReport, attention_path
 from .method import Method
 from .registry import KVCompressError, build_config, get_method
 
@@ -53,7 +53,7 @@ class CompressedCache(Cache):
 
     def memory_report(self) -> MemoryReport:
         rows = [
-            LayerMemory(i, layer.represented_tokens(), layer.nbytes(), layer.reference_nbytes())
+            LayerMemory(i, layer.represented_tokens(), layer.nbytes(), layer.reference_nbytes(), attention_path(layer))
             for i, layer in enumerate(self.layers)
         ]
         shared = tensors_nbytes(self.shared_tensors())

@@ -66,8 +66,25 @@ def cmd_list(args) -> int:
     for name, cls in list_methods().items():
         defaults = ", ".join(f"{k}={v}" for k, v in config_defaults(cls).items())
         table.add_row(name, cls.summary, cls.attention, defaults)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    console.print(kernels_line())
+    console.print("Per layer, cache.memory_report() says which path each layer takes now (fused-numba, fused-triton, "
+                  "chunked: codes dequantized a chunk at a time, dense).")
     return 0
+
+
+def kernels_line() -> str:
+    """Which fused kernels this machine has: numba for CPU tensors, triton for CUDA tensors."""
+    import torch
+
+    from . import kernels
+
+    numba = f"numba {kernels._cpu.numba.__version__}" if kernels.AVAILABLE else f"none ({kernels.UNAVAILABLE_REASON})"
+    ok, triton = kernels.triton_status()
+    cuda = "a CUDA device is present" if torch.cuda.is_available() else "no CUDA device here"
+    return (f"Fused kernels: CPU tensors -> {numba}; CUDA tensors -> {f'triton {triton}' if ok else 'none: ' + triton} "
+            f"({cuda}); without one a layer takes the chunked path.")
 
 
 def cmd_generate(args) -> int:

@@ -1,9 +1,29 @@
-"""What ``memory_report()`` returns: stored vs fp16-reference bytes per layer and in total, and the peak transient."""
+"""What ``memory_report()`` returns: stored vs fp16-reference bytes per layer and in total, the peak transient, and
+which attention path each layer takes (:func:`attention_path`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
+
+
+def attention_path(layer) -> str:
+    """How attention reads ``layer``'s past at the next step: ``"fused-numba"`` / ``"fused-triton"`` (a kernel straight
+    on the codes), ``"chunked"`` (codes dequantized a chunk at a time), ``"dense"`` (full-precision K/V: held as such,
+    or read back whole for the step -- layers that hand K/V to transformers, LogQuant's read-back). A padded batch
+    whose rows run alone joins its rows' paths with ``+``. Asks the layer's store (``attention_path()``) where it has
+    one (``layer.kv``, or ``layer.storage`` once an evicting layer committed to it)."""
+    rows = getattr(layer, "_rows", None)
+    if rows:
+        return "+".join(sorted({attention_path(row) for row in rows}))
+    if not getattr(layer, "attends", False):
+        return "dense"
+    store = getattr(layer, "kv", None)
+    if store is None and getattr(layer, "committed", False):
+        store = getattr(layer, "storage", None)
+    path = getattr(store, "attention_path", None)
+    return path() if callable(path) else "dense"
 
 
 @dataclass
@@ -12,6 +32,7 @@ class LayerMemory:
     tokens: int
     stored_bytes: int
     reference_bytes: int
+    attention: str = ""  # :func:`attention_path` of the layer; "" where it does not apply (shared tensors, peers)
 
     @property
     def ratio(self) -> float:
@@ -36,6 +57,11 @@ class MemoryReport:
     def ratio(self) -> float:
         return self.reference_bytes / self.stored_bytes if self.stored_bytes else float("inf")
 
+    @property
+    def attention(self) -> dict[str, int]:
+        """Layers per attention path, e.g. ``{"fused-numba": 30}`` (see :func:`attention_path`)."""
+        return dict(Counter(r.attention for r in self.layers if r.attention))
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
@@ -43,11 +69,14 @@ class MemoryReport:
             "reference_bytes": self.reference_bytes,
             "ratio": self.ratio,
             "peak_transient_bytes": self.peak_transient_bytes,
+            "attention": self.attention,
             "layers": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in self.layers],
         }
 
     def __str__(self) -> str:
+        paths = ", ".join(f"{path} x{count}" for path, count in self.attention.items())
         return (
             f"{self.method}: {self.stored_bytes / 2**20:.3f} MiB stored vs {self.reference_bytes / 2**20:.3f} MiB "
             f"fp16 reference -> {self.ratio:.2f}x (peak transient {self.peak_transient_bytes / 2**20:.3f} MiB)"
+            + (f"; attention: {paths}" if paths else "")
         )

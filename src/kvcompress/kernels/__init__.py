@@ -3,13 +3,16 @@
 A quantized store exposes such a kernel as ``KVPart.fused`` (see :mod:`kvcompress.attention.parts`); the attention
 path merges it with the other parts by log-sum-exp. Today: KIVI's layout (keys per channel in groups of ``G`` tokens,
 values per token in groups of ``Gv`` channels, fp16 scale/zero, codes of 1..8 bits packed by
-:func:`kvcompress.quant.pack_bits`) on the CPU with numba (:mod:`.cpu`).
+:func:`kvcompress.quant.pack_bits`), with one backend per device (:func:`backend`): CPU tensors with numba
+(:mod:`.cpu`), CUDA tensors with Triton (:mod:`.gpu`; tested only in Triton's interpreter so far).
 
-Where no kernel applies -- numba missing, a CUDA tensor, the switch off, a value group that splits a byte of codes --
-stores give a chunked part instead (``KVPart.kind`` says which: ``"kivi-fused"`` vs ``"kivi"``). Switch off for a
-block of code with ``with kernels.fused(False): ...`` (tests and benchmarks compare both paths). A fused part asked
-for more than :data:`MAX_FUSED_ROWS` query rows (a long prefill chunk) computes its partials by
-:func:`chunked_partials` instead, where BLAS wins.
+Where no kernel applies -- the JIT of the tensors' device missing (numba for CPU, triton for CUDA), another device, the
+switch off, a value group that splits a byte of codes on the CPU -- stores give a chunked part instead
+(``KVPart.kind`` says which: ``"kivi-fused"`` vs ``"kivi"``). Switch off for a block of code with ``with
+kernels.fused(False): ...`` (tests and benchmarks compare both paths); ``kernels.fused(True, backend="triton")`` runs
+the Triton kernel whatever the device (CPU tensors need ``TRITON_INTERPRET=1`` set before triton is first imported:
+before torch._dynamo is, i.e. before transformers). A fused part asked for more than :data:`MAX_FUSED_ROWS` query rows
+(a long prefill chunk) computes its partials by :func:`chunked_partials` instead, where BLAS wins (on either device).
 
 Why numba: a JIT with wheels on every platform (no compiler on the user's machine), ``prange`` threads, and loops
 written in Python that LLVM's loop vectorizer turns into AVX2 once they are shaped for it (see :mod:`.cpu`). The
@@ -34,10 +37,10 @@ try:  # numba is a dependency, but a platform without a wheel still works (chunk
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
     _cpu, AVAILABLE, UNAVAILABLE_REASON = None, False, f"numba could not be imported ({exc})"
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "chunked_partials", "enabled", "fused", "kivi_attention",
-           "kivi_fused_applies"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "backend", "chunked_partials", "enabled", "fused", "kivi_attention",
+           "kivi_fused_applies", "triton_status"]
 
-_state = {"enabled": True}
+_state = {"enabled": True, "backend": None}
 #: numba's workqueue threading layer (its fallback without TBB or OpenMP) must not be entered by two Python threads at
 #: once: a second caller runs the serial kernel instead of waiting
 _PARALLEL = threading.Lock()
@@ -54,22 +57,52 @@ def enabled() -> bool:
 
 
 @contextmanager
-def fused(on: bool):
-    """Switch the fused kernels on or off for the ``with`` block (process-wide; restores the previous setting)."""
-    before = _state["enabled"]
-    _state["enabled"] = bool(on)
+def fused(on: bool, backend: str | None = None):
+    """Switch the fused kernels on or off for the ``with`` block (process-wide; restores the previous settings).
+    ``backend``: ``"numba"`` or ``"triton"`` forces that kernel for tensors of any device (None: by device)."""
+    if backend not in (None, "numba", "triton"):
+        raise ValueError(f"backend must be None, 'numba' or 'triton', got {backend!r}")
+    before = dict(_state)
+    _state.update(enabled=bool(on), backend=backend)
     try:
         yield
     finally:
-        _state["enabled"] = before
+        _state.update(before)
+
+
+@lru_cache(maxsize=1)
+def triton_status() -> tuple[bool, str]:
+    """``(True, version)`` when the Triton kernel (:mod:`.gpu`) imports, else ``(False, why)``; tried once."""
+    try:
+        from . import gpu  # noqa: F401  (imports triton)
+        import triton
+    except Exception as exc:  # ImportError, or a triton build that fails on this platform
+        return False, f"triton could not be imported ({type(exc).__name__}: {exc})"
+    return True, triton.__version__
+
+
+def backend(device: torch.device) -> str | None:
+    """The fused kernel for tensors on ``device``: ``"numba"`` (CPU), ``"triton"`` (CUDA), or None (switched off, the
+    JIT missing, another device: the chunked path)."""
+    if not _state["enabled"]:
+        return None
+    want = _state["backend"] or {"cpu": "numba", "cuda": "triton"}.get(torch.device(device).type)
+    if want == "numba":
+        return "numba" if AVAILABLE else None
+    if want == "triton":
+        return "triton" if triton_status()[0] else None
+    return None
 
 
 def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, head_dim: int, value_group: int) -> bool:
-    """Whether :func:`kivi_attention` serves a KIVI part on ``device``: CPU tensors, codes of 1..8 bits, and value
-    groups that never split a packing unit (:func:`kvcompress.kernels.cpu.value_layout_ok`; KIVI's own groups of
-    ``G`` channels always qualify for 2/4/8 bits with an even ``G``)."""
-    return (enabled() and device.type == "cpu" and 1 <= key_bits <= 8 and 1 <= value_bits <= 8
-            and _cpu.value_layout_ok(value_bits, head_dim, value_group))
+    """Whether :func:`kivi_attention` serves a KIVI part on ``device``: a backend for the device (:func:`backend`),
+    codes of 1..8 bits, value groups dividing ``head_dim`` and, for numba, never splitting a packing unit
+    (:func:`kvcompress.kernels.cpu.value_layout_ok`; KIVI's own groups of ``G`` channels always qualify for 2/4/8 bits
+    with an even ``G``)."""
+    which = backend(device)
+    if which is None or not (1 <= key_bits <= 8 and 1 <= value_bits <= 8) or head_dim % value_group:
+        return False
+    return which == "triton" or _cpu.value_layout_ok(value_bits, head_dim, value_group)
 
 
 @lru_cache(maxsize=64)
@@ -143,8 +176,15 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
 
     Returns fp32 ``acc (b, kv_heads, rows, d) = sum_j exp(s_j - m) v_j``, ``m (b, kv_heads, rows)`` (-inf where no
     token is visible), ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``, with ``s_j = qg . key_j`` over the dequantized
-    keys. The context is split over ``torch.get_num_threads()`` numba threads when the work is large enough.
+    keys. The context is split over ``torch.get_num_threads()`` numba threads when the work is large enough. Runs
+    the Triton kernel (:func:`kvcompress.kernels.gpu.kivi_attention`, same contract) where :func:`backend` says so
+    (CUDA tensors).
     """
+    if backend(qg.device) == "triton":
+        from . import gpu
+
+        return gpu.kivi_attention(qg, n, k_packed, k_scale, k_zero, k_bits, k_group, v_packed, v_scale, v_zero,
+                                  v_bits, v_group, valid, k_tail, v_tail)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kr, vr = _tail(k_tail, qg), _tail(v_tail, qg)

@@ -198,11 +198,21 @@ class KiviStore(KVStore):
     def fused(self) -> bool:
         """Whether :meth:`parts` gives the fused part: once some values are quantized (before that the store holds
         only 2-byte tokens, attended as before) and a kernel applies (:func:`kvcompress.kernels.kivi_fused_applies`:
-        numba present and switched on, CPU tensors, value groups that never split a byte of codes)."""
+        switched on, numba for CPU tensors or triton for CUDA tensors, on the CPU value groups that never split a byte
+        of codes)."""
         from .. import kernels
 
         return bool(self.vq.length) and kernels.kivi_fused_applies(self.vq.packed.device, self.kq.bits, self.vq.bits,
                                                                    self.head_dim, self.value_group)
+
+    def attention_path(self) -> str:
+        """How :meth:`parts` is attended now: ``"fused-numba"``/``"fused-triton"`` (:meth:`fused`), ``"chunked"``
+        (codes dequantized a chunk at a time), ``"dense"`` (no codes yet: only the 2-byte residual)."""
+        from .. import kernels
+
+        if not self.vq.length:
+            return "dense"
+        return f"fused-{kernels.backend(self.vq.packed.device)}" if self.fused() else "chunked"
 
     def parts(self):
         """The stored tokens as attention parts. With :meth:`fused`, one ``kind="kivi-fused"`` part whose ``fused``
@@ -269,7 +279,7 @@ class KiviLayer(StoreLayer):
 @register("kivi")
 class Kivi(Method):
     summary = "KIVI: keys per-channel, values per-token asymmetric 2/4/8-bit quantization + fp16 residual of R tokens"
-    attention = "kvcompress: fused numba kernel over the codes (chunked without numba)"
+    attention = "kvcompress: fused kernel over the codes (numba on CPU, Triton on CUDA; chunked without them)"
     Config = KiviConfig
     test_options = {"bits": 2, "group_size": 8, "residual": 16}
     noop_options = {"residual": 1 << 20}  # a residual longer than any prompt keeps every token at 2 bytes
