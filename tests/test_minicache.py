@@ -182,7 +182,8 @@ def test_noop_gamma_one_reproduces_full_fp16(tiny_model):
             for s in range(10):
                 logits.append(tiny_model(torch.full((2, 1), 5 + s), **cache_kwargs(None, cache)).logits[:, -1])
         outs.append(torch.stack(logits))
-    assert torch.equal(outs[0], outs[1])
+    # the merged layers attend through kvcompress's attention (fp32, another summation order than sdpa's)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
 
 
 def test_decoded_tokens_merge_in_blocks(tiny_model):

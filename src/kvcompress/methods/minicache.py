@@ -217,6 +217,7 @@ class LayerPair:
         self.seg_len = max(1, min(SLIDING_SEGMENT, (g.sliding_window or 0) // 8))  # sliding pairs' segment size
         self.segments: list[Segment] = []
         self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]  # (b, h, p, d) per layer
+        self.pending_valid: torch.Tensor | None = None  # (b, p) bool: padding among the pending tokens; None = none
         self.span: torch.Tensor | None = None  # running distance range (2 [min, max], 2 [K, V], b, h) fp32
         self.start = 0  # first position not merged (and not dropped) yet
 
@@ -233,13 +234,19 @@ class LayerPair:
             k, v = k[:, :, drop:], v[:, :, drop:]
         return k, v
 
-    def push(self, side: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Buffer a layer's new ``(b, h, q, d)`` K/V; when layer l pushes, merge if this forward brought several
-        tokens (prefill) or the buffer reached ``block`` tokens."""
+    def push(self, side: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Buffer a layer's new ``(b, h, q, d)`` K/V (``valid (b, q)``: False = padding, None = all real); when layer
+        l pushes, merge if this forward brought several tokens (prefill) or the buffer reached ``block`` tokens."""
         k, v = keys.to(self.dtype), values.to(self.dtype)
+        pending = 0 if self.pending[side] is None else self.pending[side][0].shape[2]
         if self.pending[side] is not None:
             k, v = torch.cat([self.pending[side][0], k], dim=2), torch.cat([self.pending[side][1], v], dim=2)
         self.pending[side] = (k, v)
+        if side == 1 and (valid is not None or self.pending_valid is not None):
+            b, q = keys.shape[0], keys.shape[2]
+            old = self.pending_valid if self.pending_valid is not None else keys.new_ones(b, pending, dtype=torch.bool)
+            new = valid.to(torch.bool) if valid is not None else keys.new_ones(b, q, dtype=torch.bool)
+            self.pending_valid = torch.cat([old, new], dim=1)
         if side == 1 and (keys.shape[2] > 1 or k.shape[2] >= self.cfg.block):
             self._merge()
 
@@ -249,7 +256,7 @@ class LayerPair:
             raise KVCompressError(f"minicache: layers {self.layers} received different token counts in one forward")
         end = self.start + ka.shape[2]
         if self.window is None:
-            keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span)
+            keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span, self.pending_valid)
             if not self.segments:
                 self.segments.append(Segment(self.new_store, 0, self.dtype))
             self.segments[0].add(ka, va, kb, vb, self.cfg, keep)
@@ -267,10 +274,10 @@ class LayerPair:
                 part = slice(c, c + self.seg_len - seg.length)
                 seg.add(*(x[:, :, part] for x in (ka, va, kb, vb)), self.cfg, keep=keep[:, :, part])
                 c = min(ka.shape[2], part.stop)
-        self.pending, self.start = [None, None], end
+        self.pending, self.pending_valid, self.start = [None, None], None, end
 
     def held(self, side: int) -> list[torch.Tensor | None]:
-        out = [t for seg in self.segments for t in seg.held(side)] + ([self.span] if side == 1 else [])
+        out = [t for seg in self.segments for t in seg.held(side)] + ([self.span, self.pending_valid] if side == 1 else [])
         return out + (list(self.pending[side]) if self.pending[side] is not None else [])
 
     def retained_fraction(self) -> float:
@@ -289,13 +296,31 @@ class LayerPair:
 
 
 class MergedLayer(KVLayer):
-    """One layer of a merged pair (``side`` 0 = layer l-1, 1 = layer l); its state lives in the shared pair."""
+    """One layer of a merged pair (``side`` 0 = layer l-1, 1 = layer l); its state lives in the shared pair.
+    Full-attention pairs attend by themselves over the read-back past and the new tokens, masking padding (which
+    never enters the retention range nor is retained); sliding pairs hand transformers the dense window."""
 
     def __init__(self, geometry, layer_idx: int, pair: LayerPair, side: int):
         super().__init__(geometry, layer_idx)
         self.pair, self.side = pair, side
         self.window = pair.window
         self.is_sliding = pair.window is not None
+        self.attends = not self.is_sliding
+        self.valid: torch.Tensor | None = None  # (batch, 1, seen) bool once padding was seen; None = all real
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import KVPart, attend_parts, grow_validity
+
+        sd = self.pair.dtype
+        past = self.pair.past(self.side, torch.float32)
+        parts = [] if past is None else [KVPart.dense(past[0], past[1], self.valid)]
+        nv = None if new_valid is None else new_valid[:, None, :]
+        parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
+        result = attend_parts(query, parts, scaling)
+        self.valid = grow_validity(self.valid, new_valid, self.seen, keys, 1)
+        self.pair.push(self.side, keys, values, new_valid)
+        held_back = 0 if past is None else 2 * past[0].numel() * past[0].element_size()
+        return result.output, max(result.transient_bytes, held_back)
 
     def store(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
@@ -308,7 +333,7 @@ class MergedLayer(KVLayer):
         return torch.cat([past[0], new_k], dim=2), torch.cat([past[1], new_v], dim=2)
 
     def held_tensors(self):
-        return self.pair.held(self.side)
+        return [*self.pair.held(self.side), self.valid]
 
     def kept_length(self) -> int:
         return self.seen if self.window is None else min(self.seen, self.window)

@@ -61,13 +61,20 @@ def retained(dist: torch.Tensor, gamma: float, lo=None, hi=None) -> torch.Tensor
     return norm >= 1 - gamma
 
 
-def retention_mask(ka, va, kb, vb, gamma: float, span: torch.Tensor | None = None):
+def retention_mask(ka, va, kb, vb, gamma: float, span: torch.Tensor | None = None, valid: torch.Tensor | None = None):
     """Entries whose K or V states (``(b, h, n, d)``, layers l-1 and l) are retained: bool ``(b, h, n)``, and the
-    distance range ``(2 [min, max], 2 [K, V], b, h)`` fp32 extended by these tokens (``span``: the range so far)."""
+    distance range ``(2 [min, max], 2 [K, V], b, h)`` fp32 extended by these tokens (``span``: the range so far).
+    ``valid (b, n)`` bool: padding (False) neither extends the range nor is retained."""
     dist = torch.stack([angular_distance(unit(xa.float())[1], unit(xb.float())[1]) for xa, xb in ((ka, kb), (va, vb))])
-    new = torch.stack([dist.amin(-1), dist.amax(-1)])
+    if valid is None:
+        new = torch.stack([dist.amin(-1), dist.amax(-1)])
+    else:
+        pad = ~valid[None, :, None, :].to(torch.bool)
+        new = torch.stack([dist.masked_fill(pad, float("inf")).amin(-1), dist.masked_fill(pad, float("-inf")).amax(-1)])
     if span is not None:
         new = torch.stack([torch.minimum(span[0], new[0]), torch.maximum(span[1], new[1])])
     lo, hi = new[0].unsqueeze(-1), new[1].unsqueeze(-1)
     keep = retained(dist[0], gamma, lo[0], hi[0]) | retained(dist[1], gamma, lo[1], hi[1])
+    if valid is not None:
+        keep &= valid[:, None, :].to(torch.bool)
     return keep, new
