@@ -158,25 +158,27 @@ def test_padding_is_never_attended(tiny_model):
     assert a.tolist() == b.tolist()
 
 
-def test_two_caches_from_two_threads_generate_what_they_generate_alone(tiny_model):
+@pytest.mark.parametrize("pair", [("kivi", "snapkv"), ("fastgen", "fastgen"), ("kvquant", "minicache")])
+def test_two_caches_from_two_threads_generate_what_they_generate_alone(tiny_model, pair):
     gen = torch.Generator().manual_seed(13)
-    prompts = {"kivi": torch.randint(1, 128, (1, 40), generator=gen), "snapkv": torch.randint(1, 128, (1, 40), generator=gen)}
-    options = {"kivi": {"bits": 2, "group_size": 8, "residual": 16}, "snapkv": {"budget": 16, "window": 4}}
+    jobs = {f"{m}-{i}": m for i, m in enumerate(pair)}
+    prompts = {j: torch.randint(1, 128, (1, 40), generator=gen) for j in jobs}
+    options = {**PADDING_EXACT, "kivi": {"bits": 2, "group_size": 8, "residual": 16}, "snapkv": {"budget": 16, "window": 4}}
     ones = {k: torch.ones_like(v) for k, v in prompts.items()}
-    alone = {m: _generate(tiny_model, m, options[m], prompts[m], ones[m], new=16) for m in prompts}
+    alone = {j: _generate(tiny_model, m, options[m], prompts[j], ones[j], new=16) for j, m in jobs.items()}
     got, errors = {}, []
     barrier = threading.Barrier(2)
 
-    def work(m):
+    def work(j):
         try:
             barrier.wait()
             for _ in range(3):
-                got[m] = _generate(tiny_model, m, options[m], prompts[m], ones[m], new=16)
-                assert got[m].tolist() == alone[m].tolist()
+                got[j] = _generate(tiny_model, jobs[j], options[jobs[j]], prompts[j], ones[j], new=16)
+                assert got[j].tolist() == alone[j].tolist()
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(m,)) for m in prompts]
+    threads = [threading.Thread(target=work, args=(j,)) for j in jobs]
     for t in threads:
         t.start()
     for t in threads:

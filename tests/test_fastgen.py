@@ -1,10 +1,9 @@
-"""FastGen: policy selection on hand-built attention, ragged attention vs a per-head loop, memory really freed
+"""FastGen: policy selection on hand-built attention, ragged attention (per-head validity) vs a per-head loop, memory really freed
 (hand formula), T=1 reproduces the full cache, batch 2 with padding = rows run alone, bad input."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from kvcompress import KVCompressError, make_cache
 from kvcompress.attention import grouped_probs
 from kvcompress.eviction import received_attention
-from kvcompress.methods.fastgen import AttentionPlan, FastGenLayer
+from kvcompress.methods.fastgen import FastGenLayer
 from kvcompress.methods.fastgen_policies import (
     FREQUENT,
     FULL,
@@ -28,7 +27,7 @@ from kvcompress.methods.fastgen_policies import (
     punctuation_ids,
     recoveries,
 )
-from kvcompress.methods.fastgen_ragged import ragged_attention
+from kvcompress.attention import KVPart, attend_parts
 from kvcompress.compat import cache_kwargs
 
 IDS = {"special_ids": (0,), "punct_ids": (1, 2, 3)}
@@ -127,31 +126,22 @@ def test_punctuation_from_a_tokenizer():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _FakeLayer:
-    def __init__(self, lengths, needs_probs):
-        self.plan = AttentionPlan(lengths, False, needs_probs)
-        self.weights = "not called"
-
-    def attention_plan(self):
-        return self.plan
-
-    def after_attention(self, query, key, weights, scaling):
-        self.weights = weights
-
-
-@pytest.mark.parametrize("inner", ["sdpa", "eager"])
 @pytest.mark.parametrize("needs_probs", [False, True])
 @pytest.mark.parametrize("q", [1, 3])
-def test_ragged_attention_equals_a_per_head_loop(inner, needs_probs, q):
+def test_ragged_attention_equals_a_per_head_loop(needs_probs, q):
+    """FastGen's layers attend over the held past zero-padded to the longest head, each head masked to its length
+    (a per-head validity part), then the new tokens, causal: the result equals a per-head loop."""
     b, kv, g, d, past = 2, 2, 3, 8, 5
     gen = torch.Generator().manual_seed(q)
     lengths = torch.tensor([[5, 2], [0, 3]])
     query = torch.randn(b, kv * g, q, d, generator=gen)
     key = torch.randn(b, kv, past + q, d, generator=gen) * 3  # padded slots hold large garbage, not zeros
     value = torch.randn(b, kv, past + q, d, generator=gen)
-    module = SimpleNamespace(num_key_value_groups=g, is_causal=True, training=False, head_dim=d, layer_idx=0)
-    layer = _FakeLayer(lengths, needs_probs)
-    out, _ = ragged_attention(module, query, key, value, None, inner=inner, kvcompress_layer=layer, scaling=0.4, dropout=0.0)
+    held = torch.arange(past)[None, None] < lengths[:, :, None]  # (b, kv, past)
+    parts = [KVPart.dense(key[:, :, :past], value[:, :, :past], held),
+             KVPart.dense(key[:, :, past:], value[:, :, past:], causal=True)]
+    res = attend_parts(query, parts, 0.4, probs_last=q if needs_probs else 0)
+    out = res.output
     assert out.shape == (b, q, kv * g, d)
     for r in range(b):
         for h in range(kv * g):
@@ -162,12 +152,12 @@ def test_ragged_attention_equals_a_per_head_loop(inner, needs_probs, q):
                 p = torch.softmax(ks @ query[r, h, i] * 0.4, dim=0)
                 torch.testing.assert_close(out[r, i, h], p @ vs, atol=1e-5, rtol=1e-5)
     if needs_probs:
-        w = layer.weights
-        assert w.shape == (b, kv * g, q, past + q)
-        torch.testing.assert_close(w.sum(-1), torch.ones(b, kv * g, q))
-        assert float(w[1, :g, :, :past].abs().max()) == 0.0  # row 1, head 0 holds no past token
+        w = res.probs
+        assert w.shape == (b, kv, g, q, past + q)
+        torch.testing.assert_close(w.sum(-1), torch.ones(b, kv, g, q))
+        assert float(w[1, 0, :, :, :past].abs().max()) == 0.0  # row 1, head 0 holds no past token
     else:
-        assert layer.weights is None
+        assert res.probs is None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,7 +178,9 @@ def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
         assert cache.nbytes() == len(layers) * kv * w * per_token
         for layer, ref in zip(layers, full.layers):
             assert layer.lengths == [w, w] and layer.k.shape == (kv * w, d) and layer.score is None
-            assert torch.equal(layer.k.view(kv, w, d), ref.k[0, :, -w:])  # the last w tokens, as stored by full
+            # the last w tokens, as stored by full (fp16; later layers' inputs differ from full's by the summation
+            # order of kvcompress's attention, so within fp16 rounding)
+            torch.testing.assert_close(layer.k.view(kv, w, d), ref.k[0, :, -w:], rtol=0, atol=2e-3)
             assert layer.pos.tolist() == list(range(96 - w, 96)) * kv
         for t in range(4):
             tiny_model(torch.tensor([[7 + t]]), **cache_kwargs(None, cache))
@@ -226,8 +218,10 @@ def test_prompt_frequent_set_matches_received_attention(tiny_model):
         for i, (layer, ref) in enumerate(zip(cache.layers, full.layers)):
             scores = received_attention(captured[i], ref.k.float(), 16**-0.5)[0]  # (kv, 48)
             for h in range(2):
-                held = layer.k.view(2, 12, -1)[h]
-                kept = {int((ref.k[0, h] == row).all(-1).nonzero()[0]) for row in held}
+                held = layer.k.view(2, 12, -1)[h].float()
+                # the full cache's token nearest to each held key (equal up to fp16 rounding: kvcompress's attention
+                # sums in another order than sdpa, so later layers' keys differ in the last bits)
+                kept = {int(torch.cdist(row[None], ref.k[0, h].float()).argmin()) for row in held}
                 assert kept == set(scores[h].topk(12).indices.tolist())
 
 
@@ -251,7 +245,9 @@ def test_multi_token_steps_attend_to_exactly_the_kept_tokens(tiny_model):
 
 
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
-def test_recovery_one_reproduces_the_full_cache_exactly(request, which):
+def test_recovery_one_reproduces_the_full_cache(request, which):
+    """Nothing dropped: the logits of the full cache, up to the summation order of kvcompress's attention (fp32,
+    atol 1e-5), and the same bytes."""
     model = request.getfixturevalue(which)
     ids = _prompt(1, 40, seed=4)
 
@@ -263,7 +259,7 @@ def test_recovery_one_reproduces_the_full_cache_exactly(request, which):
 
     got, nbytes, ref = run("fastgen", recovery=1.0)
     want, full_bytes, _ = run("full")
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert nbytes == full_bytes == ref
 
 

@@ -11,7 +11,8 @@ Storage is ragged and really freed: per layer one flat buffer ``(tokens held ove
 for K and one for V (2-byte floats), row-major over ``(batch row, kv head)``, with the per-head counts as Python
 ints (like ``seen``). Per-token metadata is held only where some head of the layer needs it: the position
 (int32, local), the cumulative attention (fp32, frequent) and a protected flag (bool: kept as special/punct).
-Attention over heads of unequal length is :mod:`.fastgen_ragged`.
+The layers attend by themselves (kvcompress's attention path): each head's past is masked to the slots it holds,
+and the step's probabilities (frequent policy) come from that same attention.
 
 Token classes: ``special`` = ``tokenizer.all_special_ids``; ``punct`` = tokens whose decoded text (whitespace
 stripped) is only Unicode ``P*`` characters (:func:`.fastgen_policies.punctuation_ids`). The tokenizer is the
@@ -48,7 +49,7 @@ from .fastgen_policies import (
     recoveries,
     topk_mask,
 )
-from .fastgen_ragged import FastGenHooks, StepInputs
+from .fastgen_hooks import FastGenHooks, StepInputs
 
 
 def _check_ids(value, name: str):
@@ -62,6 +63,7 @@ def _check_ids(value, name: str):
 @register("fastgen")
 class FastGen(Method):
     summary = "adaptive per-head eviction: profile the prompt, keep special/punct/frequent/local/full per KV head"
+    attention = "kvcompress: ragged per-head past (each head masked to what it holds), probabilities from it"
     test_options = {"recovery": 0.6, "special_ids": (0,), "punct_ids": (1, 2, 3)}
     noop_options = {"recovery": 1.0}
 
@@ -156,8 +158,7 @@ class FastGen(Method):
         return FastGenLayer(self.geometry, layer_idx, self.config, self.forced, self.tokens, self.inputs)
 
     def install_hooks(self, cache):
-        layers = [i for i in range(self.geometry.num_layers) if not self.geometry.is_sliding(i)]
-        return FastGenHooks(self.model, cache, self.inputs, layers)
+        return FastGenHooks(self.model, cache, self.inputs)
 
     def shared_tensors(self) -> list[torch.Tensor]:
         """The special and punctuation id sets (int32), held once per cache."""
@@ -174,13 +175,6 @@ class FastGen(Method):
 # --------------------------------------------------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AttentionPlan:
-    lengths: torch.Tensor  # (batch, kv_heads) past slots each head holds
-    dense: bool  # every head holds every past slot (nothing dropped): the model's own attention call is exact
-    needs_probs: bool  # some head follows the frequent policy: the step's probabilities are needed
 
 
 class _Layout:
@@ -204,7 +198,7 @@ class _Layout:
 
 @dataclass
 class _Pending:
-    """What ``store`` handed to attention, waiting for ``after_attention``."""
+    """What ``_gather`` handed to attention, waiting for ``_after_attention``."""
 
     prefill: bool
     k: torch.Tensor  # (batch, kv_heads, slots, d) storage dtype: the prompt, or [padded past | new]
@@ -215,7 +209,11 @@ class _Pending:
 
 
 class FastGenLayer(KVLayer):
-    """Per-(row, KV head) ragged storage; see the module docstring."""
+    """Per-(row, KV head) ragged storage; see the module docstring. Attends by itself: the held past zero-padded to
+    the longest head with each head's slots beyond its length masked, then the step's new tokens (causal, padding
+    masked)."""
+
+    attends = True
 
     def __init__(self, geometry, layer_idx, config, forced, tokens, inputs: StepInputs):
         super().__init__(geometry, layer_idx)
@@ -230,15 +228,29 @@ class FastGenLayer(KVLayer):
         self.n_real: list[int] = []  # real (non-padding) tokens seen per row
         self.recoveries: torch.Tensor | None = None  # (batch, kv_heads, 5) recovery of each hybrid at the prompt
         self.profile_seconds = 0.0  # time spent profiling and compressing the prompt
-        self._pending: _Pending | None = None
+        self._gathered: _Pending | None = None  # this step's [past | new] between _gather and _after_attention
 
     # -- store / attention / evict ----------------------------------------------------------------------------------
-    def store(self, key_states, value_states):
-        if self._pending is not None:
-            raise KVCompressError(
-                "fastgen: the previous forward did not run the ragged attention (the model's attention "
-                "implementation was changed while the cache was in use?)"
-            )
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import KVPart, attend_parts
+
+        k, v = self._gather(keys, values)
+        pend, q = self._gathered, keys.shape[2]
+        b, kv, past = k.shape[0], k.shape[1], k.shape[2] - q
+        parts = []
+        if past:
+            held = None if pend.layout.dense else pend.layout.held.view(b, kv, past)
+            parts.append(KVPart.dense(k[:, :, :past], v[:, :, :past], held))
+        new = None if pend.real.all() else pend.real[:, None, :]
+        parts.append(KVPart.dense(k[:, :, past:], v[:, :, past:], new, causal=True))
+        needs_probs = not pend.prefill and any(p & FREQUENT and not p & FULL for p in self.policies)
+        result = attend_parts(query, parts, scaling, probs_last=q if needs_probs else 0)
+        self._after_attention(query, k, result.probs, scaling)
+        return result.output, result.transient_bytes
+
+    def _gather(self, key_states, value_states):
+        """``(b, kv, q, d)`` new K/V -> ``[held past zero-padded to the longest head | new]`` in the storage dtype,
+        returned in the compute dtype; remembered until :meth:`_after_attention`."""
         ids, real = self.inputs.get(key_states.shape[-2])
         sd = self.geometry.storage_dtype
         k, v = key_states.to(sd), value_states.to(sd)
@@ -248,23 +260,13 @@ class FastGenLayer(KVLayer):
             b, kv, _, d = k.shape
             k = torch.cat([layout.padded(self.k).view(b, kv, layout.lmax, d), k], dim=2)
             v = torch.cat([layout.padded(self.v).view(b, kv, layout.lmax, d), v], dim=2)
-        self._pending = _Pending(self.seen == 0, k, v, ids, real, layout)
+        self._gathered = _Pending(self.seen == 0, k, v, ids, real, layout)
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
-    def attention_plan(self) -> AttentionPlan:
-        pend = self._pending
-        if pend is None:
-            raise KVCompressError("fastgen: ragged attention called before the cache layer stored this step")
-        b, kv = self.batch_size, self.geometry.num_kv_heads
-        if pend.prefill:
-            return AttentionPlan(torch.zeros(b, kv, dtype=torch.long, device=pend.k.device), True, False)
-        past = self.seen - pend.ids.shape[1]  # seen was advanced after store
-        needs = any(p & FREQUENT and not p & FULL for p in self.policies)
-        return AttentionPlan(pend.layout.lengths.view(b, kv), pend.layout.dense and pend.layout.lmax == past, needs)
-
-    def after_attention(self, query, key, weights, scaling: float) -> None:
-        """Called by the ragged attention: profile + compress the prompt, or apply the policies to a step."""
-        pend, self._pending = self._pending, None
+    def _after_attention(self, query, key, weights, scaling: float) -> None:
+        """After this step's attention: profile + compress the prompt, or apply the policies to a step (``weights
+        (b, kv, group, q, slots)``: the step's probabilities when a head follows the frequent policy)."""
+        pend, self._gathered = self._gathered, None
         if pend.prefill:
             t0 = time.perf_counter()
             with torch.no_grad():

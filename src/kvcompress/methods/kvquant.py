@@ -288,6 +288,7 @@ class KVQuantLayer(KVLayer):
 class KVQuant(Method):
     summary = ("KVQuant: per-channel pre-RoPE keys, per-token values, nuq codebooks (calibrated), "
                "dense-and-sparse outliers, fp16 sink")
+    attention = "kvcompress: sink + body dequantized a chunk at a time (keys re-rotated); sliding layers: dense"
     Config = KVQuantConfig
     test_options = {"nuq": False, "bits": 4, "sink": 2}
     default_options = {"calibration": "auto"}  # `kvcompress eval` default list: calibrate on first use (cached)
