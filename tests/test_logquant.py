@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import kvcompress.methods.logquant as lq
 from kvcompress import KVCompressError, make_cache
 from kvcompress.cache import ModelGeometry
+from kvcompress.layers import KVLayer
 from kvcompress.methods.logquant import LogQuantConfig, LogQuantLayer, log_schedule
 from kvcompress.compat import cache_kwargs
 
@@ -131,9 +132,11 @@ def test_decode_attention_over_stored_layout_equals_in_order(key_axis):
 
 
 class _InOrderLayer(LogQuantLayer):
-    """Test double: returns the same stored values, permuted into true position order (a causal prefix order)."""
+    """Test double: returns the same stored values, permuted into true position order (a causal prefix order),
+    attended densely (the base layer's attend over ``store``)."""
 
     calls: list
+    attend_step = KVLayer.attend_step
 
     def store(self, key_states, value_states):
         keys, values = super().store(key_states, value_states)
@@ -179,14 +182,14 @@ def test_each_token_quantized_once_and_codes_never_rewritten(monkeypatch):
     _feed(layer, [30])
     prefill_q = layer.quantized_length
     assert seen_lengths == [prefill_q, prefill_q] == [len(log_schedule([30], w)[1])] * 2  # one call for K, one for V
-    snapshot = [t.clone() for t in layer.kq.tensors() + layer.vq.tensors()]
+    snapshot = [layer.kq.read(torch.float32), layer.vq.read(torch.float32)]
     seen_lengths.clear()
     g = torch.Generator().manual_seed(1)
     for _ in range(3 * w):
         _store(layer, torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g))
     assert seen_lengths and set(seen_lengths) == {w}  # a flush quantizes exactly the W tokens leaving fp
     assert layer.quantized_length == prefill_q + len(seen_lengths) // 2 * w
-    for old, new in zip(snapshot, layer.kq.tensors() + layer.vq.tensors()):
+    for old, new in zip(snapshot, [layer.kq.read(torch.float32), layer.vq.read(torch.float32)]):
         assert torch.equal(new[:, :, : old.shape[2]], old)  # the earlier codes/stats are untouched
 
 

@@ -174,13 +174,14 @@ class KVQuantLayer(KVLayer):
 
     def _past_parts(self) -> list:
         """The sink (fp16) and the body (read chunk by chunk by :meth:`_read_body`) as attention parts."""
-        from ..attention import KVPart
+        from ..attention import CHUNK, KVPart
 
         parts = []
         if self.head_k is not None:
             parts.append(KVPart.dense(self.head_k, self.head_v, kind="fp16"))
         if len(self.v):
-            parts.append(KVPart(len(self.v), self._read_body, kind="kvquant", kv_heads=self.geometry.num_kv_heads))
+            parts.append(KVPart(len(self.v), self._read_body, kind="kvquant", chunk_tokens=CHUNK,
+                                kv_heads=self.geometry.num_kv_heads))
         return parts
 
     def _read_body(self, start: int, stop: int, dtype=torch.float32):

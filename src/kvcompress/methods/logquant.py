@@ -28,6 +28,7 @@ from ..cache import KVLayer, Method, ModelGeometry
 from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
+from ..storage import TokenRuns
 
 KEY_AXES = ("token", "channel")
 
@@ -88,46 +89,59 @@ def log_schedule(call_lengths: Sequence[int], window: int) -> tuple[list[int], l
 
 
 class _QuantBlock:
-    """Append-only quantized tokens ``(batch, kv_heads, n, head_dim)`` held as concatenated packed codes + fp16
-    stats. ``axis=-1``: per-token groups of ``group`` along head_dim; ``axis=-2``: per channel over each block of
-    ``group`` consecutive tokens (one flush)."""
+    """Append-only quantized tokens ``(batch, kv_heads, n, head_dim)``: packed codes + fp16 stats in
+    :class:`kvcompress.storage.TokenRuns` (a flush never copies the whole quantized past). ``axis=-1``: per-token
+    groups of ``group`` along head_dim; ``axis=-2``: per channel over each block of ``group`` consecutive tokens
+    (one flush), so runs and reads fall on block edges."""
 
     def __init__(self, bits: int, axis: int, group: int):
         self.bits, self.axis, self.group = bits, axis, group
-        self.packed: torch.Tensor | None = None  # uint8 (b, h, n, head_dim * bits / 8)
-        self.scale: torch.Tensor | None = None  # fp16 (b, h, n, head_dim / group) or (b, h, n / group, head_dim)
-        self.zero: torch.Tensor | None = None
+        self.runs = TokenRuns()  # (packed (b, h, n, d*bits/8) uint8, scale, zero (b, h, n, d/group) | (b, h, n/group, d))
         self.length = 0
-        self.shape: tuple[int, ...] = ()
+        self.bhd: tuple[int, int, int] = (0, 0, 0)
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize ``x (b, h, m, head_dim)`` (for per-channel: ``m`` a multiple of the block) and append it."""
         q = quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group)
-        if self.packed is None:
-            self.packed, self.scale, self.zero = q.packed, q.scale, q.zero
-        else:
-            self.packed = torch.cat([self.packed, q.packed], dim=-2)
-            self.scale = torch.cat([self.scale, q.scale], dim=-2)
-            self.zero = torch.cat([self.zero, q.zero], dim=-2)
+        self.runs.append(q.packed, q.scale, q.zero)
         self.length += x.shape[-2]
-        self.shape = (*x.shape[:-2], self.length, x.shape[-1])
+        self.bhd = (x.shape[0], x.shape[1], x.shape[-1])
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized copy ``(b, h, n, head_dim)`` (transient)."""
-        q = UniformQuantized(self.packed, self.scale, self.zero, self.bits, self.shape, len(self.shape) + self.axis, self.group)
+    def _read_run(self, run, a: int, z: int, dtype: torch.dtype) -> torch.Tensor:
+        """Tokens ``[a, z)`` of one run (per channel: ``a`` on a block edge), dequantized ``(b, h, z - a, d)``."""
+        packed, scale, zero = run
+        b, h, d = self.bhd
+        if self.axis == -2:
+            g0, g1 = a // self.group, -(-z // self.group)
+            scale, zero = scale[:, :, g0:g1], zero[:, :, g0:g1]
+        else:
+            scale, zero = scale[:, :, a:z], zero[:, :, a:z]
+        q = UniformQuantized(packed[:, :, a:z], scale, zero, self.bits, (b, h, z - a, d), 4 + self.axis, self.group)
         return q.dequantize(dtype)
 
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized copy ``(b, h, n, head_dim)`` of every token (transient)."""
+        pieces = [self._read_run(run, 0, self.runs.run_length(run), dtype) for run in self.runs.runs]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+    def run_readers(self) -> list[tuple[int, object]]:
+        """``(length, read(start, stop, dtype))`` per run, oldest first (the tensors as of now)."""
+        return [(self.runs.run_length(run), lambda a, z, dt, run=run: self._read_run(run, a, z, dt))
+                for run in self.runs.runs]
+
     def tensors(self) -> list[torch.Tensor | None]:
-        return [self.packed, self.scale, self.zero]
+        return self.runs.tensors()
 
 
 class LogQuantLayer(KVLayer):
     """One attention layer: ``[quantized block | full-precision block]`` for keys (post-RoPE) and values.
 
     The full-precision block ``(batch, kv_heads, n_fp <= 3W, head_dim)`` in the 2-byte storage dtype is
-    ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush."""
+    ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush.
+    Attention (:meth:`attend_step`) reads the quantized runs a chunk at a time, then the full-precision block, then
+    the new tokens; :meth:`store` is the same computation as one dense ``[past | new]`` copy (a reference)."""
 
-    attends = True  # attends over its dense read-back through kvcompress's attention path
+    attends = True
     split_rows_on_padding = True  # quantization blocks and the log schedule are per row: a padded row runs alone
 
     def __init__(self, geometry: ModelGeometry, layer_idx: int, config: LogQuantConfig):
@@ -142,21 +156,45 @@ class LogQuantLayer(KVLayer):
         self.fp_v: torch.Tensor | None = None
         self.n_sparse = 0
 
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import CHUNK, KVPart, attend_parts
+
+        sd = self.geometry.storage_dtype
+        parts = []
+        chunk = max(self.window, CHUNK - CHUNK % self.window)  # per-channel key blocks are W tokens
+        for (n, read_k), (_, read_v) in zip(self.kq.run_readers(), self.vq.run_readers()):
+            parts.append(KVPart(n, lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt)),
+                                kind="logquant", chunk_tokens=chunk, kv_heads=keys.shape[1]))
+        if self.fp_k is not None:
+            parts.append(KVPart.dense(self.fp_k, self.fp_v, kind="fp16"))
+        nv = None if new_valid is None else new_valid[:, None, :]
+        parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
+        result = attend_parts(query, parts, scaling)
+        self._append(keys, values)
+        return result.output, result.transient_bytes
+
     def store(self, key_states, value_states):
+        """The dense reference: ``[dequantized | full precision | new tokens (2-byte)]``, then the state update."""
         dt, sd = key_states.dtype, self.geometry.storage_dtype
-        k, v = key_states.to(sd), value_states.to(sd)
-        ks, vs = [k.to(dt)], [v.to(dt)]  # the new tokens as stored (2-byte), in order, last
-        if self.fp_k is not None:  # [dequantized | full precision | new tokens]
+        ks, vs = [key_states.to(sd).to(dt)], [value_states.to(sd).to(dt)]  # the new tokens as stored, last
+        if self.fp_k is not None:
             ks.insert(0, self.fp_k.to(dt))
             vs.insert(0, self.fp_v.to(dt))
             if self.kq.length:
                 ks.insert(0, self.kq.read(dt))
                 vs.insert(0, self.vq.read(dt))
+        self._append(key_states, value_states)
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+
+    def _append(self, key_states, value_states) -> None:
+        """Take the step's ``(b, h, q, d)`` K/V into the full-precision block (the prompt: as it is), then flush."""
+        sd = self.geometry.storage_dtype
+        k, v = key_states.to(sd), value_states.to(sd)
+        if self.fp_k is not None:  # bounded: the full-precision block holds at most 3W + q tokens
             self.fp_k, self.fp_v = torch.cat([self.fp_k, k], dim=-2), torch.cat([self.fp_v, v], dim=-2)
-        else:  # prefill: the prompt attends to its own K/V
+        else:
             self.fp_k, self.fp_v = k, v
         self._flush()
-        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     def _flush(self) -> None:
         """Run the merge loop on the full-precision block; quantize (once) exactly the rows that leave it."""
@@ -189,7 +227,7 @@ class LogQuantLayer(KVLayer):
 @register("logquant")
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
-    attention = "kvcompress: dense read-back"
+    attention = "kvcompress: quantized runs a chunk at a time, then the full-precision block"
     Config = LogQuantConfig
     test_options = {"window": 8}
     noop_options = None  # no setting keeps every token at 2 bytes: a window past the context is an error
