@@ -24,6 +24,8 @@ speed on a GPU is not measured.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -161,12 +163,17 @@ def _strides(t: torch.Tensor, inner: int) -> tuple[torch.Tensor, int, int, int]:
     return t, s[0], s[1], s[2]
 
 
+@lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_splits(device: torch.device, work_items: int, n: int) -> int:
     """Token ranges per (batch, KV head, row block): enough programs for about two per streaming multiprocessor, at
     least ``BLOCK_N`` tokens each; 1 off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     want = -(-2 * sms // max(work_items, 1))
     return max(1, min(want, -(-n // BLOCK_N)))
 
