@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,6 +72,16 @@ def pool_windows(per_window: dict, mems: dict, ref_label: str) -> dict:
     return out
 
 
+def _in_order(jobs: int, fn, items):
+    """``fn`` over ``items``, results in order; with ``jobs > 1`` up to ``jobs`` at once in threads (kvcompress caches
+    used from several threads on one model do not see each other; torch releases the GIL inside its ops)."""
+    if jobs <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(fn, items)
+
+
 def run_eval(
     model="smollm2-135m",
     methods=None,
@@ -100,6 +111,7 @@ def run_eval(
     out: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Evaluate ``methods`` (spec strings ``"name[:opt=value,...]"``; default: every registered method with its
     default options, skipping those that need calibration) against ``reference`` on ``model``.
@@ -108,7 +120,8 @@ def run_eval(
     ``windows=0``, ``needle=()`` / ``(0,)``, ``speed=False`` skip a part. ``ruler``: RULER context lengths (``True``:
     1k-8k clamped to the model), ``ruler_per_task`` tasks per family and length, families ``ruler_families`` (default
     all), haystack ``ruler_dir`` (default pydoc prose), ``ruler_mode`` aware / agnostic / both. Returns the result dict (also written
-    as results.json / results.md / pareto.png under ``out`` when given).
+    as results.json / results.md / pareto.png under ``out`` when given). ``jobs``: methods run at once (threads,
+    each with its own cache) in the perplexity and needle phases; the speed phase always runs one at a time.
     """
     started = time.perf_counter()
     # -- cheap checks first: numbers, modes, method names, data -------------------------------------------------------
@@ -251,15 +264,16 @@ def run_eval(
         per_window = {s.label: [] for s in rows}
         mems = {s.label: ([], []) for s in rows}
         bar = _progress(len(ppl_windows) * len(rows), "perplexity", progress)
+        def teacher_forced(s, window):
+            torch.manual_seed(seed)
+            with s.make(model) as cache:
+                return _ppl.teacher_force(model, cache, window, prompt_len)
+
         for window in ppl_windows:
             targets = window[prompt_len:]
-            ref_out = None
-            for s in rows:
-                torch.manual_seed(seed)
-                with s.make(model) as cache:
-                    got = _ppl.teacher_force(model, cache, window, prompt_len)
-                if s is ref_spec:
-                    ref_out = got
+            ref_out = teacher_forced(ref_spec, window)
+            outs = _in_order(jobs, lambda s: ref_out if s is ref_spec else teacher_forced(s, window), rows)
+            for s, got in zip(rows, outs):
                 per_window[s.label].append(_ppl.compare(ref_out.logprobs, got.logprobs, targets))
                 mems[s.label][0].append(got.memory_prefill)
                 mems[s.label][1].append(got.memory_end)
@@ -276,12 +290,16 @@ def run_eval(
         t0 = time.perf_counter()
         found = {s.label: [] for s in rows}
         bar = _progress(len(tasks) * len(modes) * len(rows), "needle", progress)
-        for task in tasks:
-            for mode in modes:
-                for s in rows:
-                    torch.manual_seed(seed)
-                    found[s.label].append(_needle.run_task(model, tokenizer, s, task, mode, needle_tokens))
-                    bar.update(1)
+        runs = [(task, mode, s) for task in tasks for mode in modes for s in rows]
+
+        def needle_run(run):
+            task, mode, s = run
+            torch.manual_seed(seed)
+            return _needle.run_task(model, tokenizer, s, task, mode, needle_tokens)
+
+        for (_, _, s), hit in zip(runs, _in_order(jobs, needle_run, runs)):
+            found[s.label].append(hit)
+            bar.update(1)
         bar.close()
         for s in rows:
             result_rows[s.label]["needle"] = {"accuracy": _needle.summarize(found[s.label]), "tasks": found[s.label]}

@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default results/eval-<timestamp>)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods evaluated at once, in threads, in the perplexity and needle phases (default 1; with "
+                        "--threads 1, up to the number of cores); the speed phase runs one at a time")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -70,6 +73,8 @@ def run(args) -> int:
         if args.threads < 1:
             raise KVCompressError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        raise KVCompressError(f"--jobs must be >= 1, got {args.jobs}")
 
     out = args.out or f"results/eval-{time.strftime('%Y%m%d-%H%M%S')}"
     tasks = set(args.tasks or ("ppl", "needle", "speed"))
@@ -102,6 +107,7 @@ def run(args) -> int:
         out=out,
         progress=not args.no_progress,
         command=shlex.join(["kvcompress"] + sys.argv[1:]),
+        jobs=args.jobs,
     )
     console = Console(width=max(Console().width, 160))
     console.print(rich_table(result))
