@@ -170,7 +170,7 @@ def test_generate_tiny_models_batch2(tiny_model, tiny_gemma):
         assert cache.get_seq_length() == 47
         assert cache.nbytes() < cache.reference_nbytes()
     kinds = {type(layer).__name__ for layer in cache.layers}
-    assert kinds == {"KiviLayer", "SlidingWindowLayer"}  # gemma: sliding layers keep their fp16 window
+    assert kinds == {"KiviLayer", "KiviSlidingLayer"}  # gemma: sliding layers held as codes too (#16)
 
 
 def test_make_store_composes():
@@ -233,3 +233,41 @@ def test_smollm2_kivi4_generation(smollm2):
     assert len(set(kivi_top1[0].tolist())) >= 8, tok.decode(kivi_top1[0])  # non-degenerate text
     assert (kivi_top1 == full_top1).float().mean().item() >= 0.8
     assert cache.memory_report().ratio > 1.5
+
+
+# -- sliding-window layers (Gemma-3) -----------------------------------------------------------------------------------
+
+
+def _gemma_logits(model, method, ids, prompt, **options):
+    cache = make_cache(method, model, **options)
+    out = []
+    with torch.no_grad():
+        out.append(model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[0, -1])
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits[0, -1])
+    return torch.stack(out), cache
+
+
+def test_sliding_layers_attend_exactly_their_window(tiny_gemma):
+    """Every token kept at 2 bytes (a residual longer than the text): the sliding layers' own window masking (a
+    40-token prompt over a 16-token window, then 24 decode steps) gives the full cache's logits (atol 1e-5: fp32
+    attention in another summation order than sdpa's)."""
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    got, _ = _gemma_logits(tiny_gemma, "kivi", ids, 40, bits=2, group_size=4, residual=1 << 20)
+    want, _ = _gemma_logits(tiny_gemma, "full", ids, 40)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_sliding_layers_hold_codes_and_drop_whole_groups(tiny_gemma):
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(2))
+    got, cache = _gemma_logits(tiny_gemma, "kivi", ids, 40, bits=2, group_size=4, residual=4)
+    _, plain = _gemma_logits(tiny_gemma, "kivi", ids, 40, bits=2, group_size=4, residual=4, quantize_sliding=False)
+    w = tiny_gemma.config.sliding_window
+    for layer, fp16 in zip(cache.layers, plain.layers):
+        if not layer.is_sliding:
+            continue
+        assert w - 1 <= layer.kept_length() <= w - 1 + 4 - 1  # the window, plus less than one key group
+        assert layer.reference_nbytes() == fp16.reference_nbytes() == fp16.nbytes()  # the reference is the window
+        assert layer.nbytes() < 0.8 * fp16.nbytes()  # head_dim 16, groups of 4: the fp16 stats are a large share
+        assert layer.kv.kq.length % 4 == 0
+    assert cache.nbytes() < plain.nbytes()

@@ -12,6 +12,7 @@ import torch
 from conftest import make_tiny_llama
 from kvcompress import KVCompressError, make_cache
 from kvcompress.calibration.kvquant import calibrate, fit_levels, load_calibration
+from kvcompress.methods.kvquant import SLIDE_BLOCK
 from kvcompress.rope import apply_rope, unapply_rope
 from kvcompress.compat import cache_kwargs
 
@@ -297,11 +298,9 @@ def test_generate_batch2_left_padded_llama_and_gemma(tiny_model, tiny_gemma):
             assert cache.nbytes() < cache.reference_nbytes()
             for layer in cache.layers:
                 assert layer.kept_length() == (15 if layer.is_sliding else 51)
-                if layer.is_sliding:  # transformers attends over the dense window: positions stored per row
-                    assert layer.pos.explicit is not None and layer.pos.explicit.shape[0] == 2
-                else:  # one layer per row, each holding its real tokens at positions 0, 1, 2, ...
-                    assert [row.seen for row in layer._rows] == [51, 44]
-                    assert all(row.pos.explicit is None for row in layer._rows)
+                # one layer per row, each holding its real tokens at positions 0, 1, 2, ... (sliding: the last 15)
+                assert [row.seen for row in layer._rows] == [51, 44]
+                assert all(row.pos.explicit is None for row in layer._rows)
 
 
 def test_sliding_layers_evict_and_full_layers_keep_the_sink(tiny_gemma):
@@ -431,3 +430,29 @@ def test_auto_calibration_is_written_once_and_used_by_the_default_list(smollm2, 
     specs, skipped = default_specs(model)
     assert "kvquant:calibration=auto" in [s.label for s in specs]
     assert "kvquant" not in [s["method"] for s in skipped]
+
+
+def test_sliding_layers_attend_their_window_like_the_dense_path(tiny_gemma):
+    """Gemma-3's sliding layers (16-token windows) through kvcompress's attention (window masked by the layer, a
+    40-token prompt then 24 decode steps) give the logits of the dense path (``store`` + transformers' windowed
+    mask) within 1e-4: the same codes, another summation order."""
+    ids = _prompt(64)
+
+    def run(dense: bool):
+        cache = make_cache("kvquant", tiny_gemma, nuq=False, bits=4, sink=2)
+        for layer in cache.layers:
+            layer.attends = not dense
+        out = []
+        with torch.no_grad():
+            out.append(tiny_gemma(ids[:, :40], **cache_kwargs(None, cache)).logits[0, -1])
+            for t in range(40, 64):
+                out.append(tiny_gemma(ids[:, t : t + 1], **cache_kwargs(None, cache)).logits[0, -1])
+        held = [(layer.kept_length(), layer.slide_block) for layer in cache.layers if layer.is_sliding]
+        cache.close()
+        return torch.stack(out), held
+
+    got, held = run(dense=False)
+    want, _ = run(dense=True)
+    w = tiny_gemma.config.sliding_window
+    assert all(w - 1 <= n < w - 1 + block and block == max(1, min(SLIDE_BLOCK, w // 16)) for n, block in held)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

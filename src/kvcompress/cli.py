@@ -62,10 +62,11 @@ def cmd_list(args) -> int:
     table.add_column("method")
     table.add_column("what it does")
     table.add_column("attention")
+    table.add_column("sliding-window layers")
     table.add_column("defaults")
     for name, cls in list_methods().items():
         defaults = ", ".join(f"{k}={v}" for k, v in config_defaults(cls).items())
-        table.add_row(name, cls.summary, cls.attention, defaults)
+        table.add_row(name, cls.summary, cls.attention, cls.sliding, defaults)
     console = Console(width=200)
     console.print(table)
     console.print(kernels_line())

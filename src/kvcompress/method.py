@@ -28,6 +28,9 @@ class Method:
     #: how its full-attention layers attend (``kvcompress list``): over their stored parts through kvcompress's
     #: attention function, or a dense K/V copy handed to transformers' attention
     attention: str = "transformers: dense K/V copy"
+    #: what happens to sliding-window layers (Gemma-3, Mistral-style): their reference is the window itself, so a
+    #: plain window gains nothing
+    sliding: str = "plain fp16 window (no gain)"
 
     @dataclass(frozen=True)
     class Config:

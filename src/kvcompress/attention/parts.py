@@ -92,12 +92,15 @@ class AttentionResult:
     transient_bytes: int
 
 
-def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs_last: int = 0) -> AttentionResult:
+def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs_last: int = 0,
+                 window: tuple[int, int, int] | None = None) -> AttentionResult:
     """Softmax attention of ``query`` over the concatenation of ``parts`` (the last ``q`` queries of the sequence).
 
     ``probs_last``: also return the attention probabilities of the last ``probs_last`` queries over every key
-    (for methods that score tokens: H2O, SnapKV); 0 = none. A query row with no visible key gets output 0.
-    Computed in fp32.
+    (for methods that score tokens: H2O, SnapKV); 0 = none. ``window``: sliding-window attention, ``(size,
+    first key position, first query position)``: the keys of all parts are consecutive positions from the second
+    number, the queries from the third, and query ``p`` sees key ``k`` only if ``k > p - size`` (fused parts are then
+    read chunk by chunk). A query row with no visible key gets output 0. Computed in fp32.
     """
     b, heads, q, d = query.shape
     if not parts:
@@ -118,8 +121,10 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
     known = [p.kv_heads for p in parts if p.kv_heads]
     if known:
         start_rows(known[0])
+    offset = 0  # keys before this part
     for part in parts:
-        if part.fused is not None and not part.causal and not probs_last and kv_heads is not None:
+        part_offset, offset = offset, offset + part.length
+        if part.fused is not None and not part.causal and not probs_last and kv_heads is not None and window is None:
             acc, m_part, l_part = part.fused(qg, part.valid)
             m_new = torch.maximum(m, m_part)
             safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -143,6 +148,11 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
                 cols = torch.arange(start, stop, device=query.device)
                 causal = (cols.unsqueeze(0) <= rows.unsqueeze(1)).view(1, 1, group * q, stop - start)
                 mask = causal if mask is None else mask & causal
+            if window is not None:
+                size, key0, query0 = window
+                key_pos = key0 + part_offset + torch.arange(start, stop, device=query.device)
+                seen = (key_pos.unsqueeze(0) > (query0 + rows).unsqueeze(1) - size).view(1, 1, group * q, stop - start)
+                mask = seen if mask is None else mask & seen
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             if probs_last:

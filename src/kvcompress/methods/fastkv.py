@@ -282,6 +282,7 @@ class FastKV(Method):
         "FastKV: token-selective propagation past tsp_layer (faster prefill) + GQA-aware SnapKV-style KV budget"
     )
     attention = "kvcompress: kept tokens, scores from it"
+    sliding = "plain fp16 window of the propagated (TSP) tokens; no KV budget"
     test_options = {"tsp_layer": 1, "tsp_rate": 0.5, "budget": 0.3}
     noop_options = {"tsp_rate": 1.0, "budget": 1.0}
     Config = FastKVConfig

@@ -15,8 +15,9 @@
 
 Attention sees ``[dequantized past | the step's new tokens at 2-byte precision]`` -- like the paper, where the
 prompt attends to itself in full precision and a decode token attends to its own fp16 key/value.
-Sliding-window layers (Gemma-3) keep their short fp16 window (``Method.sliding_layer``): they hold at most
-``sliding_window - 1`` tokens, the same as the reference, so quantizing them is left out.
+Sliding-window layers (Gemma-3) are held the same way (:class:`KiviSlidingLayer`): tokens that left the window are
+dropped from the front by whole key groups, never re-quantizing what stays; their reference is the window
+(``quantize_sliding=False``: the plain fp16 window, no gain, as before).
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ class KiviConfig:
     residual: int = 128  # R: most recent tokens kept at 2-byte precision; multiple of G (paper: 128)
     key_bits: int | None = None  # overrides `bits` for keys
     value_bits: int | None = None  # overrides `bits` for values
+    quantize_sliding: bool = True  # sliding-window layers held as KIVI codes too (False: their plain fp16 window)
 
     def __post_init__(self):
         check_kivi_options(self.bits, self.group_size, self.residual, self.key_bits, self.value_bits)
+        if not isinstance(self.quantize_sliding, bool):
+            raise KVCompressError(f"kivi: quantize_sliding must be True or False, got {self.quantize_sliding!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,6 +127,18 @@ class _Quantized:
                              self.group)
         return q.dequantize(dtype)
 
+    def drop_front(self, n: int) -> None:
+        """Forget the ``n`` oldest tokens (per-channel keys: ``n`` a multiple of the group); what stays keeps its codes
+        (copied once, so the dropped bytes are really freed)."""
+        if n >= self.length:
+            self.packed = self.scale = self.zero = None
+            self.length = 0
+            return
+        stats = n // self.group if self.axis == 2 else n
+        self.packed = self.packed[:, :, n:].clone()
+        self.scale, self.zero = self.scale[:, :, stats:].clone(), self.zero[:, :, stats:].clone()
+        self.length -= n
+
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.packed, self.scale, self.zero]
 
@@ -166,6 +182,26 @@ class KiviStore(KVStore):
         if n_v > 0:
             self.vq.add(self.v_res[:, :, :n_v])
             self.v_res = self.v_res[:, :, n_v:].clone()
+
+    def droppable(self, n: int) -> int:
+        """How many of the ``n`` oldest tokens :meth:`drop_front` can forget now: whole key groups of quantized keys."""
+        n = min(n, self.kq.length)
+        return n - n % self.group_size
+
+    def drop_front(self, n: int) -> None:
+        """Forget the ``n`` oldest tokens (a sliding window): ``n`` from :meth:`droppable`. Keys leave by whole groups
+        of quantized keys, values by tokens (quantized first, then the residual); nothing that stays is re-quantized."""
+        if n != self.droppable(n):
+            raise KVCompressError(f"kivi storage: cannot drop {n} tokens (whole groups of {self.group_size} quantized "
+                                  f"keys only; {self.kq.length} quantized)")
+        if not n:
+            return
+        self.kq.drop_front(n)
+        from_codes = min(n, self.vq.length)
+        if from_codes:
+            self.vq.drop_front(from_codes)
+        if n > from_codes:
+            self.v_res = self.v_res[:, :, n - from_codes :].clone()
 
     def read(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, kv_heads, len, head_dim)`` keys and values in token order (transient copies)."""
@@ -276,9 +312,65 @@ class KiviLayer(StoreLayer):
         return KiviLayer(self.geometry, self.layer_idx, self.config)
 
 
+class KiviSlidingLayer(KiviLayer):
+    """A sliding-window layer (Gemma-3: each query sees the last ``window`` positions, itself included) held as KIVI
+    codes: after each step the tokens no later query can see leave from the front by whole key groups, so it holds
+    at most ``window - 1 + group_size - 1`` tokens (plus the step's own); nothing that stays is re-quantized. Its
+    reference is the window (``window - 1`` tokens), as for a plain sliding layer. Attention masks exactly the window:
+    a decode step as a validity of the held keys (the fused kernel applies), a multi-token step per query row."""
+
+    is_sliding = True
+
+    def __init__(self, geometry, layer_idx: int, config: KiviConfig):
+        super().__init__(geometry, layer_idx, config)
+        self.window = geometry.sliding_window
+
+    def new_row_layer(self):
+        return KiviSlidingLayer(self.geometry, self.layer_idx, self.config)
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import KVPart, attend_parts, grow_validity, with_validity
+
+        sd, q, b = self.kv.dtype, keys.shape[2], keys.shape[0]
+        held = len(self.kv)
+        first = self.seen - held  # position (cache index) of the first held token
+        window = None
+        valid = self.valid
+        if held and q == 1:  # one query position: the window is a validity of the held keys
+            seen = (first + torch.arange(held, device=keys.device) > self.seen - self.window).view(1, 1, held)
+            valid = seen.expand(b, 1, held) if valid is None else valid & seen
+        elif q > 1:
+            window = (self.window, first, self.seen)
+        parts = with_validity(self.kv.parts(), valid)
+        nv = None if new_valid is None else new_valid[:, None, :]
+        result = attend_parts(query, [*parts, KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)], scaling,
+                              window=window)
+        self.valid = grow_validity(self.valid, new_valid, held, keys, 1)
+        self.kv.append(keys, values)
+        # tokens before position (seen + q) - (window - 1) are out of every later query's window
+        drop = self.kv.droppable(max(0, self.seen + q - (self.window - 1) - first))
+        if drop:
+            self.kv.drop_front(drop)
+            if self.valid is not None:
+                self.valid = self.valid[:, :, drop:].clone()
+        return result.output, result.transient_bytes
+
+    def kept_length(self) -> int:
+        if self._rows is not None:  # a padded batch: each row holds its own window
+            return max(row.kept_length() for row in self._rows)
+        return len(self.kv)
+
+    def represented_tokens(self) -> int:
+        return min(self.seen, self.window - 1)
+
+    def get_max_length(self) -> int:
+        return self.window
+
+
 @register("kivi")
 class Kivi(Method):
     summary = "KIVI: keys per-channel, values per-token asymmetric 2/4/8-bit quantization + fp16 residual of R tokens"
+    sliding = "KIVI codes too, tokens leave the window by key groups (quantize_sliding=False: plain fp16 window)"
     attention = "kvcompress: fused kernel over the codes (numba on CPU, Triton on CUDA; chunked without them)"
     Config = KiviConfig
     test_options = {"bits": 2, "group_size": 8, "residual": 16}
@@ -286,5 +378,7 @@ class Kivi(Method):
 
     def make_layer(self, layer_idx: int):
         if self.geometry.is_sliding(layer_idx):
+            if self.config.quantize_sliding:
+                return KiviSlidingLayer(self.geometry, layer_idx, self.config)
             return self.sliding_layer(layer_idx)
         return KiviLayer(self.geometry, layer_idx, self.config)

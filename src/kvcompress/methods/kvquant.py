@@ -21,8 +21,9 @@ plane, the same bytes when 8 divides head_dim); value scale/offset
 (also for keys when ``per_channel_keys=False``); the per-channel key range
 ``(h*d,)`` fp16 x2 (calibration) or ``(b, h*d)`` (prompt); codebooks; outliers as CSR rows
 (row = (token, batch row), width = h*d): per-row counts (uint8 / int16), column (uint8 / int16) and fp16
-value per outlier; the fp16 sink. Sliding-window layers (Gemma-3) are quantized the same way and evict
-from the front (``quantize_sliding=False`` keeps them as a plain fp16 window).
+value per outlier; the fp16 sink. Sliding-window layers (Gemma-3) are quantized the same way, attend over exactly
+their window and evict from the front once ``SLIDE_BLOCK`` tokens have left it (``quantize_sliding=False`` keeps
+them as a plain fp16 window).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from ..registry import KVCompressError, register
 from ..rope import apply_rope, unapply_rope
 from .kvquant_store import Positions, QuantStream, RopeTable, PositionObserver
 
+#: sliding-window layers drop the tokens that left the window once this many have (one copy of the window per block;
+#: at most window // 16, so a short window does not hold much beyond itself)
+SLIDE_BLOCK = 32
 MIN_PROMPT_TOKENS = 16  # key_stats="prompt": tokens needed before the per-channel ranges are fixed
 KEY_STATS = ("auto", "calibration", "prompt")
 TOKEN_RANGES = ("token", "head")
@@ -105,11 +109,12 @@ class KVQuantConfig:
 
 
 class KVQuantLayer(KVLayer):
-    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]``. Full-attention layers attend by
-    themselves: over the sink, the body dequantized a chunk at a time (keys re-rotated for the chunk's positions)
-    and the step's new tokens as given; a padded batch keeps one single-row layer per row, so per-channel ranges,
-    outlier thresholds, the sink and positions are each row's own. Sliding-window layers keep ``window - 1``
-    tokens and hand transformers the dense past (its windowed mask)."""
+    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]`` and attends by itself: over the sink,
+    the body dequantized a chunk at a time (keys re-rotated for the chunk's positions) and the step's new tokens as
+    given; a padded batch keeps one single-row layer per row, so per-channel ranges, outlier thresholds, the sink and
+    positions are each row's own. Sliding-window layers (no sink) hold the last ``window - 1`` tokens plus fewer than
+    ``slide_block`` that already left the window, and mask exactly the window. :meth:`store` is the same state
+    update with a dense ``[past | new]`` copy for transformers' attention (a reference)."""
 
     split_rows_on_padding = True
 
@@ -120,7 +125,8 @@ class KVQuantLayer(KVLayer):
         self.layer_type = g.layer_types[layer_idx]
         self.window = g.sliding_window if g.is_sliding(layer_idx) else None
         self.is_sliding = self.window is not None
-        self.attends = not self.is_sliding
+        self.slide_block = max(1, min(SLIDE_BLOCK, self.window // 16)) if self.is_sliding else 0
+        self.attends = True
         self.sink = 0 if self.is_sliding else cfg.sink
         self.pre_rope = cfg.pre_rope
         kb, vb = method.books(layer_idx)
@@ -164,11 +170,21 @@ class KVQuantLayer(KVLayer):
 
     # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts
+        from ..attention import KVPart, attend_parts, with_validity
 
+        q, held = keys.shape[2], self.kept_length()
+        past, window = self._past_parts(), None
+        if self.is_sliding and held:  # mask exactly the window: the held tokens end at position seen - 1
+            first = self.seen - held
+            if q == 1:
+                seen = first + torch.arange(held, device=keys.device) > self.seen - self.window
+                past = with_validity(past, seen.view(1, 1, held).expand(keys.shape[0], 1, held))
+            else:
+                window = (self.window, first, self.seen)
+        elif self.is_sliding and q > 1:
+            window = (self.window, self.seen, self.seen)
         nv = None if new_valid is None else new_valid[:, None, :]
-        parts = [*self._past_parts(), KVPart.dense(keys, values, nv, causal=True)]
-        result = attend_parts(query, parts, scaling)
+        result = attend_parts(query, [*past, KVPart.dense(keys, values, nv, causal=True)], scaling, window=window)
         self._append(keys, values)
         return result.output, result.transient_bytes
 
@@ -227,7 +243,7 @@ class KVQuantLayer(KVLayer):
                 k = unapply_rope(k, cos[:, n_sink:], sin[:, n_sink:])
                 self.pos.append(pos[:, n_sink:])
             self._append_body(k, v)
-        if self.is_sliding and self.kept_length() > self.window - 1:
+        if self.is_sliding and self.kept_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.kept_length() - (self.window - 1))
 
     def _append_body(self, k, v):
@@ -289,7 +305,8 @@ class KVQuantLayer(KVLayer):
 class KVQuant(Method):
     summary = ("KVQuant: per-channel pre-RoPE keys, per-token values, nuq codebooks (calibrated), "
                "dense-and-sparse outliers, fp16 sink")
-    attention = "kvcompress: sink + body dequantized a chunk at a time (keys re-rotated); sliding layers: dense"
+    attention = "kvcompress: sink + body dequantized a chunk at a time (keys re-rotated)"
+    sliding = "quantized too (no sink), window masked, leave in blocks (quantize_sliding=False: plain fp16 window)"
     Config = KVQuantConfig
     test_options = {"nuq": False, "bits": 4, "sink": 2}
     default_options = {"calibration": "auto"}  # `kvcompress eval` default list: calibrate on first use (cached)

@@ -355,6 +355,7 @@ class MiniCache(Method):
     summary = ("MiniCache: merge adjacent deep layers (SLERP direction + per-layer magnitudes, distant tokens "
                "retained); storage=kivi stacks quantization")
     attention = "kvcompress: merged pairs read back densely, padding masked; other layers: transformers"
+    sliding = "adjacent sliding layers merge like any pair (within the window); unpaired ones: plain fp16 window"
     Config = MiniCacheConfig
     test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
     noop_options = {"gamma": 1.0, "select": "depth"}  # every entry retained: both layers exact at 2 bytes
