@@ -297,3 +297,28 @@ def test_calibrate_cli_is_registered():
 
     args = build_parser().parse_args(["calibrate", "fastkv", "--tsp-rate", "0.3", "--layers", "4", "6"])
     assert args.tsp_rate == 0.3 and args.layers == [4, 6] and callable(args.func)
+
+
+def test_another_caches_forward_during_the_prefill_leaves_it_alone(tiny_model):
+    """A forward of another cache on the same model while a FastKV prefill is under way (another thread, as in
+    ``kvcompress eval --jobs 2``; here nested, so it happens deterministically) must not reset FastKV's prefill
+    state (it did: the first block's hook cleared it before checking whose forward it was)."""
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(3))
+    with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5, budget=0.3) as alone:
+        with torch.no_grad():
+            want = tiny_model(input_ids=ids, **cache_kwargs(tiny_model, alone), use_cache=True).logits
+    fired = []
+
+    def other_forward(module, args, kwargs):
+        if not fired:
+            fired.append(1)
+            with make_cache("full", tiny_model) as other, torch.no_grad():
+                tiny_model(input_ids=ids[:, :5], **cache_kwargs(tiny_model, other), use_cache=True)
+
+    handle = decoder_layers(tiny_model)[1].register_forward_pre_hook(other_forward, with_kwargs=True)
+    try:
+        with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5, budget=0.3) as cache, torch.no_grad():
+            got = tiny_model(input_ids=ids, **cache_kwargs(tiny_model, cache), use_cache=True).logits
+    finally:
+        handle.remove()
+    assert fired and torch.allclose(got, want, atol=1e-5)

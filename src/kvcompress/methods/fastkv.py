@@ -220,8 +220,10 @@ class TSPHooks(Observer):
         return uses_cache(kwargs, self._cache_ref())
 
     def _start(self, module, args, kwargs):
+        if not self._ours(kwargs):  # another cache's forward (maybe in another thread) leaves this one's state alone
+            return None
         self.method.prefill = None
-        if not self._ours(kwargs) or self._cache_ref().get_seq_length() > 0:
+        if self._cache_ref().get_seq_length() > 0:
             return None
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None or kwargs.get("position_embeddings") is None:
