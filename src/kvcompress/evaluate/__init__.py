@@ -98,7 +98,7 @@ def run_eval(
     needle_mode: str = "aware",
     needle_tokens: int = 12,
     speed: bool = True,
-    speed_context: int = 512,
+    speed_context: int = 2048,
     speed_steps: int = 16,
     speed_repeats: int = 2,
     ruler=(),
@@ -113,8 +113,9 @@ def run_eval(
     command: str | None = None,
     jobs: int = 1,
 ) -> dict:
-    """Evaluate ``methods`` (spec strings ``"name[:opt=value,...]"``; default: every registered method with its
-    default options, skipping those that need calibration) against ``reference`` on ``model``.
+    """Evaluate ``methods`` (spec strings ``"name[:opt=value,...]"``; default: every registered method at its
+    operating point of :data:`spec.EVAL_POINTS`, a method that refuses listed with its reason) against ``reference``
+    on ``model``.
 
     ``model``: a name/path for :func:`kvcompress.load_model`, or a loaded model (then pass ``tokenizer``).
     ``windows=0``, ``needle=()`` / ``(0,)``, ``speed=False`` skip a part. ``ruler``: RULER context lengths (``True``:
@@ -167,7 +168,7 @@ def run_eval(
     needs = {"prompt_len + cont_len": prompt_len + cont_len if windows else 0}
     needs.update({f"needle context {n}": n + needle_tokens for n in needle_lens})
     if speed:
-        needs["speed_context + speed_steps"] = speed_context + speed_steps
+        needs["speed_context + speed_steps x speed_repeats"] = speed_context + speed_steps * speed_repeats
     ruler_lens = _ruler.resolve_lengths(ruler, limit, ruler_gen)  # too long for the model -> KVCompressError
     for what, n in needs.items():
         if limit is not None and n > limit:
@@ -229,7 +230,9 @@ def run_eval(
             }
             if needle_lens
             else None,
-            "speed": {"context": speed_context, "steps": speed_steps, "repeats": speed_repeats} if speed else None,
+            "speed": {"context": speed_context, "steps": speed_steps, "repeats": speed_repeats, "form": "bursts"}
+            if speed
+            else None,
             "ruler": {
                 "haystack": str(ruler_dir) if ruler_dir is not None else DEFAULT_SOURCE,
                 "haystack_sha256": text_sha256(ruler_text),
@@ -328,10 +331,14 @@ def run_eval(
         t0 = time.perf_counter()
         others = [s for s in rows if s is not ref_spec]
         bar = _progress(len(others), "speed", progress)
-        for s in others:
-            torch.manual_seed(seed)
-            result_rows[s.label]["speed"] = _speed.compare(model, s, ref_spec, speed_ids, speed_steps, speed_repeats)
-            bar.update(1)
+        shared = _speed.SharedReference(model, ref_spec, speed_ids, slack=3 * speed_steps * speed_repeats)
+        try:
+            for s in others:
+                torch.manual_seed(seed)
+                result_rows[s.label]["speed"] = _speed.compare_bursts(model, s, shared, speed_ids, speed_steps, speed_repeats)
+                bar.update(1)
+        finally:
+            shared.close()
         bar.close()
         result_rows[ref_spec.label]["speed"] = {"ttft_ratio": 1.0, "decode_ratio": 1.0, "reference": True}
         timings["speed_s"] = time.perf_counter() - t0

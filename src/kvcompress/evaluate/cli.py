@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
         default=None,
         metavar="SPEC",
         help='method specs name[:opt=value,...], e.g. full "kivi:bits=2" "snapkv:budget=0.2" '
-        "(default: every registered method with its defaults; methods needing calibration are skipped)",
+        "(default: every registered method at the operating point of evaluate/spec.py EVAL_POINTS; a method that "
+        "refuses is listed with its reason)",
     )
     p.add_argument(
         "--data", default="pydoc", help="'pydoc' (built-in prose), 'stdlib-code' (Python's own .py files), a text file, a directory of .txt, or hf:NAME[:CONFIG[:SPLIT]]"
@@ -32,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--needle-mode", choices=["aware", "agnostic", "both"], default="aware",
                    help="aware: the question is in the prompt the method compresses; agnostic: asked after (default aware)")
     p.add_argument("--needle-tokens", type=int, default=12, help="greedy tokens decoded for the answer (default 12)")
-    p.add_argument("--speed-context", type=int, default=512, help="prompt tokens for the speed runs (default 512)")
+    p.add_argument("--speed-context", type=int, default=2048, help="prompt tokens for the speed runs (default 2048)")
     p.add_argument("--speed-steps", type=int, default=16, help="decode steps timed per speed run (default 16)")
     p.add_argument("--speed-repeats", type=int, default=2, help="interleaved full/method rounds (default 2; median)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
@@ -67,7 +68,7 @@ def run(args) -> int:
 
     from ..registry import KVCompressError
     from . import run_eval
-    from .report import rich_table
+    from .report import rich_table, verdict
 
     if args.threads is not None:
         if args.threads < 1:
@@ -112,6 +113,8 @@ def run(args) -> int:
     console = Console(width=max(Console().width, 160))
     console.print(rich_table(result))
     for s in result["skipped"]:
-        console.print(f"[yellow]skipped {s['method']}[/]: {s['reason']}")
+        console.print(f"[yellow]not run {s['method']}[/]: {s['reason']}", highlight=False)
+    for line in verdict(result):
+        console.print(line.replace("`", ""), highlight=False, markup=False)
     console.print(f"wrote {', '.join(result['files'].values())} ({result['timings']['total_s']:.0f} s)")
     return 0

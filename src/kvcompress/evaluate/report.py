@@ -32,7 +32,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     mode_tag = " · ".join({"aware": "aware", "agnostic": "agn."}[m] for m in modes)
     header = ["method", "bytes ratio @P", "bytes ratio @P+C", "ppl", "Δppl %", "KL", "top-1 agree"]
     header += [f"needle {n} ({mode_tag})" for n in lens]
-    header += ["TTFT ratio", "decode ratio"]
+    at = f" @{cfg['speed']['context']}" if cfg.get("speed") else ""
+    header += [f"TTFT ratio{at}", f"decode ratio{at}"]
     ruler = cfg.get("ruler") or {}
     r_lens, r_modes = ruler.get("context_lens", []), ruler.get("modes", [])
     r_tag = " · ".join({"aware": "aware", "agnostic": "agn."}[m] for m in r_modes)
@@ -57,7 +58,35 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         scores = row.get("ruler", {}).get("scores", {})
         cells += [" · ".join(_ruler_cell(scores.get(m, {}).get(str(n))) for m in r_modes) for n in r_lens]
         out.append(cells)
+    for s in result.get("skipped", []):  # a method that refused: its row says why, every measurement "-"
+        out.append([f"{s['method']} -- not run: {_short_reason(s['reason'])}"] + ["-"] * (len(header) - 1))
     return header, out
+
+
+def _short_reason(reason: str, limit: int = 170) -> str:
+    """The first sentence(s) of a refusal, up to ``limit`` characters (the full text is in the JSON)."""
+    reason = " ".join(reason.split()).replace("|", "/")
+    return reason if len(reason) <= limit else reason[: limit - 3].rstrip() + "..."
+
+
+def verdict(result: dict, min_ratio: float = 4.0, max_loss: float = 1.0) -> list[str]:
+    """The closing lines: the lowest-loss row at >= ``min_ratio`` x and the most compressing row at <= ``max_loss`` %
+    Δppl (ratio after the prefill; the reference excluded), or that there is none."""
+    rows = [r for r in result["methods"] if not r.get("reference") and "ppl" in r and "memory" in r]
+    if not rows:
+        return []
+
+    def show(r):
+        return f"`{r['spec']}` ({r['memory']['after_prefill']['ratio']:.2f}x, Δppl {r['ppl']['dppl_pct']:+.2f} %)"
+
+    big = [r for r in rows if r["memory"]["after_prefill"]["ratio"] >= min_ratio]
+    low = [r for r in rows if r["ppl"]["dppl_pct"] <= max_loss]
+    a = (f"best at >= {min_ratio:g}x: {show(min(big, key=lambda r: r['ppl']['dppl_pct']))}" if big
+         else f"no row reaches {min_ratio:g}x")
+    b = (f"best at <= {max_loss:g} % loss: "
+         f"{show(max(low, key=lambda r: (r['memory']['after_prefill']['ratio'], -r['ppl']['dppl_pct'])))}" if low
+         else f"no row loses <= {max_loss:g} % (the least: {show(min(rows, key=lambda r: r['ppl']['dppl_pct']))})")
+    return [f"{a}; {b}. (`kvcompress tune` searches settings for your own model and text.)"]
 
 
 def describe_setup(result: dict) -> str:
@@ -84,6 +113,9 @@ def describe_setup(result: dict) -> str:
     if cfg.get("speed"):
         sp = cfg["speed"]
         parts.append(
+            f"speed at {sp['context']} tokens: the method prefilled once, then {sp['repeats']} rounds of {sp['steps']} "
+            "decode steps interleaved with a shared full cache (median; the reference is prefilled again every "
+            f"{3 * sp['steps'] * sp['repeats']} tokens it grows)" if sp.get("form") == "bursts" else
             f"speed at {sp['context']} tokens + {sp['steps']} decode steps, median of {sp['repeats']} interleaved rounds"
         )
     parts.append(f"seed {result['seed']}")
@@ -153,11 +185,15 @@ def markdown(result: dict) -> str:
         "after the teacher-forced steps (@P+C: P+C-1 tokens fed). ppl over the C continuation tokens only; Δppl, KL "
         "(full || method, mean per step) and top-1 agreement against the reference row on the same windows. "
         "needle: exact-match hits / tasks, query-aware · query-agnostic. TTFT / decode ratio = reference time / "
-        "method time (> 1 = faster), medians of interleaved rounds; absolute timings are noisy on a shared CPU.",
+        "method time (> 1 = faster): decode the median of interleaved rounds, TTFT (in the default, cheap form) one "
+        "prefill pair; absolute timings are noisy on a shared CPU.",
     ]
     lines += ruler_tables(result)
     for s in result.get("skipped", []):
-        lines.append(f"- skipped `{s['method']}`: {s['reason']}")
+        lines.append(f"- not run `{s['method']}`: {s['reason']}")
+    if result.get("skipped"):
+        lines.append("")
+    lines += verdict(result)
     wall = result["timings"].get("total_s", sum(result["timings"].values()))  # partial / merged runs: the parts
     lines.append(f"\npeak RSS {(result['peak_rss_bytes'] or 0) / 2**20:.0f} MiB; wall {wall:.0f} s.")
     return "\n".join(lines) + "\n"
