@@ -320,3 +320,15 @@ def test_cli_bad_input(text_file, capsys, argv, match):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvcompress: error:") and match in err
+
+
+@pytest.mark.model
+def test_tune_smollm2_small_budget_meets_the_loss(smollm2, tmp_path):
+    """The issue's check on the real model: a small budget returns a frontier whose best row meets the asked loss,
+    measured against the full cache in the same call (one window, two families, P = 256: about a minute)."""
+    model, tok = smollm2
+    got = kvcompress.tune(model, "pydoc", tokenizer=tok, max_loss="3%", budget_minutes=3, families=["kivi", "snapkv"],
+                          prompt_len=256, cont_len=32, windows=1, progress=False)
+    assert got["rows"][0]["spec"] == "full" and got["timings"]["total_s"] <= 1.25 * 3 * 60  # the budget, give or take a window
+    best = got["best"]
+    assert best is not None and best["dppl_pct"] <= 3.0 and best["ratio"] > 1.5 and best["spec"] in got["frontier"]

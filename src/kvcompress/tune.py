@@ -371,8 +371,9 @@ def search(
         if not fits:
             stopped = True
             for st, c in pending:
-                not_tried.append({"spec": c.spec, "reason": f"time budget (estimated {estimate(c, factor(st)):.0f} s, "
-                                                           f"{max(deadline - now, 0):.0f} s left)"})
+                not_tried.append({"spec": c.spec, "probed_ratio": c.ratio,
+                                  "reason": f"time budget (estimated {estimate(c, factor(st)):.0f} s, "
+                                            f"{max(deadline - now, 0):.0f} s left)"})
                 st.pending, st.done = None, "budget"
                 not_tried.extend({"spec": s, "reason": "time budget"} for s in st.untried())
             break
@@ -435,8 +436,8 @@ def search(
 class _Bench:
     """The windows, the full cache's log-probabilities on each, and the protocol for one candidate."""
 
-    def __init__(self, model, windows: torch.Tensor, prompt_len: int, clock=time.perf_counter):
-        self.model, self.windows, self.prompt_len, self.clock = model, windows, prompt_len, clock
+    def __init__(self, model, windows: torch.Tensor, prompt_len: int, seed: int = 0, clock=time.perf_counter):
+        self.model, self.windows, self.prompt_len, self.seed, self.clock = model, windows, prompt_len, seed, clock
         self.ref: list[torch.Tensor] = []
         self.ref_seconds = None  # per window
 
@@ -482,7 +483,7 @@ class _Bench:
             spent = (self.clock() - t0) / i if i else self.ref_seconds * (factor or prior)
             if self.clock() + spent > deadline:
                 return None
-            torch.manual_seed(0)
+            torch.manual_seed(self.seed)
             got = self._run(cand.spec, w)
             per.append(compare(self.ref[i], got.logprobs, w[self.prompt_len:]))
             pre.append(got.memory_prefill)
@@ -577,7 +578,7 @@ def tune(
     wins = windows_from_ids(ids, prompt_len + cont_len, windows, seed)
     load_s = clock() - started
 
-    bench = _Bench(model, wins, prompt_len, clock)
+    bench = _Bench(model, wins, prompt_len, seed, clock)
     bar = _bar(progress, budget_s)
     ref = bench.reference()
     ref_row = {"spec": "full", "method": "full", "options": {}, "family": "full", "stage": "reference",
