@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	@touch $@
 
 eval: setup
-	$(PY) -m kvcompress.cli eval --threads 1 --jobs 2 --out $(OUT)
+	$(PY) -m kvcompress.cli eval --threads 1 --jobs 2 --speed-context 1024 --out $(OUT)
 
 test: setup
 	$(PY) -m pytest -q
