@@ -67,6 +67,38 @@ def test_parts_merge_exactly(past, q, group, chunk, pad, seed):
     assert res.transient_bytes <= 2 * b * kv * max(min(chunk, max(lengths)), 1) * d * 4
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    past=st.lists(st.integers(0, 23), min_size=0, max_size=3),
+    group=st.sampled_from([1, 2, 3]),
+    pad=st.integers(0, 30),
+    per_head=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_one_query_fast_path_equals_the_dense_softmax(past, group, pad, per_head, seed):
+    """A decode step (one query, no probabilities asked) over a short past takes the one-softmax path: the same as a
+    dense softmax, with padding (a row whose keys are all padding but its own new token) and per-head validity."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv, d = 2, 2, 8
+    lengths = [*past, 1]
+    n = sum(lengths)
+    keys, values = torch.randn(b, kv, n, d, generator=gen), torch.randn(b, kv, n, d, generator=gen)
+    valid = torch.ones(b, kv, n, dtype=torch.bool)
+    valid[1, :, : min(pad, n - 1)] = False
+    if per_head:
+        valid[0, 1, : (n - 1) // 2] = False  # one KV head of row 0 holds fewer tokens (FastGen's ragged past)
+    query = torch.randn(b, kv * group, 1, d, generator=gen)
+    parts, start = [], 0
+    for i, length in enumerate(lengths):
+        sl = slice(start, start + length)
+        parts.append(KVPart.dense(keys[:, :, sl], values[:, :, sl], valid[:, :, sl], causal=i == len(lengths) - 1))
+        start += length
+    res = attend_parts(query, parts, d**-0.5)
+    want, _ = dense_reference(query, keys, values, valid, 1, d**-0.5)
+    torch.testing.assert_close(res.output.double(), want, rtol=0, atol=1e-5)
+    assert res.transient_bytes == 2 * b * kv * n * d * 4  # every part read whole: the one-softmax path was taken
+
+
 def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
