@@ -10,7 +10,8 @@
 - :mod:`.probs` recomputes attention probabilities for profiling tools.
 """
 
-from .parts import CHUNK, AttentionResult, KVPart, attend_parts, grow_validity, with_validity
+from .parts import CHUNK, AttentionResult, KVPart, attend_parts, grow_validity, sliding_view, with_validity
 from .probs import grouped_probs
 
-__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "grow_validity", "with_validity", "grouped_probs"]
+__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "grow_validity", "sliding_view", "with_validity",
+           "grouped_probs"]

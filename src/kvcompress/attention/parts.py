@@ -81,6 +81,20 @@ def grow_validity(valid: torch.Tensor | None, new_valid: torch.Tensor | None, st
     return torch.cat([valid, new_valid[:, None, :].expand(b, heads, q)], dim=-1)
 
 
+def sliding_view(held: int, seen: int, size: int, q: int, batch: int, device) -> tuple[torch.Tensor | None, tuple | None]:
+    """How a sliding-window layer masks its window of ``size`` positions for a step of ``q`` queries from position
+    ``seen``, holding ``held`` past tokens (positions ``seen - held .. seen - 1``): ``(validity (batch, 1, held) of the
+    held keys, None)`` for one query (fused parts still apply), ``(None, window)`` for ``attend_parts(window=...)``
+    otherwise, ``(None, None)`` when nothing needs masking."""
+    first = seen - held
+    if q > 1:
+        return None, (size, first, seen)
+    if not held:
+        return None, None
+    visible = first + torch.arange(held, device=device) > seen - size
+    return visible.view(1, 1, held).expand(batch, 1, held), None
+
+
 @dataclass
 class AttentionResult:
     """``output (batch, q, heads, head_dim)`` in the query dtype (the layout transformers' attention functions

@@ -329,18 +329,13 @@ class KiviSlidingLayer(KiviLayer):
         return KiviSlidingLayer(self.geometry, self.layer_idx, self.config)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts, grow_validity, with_validity
+        from ..attention import KVPart, attend_parts, grow_validity, sliding_view, with_validity
 
-        sd, q, b = self.kv.dtype, keys.shape[2], keys.shape[0]
+        sd, q = self.kv.dtype, keys.shape[2]
         held = len(self.kv)
         first = self.seen - held  # position (cache index) of the first held token
-        window = None
-        valid = self.valid
-        if held and q == 1:  # one query position: the window is a validity of the held keys
-            seen = (first + torch.arange(held, device=keys.device) > self.seen - self.window).view(1, 1, held)
-            valid = seen.expand(b, 1, held) if valid is None else valid & seen
-        elif q > 1:
-            window = (self.window, first, self.seen)
+        visible, window = sliding_view(held, self.seen, self.window, q, keys.shape[0], keys.device)
+        valid = self.valid if visible is None else visible if self.valid is None else self.valid & visible
         parts = with_validity(self.kv.parts(), valid)
         nv = None if new_valid is None else new_valid[:, None, :]
         result = attend_parts(query, [*parts, KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)], scaling,

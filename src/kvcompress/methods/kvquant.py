@@ -170,19 +170,13 @@ class KVQuantLayer(KVLayer):
 
     # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts, with_validity
+        from ..attention import KVPart, attend_parts, sliding_view, with_validity
 
-        q, held = keys.shape[2], self.kept_length()
         past, window = self._past_parts(), None
-        if self.is_sliding and held:  # mask exactly the window: the held tokens end at position seen - 1
-            first = self.seen - held
-            if q == 1:
-                seen = first + torch.arange(held, device=keys.device) > self.seen - self.window
-                past = with_validity(past, seen.view(1, 1, held).expand(keys.shape[0], 1, held))
-            else:
-                window = (self.window, first, self.seen)
-        elif self.is_sliding and q > 1:
-            window = (self.window, self.seen, self.seen)
+        if self.is_sliding:  # mask exactly the window: the held tokens end at position seen - 1
+            visible, window = sliding_view(self.kept_length(), self.seen, self.window, keys.shape[2], keys.shape[0],
+                                           keys.device)
+            past = with_validity(past, visible)
         nv = None if new_valid is None else new_valid[:, None, :]
         result = attend_parts(query, [*past, KVPart.dense(keys, values, nv, causal=True)], scaling, window=window)
         self._append(keys, values)

@@ -319,8 +319,8 @@ class MergedLayer(KVLayer):
         result = attend_parts(query, parts, scaling)
         self.valid = grow_validity(self.valid, new_valid, self.seen, keys, 1)
         self.pair.push(self.side, keys, values, new_valid)
-        held_back = 0 if past is None else 2 * past[0].numel() * past[0].element_size()
-        return result.output, max(result.transient_bytes, held_back)
+        read_back = 0 if past is None else self._transient_bytes(*past)
+        return result.output, max(result.transient_bytes, read_back)
 
     def store(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
