@@ -278,6 +278,14 @@ def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch, me
     assert 0 < cache.memory_report().peak_transient_bytes <= bound
 
 
+def test_memory_report_says_quantizing_layers_read_chunk_by_chunk(tiny_model):
+    """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "chunked"."""
+    for method, options in (("kvquant", BOUNDED_TRANSIENT["kvquant"]), ("logquant", BOUNDED_TRANSIENT["logquant"])):
+        with make_cache(method, tiny_model, **options) as cache, torch.no_grad():
+            tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(tiny_model, cache))
+            assert cache.memory_report().attention == {"chunked": 4}, method
+
+
 def partial_reference(keys, values, valid):
     """A stand-in fused kernel over dense tensors: ``fused(qg, valid) -> (acc, m, l)`` as KVPart documents."""
 

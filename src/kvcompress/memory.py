@@ -11,14 +11,18 @@ from dataclasses import dataclass
 def attention_path(layer) -> str:
     """How attention reads ``layer``'s past at the next step: ``"fused-numba"`` / ``"fused-triton"`` (a kernel straight
     on the codes), ``"chunked"`` (codes dequantized a chunk at a time), ``"dense"`` (full-precision K/V: held as such,
-    or read back whole for the step -- layers that hand K/V to transformers, LogQuant's read-back). A padded batch
-    whose rows run alone joins its rows' paths with ``+``. Asks the layer's store (``attention_path()``) where it has
-    one (``layer.kv``, or ``layer.storage`` once an evicting layer committed to it)."""
+    or read back whole for the step -- layers that hand K/V to transformers, MiniCache's merged pairs). A padded batch
+    whose rows run alone joins its rows' paths with ``+``. Asks the layer (``attention_path()``, layers that hold
+    codes themselves: KVQuant, LogQuant) or its store (``layer.kv``, or ``layer.storage`` once an evicting layer
+    committed to it)."""
     rows = getattr(layer, "_rows", None)
     if rows:
         return "+".join(sorted({attention_path(row) for row in rows}))
     if not getattr(layer, "attends", False):
         return "dense"
+    own = getattr(layer, "attention_path", None)
+    if callable(own):
+        return own()
     store = getattr(layer, "kv", None)
     if store is None and getattr(layer, "committed", False):
         store = getattr(layer, "storage", None)

@@ -275,6 +275,10 @@ class KVQuantLayer(KVLayer):
             self.pos.drop_front(n)
 
     # -- accounting --------------------------------------------------------------------------------------------------
+    def attention_path(self) -> str:
+        """``"chunked"`` once the body holds codes (read a chunk at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
+        return "chunked" if len(self.v) else "dense"
+
     def kept_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own real tokens
             return max(row.kept_length() for row in self._rows)

@@ -211,6 +211,10 @@ class LogQuantLayer(KVLayer):
     def held_tensors(self):
         return [self.fp_k, self.fp_v, *self.kq.tensors(), *self.vq.tensors()]
 
+    def attention_path(self) -> str:
+        """``"chunked"`` once tokens were quantized (read a chunk at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
+        return "chunked" if self.kq.length else "dense"
+
     def new_row_layer(self):
         return LogQuantLayer(self.geometry, self.layer_idx, self.config)
 
