@@ -51,3 +51,14 @@ def resolve_budget(budget: float | int, length: int) -> int:
     else:
         kept = int(budget)
     return max(1, min(kept, length))
+
+
+def set_threads(threads: int | None) -> None:
+    """A command's ``--threads``: torch's intra-op threads (None leaves torch's choice); below 1 is an error."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise KVCompressError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

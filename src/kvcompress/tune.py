@@ -805,13 +805,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import torch
     from rich.console import Console
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KVCompressError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    from .config import set_threads
+
+    set_threads(args.threads)
     out = args.out or f"results/tune-{time.strftime('%Y%m%d-%H%M%S')}"
     result = tune(args.model, args.data, max_loss=args.max_loss, min_ratio=args.min_ratio,
                   budget_minutes=args.budget_minutes, families=args.families, prompt_len=args.prompt_len,

@@ -64,16 +64,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    import torch
-
+    from ..config import set_threads
     from ..registry import KVCompressError
     from . import run_eval
     from .report import rich_table, verdict
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KVCompressError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.jobs < 1:
         raise KVCompressError(f"--jobs must be >= 1, got {args.jobs}")
 
