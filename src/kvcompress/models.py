@@ -167,3 +167,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, progress: bool = T
     elif Path(name_or_path).suffix.lower() == ".gguf":
         model.config._name_or_path = str(Path(name_or_path).expanduser().resolve())
     return model, tok
+
+
+def model_and_tokenizer(model, tokenizer, who: str, progress: bool = True):
+    """What a command was given as ``model``: a name/path (loaded with :func:`load_model`) or a loaded model, which
+    then needs its ``tokenizer``. Returns ``(model, tokenizer, name)``; ``name`` is None for a loaded model."""
+    name = model if isinstance(model, (str, Path)) else None
+    if name is not None:
+        model, tokenizer = load_model(str(name), progress=progress)
+    elif tokenizer is None:
+        raise KVCompressError(f"{who} with a loaded model needs its tokenizer (tokenizer=...)")
+    return model, tokenizer, name

@@ -561,13 +561,9 @@ def tune(
     from .data import encode, load_text, text_sha256, windows_from_ids
 
     text = load_text(data)
-    model_name = model if isinstance(model, (str, Path)) else None
-    if model_name is not None:
-        from .models import load_model
+    from .models import model_and_tokenizer
 
-        model, tokenizer = load_model(str(model_name), progress=progress)
-    elif tokenizer is None:
-        raise KVCompressError("tune with a loaded model needs its tokenizer (tokenizer=...)")
+    model, tokenizer, model_name = model_and_tokenizer(model, tokenizer, "tune", progress)
     from .cache import ModelGeometry
 
     geometry = ModelGeometry.from_model(model)

@@ -156,13 +156,9 @@ def run_eval(
     ruler_text = (load_text(ruler_dir) if ruler_dir is not None else load_text(DEFAULT_SOURCE)) if ruler else None
 
     # -- model, context limits, every cache built once -----------------------------------------------------------------
-    model_name = model if isinstance(model, (str, Path)) else None
-    if model_name is not None:
-        from ..models import load_model
+    from ..models import model_and_tokenizer
 
-        model, tokenizer = load_model(str(model_name), progress=progress)
-    elif tokenizer is None:
-        raise KVCompressError("run_eval with a loaded model needs its tokenizer (tokenizer=...)")
+    model, tokenizer, model_name = model_and_tokenizer(model, tokenizer, "run_eval", progress)
     geometry = ModelGeometry.from_model(model)
     limit = geometry.max_positions
     needs = {"prompt_len + cont_len": prompt_len + cont_len if windows else 0}
