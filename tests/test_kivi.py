@@ -9,7 +9,7 @@ import torch
 
 import kvcompress
 from kvcompress import KVCompressError, ModelGeometry, make_cache
-from kvcompress.methods.kivi import KiviStore, value_group_size
+from kvcompress.methods.kivi import GROW_TOKENS, KiviStore, value_group_size
 from kvcompress.storage import make_store
 from kvcompress.compat import cache_kwargs
 
@@ -66,7 +66,10 @@ def test_bytes_match_hand_formula(tiny_model, prompt_len, opts, kb, vb, Gv):
     assert cache.nbytes() == TINY["layers"] * hand_bytes(prompt_len, **kw)
     for t in range(prompt_len, ids.shape[1]):  # 16 decode steps: cross at least one key-block flush
         tiny_model(ids[:, t : t + 1], **cache_kwargs(None, cache))
-        assert cache.nbytes() == TINY["layers"] * hand_bytes(t + 1, **kw)
+        # the code buffers grow in place: their spare capacity is held, so it is counted on top of the formula
+        spare = sum(layer.kv.spare_nbytes() for layer in cache.layers)
+        assert cache.nbytes() == TINY["layers"] * hand_bytes(t + 1, **kw) + spare
+        assert spare <= TINY["layers"] * (hand_bytes(t + 1, **kw) // 32 + 2 * GROW_TOKENS * 2 * 64)
     assert cache.get_seq_length() == ids.shape[1]
     assert cache.nbytes() < cache.reference_nbytes()
 
@@ -136,6 +139,26 @@ def test_residual_and_key_block_flush_rules():
     assert torch.equal(s.vq.packed[:, :, :21], old_vpacked)
     k, v = s.read(torch.float32)
     assert torch.equal(k[:, :, -s.key_residual :], x[:, :, 112:120])
+
+
+def test_decode_growth_does_not_copy_the_past():
+    """#15 item 5: a decode step writes its token into the code buffers in place. Over 1000 one-token appends the
+    value codes move to a new buffer a few dozen times (geometric growth), not once per step as torch.cat onto the
+    whole past did; the spare capacity stays within 1/32 of the codes plus one growth step."""
+    s = KiviStore(geometry(head_dim=64, kv_heads=2), bits=2, group_size=32, residual=128)
+    x = fp16_randn(1, 2, 1512, 64)
+    s.append(x[:, :, :512], x[:, :, :512])
+    moves, last = 0, s.vq.packed.data_ptr()
+    for t in range(512, 1512):
+        s.append(x[:, :, t : t + 1], x[:, :, t : t + 1])
+        moves += s.vq.packed.data_ptr() != last
+        last = s.vq.packed.data_ptr()
+    assert moves <= 60, f"the value codes moved {moves} times in 1000 steps"
+    codes = s.vq.codes
+    assert codes.buffer.shape[2] - codes.length <= codes.length // 32 + GROW_TOKENS
+    k, v = s.read(torch.float32)  # what the buffers hold is still every token, in order
+    assert torch.equal(k[:, :, -s.key_residual :], x[:, :, 1512 - s.key_residual : 1512])
+    assert (v[:, :, : s.vq.length] - x[:, :, : s.vq.length]).abs().max() < 3 * s.vq.scale.float().max()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -116,6 +116,72 @@ class TokenRuns:
         self.runs = [tuple(tensors)] if tensors[0].shape[self._dim(0)] else []
 
 
+class GrowingTokens:
+    """One tensor that grows along its token axis (dim 2) in place: a buffer ``(…, capacity, …)`` of which the first
+    ``length`` entries are held, grown geometrically (by ``max(min_grow, length // GROW_SHARE)`` entries when full).
+    Appending one token copies O(1) entries amortized instead of the whole past; :meth:`view` is the held prefix (a
+    view, never a copy; the fused kernels read it in place). The spare capacity is memory held, so :meth:`tensors`
+    returns the whole buffer and it is counted. The first append holds its tensor at its exact size (no slack after a
+    prefill). ``limit``: grow no further than this many entries unless one append needs more (0: always exact-sized,
+    each append a copy of what is held: for a store bounded by a sliding window)."""
+
+    GROW_SHARE = 32  # spare capacity <= length / 32 (+ min_grow) after a growth
+
+    def __init__(self, min_grow: int = 16):
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+        self.min_grow = min_grow
+        self.limit: int | None = None  # grow no further than this many entries unless one append needs more
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[2]
+        if not n:
+            return
+        if self.buffer is None:  # held at its exact size; a view of a larger tensor would keep that one alive
+            exact = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+            self.buffer, self.length = (x if exact else x.contiguous().clone()), n
+            return
+        need = self.length + n
+        if need > self.buffer.shape[2]:
+            capacity = need + max(self.min_grow, need // self.GROW_SHARE)
+            if self.limit is not None:  # e.g. a sliding window: it never holds more than its window
+                capacity = max(need, min(capacity, self.limit))
+            grown = self.buffer.new_empty((*self.buffer.shape[:2], capacity, *self.buffer.shape[3:]))
+            grown[:, :, : self.length] = self.buffer[:, :, : self.length]
+            self.buffer = grown
+        self.buffer[:, :, self.length : need] = x
+        self.length = need
+
+    def view(self) -> torch.Tensor | None:
+        """The held entries ``(…, length, …)``: a view of the buffer (None when empty)."""
+        return None if self.buffer is None else self.buffer[:, :, : self.length]
+
+    def drop_front(self, n: int) -> None:
+        """Forget the ``n`` oldest entries; what stays moves into a new buffer (the dropped bytes are freed with the
+        old one) with the same spare, or up to ``limit``."""
+        if n >= self.length:
+            self.buffer, self.length = None, 0
+            return
+        if n:
+            rest = self.length - n
+            capacity = rest + self.buffer.shape[2] - self.length
+            if self.limit is not None:
+                capacity = max(rest, min(self.buffer.shape[2], self.limit))
+            kept = self.buffer.new_empty((*self.buffer.shape[:2], capacity, *self.buffer.shape[3:]))
+            kept[:, :, :rest] = self.buffer[:, :, n : self.length]
+            self.buffer, self.length = kept, rest
+
+    def spare_nbytes(self) -> int:
+        """Bytes of the spare capacity (allocated, held, not yet filled)."""
+        if self.buffer is None:
+            return 0
+        return (self.buffer.shape[2] - self.length) * self.buffer[:, :, :1].numel() * self.buffer.element_size()
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The whole buffer, spare capacity included (what is held)."""
+        return [self.buffer]
+
+
 @register_store("fp16")
 class FP16Store(KVStore):
     """Plain 2-byte floats (bfloat16 when the model computes in bfloat16)."""

@@ -30,7 +30,7 @@ from ..cache import Method, StoreLayer
 from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
-from ..storage import KVStore, register_store
+from ..storage import GrowingTokens, KVStore, register_store
 
 #: code widths accepted for keys and values (the paper's 2 and 4; 8 as a near-lossless check)
 SUPPORTED_BITS = (2, 4, 8)
@@ -85,29 +85,45 @@ class KiviConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: a quantized stream grows its buffers by at least this many tokens (and by 1/32 of its length; the spare is counted)
+GROW_TOKENS = 16
+
+
 class _Quantized:
-    """Concatenated quantized chunks along tokens: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 and fp16
-    stats ``(b, h, n // G, d)`` (keys, per channel) or ``(b, h, n, d // Gv)`` (values, per token)."""
+    """Quantized tokens appended in chunks: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 and fp16 stats
+    ``(b, h, n // G, d)`` (keys, per channel) or ``(b, h, n, d // Gv)`` (values, per token), each grown in place
+    (:class:`kvcompress.storage.GrowingTokens`: a decode step copies O(1) tokens amortized, not the past)."""
 
     def __init__(self, bits: int, axis: int, group: int):
         self.bits, self.axis, self.group = bits, axis, group
-        self.packed = self.scale = self.zero = None
+        stats_grow = max(1, GROW_TOKENS // group) if axis == 2 else GROW_TOKENS  # key stats: a row per token group
+        self.codes = GrowingTokens(GROW_TOKENS)
+        self.scales, self.zeros = GrowingTokens(stats_grow), GrowingTokens(stats_grow)
         self.length = 0
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        return self.codes.view()
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self.scales.view()
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return self.zeros.view()
 
     def add(self, x: torch.Tensor) -> None:
         """Quantize ``x: (b, h, n, d)`` once and append it."""
         q = quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group)
-        if self.packed is None:
-            self.packed, self.scale, self.zero = q.packed, q.scale, q.zero
-        else:
-            self.packed = torch.cat([self.packed, q.packed], dim=2)
-            self.scale = torch.cat([self.scale, q.scale], dim=2)
-            self.zero = torch.cat([self.zero, q.zero], dim=2)
+        self.codes.append(q.packed)
+        self.scales.append(q.scale)
+        self.zeros.append(q.zero)
         self.length += x.shape[2]
 
     def read(self, shape_bhd: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """Dequantized ``(b, h, n, d)`` transient copy (None when empty)."""
-        if self.packed is None:
+        if not self.length:
             return None
         b, h, d = shape_bhd
         q = UniformQuantized(self.packed, self.scale, self.zero, self.bits, (b, h, self.length, d), self.axis,
@@ -129,18 +145,26 @@ class _Quantized:
 
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel keys: ``n`` a multiple of the group); what stays keeps its codes
-        (copied once, so the dropped bytes are really freed)."""
-        if n >= self.length:
-            self.packed = self.scale = self.zero = None
-            self.length = 0
-            return
+        (moved once, so the dropped bytes are really freed)."""
+        n = min(n, self.length)
         stats = n // self.group if self.axis == 2 else n
-        self.packed = self.packed[:, :, n:].clone()
-        self.scale, self.zero = self.scale[:, :, stats:].clone(), self.zero[:, :, stats:].clone()
+        self.codes.drop_front(n)
+        self.scales.drop_front(stats)
+        self.zeros.drop_front(stats)
         self.length -= n
 
+    def limit_capacity(self, tokens: int) -> None:
+        """Never grow the buffers past ``tokens`` tokens (unless one append needs more; 0: always exact-sized)."""
+        self.codes.limit = tokens
+        self.scales.limit = self.zeros.limit = -(-tokens // self.group) if self.axis == 2 else tokens
+
+    def spare_nbytes(self) -> int:
+        """Bytes of the buffers' spare capacity (held, counted in :meth:`tensors`, not yet filled)."""
+        return sum(g.spare_nbytes() for g in (self.codes, self.scales, self.zeros))
+
     def tensors(self) -> list[torch.Tensor | None]:
-        return [self.packed, self.scale, self.zero]
+        """The held buffers, spare capacity included."""
+        return [*self.codes.tensors(), *self.scales.tensors(), *self.zeros.tensors()]
 
 
 @register_store("kivi")
@@ -215,6 +239,10 @@ class KiviStore(KVStore):
 
     def held_tensors(self) -> list[torch.Tensor | None]:
         return [*self.kq.tensors(), self.k_res, *self.vq.tensors(), self.v_res]
+
+    def spare_nbytes(self) -> int:
+        """Bytes held as spare capacity of the code buffers (part of :meth:`nbytes`): at most ~1/32 of the codes."""
+        return self.kq.spare_nbytes() + self.vq.spare_nbytes()
 
     def read_range(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``[start, stop)`` dequantized: ``(batch, kv_heads, stop - start, head_dim)`` keys and values."""
@@ -324,6 +352,10 @@ class KiviSlidingLayer(KiviLayer):
     def __init__(self, geometry, layer_idx: int, config: KiviConfig):
         super().__init__(geometry, layer_idx, config)
         self.window = geometry.sliding_window
+        # buffers at their exact size, no spare: a step copies at most the window's codes (bounded by the window, not
+        # the context), and the bytes held are those of the tokens held (a spare would cost ~6 % of a 512 window)
+        self.kv.kq.limit_capacity(0)
+        self.kv.vq.limit_capacity(0)
 
     def new_row_layer(self):
         return KiviSlidingLayer(self.geometry, self.layer_idx, self.config)
