@@ -1,8 +1,11 @@
 """LogQuant: the log-sparse selection against hand-computed cases, the position-agnostic layout (attention over
 the stored order == attention in true order), bytes == held tensors == hand formula, each token quantized once,
-generate on tiny llama / tiny Gemma-3 / batch 2, bad input, and SmolLM2."""
+generate on tiny llama / tiny Gemma-3 / batch 2, bad input, and SmolLM2. Sliding-window layers (#16): the window
+held as quantized blocks + full-precision tokens, blocks dropped whole, attention == a dense window reference."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import kvcompress.methods.logquant as lq
 from kvcompress import KVCompressError, make_cache
 from kvcompress.cache import ModelGeometry
 from kvcompress.layers import KVLayer
-from kvcompress.methods.logquant import LogQuantConfig, LogQuantLayer, log_schedule
+from kvcompress.methods.logquant import LogQuantConfig, LogQuantLayer, LogQuantSlidingLayer, log_schedule
 from kvcompress.compat import cache_kwargs
 
 
@@ -240,8 +243,10 @@ def test_generate(request, which, batch, key_axis):
         held = [row for layer in full_layers for row in (layer._rows or [layer])]  # a padded batch runs row by row
         assert len(held) == len(full_layers) * (batch if batch == 2 else 1)
         assert all(layer.fp_k.shape[-2] <= 12 for layer in held)
-        if which == "tiny_gemma":  # sliding-window layers keep their plain 2-byte window
-            assert len(full_layers) < len(cache.layers)
+        if which == "tiny_gemma":  # sliding-window layers are held as LogQuant too (#16)
+            sliding = [layer for layer in full_layers if isinstance(layer, LogQuantSlidingLayer)]
+            assert sliding and len(full_layers) == len(cache.layers)
+            assert all(row.blocks for layer in sliding for row in (layer._rows or [layer]))
 
 
 def test_bits4_is_closer_than_bits2(tiny_model):
@@ -270,6 +275,7 @@ def test_bits4_is_closer_than_bits2(tiny_model):
         ({"group_size": 0}, "group_size"),
         ({"group_size": 12}, "does not divide head_dim"),
         ({"residual": 8}, "unknown option"),
+        ({"quantize_sliding": "yes"}, "quantize_sliding"),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_model, options, match):
@@ -314,3 +320,160 @@ def test_spike_profile_tallies(tiny_model, tmp_path):
     assert plot(r, tmp_path / "s.png").stat().st_size > 0
     with pytest.raises(KVCompressError, match="queries"):
         profile_spikes(tiny_model, ids, queries=80)
+
+
+# -- sliding-window layers (Gemma-3, #16) ----------------------------------------------------------------------------
+
+
+def _sliding_layer(size, window, d=8, **opts):
+    g = ModelGeometry(1, 2, 1, d, ("sliding_attention",), size, 1 << 20, "t", torch.float32)
+    return LogQuantSlidingLayer(g, 0, LogQuantConfig(window=window, **opts))
+
+
+@pytest.mark.parametrize("size,window", [(16, 2), (16, 4), (16, 7), (16, 8), (64, 8), (100, 7), (512, 42)])
+@pytest.mark.parametrize("calls", ["decode", "prefill", "chunks"])
+def test_sliding_layer_holds_exactly_the_window(size, window, calls):
+    """Tagged tokens (constant vectors, exact through per-token quantization): after every step the window read back
+    is exactly positions ``seen - n .. seen - 1`` (n = min(seen, size - 1)) in order, the full-precision run holds
+    no token outside it, blocks are whole flushes (W tokens) with at least one token inside, at most 3W tokens
+    are at full precision, and what is held beyond the window stays under 2W tokens (blocks that straddle its edge)."""
+    layer = _sliding_layer(size, window, key_axis="token")
+    cycles = min(6, 2000 // (size + 16))  # tags stay below 2048 (integers exact in fp16)
+    sizes = {"decode": [1] * (3 * size + 10), "prefill": [2 * size + 9] + [1] * size,
+             "chunks": [5, 3, size, 1, 7] * cycles}
+    pos = 0
+    for n in sizes[calls]:
+        k = torch.arange(pos, pos + n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 1, n, 8).contiguous()
+        _store(layer, k, -k)
+        pos += n
+        keys, values = layer._window(torch.float32)
+        want = list(range(pos - min(pos, size - 1), pos))
+        assert keys[0, 0, :, 3].tolist() == want and values[0, 0, :, 0].tolist() == [-p for p in want]
+        horizon = pos - size  # the next query sees positions > horizon
+        assert layer.fp_pos is None or int(layer.fp_pos.min()) > horizon
+        assert all(blk[2].numel() == window and blk[3] == int(blk[2].max()) > horizon for blk in layer.blocks)
+        assert layer.fp_k.shape[-2] <= 3 * window
+        assert layer.kept_length() - min(pos, size - 1) < 2 * window
+        assert layer.represented_tokens() == min(pos, size - 1)
+
+
+def test_sliding_blocks_are_quantized_once_and_leave_whole(monkeypatch):
+    """A block's codes are the same tensors from its flush until it is dropped (never re-quantized or copied), and
+    every quantize call takes exactly one flush (W tokens)."""
+    calls = []
+    real = lq.quantize_uniform
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[-2])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(lq, "quantize_uniform", counting)
+    layer, g = _sliding_layer(32, 4), torch.Generator().manual_seed(0)
+    seen_codes: dict[int, torch.Tensor] = {}  # id of a block's key codes -> the tensor
+    dropped = 0
+    for n in [40] + [1] * 60:
+        _store(layer, torch.randn(1, 1, n, 8, generator=g), torch.randn(1, 1, n, 8, generator=g))
+        now = {id(blk[0].packed): blk[0].packed for blk in layer.blocks}
+        dropped += len(set(seen_codes) - set(now))
+        for key, codes in now.items():  # a block still held keeps its tensors
+            assert key not in seen_codes or seen_codes[key] is codes
+        seen_codes.update(now)
+    assert dropped > 5 and set(calls) == {4}
+
+
+def test_sliding_nbytes_equals_held_tensors_and_hand_formula():
+    b, d, w = 2, 32, 4
+    layer = _sliding_layer(24, w, d=d, bits=2, group_size=16)
+    g = torch.Generator().manual_seed(3)
+    for n in [30, 1, 1, 1, 5]:
+        _store(layer, torch.randn(b, 1, n, d, generator=g), torch.randn(b, 1, n, d, generator=g))
+    n_fp, n_q = layer.fp_pos.numel(), len(layer.blocks) * w
+    fp_bytes = 2 * b * n_fp * d * 2 + 4 * n_fp  # K and V at 2 bytes + int32 positions
+    codes = 2 * b * n_q * d * 2 // 8
+    value_stats = b * n_q * (d // 16) * 2 * 2  # per token, groups of 16: fp16 scale + zero
+    key_stats = b * len(layer.blocks) * d * 2 * 2  # per channel per block
+    assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.held_tensors())
+    assert layer.nbytes() == fp_bytes + codes + value_stats + key_stats + 4 * n_q
+    assert layer.reference_nbytes() == b * 23 * d * 2 * 2  # the window (size - 1 tokens), not the 38 seen
+
+
+class _DenseWindow(LogQuantSlidingLayer):
+    """Test double: the same state update, but attention is transformers' own over :meth:`store`'s dense
+    ``[window in position order | new]`` with transformers' sliding-window mask."""
+
+    attends = False
+
+    def kept_length(self):
+        return min(self.seen, self.size - 1)
+
+
+def _gemma_feeds(model, feeds, dense, **options):
+    cache = make_cache("logquant", model, **options)
+    if dense:
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, LogQuantSlidingLayer):
+                cache.layers[i] = _DenseWindow(layer.geometry, i, layer.config)
+    with torch.no_grad():
+        return [model(x, **cache_kwargs(model, cache)).logits for x in feeds], cache
+
+
+@pytest.mark.parametrize("options", [{"window": 4}, {"window": 2, "key_axis": "token"}, {"window": 3, "bits": 4}])
+def test_sliding_layers_equal_a_dense_window_reference(tiny_gemma, options):
+    """Tiny Gemma-3 (16-token windows), 90 tokens = 5+ windows: a 40-token prompt, 20 decode steps, a 15-token chunk,
+    15 decode steps. The sliding layers attending by themselves over their blocks and full-precision run give the
+    logits of the dense reference over the same quantized tokens masked by transformers (atol 5e-5 on logits of
+    size ~1: fp32 in another summation order; a token of the window missed or one outside it seen moves them
+    by 1e-3 or more)."""
+    ids = torch.randint(1, 128, (1, 90), generator=torch.Generator().manual_seed(3))
+    feeds = ([ids[:, :40]] + [ids[:, t : t + 1] for t in range(40, 60)] + [ids[:, 60:75]]
+             + [ids[:, t : t + 1] for t in range(75, 90)])
+    ours, cache = _gemma_feeds(tiny_gemma, feeds, False, **options)
+    ref, _ = _gemma_feeds(tiny_gemma, feeds, True, **options)
+    sliding = [layer for layer in cache.layers if isinstance(layer, LogQuantSlidingLayer)]
+    assert sliding and all(layer.blocks for layer in sliding)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+
+
+def test_sliding_layers_compress_the_window_and_can_be_switched_off(tiny_gemma):
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(4))
+    _, on = _gemma_feeds(tiny_gemma, [ids[:, :50]] + [ids[:, t : t + 1] for t in range(50, 60)], False, window=4)
+    _, off = _gemma_feeds(tiny_gemma, [ids[:, :50]] + [ids[:, t : t + 1] for t in range(50, 60)], False, window=4,
+                          quantize_sliding=False)
+    for a, b in zip(on.layers, off.layers):
+        if not b.is_sliding:
+            continue
+        assert isinstance(a, LogQuantSlidingLayer) and not isinstance(b, LogQuantLayer)
+        assert a.reference_nbytes() == b.reference_nbytes() == b.nbytes()  # the reference is the window
+        assert a.nbytes() < b.nbytes()
+    assert on.nbytes() < off.nbytes()
+    assert "LogQuant too" in lq.LogQuant.sliding
+
+
+def test_sliding_two_caches_from_two_threads_generate_what_they_generate_alone(tiny_gemma):
+    """Two LogQuant caches decoding from two threads on one tiny Gemma-3 (prompts cross the 16-token window)."""
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(1, 128, (1, 40), generator=gen) for _ in range(2)]
+
+    def generate(ids):
+        with make_cache("logquant", tiny_gemma, window=4) as cache:
+            return tiny_gemma.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache),
+                                       max_new_tokens=16, do_sample=False, pad_token_id=0)
+
+    alone = [generate(p).tolist() for p in prompts]
+    errors, barrier = [], threading.Barrier(2)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                assert generate(prompts[i]).tolist() == alone[i]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

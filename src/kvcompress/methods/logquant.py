@@ -15,6 +15,12 @@ gets ``[dequantized block | full-precision block | new tokens]``: one query's so
 keys does not depend on their order, and for multi-token queries (prefill, chunked input) the new tokens come
 last in their true order, so the causal mask transformers builds stays right. The prefill itself attends to
 the prompt's own full-precision K/V (as in KIVI); the compressed cache serves the tokens after it.
+
+Sliding-window layers (Gemma-3; :class:`LogQuantSlidingLayer`) run the same selection inside their window: the
+window is held as quantized flush blocks (``W`` tokens each, with their positions) plus the full-precision
+log-spaced run. A full-precision token that leaves the window is dropped (never quantized); a block is dropped
+whole once all its tokens have left; nothing that stays is re-quantized. Attention masks exactly the window.
+Their reference is the window (``quantize_sliding=False``: the plain fp16 window, no gain).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class LogQuantConfig:
     bits: int = 2  # code width of the quantized tokens: 2 or 4 (the paper's settings)
     key_axis: str = "channel"  # keys: "channel" = per channel over each W-token flush (KIVI-like; measured far better at 2 bits), "token" = per-token groups along head_dim (authors' code)
     group_size: int = 64  # group length along head_dim for per-token quantization (keys with key_axis="token", values); clipped to head_dim
+    quantize_sliding: bool = True  # sliding-window layers held as LogQuant too (False: their plain fp16 window)
 
     def __post_init__(self):
         check_positive_int(self.window, "window", "logquant")
@@ -46,6 +53,8 @@ class LogQuantConfig:
         if self.key_axis not in KEY_AXES:
             raise KVCompressError(f"logquant: key_axis={self.key_axis!r} is not one of {list(KEY_AXES)}")
         check_positive_int(self.group_size, "group_size", "logquant")
+        if not isinstance(self.quantize_sliding, bool):
+            raise KVCompressError(f"logquant: quantize_sliding must be True or False, got {self.quantize_sliding!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -223,6 +232,169 @@ class LogQuantLayer(KVLayer):
         return self.kq.length
 
 
+class LogQuantSlidingLayer(LogQuantLayer):
+    """A sliding-window layer (each query sees the last ``size`` positions, itself included) held as LogQuant.
+
+    State: the full-precision run ``fp_k``/``fp_v (batch, kv_heads, n_fp, head_dim)`` = ``[log-sparse | local]`` with
+    its positions ``fp_pos (n_fp,)`` int32, and ``blocks``: one entry per flush, oldest first, ``(keys, values,
+    positions (W,) int32, newest position)`` with keys/values :class:`UniformQuantized` ``(batch, kv_heads, W,
+    head_dim)`` quantized once. After each step (the next query at position ``p`` sees positions ``> p - size``)
+    full-precision tokens outside the window are dropped before the merge loop runs (so they are never quantized),
+    and a block is dropped whole once its newest token is outside; tokens of a block still held that already left
+    the window are masked. The reference is the window (``size - 1`` tokens).
+
+    Attention: a decode step reads the blocks (a chunk of whole blocks at a time) and the full-precision run, with
+    a validity mask from the positions; a multi-token step gathers the window's tokens into position order
+    (transient: the window, ``(batch, kv_heads, <= size - 1, head_dim)`` fp32) and masks per query row.
+    :meth:`store` returns that position-ordered window plus the new tokens (the dense reference)."""
+
+    is_sliding = True
+
+    def __init__(self, geometry: ModelGeometry, layer_idx: int, config: LogQuantConfig):
+        super().__init__(geometry, layer_idx, config)
+        self.size = geometry.sliding_window
+        self.fp_pos: torch.Tensor | None = None
+        self.blocks: list[tuple[UniformQuantized, UniformQuantized, torch.Tensor, int]] = []
+
+    def new_row_layer(self):
+        return LogQuantSlidingLayer(self.geometry, self.layer_idx, self.config)
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def _read_blocks(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized tokens ``[start, stop)`` in block order: ``(batch, kv_heads, stop - start, head_dim)`` keys and
+        values, the blocks they fall in dequantized (transient; attention reads whole blocks, chunks of ``W``)."""
+        w = self.window
+        first = start // w
+        blocks = self.blocks[first : -(-stop // w)]
+        k = torch.cat([blk[0].dequantize(dtype) for blk in blocks], dim=-2)
+        v = torch.cat([blk[1].dequantize(dtype) for blk in blocks], dim=-2)
+        a = start - first * w
+        return k[:, :, a : a + stop - start], v[:, :, a : a + stop - start]
+
+    def _held_positions(self) -> torch.Tensor:
+        """Positions ``(n_quantized + n_fp,)`` of every held token in storage order (blocks, then the fp run)."""
+        pieces = [blk[2] for blk in self.blocks] + ([self.fp_pos] if self.fp_pos is not None else [])
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+
+    def _window(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The held tokens the next query can see (positions ``seen - n .. seen - 1``, ``n = min(seen, size - 1)``)
+        in position order: ``(batch, kv_heads, n, head_dim)`` keys and values (transient), or ``(None, None)``."""
+        pos = self._held_positions()
+        if not pos.numel():
+            return None, None
+        ks, vs = [], []
+        if self.blocks:
+            k, v = self._read_blocks(0, len(self.blocks) * self.window, dtype)
+            ks.append(k)
+            vs.append(v)
+        if self.fp_k is not None:
+            ks.append(self.fp_k.to(dtype))
+            vs.append(self.fp_v.to(dtype))
+        k, v = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+        inside = (pos > self.seen - self.size).nonzero().squeeze(-1)
+        order = inside[torch.argsort(pos[inside])].to(k.device)
+        if order.numel() != min(self.seen, self.size - 1):  # every position of the window is held, once
+            raise KVCompressError(f"logquant: layer {self.layer_idx} holds {order.numel()} tokens of its window, "
+                                  f"expected {min(self.seen, self.size - 1)} (internal error)")
+        return k.index_select(-2, order), v.index_select(-2, order)
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        from ..attention import CHUNK, KVPart, attend_parts, sliding_view
+
+        sd, q = self.geometry.storage_dtype, keys.shape[2]
+        nv = None if new_valid is None else new_valid[:, None, :]
+        new = KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)
+        if q == 1:  # one query: order does not matter; mask the held tokens that left the window
+            parts = []
+            visible = self._held_positions().to(keys.device) > self.seen - self.size
+            n_q = len(self.blocks) * self.window
+            if n_q:
+                chunk = max(self.window, CHUNK - CHUNK % self.window)
+                parts.append(KVPart(n_q, self._read_blocks, kind="logquant", chunk_tokens=chunk,
+                                    kv_heads=keys.shape[1]))
+                if not bool(visible[:n_q].all()):
+                    parts[-1].valid = visible[:n_q].view(1, 1, n_q).expand(keys.shape[0], 1, n_q)
+            if self.fp_k is not None:
+                parts.append(KVPart.dense(self.fp_k, self.fp_v, kind="fp16"))
+            result = attend_parts(query, [*parts, new], scaling)
+            transient = result.transient_bytes
+        else:  # several queries: the window in position order, masked per query row
+            k, v = self._window(torch.float32)
+            held = 0 if k is None else k.shape[-2]
+            _, window = sliding_view(held, self.seen, self.size, q, keys.shape[0], keys.device)
+            parts = [KVPart.dense(k, v, kind="logquant-window")] if held else []
+            result = attend_parts(query, [*parts, new], scaling, window=window)
+            transient = max(result.transient_bytes, 0 if k is None else 2 * k.numel() * k.element_size())
+        self._append(keys, values)
+        return result.output, transient
+
+    def store(self, key_states, value_states):
+        """The dense reference: ``[the window in position order (dequantized) | new tokens (2-byte)]``, then the
+        state update (transformers masks the window; :meth:`kept_length` must then be the window's length)."""
+        dt, sd = key_states.dtype, self.geometry.storage_dtype
+        k, v = self._window(dt)
+        new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
+        self._append(key_states, value_states)
+        if k is None:
+            return new_k, new_v
+        return torch.cat([k, new_k], dim=-2), torch.cat([v, new_v], dim=-2)
+
+    # -- state update ------------------------------------------------------------------------------------------------
+    def _append(self, key_states, value_states) -> None:
+        """Take the step's ``(b, h, q, d)`` K/V (positions ``seen .. seen + q - 1``) into the full-precision run, drop
+        what the next query cannot see, run the merge loop (one block per flush), drop blocks that left whole."""
+        sd, q, dev = self.geometry.storage_dtype, key_states.shape[-2], key_states.device
+        horizon = self.seen + q - self.size  # the next query (position seen + q) sees positions > horizon
+        pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=dev)
+        k, v = key_states.to(sd), value_states.to(sd)
+        if self.fp_k is not None:
+            k, v = torch.cat([self.fp_k, k], dim=-2), torch.cat([self.fp_v, v], dim=-2)
+            pos = torch.cat([self.fp_pos, pos])
+        out = int((pos <= horizon).sum())  # the fp run is in position order: those that left are a prefix
+        if out:
+            k, v, pos = k[:, :, out:], v[:, :, out:], pos[out:]
+            self.n_sparse = max(0, self.n_sparse - out)
+        kept, dropped, self.n_sparse = log_flush(list(range(pos.numel())), self.n_sparse, self.window)
+        w = self.window
+        for i in range(0, len(dropped), w):  # one block per flush, quantized once
+            idx = torch.tensor(dropped[i : i + w], device=dev)
+            bk, bv, bp = k.index_select(-2, idx), v.index_select(-2, idx), pos.index_select(0, idx)
+            self.blocks.append((quantize_uniform(bk, self.kq.bits, axis=self.kq.axis, group_size=self.kq.group),
+                                quantize_uniform(bv, self.vq.bits, axis=self.vq.axis, group_size=self.vq.group),
+                                bp, int(bp.max())))
+        if dropped:
+            idx = torch.tensor(kept, device=dev)
+            k, v, pos = k.index_select(-2, idx), v.index_select(-2, idx), pos.index_select(0, idx)
+        self.fp_k, self.fp_v, self.fp_pos = (k, v, pos) if pos.numel() else (None, None, None)
+        self.blocks = [blk for blk in self.blocks if blk[3] > horizon]  # whole blocks, never re-quantized
+
+    # -- accounting --------------------------------------------------------------------------------------------------
+    def held_tensors(self):
+        blocks = [t for kq, vq, p, _ in self.blocks for t in (kq.packed, kq.scale, kq.zero, vq.packed, vq.scale,
+                                                               vq.zero, p)]
+        return [self.fp_k, self.fp_v, self.fp_pos, *blocks]
+
+    def attention_path(self) -> str:
+        """``"chunked"`` once blocks are held (a decode step reads them a chunk of blocks at a time), else
+        ``"dense"``."""
+        return "chunked" if self.blocks else "dense"
+
+    def kept_length(self) -> int:
+        if self._rows is not None:  # a padded batch: each row holds its own window
+            return max(row.kept_length() for row in self._rows)
+        return len(self.blocks) * self.window + (0 if self.fp_pos is None else self.fp_pos.numel())
+
+    @property
+    def quantized_length(self) -> int:
+        return len(self.blocks) * self.window
+
+    def represented_tokens(self) -> int:
+        return min(self.seen, self.size - 1)
+
+    def get_max_length(self) -> int:
+        return self.size
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,6 +404,8 @@ class LogQuantLayer(KVLayer):
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
     attention = "kvcompress: quantized runs a chunk at a time, then the full-precision block"
+    sliding = ("LogQuant too: quantized flush blocks + log-spaced fp16 inside the window, blocks leave whole, window "
+               "masked (quantize_sliding=False: plain fp16 window)")
     Config = LogQuantConfig
     test_options = {"window": 8}
     noop_options = None  # no setting keeps every token at 2 bytes: a window past the context is an error
@@ -248,6 +422,8 @@ class LogQuant(Method):
             )
 
     def make_layer(self, layer_idx: int):
-        if self.geometry.is_sliding(layer_idx):  # Gemma-3 local layers keep their short window at 2 bytes
+        if self.geometry.is_sliding(layer_idx):
+            if self.config.quantize_sliding:
+                return LogQuantSlidingLayer(self.geometry, layer_idx, self.config)
             return self.sliding_layer(layer_idx)
         return LogQuantLayer(self.geometry, layer_idx, self.config)
