@@ -279,11 +279,18 @@ def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch, me
 
 
 def test_memory_report_says_quantizing_layers_read_chunk_by_chunk(tiny_model):
-    """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "chunked"."""
-    for method, options in (("kvquant", BOUNDED_TRANSIENT["kvquant"]), ("logquant", BOUNDED_TRANSIENT["logquant"])):
-        with make_cache(method, tiny_model, **options) as cache, torch.no_grad():
-            tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(tiny_model, cache))
-            assert cache.memory_report().attention == {"chunked": 4}, method
+    """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "chunked"
+    (LogQuant: "fused-numba" while the kernel applies, "chunked" with it switched off)."""
+    from kvcompress import kernels
+
+    for method, options, fused in (("kvquant", BOUNDED_TRANSIENT["kvquant"], "chunked"),
+                                   ("logquant", BOUNDED_TRANSIENT["logquant"], "fused-numba"),
+                                   ("logquant", dict(BOUNDED_TRANSIENT["logquant"], key_axis="token"), "chunked")):
+        for on in (True, False):
+            with kernels.fused(on), make_cache(method, tiny_model, **options) as cache, torch.no_grad():
+                tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(tiny_model, cache))
+                want = fused if on and kernels.AVAILABLE else "chunked"
+                assert cache.memory_report().attention == {want: 4}, (method, options, on)
 
 
 def partial_reference(keys, values, valid):

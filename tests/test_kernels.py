@@ -338,10 +338,14 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("method,options", [
+    ("kivi", {"bits": 2, "group_size": 8, "residual": 16}),
+    ("logquant", {"bits": 2, "window": 8, "group_size": 8}),  # per-channel keys in blocks of W: KIVI's layout
+])
 @torch.no_grad()
-def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch):
+def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch, method, options):
     """Greedy generation (batch 2, and a left-padded batch whose rows run alone) gives the same tokens, and
-    teacher-forced logits agree to fp32 rounding; the fused kernel really ran."""
+    teacher-forced logits agree to fp32 rounding; the fused kernel really ran (for LogQuant once per quantized run)."""
     calls = []
     real = kernels.kivi_attention
     monkeypatch.setattr(kernels, "kivi_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -349,11 +353,10 @@ def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monke
     ids = torch.randint(1, 128, (2, 60), generator=gen)
     padded_mask = torch.ones_like(ids)
     padded_mask[1, :23] = 0
-    options = {"bits": 2, "group_size": 8, "residual": 16}
 
     def run(on, mask):
         with kernels.fused(on):
-            cache = make_cache("kivi", tiny_model, **options)
+            cache = make_cache(method, tiny_model, **options)
             out = tiny_model.generate(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache), max_new_tokens=16,
                                       do_sample=False, pad_token_id=0)
             return out[:, ids.shape[1]:]
@@ -367,7 +370,7 @@ def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monke
 
     def forced(on):
         with kernels.fused(on):
-            cache = make_cache("kivi", tiny_model, **options)
+            cache = make_cache(method, tiny_model, **options)
             logits = [tiny_model(ids[:, :40], **cache_kwargs(tiny_model, cache)).logits[:, -1]]
             for t in range(40, ids.shape[1]):
                 logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits[:, -1])
@@ -420,7 +423,7 @@ def test_generation_through_the_triton_kernel(tiny_model, monkeypatch):
 
     def forced(on):
         with kernels.fused(on, backend="triton" if on else None):
-            cache = make_cache("kivi", tiny_model, **options)
+            cache = make_cache(method, tiny_model, **options)
             logits = [tiny_model(ids[:, :30], **cache_kwargs(tiny_model, cache)).logits[:, -1]]
             for t in range(30, ids.shape[1]):
                 logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits[:, -1])

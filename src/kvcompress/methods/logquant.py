@@ -171,9 +171,13 @@ class LogQuantLayer(KVLayer):
         sd = self.geometry.storage_dtype
         parts = []
         chunk = max(self.window, CHUNK - CHUNK % self.window)  # per-channel key blocks are W tokens
-        for (n, read_k), (_, read_v) in zip(self.kq.run_readers(), self.vq.run_readers()):
-            parts.append(KVPart(n, lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt)),
-                                kind="logquant", chunk_tokens=chunk, kv_heads=keys.shape[1]))
+        fused = self.fused()
+        for (n, read_k), (_, read_v), k_run, v_run in zip(self.kq.run_readers(), self.vq.run_readers(),
+                                                          self.kq.runs.runs, self.vq.runs.runs):
+            read = lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt))  # noqa: E731
+            parts.append(KVPart(n, read, kind="logquant-fused" if fused else "logquant", chunk_tokens=chunk,
+                                kv_heads=keys.shape[1], fused=self._fused_run(n, read, chunk, k_run, v_run) if fused
+                                else None))
         if self.fp_k is not None:
             parts.append(KVPart.dense(self.fp_k, self.fp_v, kind="fp16"))
         nv = None if new_valid is None else new_valid[:, None, :]
@@ -220,9 +224,38 @@ class LogQuantLayer(KVLayer):
     def held_tensors(self):
         return [self.fp_k, self.fp_v, *self.kq.tensors(), *self.vq.tensors()]
 
+    def fused(self) -> bool:
+        """Whether each quantized run is attended by the fused KIVI-layout kernel straight from its codes
+        (:func:`kvcompress.kernels.kivi_attention`): keys per channel in blocks of W tokens and values per token are
+        exactly KIVI's layout (``key_axis="token"`` is not: chunked), and a kernel applies on the device."""
+        from .. import kernels
+
+        if not self.kq.length or self.kq.axis != -2:
+            return False
+        device = self.kq.runs.runs[0][0].device
+        return kernels.kivi_fused_applies(device, self.kq.bits, self.vq.bits, self.geometry.head_dim, self.vq.group)
+
+    def _fused_run(self, n: int, read, chunk: int, k_run, v_run):
+        """``KVPart.fused`` of one quantized run of ``n`` tokens: ``k_run``/``v_run`` = (packed, scale, zero)."""
+        from .. import kernels
+
+        kq, vq = self.kq, self.vq
+
+        def attend(qg, valid):
+            if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: BLAS on dequantized chunks is faster
+                return kernels.chunked_partials(qg, read, n, chunk, valid)
+            return kernels.kivi_attention(qg, n, *k_run, kq.bits, kq.group, *v_run, vq.bits, vq.group, valid)
+
+        return attend
+
     def attention_path(self) -> str:
-        """``"chunked"`` once tokens were quantized (read a chunk at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
-        return "chunked" if self.kq.length else "dense"
+        """``"fused-numba"``/``"fused-triton"`` (:meth:`fused`), ``"chunked"`` once tokens were quantized (read a chunk
+        at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
+        from .. import kernels
+
+        if not self.kq.length:
+            return "dense"
+        return f"fused-{kernels.backend(self.kq.runs.runs[0][0].device)}" if self.fused() else "chunked"
 
     def new_row_layer(self):
         return LogQuantLayer(self.geometry, self.layer_idx, self.config)
@@ -403,7 +436,8 @@ class LogQuantSlidingLayer(LogQuantLayer):
 @register("logquant")
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
-    attention = "kvcompress: quantized runs a chunk at a time, then the full-precision block"
+    attention = ("kvcompress: quantized runs through the fused KIVI-layout kernel (key_axis=channel; chunked for "
+                 "key_axis=token or without a kernel), then the full-precision block")
     sliding = ("LogQuant too: quantized flush blocks + log-spaced fp16 inside the window, blocks leave whole, window "
                "masked (quantize_sliding=False: plain fp16 window)")
     Config = LogQuantConfig
