@@ -110,7 +110,7 @@ def test_retention_picks_the_largest_angular_distances():
     g = kvcompress.ModelGeometry(2, 1, 1, 4, ("full_attention",) * 2, None, None, "x", torch.float32)
     seg = Segment(lambda: make_store("fp16", g), 0, torch.float16)
     seg.add(a, a, b, b, MiniCacheConfig(gamma=0.15))
-    assert seg.kept_idx.tolist() == [2, 5]
+    assert seg.kept_idx.joined()[0].tolist() == [2, 5]
     rb = seg.restore(1, torch.float32)[0]
     assert torch.allclose(rb[0, 0, [2, 5]], b[0, 0, [2, 5]], atol=1e-3)
     assert not torch.allclose(rb[0, 0, 6], b[0, 0, 6], atol=1e-3)
@@ -415,3 +415,98 @@ def test_profile_file_chooses_pairs(tiny_model, tmp_path):
         make_cache("minicache", tiny_model, profile=str(path))
     with pytest.raises(KVCompressError, match="cannot read"):
         make_cache("minicache", tiny_model, profile=str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------- growth
+
+
+def test_decode_steps_do_not_copy_the_merged_past(tiny_model):
+    """Growth without copying the past (block=1: every decode step merges its token): after a 512-token prompt (batch
+    2, one row left-padded), the tensors that hold the prompt's merged state (directions, magnitudes) are still held
+    after 40 steps, and what the steps put in new held tensors is O(log n) tokens' worth per step (TokenRuns: the
+    new token, and runs merged like a binary counter), not the past. (Before, every step concatenated the
+    magnitudes, the retained indices and the padding flags onto their whole past.)"""
+    ids = _ids(2, 512, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cache = make_cache("minicache", tiny_model, start_layer=1)
+    merged = [layer for layer in cache.layers if isinstance(layer, MergedLayer)]
+    b, h, d = 2, 2, 16
+    per_token = len(merged) // 2 * (2 * b * h * d + 2 * 2 * b * h + b)  # per pair: directions, magnitudes, padding flag
+    with torch.no_grad():
+        tiny_model(ids, attention_mask=mask, **cache_kwargs(None, cache))
+
+        def held():
+            return {t.data_ptr(): t for layer in merged for t in layer.held_tensors() if t is not None and t.numel()}
+
+        before = held()
+        prompt_state = {p for p, t in before.items() if t.numel() >= 512 * b * h}  # directions and magnitudes
+        new_elements = 0
+        for s in range(40):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            tiny_model(torch.full((2, 1), 3 + s), attention_mask=mask, **cache_kwargs(None, cache))
+            now = held()
+            new_elements += sum(t.numel() for p, t in now.items() if p not in before)
+            before = now  # the previous tensors stay alive here, so a new tensor cannot reuse their addresses
+    assert len(prompt_state) >= 3 * len(merged) // 2 and prompt_state <= set(before)
+    assert new_elements <= 40 * 8 * per_token, new_elements / (40 * per_token)  # tokens' worth per step
+
+
+@pytest.mark.parametrize("storage", ["fp16", "kivi"])
+def test_any_range_of_a_segment_reads_back_what_the_whole_read_back_holds(storage):
+    """A segment grown by appends of 30, 1, 1, 5, 1, ... (50) tokens (several runs, retained entries in many of them):
+    reading any range of positions (as attention's chunks do) gives exactly that range of the whole read-back, which
+    is ``|x_j| * e`` with the retained entries exact (fp16 storage)."""
+    gen = torch.Generator().manual_seed(5)
+    g = kvcompress.ModelGeometry(4, 4, 3, 16, ("full_attention",) * 4, None, None, "x", torch.float32)
+    opts = {"bits": 4, "group_size": 8, "residual": 8} if storage == "kivi" else {}
+    seg = Segment(lambda: make_store(storage, g, **opts), 0, torch.float16)
+    cfg = MiniCacheConfig(gamma=0.3)
+    states = []
+    for n in (30, 1, 1, 5, 1, 1, 1, 9, 1):
+        x = [torch.randn(2, 3, n, 16, generator=gen) for _ in range(4)]
+        seg.add(*x, cfg)
+        states.append(x)
+    ka, va, kb, vb = (torch.cat([s[i] for s in states], dim=2) for i in range(4))
+    assert seg.length == 50 and len(seg.mags[0].runs) > 1 and len(seg.kept_idx.runs) > 1
+    keep = torch.zeros(2 * 3 * 50, dtype=torch.bool)
+    keep[seg.kept_idx.joined()[0].long()] = True
+    keep = keep.view(50, 2, 3).permute(1, 2, 0)  # (b, h, n)
+    for side, (k, v) in enumerate(((ka, va), (kb, vb))):
+        whole = seg.restore(side, torch.float32)
+        for got, x in zip(whole, (k, v)):  # retained entries exact (2-byte; kivi quantizes them), the others merged
+            if storage == "fp16":
+                torch.testing.assert_close(got[keep], x[keep].half().float())
+                torch.testing.assert_close(got.norm(dim=-1), x.norm(dim=-1), rtol=2e-3, atol=2e-3)
+        read = seg.reader(side)
+        for start, stop in ((0, 50), (0, 30), (3, 17), (29, 33), (30, 31), (33, 50), (49, 50)):
+            for got, want in zip(read(start, stop, torch.float32), whole):
+                assert torch.equal(got, want[:, :, start:stop])
+
+
+def test_long_context_merged_past_is_read_a_chunk_at_a_time(tiny_model, monkeypatch):
+    """Past the attention chunk (2048 tokens), the merged layers rebuild their past a chunk at a time: the logits
+    equal those of a cache whose pairs read their whole past back densely (the old path), and the peak transient of
+    a merged layer is a chunk, not the past."""
+    from kvcompress.attention import CHUNK, KVPart
+    from kvcompress.methods.minicache import LayerPair
+
+    ids, n = _ids(1, 2300, seed=7), 2300
+
+    def run():
+        cache = make_cache("minicache", tiny_model, start_layer=1)
+        with torch.no_grad():
+            out = [tiny_model(ids, **cache_kwargs(None, cache)).logits[:, -1]]
+            out += [tiny_model(torch.tensor([[3 + s]]), **cache_kwargs(None, cache)).logits[:, -1] for s in range(3)]
+        return torch.stack(out), cache
+
+    got, cache = run()
+    b, h, d = 1, 2, 16
+    chunk_bytes = 2 * b * h * CHUNK * d * 4  # K and V of one fp32 chunk
+    assert all(layer.peak_transient_bytes <= chunk_bytes < 2 * b * h * n * d * 4 for layer in cache.layers
+               if isinstance(layer, MergedLayer))
+    assert cache.memory_report().attention.get("chunked") == 4
+    monkeypatch.setattr(LayerPair, "parts", lambda self, side: [KVPart.dense(*self.past(side, torch.float32))]
+                        if self.segments or self.pending[side] is not None else [])
+    want, _ = run()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

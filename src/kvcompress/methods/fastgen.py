@@ -7,12 +7,15 @@ if the head's policy keeps it (special/punct by token id; local = the ``ceil(r_l
 frequent = the ``ceil(r_f * n)`` tokens with the largest cumulative attention, updated with every step's
 probabilities), and held tokens that fall out of every kept set are dropped.
 
-Storage is ragged and really freed: per layer one flat buffer ``(tokens held over all rows and heads, head_dim)``
-for K and one for V (2-byte floats), row-major over ``(batch row, kv head)``, with the per-head counts as Python
-ints (like ``seen``). Per-token metadata is held only where some head of the layer needs it: the position
-(int32, local), the cumulative attention (fp32, frequent) and a protected flag (bool: kept as special/punct).
-The layers attend by themselves (kvcompress's attention path): each head's past is masked to the slots it holds,
-and the step's probabilities (frequent policy) come from that same attention.
+Storage is ragged and really freed: per layer one flat buffer ``(slots, head_dim)`` for K and one for V (2-byte
+floats), one region of slots per ``(batch row, kv head)``, row-major, with the per-head counts as Python ints (like
+``seen``). A decode step writes the kept new tokens into slots freed by evicted ones or into the region's spare
+slots, in place: the past is never copied per step (a region that outgrows its slots makes the buffers grow, by
+about 1/32, spare slots counted in ``nbytes()``; see :class:`FastGenLayer`). Per-token metadata is held only where
+some head of the layer needs it: the position (int32, local), the cumulative attention (fp32, frequent) and a
+protected flag (bool: kept as special/punct). The layers attend by themselves (kvcompress's attention path): each
+head's past is masked to the slots it holds, and the step's probabilities (frequent policy) come from that same
+attention.
 
 Token classes: ``special`` = ``tokenizer.all_special_ids``; ``punct`` = tokens whose decoded text (whitespace
 stripped) is only Unicode ``P*`` characters (:func:`.fastgen_policies.punctuation_ids`). The tokenizer is the
@@ -177,112 +180,103 @@ class FastGen(Method):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _Layout:
-    """Where each (row, head)'s held tokens sit in the zero-padded ``(rows, lmax)`` view of a flat buffer."""
-
-    def __init__(self, lengths: list[int], device):
-        self.lmax = max(lengths, default=0)
-        self.lengths = torch.tensor(lengths, device=device)  # (rows,)
-        self.dense = all(n == self.lmax for n in lengths)
-        self.held = torch.arange(self.lmax, device=device)[None] < self.lengths[:, None]  # (rows, lmax)
-        self.index = None if self.dense else self.held.view(-1).nonzero().squeeze(1)
-
-    def padded(self, flat: torch.Tensor, fill=0) -> torch.Tensor:
-        """``flat (held, ...)`` -> ``(rows, lmax, ...)``, slots past a head's length set to ``fill``."""
-        rows, tail = self.lengths.shape[0], flat.shape[1:]
-        if self.dense:
-            return flat.view(rows, self.lmax, *tail)
-        out = flat.new_full((rows * self.lmax, *tail), fill)
-        return out.index_copy_(0, self.index, flat).view(rows, self.lmax, *tail)
-
-
-@dataclass
-class _Pending:
-    """What ``_gather`` handed to attention, waiting for ``_after_attention``."""
-
-    prefill: bool
-    k: torch.Tensor  # (batch, kv_heads, slots, d) storage dtype: the prompt, or [padded past | new]
-    v: torch.Tensor
-    ids: torch.Tensor  # (batch, q) token ids of the new tokens
-    real: torch.Tensor  # (batch, q) bool, False = padding
-    layout: _Layout | None  # of the held past tokens (None at the prompt)
+def _headroom(n: int) -> int:
+    """Spare slots a region holding ``n`` tokens gets when the buffers grow: ``4 + n // 32`` (the share of
+    :class:`kvcompress.storage.GrowingTokens`). A region that gains a token per step then grows every ~n/32 steps,
+    so a token is copied O(log n) times over its life instead of once per step, and the slack, counted in
+    ``nbytes()``, stays near 1/32."""
+    return 4 + n // 32
 
 
 class FastGenLayer(KVLayer):
-    """Per-(row, KV head) ragged storage; see the module docstring. Attends by itself: the held past zero-padded to
-    the longest head with each head's slots beyond its length masked, then the step's new tokens (causal, padding
-    masked)."""
+    """Per-(row, KV head) ragged storage; see the module docstring. Attends by itself: the held past (gathered
+    region by region, each head's slots beyond its length masked), then the step's new tokens (causal, padding
+    masked).
+
+    Growth without copying the past: the flat buffers ``k``/``v`` ``(capacity, head_dim)`` (and the metadata
+    ``pos``/``score``/``prot`` ``(capacity,)``) hold one region per (row, KV head), row-major: region ``i`` is slots
+    ``[offsets[i], offsets[i] + caps[i])`` and its held tokens are its first ``lengths[i]`` slots, in no particular
+    order (attention is a sum over a set). A decode step writes in place: a kept new token fills a slot freed by an
+    evicted one, or the region's next free slot; when a region evicts more than it gains, its last tokens move into
+    the freed slots, so regions stay compact. Only when a region outgrows its capacity are the buffers reallocated,
+    every region then getting ``_headroom`` spare slots (counted in ``nbytes()``)."""
 
     attends = True
 
     def __init__(self, geometry, layer_idx, config, forced, tokens, inputs: StepInputs):
         super().__init__(geometry, layer_idx)
         self.cfg, self.forced, self.tokens, self.inputs = config, forced, tokens, inputs
-        self.k: torch.Tensor | None = None  # (held tokens, head_dim)
+        self.k: torch.Tensor | None = None  # (capacity, head_dim) storage dtype, every region
         self.v: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None  # (held,) int32 position among the row's real tokens (local)
-        self.score: torch.Tensor | None = None  # (held,) fp32 cumulative attention (frequent)
-        self.prot: torch.Tensor | None = None  # (held,) bool kept as special/punct (never evicted)
+        self.pos: torch.Tensor | None = None  # (capacity,) int32 position among the row's real tokens (local)
+        self.score: torch.Tensor | None = None  # (capacity,) fp32 cumulative attention (frequent)
+        self.prot: torch.Tensor | None = None  # (capacity,) bool kept as special/punct (never evicted)
         self.lengths: list[int] = []  # held tokens per (row, kv head), row-major
+        self.caps: list[int] = []  # slots per region
+        self.offsets: torch.Tensor | None = None  # (rows,) int64 first slot of each region
+        self.reallocations = 0  # times the buffers were reallocated after the prompt (a region outgrew its capacity)
         self.policies: list[int] = []  # policy bit flags per (row, kv head)
         self.n_real: list[int] = []  # real (non-padding) tokens seen per row
         self.recoveries: torch.Tensor | None = None  # (batch, kv_heads, 5) recovery of each hybrid at the prompt
         self.profile_seconds = 0.0  # time spent profiling and compressing the prompt
-        self._gathered: _Pending | None = None  # this step's [past | new] between _gather and _after_attention
 
-    # -- store / attention / evict ----------------------------------------------------------------------------------
+    # -- attention ----------------------------------------------------------------------------------------------------
     def attend_step(self, query, keys, values, new_valid, scaling):
+        """``query (b, heads, q, d)``, new ``keys``/``values (b, kv, q, d)``: attend over the held past and the new
+        tokens, then profile + compress the prompt, or apply the policies to the step."""
         from ..attention import KVPart, attend_parts
 
-        k, v = self._gather(keys, values)
-        pend, q = self._gathered, keys.shape[2]
-        b, kv, past = k.shape[0], k.shape[1], k.shape[2] - q
-        parts = []
-        if past:
-            held = None if pend.layout.dense else pend.layout.held.view(b, kv, past)
-            parts.append(KVPart.dense(k[:, :, :past], v[:, :, :past], held))
-        new = None if pend.real.all() else pend.real[:, None, :]
-        parts.append(KVPart.dense(k[:, :, past:], v[:, :, past:], new, causal=True))
-        needs_probs = not pend.prefill and any(p & FREQUENT and not p & FULL for p in self.policies)
+        q = keys.shape[2]
+        ids, real = self.inputs.get(q)
+        sd = self.geometry.storage_dtype
+        nk, nv = keys.to(sd), values.to(sd)  # (b, kv, q, d): what the cache holds of the new tokens
+        prefill = self.seen == 0
+        lmax = 0 if prefill else max(self.lengths, default=0)
+        parts = [self._past_part(keys.shape[0], keys.shape[1], lmax)] if lmax else []
+        new = None if real.all() else real[:, None, :]
+        nk_c, nv_c = nk.to(keys.dtype), nv.to(values.dtype)
+        parts.append(KVPart.dense(nk_c, nv_c, new, causal=True))
+        needs_probs = not prefill and any(p & FREQUENT and not p & FULL for p in self.policies)
         result = attend_parts(query, parts, scaling, probs_last=q if needs_probs else 0)
-        self._after_attention(query, k, result.probs, scaling)
+        with torch.no_grad():
+            if prefill:
+                t0 = time.perf_counter()
+                self._compress_prompt(real, nk, nv, query, nk_c, scaling)
+                self.profile_seconds += time.perf_counter() - t0
+            else:
+                self._step(real, nk, nv, lmax, result.probs)
         return result.output, result.transient_bytes
 
-    def _gather(self, key_states, value_states):
-        """``(b, kv, q, d)`` new K/V -> ``[held past zero-padded to the longest head | new]`` in the storage dtype,
-        returned in the compute dtype; remembered until :meth:`_after_attention`."""
-        ids, real = self.inputs.get(key_states.shape[-2])
-        sd = self.geometry.storage_dtype
-        k, v = key_states.to(sd), value_states.to(sd)
-        layout = None
-        if self.seen:
-            layout = _Layout(self.lengths, k.device)
-            b, kv, _, d = k.shape
-            k = torch.cat([layout.padded(self.k).view(b, kv, layout.lmax, d), k], dim=2)
-            v = torch.cat([layout.padded(self.v).view(b, kv, layout.lmax, d), v], dim=2)
-        self._gathered = _Pending(self.seen == 0, k, v, ids, real, layout)
-        return k.to(key_states.dtype), v.to(value_states.dtype)
+    def _past_part(self, b: int, kv: int, lmax: int):
+        """The held past as one attention part of ``lmax`` slots per head: ``read(start, stop)`` gathers slots
+        ``[start, stop)`` of every region into ``(b, kv, stop - start, d)`` (a transient of the chunk); a head's
+        slots beyond its length are masked (``valid (b, kv, lmax)``, None when every head holds ``lmax``)."""
+        from ..attention import KVPart
 
-    def _after_attention(self, query, key, weights, scaling: float) -> None:
-        """After this step's attention: profile + compress the prompt, or apply the policies to a step (``weights
-        (b, kv, group, q, slots)``: the step's probabilities when a head follows the frequent policy)."""
-        pend, self._gathered = self._gathered, None
-        if pend.prefill:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                self._compress_prompt(pend, query, key, scaling)
-            self.profile_seconds += time.perf_counter() - t0
-        else:
-            with torch.no_grad():
-                self._step(pend, weights)
+        k, v, off = self.k, self.v, self.offsets
+        last, d = k.shape[0] - 1, k.shape[1]
+        valid = None
+        if any(n != lmax for n in self.lengths):
+            lengths = torch.tensor(self.lengths, device=k.device)
+            valid = (torch.arange(lmax, device=k.device)[None] < lengths[:, None]).view(b, kv, lmax)
 
-    def _compress_prompt(self, pend: _Pending, query, key, scaling) -> None:
+        def read(start, stop, dtype):
+            idx = (off[:, None] + torch.arange(start, stop, device=off.device)[None]).clamp_(max=last).view(-1)
+            n = stop - start
+            return k[idx].view(b, kv, n, d).to(dtype), v[idx].view(b, kv, n, d).to(dtype)
+
+        return KVPart(lmax, read, valid, kind="fastgen", kv_heads=kv)
+
+    # -- the prompt ---------------------------------------------------------------------------------------------------
+    def _compress_prompt(self, real, nk, nv, query, key, scaling) -> None:
+        """Profile each row's real prompt tokens and keep what its heads' policies keep: ``real (b, n)`` bool,
+        ``nk``/``nv (b, kv, n, d)`` the prompt in the storage dtype, ``key`` the same in the compute dtype."""
         cfg, kv = self.cfg, self.geometry.num_kv_heads
         adaptive = self.forced is None
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("k", "v", "pos", "score", "prot")}
-        recs, self.lengths, self.policies, self.n_real = [], [], [], []
+        recs, lengths, self.policies, self.n_real = [], [], [], []
         for r in range(self.batch_size):
-            idx = pend.real[r].nonzero().squeeze(1)
+            idx = real[r].nonzero().squeeze(1)
             n = idx.numel()
             special, punct = (c[r, idx] for c in self.inputs.classes())
             colsum = None
@@ -296,72 +290,133 @@ class FastGenLayer(KVLayer):
             else:
                 pols = [self.forced] * kv
             keep, prot = prompt_keep(pols, special, punct, colsum, cfg.local, cfg.frequent)
-            all_kept = bool(keep.all()) and n == pend.k.shape[2]
-            parts["k"].append(pend.k[r].reshape(-1, pend.k.shape[-1]) if all_kept else pend.k[r][:, idx][keep])
-            parts["v"].append(pend.v[r].reshape(-1, pend.v.shape[-1]) if all_kept else pend.v[r][:, idx][keep])
+            all_kept = bool(keep.all()) and n == nk.shape[2]
+            parts["k"].append(nk[r].reshape(-1, nk.shape[-1]) if all_kept else nk[r][:, idx][keep])
+            parts["v"].append(nv[r].reshape(-1, nv.shape[-1]) if all_kept else nv[r][:, idx][keep])
             parts["pos"].append(torch.arange(n, dtype=torch.int32, device=idx.device).expand(kv, n)[keep])
             parts["score"].append(colsum[keep] if colsum is not None else torch.zeros(int(keep.sum()), device=idx.device))
             parts["prot"].append(prot[keep])
-            self.lengths += keep.sum(dim=1).tolist()
+            lengths += keep.sum(dim=1).tolist()
             self.policies += pols
             self.n_real.append(n)
         cat = lambda name: parts[name][0] if len(parts[name]) == 1 else torch.cat(parts[name])  # noqa: E731
-        self.k, self.v = cat("k"), cat("v")
-        self._set_metadata(cat("pos"), cat("score"), cat("prot"))
+        # what some head of the layer needs: the position (local), the cumulative attention (frequent), the
+        # protected flag (both)
+        dynamic = [p for p in self.policies if not p & FULL]
+        held = {"k": cat("k"), "v": cat("v"),
+                "pos": cat("pos") if any(p & LOCAL for p in dynamic) else None,
+                "score": cat("score") if any(p & FREQUENT for p in dynamic) else None,
+                "prot": cat("prot") if any(p & (LOCAL | FREQUENT) for p in dynamic) else None}
+        self.lengths = lengths
+        counts = torch.tensor(lengths, device=nk.device)
+        self._reallocate(lengths, counts.cumsum(0) - counts, held, spare=False)  # exact after the prompt
         self.recoveries = torch.stack(recs).view(self.batch_size, kv, -1) if recs else None
 
-    def _set_metadata(self, pos, score, prot) -> None:
-        """Hold per-token metadata only where some head of the layer needs it."""
-        dynamic = [p for p in self.policies if not p & FULL]
-        self.pos = pos if any(p & LOCAL for p in dynamic) else None
-        self.score = score if any(p & FREQUENT for p in dynamic) else None
-        self.prot = prot if any(p & (LOCAL | FREQUENT) for p in dynamic) else None
+    def _reallocate(self, needed: list[int], old_offsets: torch.Tensor, buffers: dict, spare: bool = True) -> None:
+        """Allocate the buffers with ``needed[i]`` slots for region ``i``, plus ``_headroom(needed[i])`` with
+        ``spare`` (zeros: a masked slot must hold finite values), and copy each region's ``lengths[i]`` held
+        tokens, found from slot ``old_offsets[i]`` of ``buffers`` (``{name: (slots, ...) tensor or None}``), to the
+        start of its new region."""
+        dev = buffers["k"].device
+        caps = [n + _headroom(n) if spare else n for n in needed]
+        offsets = torch.tensor([0] + caps[:-1], dtype=torch.long, device=dev).cumsum(0)
+        counts = torch.tensor(self.lengths, dtype=torch.long, device=dev)
+        region = torch.arange(len(caps), device=dev).repeat_interleave(counts)
+        within = torch.arange(region.numel(), device=dev) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        src, dst = old_offsets.to(dev)[region] + within, offsets[region] + within
+        for name, old in buffers.items():
+            if old is None:
+                setattr(self, name, None)
+                continue
+            new = old.new_zeros((sum(caps), *old.shape[1:]))
+            new[dst] = old[src]
+            setattr(self, name, new)
+        self.caps, self.offsets = caps, offsets
 
-    def _step(self, pend: _Pending, weights) -> None:
-        """Apply each head's policy after a decode step: ``pend.k`` is ``[padded past | q new]``."""
-        b, kv, slots, d = pend.k.shape
-        q, rows, lay = pend.ids.shape[1], b * kv, pend.layout
-        past = slots - q
-        real = pend.real.repeat_interleave(kv, dim=0) if b > 1 else pend.real.expand(kv, q)  # (rows, q)
+    # -- a decode step ------------------------------------------------------------------------------------------------
+    def _step(self, real, nk, nv, lmax: int, weights) -> None:
+        """Apply each head's policy after a decode step: ``real (b, q)`` bool, ``nk``/``nv (b, kv, q, d)`` the new
+        tokens in the storage dtype, ``lmax`` past slots attended per head, ``weights (b, kv, group, q, lmax + q)``
+        the step's probabilities (when a head follows the frequent policy). The keep decision is made over the
+        ``(rows, lmax + q)`` view [held past slots | new tokens] (metadata only), then applied in place."""
+        b, kv, q, d = nk.shape
+        rows, dev = b * kv, nk.device
+        slots = lmax + q
+        lengths = torch.tensor(self.lengths, device=dev)
+        cols = torch.arange(lmax, device=dev)
+        held = cols[None] < lengths[:, None]  # (rows, lmax)
+        idx = (self.offsets[:, None] + cols[None]).clamp_(max=self.k.shape[0] - 1)  # (rows, lmax) flat slots
+        real_rows = real.repeat_interleave(kv, dim=0) if b > 1 else real.expand(kv, q)  # (rows, q)
         n_before = self.n_real
-        self.n_real = [n + q for n in n_before] if self.inputs.all_real else [n + int(s) for n, s in zip(n_before, pend.real.sum(1))]
+        self.n_real = [n + q for n in n_before] if self.inputs.all_real else [n + int(s) for n, s in zip(n_before, real.sum(1))]
+        valid = torch.cat([held, real_rows], dim=1)  # (rows, slots)
         pos = score = prot = None
         if all(p & FULL for p in self.policies):
-            keep = None if self.inputs.all_real and lay.dense else torch.cat([lay.held, real], dim=1)
+            keep = valid
         else:
-            dev = pend.k.device
-            valid = torch.cat([lay.held, real], dim=1)
             bits = torch.tensor(self.policies, device=dev)[:, None]
             has = lambda flag: (bits & flag).bool()  # noqa: E731
             special, punct = (c.repeat_interleave(kv, dim=0) for c in self.inputs.classes())
-            prot_past = lay.padded(self.prot, False) if self.prot is not None else lay.held
+            prot_past = self.prot[idx] & held if self.prot is not None else held
             prot = torch.cat([prot_past, (special & has(SPECIAL)) | (punct & has(PUNCT))], dim=1)
             keep = has(FULL) | prot
             n_after = torch.tensor(self.n_real, device=dev).repeat_interleave(kv)
             if self.pos is not None:
-                pos_new = torch.tensor(n_before, device=dev).repeat_interleave(kv)[:, None] + real.cumsum(dim=1) - 1
-                pos = torch.cat([lay.padded(self.pos).long(), pos_new], dim=1)
+                pos_new = torch.tensor(n_before, device=dev).repeat_interleave(kv)[:, None] + real_rows.cumsum(dim=1) - 1
+                pos = torch.cat([self.pos[idx].long(), pos_new], dim=1)
                 keep |= has(LOCAL) & (pos >= (n_after - local_window(n_after, self.cfg.local))[:, None])
             if self.score is not None:
                 w = weights.float().view(b, kv, -1, q, slots)
                 if not self.inputs.all_real:
-                    w = w * pend.real[:, None, None, :, None]
+                    w = w * real[:, None, None, :, None]
                 gained = w.mean(dim=2).sum(dim=2).reshape(rows, slots)
-                score = torch.cat([lay.padded(self.score), gained.new_zeros(rows, q)], dim=1) + gained
+                score = torch.cat([self.score[idx], gained.new_zeros(rows, q)], dim=1) + gained
                 top = topk_mask(score.masked_fill(~valid, float("-inf")), local_window(n_after, self.cfg.frequent))
                 keep |= has(FREQUENT) & top
+                self.score[idx[held]] = score[:, :lmax][held]  # every held token's score grew, in place
             keep &= valid
-        flat_k, flat_v = pend.k.view(rows * slots, d), pend.v.view(rows * slots, d)
-        if keep is None:  # every head full and no padding: plain append (pend.k is [past | new] already)
-            self.k, self.v = flat_k, flat_v
-            self.lengths = [n + q for n in self.lengths]
-            return
-        index = keep.view(-1).nonzero().squeeze(1)
-        self.k, self.v = flat_k.index_select(0, index), flat_v.index_select(0, index)
-        self.lengths = keep.sum(dim=1).tolist()
-        take = lambda t: None if t is None else t.reshape(-1).index_select(0, index)  # noqa: E731
-        self.pos = take(pos.int() if pos is not None else None)
-        self.score, self.prot = take(score), (take(prot) if self.prot is not None else None)
+        self._apply(keep, lmax, nk.reshape(rows * q, d), nv.reshape(rows * q, d), pos, score, prot)
+
+    def _apply(self, keep, lmax: int, new_k, new_v, pos, score, prot) -> None:
+        """Hold exactly the kept tokens: ``keep (rows, lmax + q)`` bool over [past slots | new tokens]; ``new_k``/
+        ``new_v (rows * q, d)``; ``pos``/``score``/``prot (rows, lmax + q)`` the metadata of both (None where not
+        held). Region ``i`` ends with its ``n_i`` kept tokens in slots ``[0, n_i)``: slots there that do not hold a
+        kept past token (evicted, or not yet used) receive, in order, the kept new tokens and the kept past tokens
+        from slots ``>= n_i``. Copies only those tokens (amortized O(q) per region), in place."""
+        rows, slots = keep.shape
+        q, dev = slots - lmax, keep.device
+        new_len = keep.sum(dim=1)  # (rows,)
+        lengths = new_len.tolist()
+        needed = [max(a, c) for a, c in zip(lengths, self.lengths)]
+        if any(n > c for n, c in zip(needed, self.caps)):
+            self._reallocate(needed, self.offsets, {n: getattr(self, n) for n in ("k", "v", "pos", "score", "prot")})
+            self.reallocations += 1
+        col = torch.arange(slots, device=dev)[None]
+        kept_past = keep & (col < lmax)
+        holes = (col < new_len[:, None]) & ~kept_past  # destination slots (rows, slots)
+        movers = keep & ((col >= new_len[:, None]) | (col >= lmax))  # the tokens that go there, as many per row
+        hr, hs = holes.nonzero(as_tuple=True)
+        mr, mc = movers.nonzero(as_tuple=True)
+        if hr.numel():
+            dst = self.offsets[hr] + hs
+            from_past = (mc < lmax)[:, None]
+            past_src = (self.offsets[mr] + mc.clamp(max=max(lmax - 1, 0))).clamp_(max=self.k.shape[0] - 1)
+            new_src = mr * q + (mc - lmax).clamp(min=0)
+            k_src = torch.where(from_past, self.k[past_src], new_k[new_src])
+            v_src = torch.where(from_past, self.v[past_src], new_v[new_src])
+            self.k.index_copy_(0, dst, k_src)
+            self.v.index_copy_(0, dst, v_src)
+            for name, meta in (("pos", pos), ("score", score), ("prot", prot)):
+                buf = getattr(self, name)
+                if buf is not None:
+                    buf.index_copy_(0, dst, meta[mr, mc].to(buf.dtype))
+        self.lengths = lengths
+
+    def held_slots(self, name: str = "k") -> torch.Tensor:
+        """The held entries of buffer ``name`` (``k``, ``v``, ``pos``, ``score``, ``prot``), region by region (row-major
+        over (batch row, KV head)), each region's in slot order (not token order): ``(sum(lengths), ...)``, a copy."""
+        buf = getattr(self, name)
+        return torch.cat([buf[o : o + n] for o, n in zip(self.offsets.tolist(), self.lengths)])
 
     # -- accounting -------------------------------------------------------------------------------------------------
     def kept_length(self) -> int:

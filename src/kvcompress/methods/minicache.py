@@ -27,8 +27,13 @@ arXiv 2405.14366).
 * **Held per pair**: one direction store (K and V directions, ``(b, h, n, d)``), per layer fp16 magnitudes
   ``(2 [K, V], b, h, n)``, per layer a store of the retained exact K/V ``(1, 1, r, d)`` and one int32 index per
   retained entry (``position * b * h + row``), and the running distance range. The direction store, the indices and
-  the range count on layer l, the magnitudes and retained vectors on the layer they belong to. Reading back builds
-  a transient copy.
+  the range count on layer l, the magnitudes and retained vectors on the layer they belong to. All of it grows
+  without copying its past: the stores append (fp16: :class:`kvcompress.storage.TokenRuns`), the magnitudes and the
+  indices are ``TokenRuns`` (a token is copied O(log n) times over its life, not once per step), the padding flags
+  a buffer with counted spare capacity.
+* **Attention** (full-attention pairs): each layer attends by itself over its past as attention parts: the merged
+  positions rebuilt a chunk at a time (``|x_j| * e`` with the retained entries put back, only the chunk's range:
+  :meth:`Segment.reader`), then the exact buffer, then the new tokens; the transient is a chunk, not the past.
 * **When**: a forward that brings several tokens (prefill) merges them at once, after layer l stored them (layer
   l-1 already attended to its exact K/V in that forward; later steps see the merged version). Decoded tokens stay
   exact (2-byte) in a per-layer buffer until it holds ``block`` tokens, then merge (block = 1, the default:
@@ -55,7 +60,7 @@ import torch
 from ..cache import KVLayer, Method, StoreLayer
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
-from ..storage import KVStore, make_store
+from ..storage import FP16Store, KVStore, TokenRuns, make_store
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
 __all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "Segment", "StoreLayer", "angular_distance",
@@ -151,26 +156,75 @@ def layer_pairs(layer_types: tuple[str, ...], start_layer: int) -> list[tuple[in
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _runs_slice(runs: TokenRuns, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    """Entries ``[start, stop)`` along the token axes of ``runs``: views when they lie in one run, else the pieces
+    joined (a transient of ``stop - start`` entries)."""
+    pieces, offset = [], 0
+    for run in runs.runs:
+        n = runs.run_length(run)
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            pieces.append(tuple(t.narrow(runs._dim(i), lo - offset, hi - lo) for i, t in enumerate(run)))
+        offset += n
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(torch.cat(ts, dim=runs._dim(i)) for i, ts in enumerate(zip(*pieces)))
+
+
+def _read_parts(parts: list, start: int, stop: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[start, stop)`` of a store given as its :class:`kvcompress.attention.KVPart` s (in token order):
+    ``(keys, values)`` each ``(b, h, stop - start, d)`` in ``dtype``. Each part is read over its overlap widened to its
+    ``chunk_tokens`` edges (a quantized part reads from group edges only), then cut."""
+    ks, vs, offset = [], [], 0
+    for part in parts:
+        lo, hi = max(start, offset) - offset, min(stop, offset + part.length) - offset
+        if lo < hi:
+            c = max(part.chunk_tokens, 1)
+            a, b = lo // c * c, min(-(-hi // c) * c, part.length)
+            k, v = part.read(a, b, dtype)
+            ks.append(k[:, :, lo - a : hi - a])
+            vs.append(v[:, :, lo - a : hi - a])
+        offset += part.length
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+def _range_reader(store: KVStore):
+    """``read(start, stop, dtype) -> (keys, values)``, each ``(b, h, stop - start, d)``: any range of ``store``'s
+    tokens (fp16: a slice of its runs; other stores: through their attention parts, taken once, now)."""
+    if isinstance(store, FP16Store):
+        return lambda start, stop, dtype: tuple(t.to(dtype) for t in _runs_slice(store.kv, start, stop))
+    parts = store.parts()
+    return lambda start, stop, dtype: _read_parts(parts, start, stop, dtype)
+
+
 class Segment:
-    """Merged positions ``[start, start + length)`` of one layer pair (see the module docstring for the layout)."""
+    """Merged positions ``[start, start + length)`` of one layer pair (see the module docstring for the layout).
+
+    Everything grows without copying its past: the direction and retained stores append (the fp16 store keeps
+    :class:`kvcompress.storage.TokenRuns`), the magnitudes and the retained indices are ``TokenRuns`` too (a token
+    is copied O(log n) times over its life, never once per step). :meth:`read` rebuilds any range of positions."""
 
     def __init__(self, new_store, start: int, dtype: torch.dtype):
         self.dirs: KVStore = new_store()  # keys = K directions, values = V directions: (b, h, n, d)
-        self.mags: list[torch.Tensor | None] = [None, None]  # per layer: (2 [K, V], b, h, n), 2-byte float
+        self.mags = [TokenRuns(dims=(3,)), TokenRuns(dims=(3,))]  # per layer: runs of (2 [K, V], b, h, n_i), 2-byte
         self.kept: list[KVStore] = [new_store(), new_store()]  # per layer: retained exact K/V, (1, 1, r, d)
-        self.kept_idx: torch.Tensor | None = None  # (r,) int32: position_in_segment * (b * h) + (batch * h + head)
+        #: runs of (r_i,) int32: position_in_segment * (b * h) + (batch * h + head), ascending over all runs
+        self.kept_idx = TokenRuns(dims=(0,))
         self.start, self.length, self.dtype = start, 0, dtype
+        self.rows = 0  # b * h, set by the first add
 
     def add(self, ka, va, kb, vb, cfg: MiniCacheConfig, keep: torch.Tensor | None = None) -> None:
         """Merge ``(b, h, n, d)`` states of layer l-1 (ka, va) and layer l (kb, vb) and append them. ``keep``:
         bool ``(b, h, n)`` entries to retain (default: the retention rule over these n tokens)."""
         b, h, n, d = ka.shape
+        self.rows = b * h
         dk, mk, _ = merge_states(ka, kb, cfg.t, cfg.merge)
         dv, mv, _ = merge_states(va, vb, cfg.t, cfg.merge)
         self.dirs.append(dk, dv)
         for side in (0, 1):
-            m = torch.stack([mk[side], mv[side]]).to(self.dtype)
-            self.mags[side] = m if self.mags[side] is None else torch.cat([self.mags[side], m], dim=-1)
+            self.mags[side].append(torch.stack([mk[side], mv[side]]).to(self.dtype))
         if keep is None:
             keep = retention_mask(ka, va, kb, vb, cfg.gamma)[0]
         idx = keep.permute(2, 0, 1).reshape(-1).nonzero().squeeze(1)  # position-major flat (n * b * h)
@@ -179,30 +233,51 @@ class Segment:
                 kf = k.permute(2, 0, 1, 3).reshape(-1, d)[idx]
                 vf = v.permute(2, 0, 1, 3).reshape(-1, d)[idx]
                 self.kept[side].append(kf[None, None], vf[None, None])
-            idx = (idx + self.length * b * h).to(torch.int32)
-            self.kept_idx = idx if self.kept_idx is None else torch.cat([self.kept_idx, idx])
+            self.kept_idx.append((idx + self.length * b * h).to(torch.int32))
         self.length += n
 
+    def reader(self, side: int):
+        """``read(start, stop, dtype)`` of layer ``side`` (0 = l-1, 1 = l), for an attention part: positions
+        ``[start, stop)`` read back as ``|x| * e`` with the retained entries put back, ``(b, h, stop - start, d)``
+        each; only that range is rebuilt (a transient of the chunk)."""
+        dirs, kept = _range_reader(self.dirs), _range_reader(self.kept[side])
+
+        def read(start: int, stop: int, dtype: torch.dtype):
+            out = []
+            mags = _runs_slice(self.mags[side], start, stop)[0]  # (2, b, h, n)
+            for j, e in enumerate(dirs(start, stop, torch.float32)):
+                e = unit(e)[1]  # a quantizing store returns nearly-unit directions
+                out.append(mags[j].float().unsqueeze(-1) * e)
+            lo, hi = self._kept_range(start * self.rows, stop * self.rows)
+            if hi > lo:
+                idx = _runs_slice(self.kept_idx, lo, hi)[0].long() - start * self.rows
+                for j, r in enumerate(kept(lo, hi, torch.float32)):
+                    x = out[j].permute(2, 0, 1, 3).contiguous()  # (n, b, h, d)
+                    x.view(-1, x.shape[-1]).index_copy_(0, idx, r[0, 0])
+                    out[j] = x.permute(1, 2, 0, 3)
+            return out[0].to(dtype), out[1].to(dtype)
+
+        return read
+
+    def _kept_range(self, first: int, end: int) -> tuple[int, int]:
+        """Ordinals ``[lo, hi)`` of the retained entries whose flat index lies in ``[first, end)`` (the indices
+        ascend over all runs, so these are the counts of indices below ``first`` and below ``end``)."""
+        lo = hi = 0
+        for (run,) in self.kept_idx.runs:
+            below = torch.searchsorted(run, torch.tensor([first, end], dtype=run.dtype, device=run.device)).tolist()
+            lo, hi = lo + below[0], hi + below[1]
+        return lo, hi
+
     def restore(self, side: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``side`` (0 = l-1, 1 = l) read back: ``|x| * e`` with retained entries put back; ``(b, h, n, d)``."""
-        out = []
-        for j, e in enumerate(self.dirs.read(torch.float32)):
-            e = unit(e)[1]  # a quantizing store returns nearly-unit directions
-            out.append(self.mags[side][j].float().unsqueeze(-1) * e)
-        if self.kept_idx is not None:
-            idx = self.kept_idx.long()
-            for j, r in enumerate(self.kept[side].read(torch.float32)):
-                x = out[j].permute(2, 0, 1, 3).contiguous()  # (n, b, h, d)
-                x.view(-1, x.shape[-1]).index_copy_(0, idx, r[0, 0])
-                out[j] = x.permute(1, 2, 0, 3)
-        return out[0].to(dtype), out[1].to(dtype)
+        """Layer ``side`` (0 = l-1, 1 = l) read back whole: ``(b, h, n, d)`` each (a transient copy)."""
+        return self.reader(side)(0, self.length, dtype)
 
     def retained_entries(self) -> int:
-        return 0 if self.kept_idx is None else self.kept_idx.numel()
+        return len(self.kept_idx)
 
     def held(self, side: int) -> list[torch.Tensor | None]:
-        own = [self.mags[side], *self.kept[side].held_tensors()]
-        return own + ([*self.dirs.held_tensors(), self.kept_idx] if side == 1 else [])
+        own = [*self.mags[side].tensors(), *self.kept[side].held_tensors()]
+        return own + ([*self.dirs.held_tensors(), *self.kept_idx.tensors()] if side == 1 else [])
 
 
 class LayerPair:
@@ -221,8 +296,20 @@ class LayerPair:
         self.span: torch.Tensor | None = None  # running distance range (2 [min, max], 2 [K, V], b, h) fp32
         self.start = 0  # first position not merged (and not dropped) yet
 
+    def parts(self, side: int) -> list:
+        """The past of layer ``side`` of a full-attention pair as attention parts, in token order: each merged
+        segment rebuilt a chunk at a time (:meth:`Segment.reader`), then the exact buffer of tokens not merged yet
+        (``(b, h, p, d)``, 2-byte)."""
+        from ..attention import KVPart
+
+        parts = [KVPart(seg.length, seg.reader(side), kind="minicache-merged") for seg in self.segments if seg.length]
+        if self.pending[side] is not None:
+            parts.append(KVPart.dense(*self.pending[side], kind="minicache-exact"))
+        return parts
+
     def past(self, side: int, dtype: torch.dtype):
-        """K/V of layer ``side`` for the past tokens attention sees: ``(b, h, n, d)`` each, or None."""
+        """K/V of layer ``side`` for the past tokens attention sees, read back whole (sliding pairs, whose window
+        transformers attends): ``(b, h, n, d)`` each, or None."""
         parts = [seg.restore(side, dtype) for seg in self.segments]
         if self.pending[side] is not None:
             parts.append(tuple(x.to(dtype) for x in self.pending[side]))
@@ -285,14 +372,41 @@ class LayerPair:
         total = sum(s.length for s in self.segments)
         if not total:
             return 0.0
-        _, b, h, _ = self.segments[0].mags[0].shape
-        rows = b * h
+        rows = self.segments[0].rows
         return sum(s.retained_entries() for s in self.segments) / (total * rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class _Validity:
+    """Padding flags of a layer's stored tokens, ``(batch, 1, length)`` bool (False = padding), grown in place: a
+    buffer with spare capacity (``16 + length // 32`` slots when it grows, held and counted), so a step does not
+    copy the past flags. Holds nothing while every token is real."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None  # (batch, 1, capacity) bool
+        self.length = 0
+
+    def append(self, new_valid: torch.Tensor | None, stored: int, keys: torch.Tensor) -> None:
+        """Flags of the step's ``keys (b, _, q, d)`` after ``stored`` tokens: ``new_valid (b, q)`` bool or None."""
+        if new_valid is None and self.buffer is None:
+            return
+        b, q, dev = keys.shape[0], keys.shape[2], keys.device
+        need = stored + q
+        if self.buffer is None or need > self.buffer.shape[2]:
+            grown = torch.ones(b, 1, need + 16 + need // 32, dtype=torch.bool, device=dev)
+            if self.buffer is not None:
+                grown[:, :, :stored] = self.buffer[:, :, :stored]
+            self.buffer = grown
+        self.buffer[:, :, stored:need] = True if new_valid is None else new_valid[:, None, :]
+        self.length = need
+
+    def view(self) -> torch.Tensor | None:
+        """``(batch, 1, length)`` bool, a view; None while every token is real."""
+        return None if self.buffer is None else self.buffer[:, :, : self.length]
 
 
 class MergedLayer(KVLayer):
@@ -306,21 +420,26 @@ class MergedLayer(KVLayer):
         self.window = pair.window
         self.is_sliding = pair.window is not None
         self.attends = not self.is_sliding
-        self.valid: torch.Tensor | None = None  # (batch, 1, seen) bool once padding was seen; None = all real
+        self.valid = _Validity()  # (batch, 1, seen) bool once padding was seen; none held while all are real
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts, grow_validity
+        """Attend over the past (merged segments rebuilt a chunk at a time, then the exact buffer) and the new
+        ``(b, h, q, d)`` tokens, then hand them to the pair (``new_valid (b, q)`` or None)."""
+        from ..attention import KVPart, attend_parts, with_validity
 
         sd = self.pair.dtype
-        past = self.pair.past(self.side, torch.float32)
-        parts = [] if past is None else [KVPart.dense(past[0], past[1], self.valid)]
+        parts = with_validity(self.pair.parts(self.side), self.valid.view())
         nv = None if new_valid is None else new_valid[:, None, :]
         parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
         result = attend_parts(query, parts, scaling)
-        self.valid = grow_validity(self.valid, new_valid, self.seen, keys, 1)
+        self.valid.append(new_valid, self.seen, keys)
         self.pair.push(self.side, keys, values, new_valid)
-        read_back = 0 if past is None else self._transient_bytes(*past)
-        return result.output, max(result.transient_bytes, read_back)
+        return result.output, result.transient_bytes
+
+    def attention_path(self) -> str:
+        """``"chunked"``: a full-attention pair rebuilds its merged past a chunk at a time (:mod:`kvcompress.memory`);
+        sliding pairs hand transformers the dense window (``"dense"``, decided before asking the layer)."""
+        return "chunked"
 
     def store(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
@@ -333,7 +452,7 @@ class MergedLayer(KVLayer):
         return torch.cat([past[0], new_k], dim=2), torch.cat([past[1], new_v], dim=2)
 
     def held_tensors(self):
-        return [*self.pair.held(self.side), self.valid]
+        return [*self.pair.held(self.side), self.valid.buffer]
 
     def kept_length(self) -> int:
         return self.seen if self.window is None else min(self.seen, self.window)
@@ -354,7 +473,7 @@ class MergedLayer(KVLayer):
 class MiniCache(Method):
     summary = ("MiniCache: merge adjacent deep layers (SLERP direction + per-layer magnitudes, distant tokens "
                "retained); storage=kivi stacks quantization")
-    attention = "kvcompress: merged pairs read back densely, padding masked; other layers: transformers"
+    attention = "kvcompress: merged pairs rebuilt a chunk at a time, padding masked; other layers: transformers"
     sliding = "adjacent sliding layers merge like any pair (within the window); unpaired ones: plain fp16 window"
     Config = MiniCacheConfig
     test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
