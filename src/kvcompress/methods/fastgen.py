@@ -9,13 +9,14 @@ probabilities), and held tokens that fall out of every kept set are dropped.
 
 Storage is ragged and really freed: per layer one flat buffer ``(slots, head_dim)`` for K and one for V (2-byte
 floats), one region of slots per ``(batch row, kv head)``, row-major, with the per-head counts as Python ints (like
-``seen``). A decode step writes the kept new tokens into slots freed by evicted ones or into the region's spare
-slots, in place: the past is never copied per step (a region that outgrows its slots makes the buffers grow, by
-about 1/32, spare slots counted in ``nbytes()``; see :class:`FastGenLayer`). Per-token metadata is held only where
-some head of the layer needs it: the position (int32, local), the cumulative attention (fp32, frequent) and a
-protected flag (bool: kept as special/punct). The layers attend by themselves (kvcompress's attention path): each
-head's past is masked to the slots it holds, and the step's probabilities (frequent policy) come from that same
-attention.
+``seen``). A decode step works in place: an evicted token's slot is marked free, a kept new token goes to its
+region's next slot; the past is never copied per step. When a region runs out of slots the buffers are rebuilt
+(the held tokens copied in order, the freed slots dropped, every region getting about 1/32 spare slots, counted in
+``nbytes()``; see :class:`FastGenLayer`). Per-token metadata is held only where some head of the layer needs it:
+the position (int32, local), the cumulative attention (fp32, frequent), a protected flag (bool: kept as
+special/punct) and a held flag (bool: heads that evict). The layers attend by themselves (kvcompress's attention
+path): each head's held past, in token order, masked to its length, and the step's probabilities (frequent policy)
+come from that same attention.
 
 Token classes: ``special`` = ``tokenizer.all_special_ids``; ``punct`` = tokens whose decoded text (whitespace
 stripped) is only Unicode ``P*`` characters (:func:`.fastgen_policies.punctuation_ids`). The tokenizer is the
@@ -181,25 +182,27 @@ class FastGen(Method):
 
 
 def _headroom(n: int) -> int:
-    """Spare slots a region holding ``n`` tokens gets when the buffers grow: ``4 + n // 32`` (the share of
-    :class:`kvcompress.storage.GrowingTokens`). A region that gains a token per step then grows every ~n/32 steps,
-    so a token is copied O(log n) times over its life instead of once per step, and the slack, counted in
-    ``nbytes()``, stays near 1/32."""
+    """Spare slots a region holding ``n`` tokens gets when the buffers are rebuilt: ``4 + n // 32`` (the share of
+    :class:`kvcompress.storage.GrowingTokens`). A region that gains a slot per step (a new token kept, or one kept
+    while an older one is evicted) is rebuilt every ~n/32 steps: the past is never copied per step, and the slack,
+    counted in ``nbytes()``, stays near 1/32."""
     return 4 + n // 32
 
 
 class FastGenLayer(KVLayer):
     """Per-(row, KV head) ragged storage; see the module docstring. Attends by itself: the held past (gathered
-    region by region, each head's slots beyond its length masked), then the step's new tokens (causal, padding
-    masked).
+    region by region in token order, each head's slots beyond its length masked), then the step's new tokens
+    (causal, padding masked).
 
     Growth without copying the past: the flat buffers ``k``/``v`` ``(capacity, head_dim)`` (and the metadata
-    ``pos``/``score``/``prot`` ``(capacity,)``) hold one region per (row, KV head), row-major: region ``i`` is slots
-    ``[offsets[i], offsets[i] + caps[i])`` and its held tokens are its first ``lengths[i]`` slots, in no particular
-    order (attention is a sum over a set). A decode step writes in place: a kept new token fills a slot freed by an
-    evicted one, or the region's next free slot; when a region evicts more than it gains, its last tokens move into
-    the freed slots, so regions stay compact. Only when a region outgrows its capacity are the buffers reallocated,
-    every region then getting ``_headroom`` spare slots (counted in ``nbytes()``)."""
+    ``pos``/``score``/``prot``/``alive`` ``(capacity,)``) hold one region per (row, KV head), row-major: region
+    ``i`` is slots ``[offsets[i], offsets[i] + caps[i])``; its first ``used[i]`` slots hold tokens in token order,
+    of which ``lengths[i]`` are held (``alive``; an evicted token's slot is only marked, never moved). A decode step
+    writes in place: evictions clear ``alive``, kept new tokens go to the next free slots. Only when a region runs
+    out of slots are the buffers rebuilt: the held tokens copied in order (dropping the evicted slots), every region
+    getting ``_headroom`` spare slots (counted in ``nbytes()``). Attention and the policies see exactly what they
+    saw when the layer rebuilt a compact buffer every step (the held tokens of each head in token order), so the
+    results are the same."""
 
     attends = True
 
@@ -211,10 +214,12 @@ class FastGenLayer(KVLayer):
         self.pos: torch.Tensor | None = None  # (capacity,) int32 position among the row's real tokens (local)
         self.score: torch.Tensor | None = None  # (capacity,) fp32 cumulative attention (frequent)
         self.prot: torch.Tensor | None = None  # (capacity,) bool kept as special/punct (never evicted)
+        self.alive: torch.Tensor | None = None  # (capacity,) bool slot holds a kept token (held where heads evict)
         self.lengths: list[int] = []  # held tokens per (row, kv head), row-major
+        self.used: list[int] = []  # slots used per region (held tokens + evicted ones not yet dropped)
         self.caps: list[int] = []  # slots per region
         self.offsets: torch.Tensor | None = None  # (rows,) int64 first slot of each region
-        self.reallocations = 0  # times the buffers were reallocated after the prompt (a region outgrew its capacity)
+        self.rebuilds = 0  # times the buffers were rebuilt after the prompt (a region ran out of slots)
         self.policies: list[int] = []  # policy bit flags per (row, kv head)
         self.n_real: list[int] = []  # real (non-padding) tokens seen per row
         self.recoveries: torch.Tensor | None = None  # (batch, kv_heads, 5) recovery of each hybrid at the prompt
@@ -232,7 +237,8 @@ class FastGenLayer(KVLayer):
         nk, nv = keys.to(sd), values.to(sd)  # (b, kv, q, d): what the cache holds of the new tokens
         prefill = self.seen == 0
         lmax = 0 if prefill else max(self.lengths, default=0)
-        parts = [self._past_part(keys.shape[0], keys.shape[1], lmax)] if lmax else []
+        slots = self._held_slots(lmax) if lmax else None
+        parts = [self._past_part(keys.shape[0], keys.shape[1], lmax, slots)] if lmax else []
         new = None if real.all() else real[:, None, :]
         nk_c, nv_c = nk.to(keys.dtype), nv.to(values.dtype)
         parts.append(KVPart.dense(nk_c, nv_c, new, causal=True))
@@ -244,25 +250,41 @@ class FastGenLayer(KVLayer):
                 self._compress_prompt(real, nk, nv, query, nk_c, scaling)
                 self.profile_seconds += time.perf_counter() - t0
             else:
-                self._step(real, nk, nv, lmax, result.probs)
+                self._step(real, nk, nv, lmax, slots, result.probs)
         return result.output, result.transient_bytes
 
-    def _past_part(self, b: int, kv: int, lmax: int):
-        """The held past as one attention part of ``lmax`` slots per head: ``read(start, stop)`` gathers slots
-        ``[start, stop)`` of every region into ``(b, kv, stop - start, d)`` (a transient of the chunk); a head's
-        slots beyond its length are masked (``valid (b, kv, lmax)``, None when every head holds ``lmax``)."""
+    def _held_slots(self, lmax: int) -> torch.Tensor:
+        """``(rows, lmax)`` int64: the flat slot of each head's ``j``-th held token in token order (``j <
+        lengths[i]``; further entries point at some slot of the buffer, masked)."""
+        dev = self.offsets.device
+        last = self.k.shape[0] - 1
+        if self.alive is None or self.used == self.lengths:  # no evicted slot: the first lengths[i] slots
+            return (self.offsets[:, None] + torch.arange(lmax, device=dev)[None]).clamp_(max=last)
+        umax = max(self.used)
+        cols = torch.arange(umax, device=dev)[None]
+        region = (self.offsets[:, None] + cols).clamp_(max=last)
+        held = self.alive[region] & (cols < torch.tensor(self.used, device=dev)[:, None])  # (rows, umax)
+        r, s = held.nonzero(as_tuple=True)
+        rank = held.cumsum(dim=1)[r, s] - 1
+        out = torch.full((len(self.used), lmax), last, dtype=torch.long, device=dev)
+        out[r, rank] = self.offsets[r] + s
+        return out
+
+    def _past_part(self, b: int, kv: int, lmax: int, slots: torch.Tensor):
+        """The held past as one attention part of ``lmax`` slots per head, each head's tokens in token order:
+        ``read(start, stop)`` gathers entries ``[start, stop)`` of ``slots (rows, lmax)`` into ``(b, kv, stop - start,
+        d)`` (a transient of the chunk); a head's entries beyond its length are masked (``valid (b, kv, lmax)``, None
+        when every head holds ``lmax``)."""
         from ..attention import KVPart
 
-        k, v, off = self.k, self.v, self.offsets
-        last, d = k.shape[0] - 1, k.shape[1]
+        k, v, d = self.k, self.v, self.k.shape[1]
         valid = None
         if any(n != lmax for n in self.lengths):
             lengths = torch.tensor(self.lengths, device=k.device)
             valid = (torch.arange(lmax, device=k.device)[None] < lengths[:, None]).view(b, kv, lmax)
 
         def read(start, stop, dtype):
-            idx = (off[:, None] + torch.arange(start, stop, device=off.device)[None]).clamp_(max=last).view(-1)
-            n = stop - start
+            idx, n = slots[:, start:stop].reshape(-1), stop - start
             return k[idx].view(b, kv, n, d).to(dtype), v[idx].view(b, kv, n, d).to(dtype)
 
         return KVPart(lmax, read, valid, kind="fastgen", kv_heads=kv)
@@ -301,29 +323,37 @@ class FastGenLayer(KVLayer):
             self.n_real.append(n)
         cat = lambda name: parts[name][0] if len(parts[name]) == 1 else torch.cat(parts[name])  # noqa: E731
         # what some head of the layer needs: the position (local), the cumulative attention (frequent), the
-        # protected flag (both)
+        # protected flag and the held flag of a slot (heads that evict: local or frequent)
         dynamic = [p for p in self.policies if not p & FULL]
+        evicts = any(p & (LOCAL | FREQUENT) for p in dynamic)
+        prot_all = cat("prot")
         held = {"k": cat("k"), "v": cat("v"),
                 "pos": cat("pos") if any(p & LOCAL for p in dynamic) else None,
                 "score": cat("score") if any(p & FREQUENT for p in dynamic) else None,
-                "prot": cat("prot") if any(p & (LOCAL | FREQUENT) for p in dynamic) else None}
-        self.lengths = lengths
-        counts = torch.tensor(lengths, device=nk.device)
-        self._reallocate(lengths, counts.cumsum(0) - counts, held, spare=False)  # exact after the prompt
+                "prot": prot_all if evicts else None,
+                "alive": torch.ones_like(prot_all) if evicts else None}
+        self.lengths, self.used = lengths, list(lengths)
+        self._rebuild(lengths, held, spare=False)  # exact after the prompt
         self.recoveries = torch.stack(recs).view(self.batch_size, kv, -1) if recs else None
 
-    def _reallocate(self, needed: list[int], old_offsets: torch.Tensor, buffers: dict, spare: bool = True) -> None:
+    def _rebuild(self, needed: list[int], buffers: dict, spare: bool = True) -> None:
         """Allocate the buffers with ``needed[i]`` slots for region ``i``, plus ``_headroom(needed[i])`` with
-        ``spare`` (zeros: a masked slot must hold finite values), and copy each region's ``lengths[i]`` held
-        tokens, found from slot ``old_offsets[i]`` of ``buffers`` (``{name: (slots, ...) tensor or None}``), to the
-        start of its new region."""
+        ``spare`` (zeros: a masked slot must hold finite values), and copy each region's held tokens, in order, to
+        the start of its new region. ``buffers``: ``{name: (slots, ...) tensor or None}`` laid out by ``offsets`` and
+        ``used`` (or, at the prompt, compact: region after region, ``lengths[i]`` each, all held)."""
         dev = buffers["k"].device
         caps = [n + _headroom(n) if spare else n for n in needed]
         offsets = torch.tensor([0] + caps[:-1], dtype=torch.long, device=dev).cumsum(0)
+        if self.offsets is None:  # the prompt: compact
+            src = torch.arange(buffers["k"].shape[0], device=dev)
+        else:
+            lmax = max(self.lengths, default=0)
+            slots = self._held_slots(lmax)
+            src = slots[torch.arange(lmax, device=dev)[None] < torch.tensor(self.lengths, device=dev)[:, None]]
         counts = torch.tensor(self.lengths, dtype=torch.long, device=dev)
         region = torch.arange(len(caps), device=dev).repeat_interleave(counts)
         within = torch.arange(region.numel(), device=dev) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-        src, dst = old_offsets.to(dev)[region] + within, offsets[region] + within
+        dst = offsets[region] + within
         for name, old in buffers.items():
             if old is None:
                 setattr(self, name, None)
@@ -331,25 +361,24 @@ class FastGenLayer(KVLayer):
             new = old.new_zeros((sum(caps), *old.shape[1:]))
             new[dst] = old[src]
             setattr(self, name, new)
-        self.caps, self.offsets = caps, offsets
+        self.caps, self.offsets, self.used = caps, offsets, list(self.lengths)
 
     # -- a decode step ------------------------------------------------------------------------------------------------
-    def _step(self, real, nk, nv, lmax: int, weights) -> None:
+    def _step(self, real, nk, nv, lmax: int, slots: torch.Tensor, weights) -> None:
         """Apply each head's policy after a decode step: ``real (b, q)`` bool, ``nk``/``nv (b, kv, q, d)`` the new
-        tokens in the storage dtype, ``lmax`` past slots attended per head, ``weights (b, kv, group, q, lmax + q)``
-        the step's probabilities (when a head follows the frequent policy). The keep decision is made over the
-        ``(rows, lmax + q)`` view [held past slots | new tokens] (metadata only), then applied in place."""
+        tokens in the storage dtype, ``lmax`` past tokens attended per head, ``slots (rows, lmax)`` where they are
+        (:meth:`_held_slots`), ``weights (b, kv, group, q, lmax + q)`` the step's probabilities (when a head follows
+        the frequent policy). The keep decision is made over the ``(rows, lmax + q)`` view [held past in token order
+        | new tokens] (metadata only), then applied in place."""
         b, kv, q, d = nk.shape
         rows, dev = b * kv, nk.device
-        slots = lmax + q
+        width = lmax + q
         lengths = torch.tensor(self.lengths, device=dev)
-        cols = torch.arange(lmax, device=dev)
-        held = cols[None] < lengths[:, None]  # (rows, lmax)
-        idx = (self.offsets[:, None] + cols[None]).clamp_(max=self.k.shape[0] - 1)  # (rows, lmax) flat slots
+        held = torch.arange(lmax, device=dev)[None] < lengths[:, None]  # (rows, lmax)
         real_rows = real.repeat_interleave(kv, dim=0) if b > 1 else real.expand(kv, q)  # (rows, q)
         n_before = self.n_real
         self.n_real = [n + q for n in n_before] if self.inputs.all_real else [n + int(s) for n, s in zip(n_before, real.sum(1))]
-        valid = torch.cat([held, real_rows], dim=1)  # (rows, slots)
+        valid = torch.cat([held, real_rows], dim=1)  # (rows, width)
         pos = score = prot = None
         if all(p & FULL for p in self.policies):
             keep = valid
@@ -357,73 +386,74 @@ class FastGenLayer(KVLayer):
             bits = torch.tensor(self.policies, device=dev)[:, None]
             has = lambda flag: (bits & flag).bool()  # noqa: E731
             special, punct = (c.repeat_interleave(kv, dim=0) for c in self.inputs.classes())
-            prot_past = self.prot[idx] & held if self.prot is not None else held
+            prot_past = self.prot[slots] & held if self.prot is not None else held
             prot = torch.cat([prot_past, (special & has(SPECIAL)) | (punct & has(PUNCT))], dim=1)
             keep = has(FULL) | prot
             n_after = torch.tensor(self.n_real, device=dev).repeat_interleave(kv)
             if self.pos is not None:
                 pos_new = torch.tensor(n_before, device=dev).repeat_interleave(kv)[:, None] + real_rows.cumsum(dim=1) - 1
-                pos = torch.cat([self.pos[idx].long(), pos_new], dim=1)
+                pos = torch.cat([self.pos[slots].long(), pos_new], dim=1)
                 keep |= has(LOCAL) & (pos >= (n_after - local_window(n_after, self.cfg.local))[:, None])
             if self.score is not None:
-                w = weights.float().view(b, kv, -1, q, slots)
+                w = weights.float().view(b, kv, -1, q, width)
                 if not self.inputs.all_real:
                     w = w * real[:, None, None, :, None]
-                gained = w.mean(dim=2).sum(dim=2).reshape(rows, slots)
-                score = torch.cat([self.score[idx], gained.new_zeros(rows, q)], dim=1) + gained
+                gained = w.mean(dim=2).sum(dim=2).reshape(rows, width)
+                score = torch.cat([self.score[slots] * held, gained.new_zeros(rows, q)], dim=1) + gained
                 top = topk_mask(score.masked_fill(~valid, float("-inf")), local_window(n_after, self.cfg.frequent))
                 keep |= has(FREQUENT) & top
-                self.score[idx[held]] = score[:, :lmax][held]  # every held token's score grew, in place
+                self.score[slots[held]] = score[:, :lmax][held]  # every held token's score grew, in place
             keep &= valid
-        self._apply(keep, lmax, nk.reshape(rows * q, d), nv.reshape(rows * q, d), pos, score, prot)
+        self._apply(keep, lmax, slots, held, nk.reshape(rows * q, d), nv.reshape(rows * q, d), pos, score, prot)
 
-    def _apply(self, keep, lmax: int, new_k, new_v, pos, score, prot) -> None:
-        """Hold exactly the kept tokens: ``keep (rows, lmax + q)`` bool over [past slots | new tokens]; ``new_k``/
-        ``new_v (rows * q, d)``; ``pos``/``score``/``prot (rows, lmax + q)`` the metadata of both (None where not
-        held). Region ``i`` ends with its ``n_i`` kept tokens in slots ``[0, n_i)``: slots there that do not hold a
-        kept past token (evicted, or not yet used) receive, in order, the kept new tokens and the kept past tokens
-        from slots ``>= n_i``. Copies only those tokens (amortized O(q) per region), in place."""
-        rows, slots = keep.shape
-        q, dev = slots - lmax, keep.device
-        new_len = keep.sum(dim=1)  # (rows,)
-        lengths = new_len.tolist()
-        needed = [max(a, c) for a, c in zip(lengths, self.lengths)]
-        if any(n > c for n, c in zip(needed, self.caps)):
-            self._reallocate(needed, self.offsets, {n: getattr(self, n) for n in ("k", "v", "pos", "score", "prot")})
-            self.reallocations += 1
-        col = torch.arange(slots, device=dev)[None]
-        kept_past = keep & (col < lmax)
-        holes = (col < new_len[:, None]) & ~kept_past  # destination slots (rows, slots)
-        movers = keep & ((col >= new_len[:, None]) | (col >= lmax))  # the tokens that go there, as many per row
-        hr, hs = holes.nonzero(as_tuple=True)
-        mr, mc = movers.nonzero(as_tuple=True)
-        if hr.numel():
-            dst = self.offsets[hr] + hs
-            from_past = (mc < lmax)[:, None]
-            past_src = (self.offsets[mr] + mc.clamp(max=max(lmax - 1, 0))).clamp_(max=self.k.shape[0] - 1)
-            new_src = mr * q + (mc - lmax).clamp(min=0)
-            k_src = torch.where(from_past, self.k[past_src], new_k[new_src])
-            v_src = torch.where(from_past, self.v[past_src], new_v[new_src])
-            self.k.index_copy_(0, dst, k_src)
-            self.v.index_copy_(0, dst, v_src)
+    def _apply(self, keep, lmax: int, slots, held, new_k, new_v, pos, score, prot) -> None:
+        """Hold exactly the kept tokens: ``keep (rows, lmax + q)`` bool over [held past | new tokens]; ``slots``,
+        ``held (rows, lmax)`` where the past is and which entries are tokens; ``new_k``/``new_v (rows * q, d)``;
+        ``pos``/``score``/``prot (rows, lmax + q)`` the metadata (None where not held). Evicted tokens are marked in
+        ``alive``; the kept new tokens are written to each region's next free slots (the buffers rebuilt first when
+        a region has too few). Copies only the new tokens, in place."""
+        q, dev = keep.shape[1] - lmax, keep.device
+        if self.alive is not None and lmax:
+            evicted = held & ~keep[:, :lmax]
+            self.alive[slots[evicted]] = False
+        lengths = keep.sum(dim=1).tolist()
+        kept_new = keep[:, lmax:]  # (rows, q)
+        gained = kept_new.sum(dim=1).tolist()
+        if any(u + g > c for u, g, c in zip(self.used, gained, self.caps)):
+            self.lengths = [n - g for n, g in zip(lengths, gained)]  # the past tokens still held
+            names = ("k", "v", "pos", "score", "prot", "alive")
+            self._rebuild(lengths, {n: getattr(self, n) for n in names})
+            self.rebuilds += 1
+        r, c = kept_new.nonzero(as_tuple=True)
+        if r.numel():
+            used = torch.tensor(self.used, device=dev)
+            dst = self.offsets[r] + used[r] + kept_new.long().cumsum(dim=1)[r, c] - 1
+            src = r * q + c
+            self.k.index_copy_(0, dst, new_k[src])
+            self.v.index_copy_(0, dst, new_v[src])
             for name, meta in (("pos", pos), ("score", score), ("prot", prot)):
                 buf = getattr(self, name)
                 if buf is not None:
-                    buf.index_copy_(0, dst, meta[mr, mc].to(buf.dtype))
+                    buf.index_copy_(0, dst, meta[r, lmax + c].to(buf.dtype))
+            if self.alive is not None:
+                self.alive[dst] = True
+        self.used = [u + g for u, g in zip(self.used, gained)]
         self.lengths = lengths
 
     def held_slots(self, name: str = "k") -> torch.Tensor:
         """The held entries of buffer ``name`` (``k``, ``v``, ``pos``, ``score``, ``prot``), region by region (row-major
-        over (batch row, KV head)), each region's in slot order (not token order): ``(sum(lengths), ...)``, a copy."""
-        buf = getattr(self, name)
-        return torch.cat([buf[o : o + n] for o, n in zip(self.offsets.tolist(), self.lengths)])
+        over (batch row, KV head)), each region's in token order: ``(sum(lengths), ...)``, a copy."""
+        lmax = max(self.lengths, default=0)
+        slots = self._held_slots(lmax)
+        lengths = torch.tensor(self.lengths, device=slots.device)
+        return getattr(self, name)[slots[torch.arange(lmax, device=slots.device)[None] < lengths[:, None]]]
 
     # -- accounting -------------------------------------------------------------------------------------------------
     def kept_length(self) -> int:
         return max(self.lengths, default=0)
 
     def held_tensors(self):
-        return [self.k, self.v, self.pos, self.score, self.prot, self.recoveries]
+        return [self.k, self.v, self.pos, self.score, self.prot, self.alive, self.recoveries]
 
     def head_policies(self) -> list[list[int]]:
         """Policy bit flags per batch row and KV head (after the prompt)."""
