@@ -456,3 +456,111 @@ def test_sliding_layers_attend_their_window_like_the_dense_path(tiny_gemma):
     w = tiny_gemma.config.sliding_window
     assert all(w - 1 <= n < w - 1 + block and block == max(1, min(SLIDE_BLOCK, w // 16)) for n, block in held)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+# -- recent window (recent=R: the last R tokens at 2 bytes; an option, not the paper's recipe) -------------------------
+
+
+@pytest.mark.parametrize("recent", [-1, 1.5, True, "8"])
+def test_bad_recent_raises_one_clear_error(tiny_model, recent):
+    with pytest.raises(KVCompressError, match="recent"):
+        make_cache("kvquant", tiny_model, nuq=False, recent=recent)
+
+
+def test_recent_window_holds_the_last_tokens_exactly_and_counts_them(tiny_model):
+    """recent=8: after a 40-token prefill the layer holds sink (1) + body (31 quantized) + recent (8 at fp16, the
+    model's post-RoPE keys as given); decoding moves one token per step from the window into the body, whose keys
+    are un-rotated at their own positions (same codes as recent=0 up to the fp16 rounding of the window); the
+    window's bytes are in the cache's bytes."""
+    ids = _prompt(46)
+    full = _prefill(tiny_model, ids, "full", dtype="float32")
+    true_post = full.layers[0].k  # (1, h, 46, d); layer 0's keys do not depend on the cache (decoded tokens too)
+    with _prefill(tiny_model, ids[:, :40], nuq=False, bits=3, recent=8) as cache, \
+            _prefill(tiny_model, ids[:, :40], nuq=False, bits=3) as plain, torch.no_grad():
+        layer = cache.layers[0]
+        assert layer.head_k.shape[2] == 1 and len(layer.k) == len(layer.v) == 31 and layer.rec_k.shape[2] == 8
+        assert torch.equal(layer.rec_k, true_post[:, :, 32:40].half())
+        assert layer.rec_pos.explicit is None  # positions 32..39 are derivable
+        assert layer.kept_length() == 40
+        for t in range(40, 46):
+            tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, cache))
+            tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, plain))
+        assert len(layer.k) == 37 and layer.rec_k.shape[2] == 8 and layer.kept_length() == 46
+        assert torch.equal(layer.rec_k, true_post[:, :, 38:46].half())
+        keys, values = layer._read()
+        assert torch.equal(keys[:, :, 38:], true_post[:, :, 38:46].half().float())
+        assert torch.equal(values[:, :, 38:], full.layers[0].v[:, :, 38:46].half().float())
+        cos, sin = layer.method.rope.cos_sin_range(1, 37, "full_attention")  # the body: positions 1..37
+        true_pre = unapply_rope(true_post[:, :, 1:38], cos, sin)
+        h, d = layer.geometry.num_kv_heads, layer.geometry.head_dim
+        half_step = layer.k.scale.float().reshape(1, h, 1, d) / 7  # 8 uniform levels over [-1, 1] x scale
+        assert bool(((layer.k.read() - true_pre).abs() <= half_step * 1.01 + 1e-3).all())  # un-rotated right
+        extra = 2 * 8 * layer.geometry.num_kv_heads * layer.geometry.head_dim * 2  # K and V of 8 tokens, fp16
+        for lay in cache.layers:
+            assert lay.nbytes() == sum(t.numel() * t.element_size() for t in lay.held_tensors() if t is not None)
+        assert cache.nbytes() > plain.nbytes() + 4 * extra * 0.5
+        assert cache.layers[0].nbytes() - plain.layers[0].nbytes() < extra
+
+
+def test_recent_window_covering_everything_matches_the_full_cache(tiny_model):
+    """With the window longer than the text (and sink 0) nothing is quantized: teacher-forced logits equal the fp16
+    full cache's; with a short window they do not (so the test can fail)."""
+    ids = _prompt(56, batch=2)
+    ref, _ = _teacher_forced_logits(tiny_model, ids, 48, "full")
+    same, _ = _teacher_forced_logits(tiny_model, ids, 48, "kvquant", nuq=False, bits=2, sink=0, recent=64)
+    assert torch.allclose(same, ref, atol=1e-4)
+    short, _ = _teacher_forced_logits(tiny_model, ids, 48, "kvquant", nuq=False, bits=2, sink=0, recent=4)
+    assert not torch.allclose(short, ref, atol=1e-3)
+    assert float((short - ref).abs().mean()) > float((same - ref).abs().mean())
+
+
+def test_recent_window_with_padding_and_gemma_generates(tiny_model, tiny_gemma):
+    """Left-padded batch (one layer per row) and Gemma's sliding layers (they keep no recent window)."""
+    ids = _prompt(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    for model in (tiny_model, tiny_gemma):
+        with make_cache("kvquant", model, nuq=False, bits=3, recent=6) as cache, torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(None, cache), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=0)
+            assert out.shape == (2, 52)
+            for layer in cache.layers:
+                assert layer.kept_length() == (15 if layer.is_sliding else 51)
+                for row in layer._rows:
+                    if layer.is_sliding:
+                        assert row.rec_k is None
+                    else:
+                        assert row.rec_k.shape[2] == 6 and row.pos.explicit is None and row.rec_pos.explicit is None
+
+
+# -- key_bits: keys at another code width than values --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_bits", [1, 5, 3.0, True])
+def test_bad_key_bits_raise_one_clear_error(tiny_model, key_bits):
+    with pytest.raises(KVCompressError, match="key_bits"):
+        make_cache("kvquant", tiny_model, nuq=False, key_bits=key_bits)
+
+
+def test_key_bits_sets_the_key_code_width_only(tiny_model, calib_file):
+    """key_bits=4, bits=3: key codes are 4-bit (d/2 bytes per token and head), value codes 3-bit; the bytes grow by
+    exactly the wider key codes; key error shrinks; a calibration file must cover both widths."""
+    ids = _prompt(40)
+    h, d, body = 2, 16, 39
+    with _prefill(tiny_model, ids, nuq=False, bits=3, outliers=0.0) as c3, \
+            _prefill(tiny_model, ids, nuq=False, bits=3, key_bits=4, outliers=0.0) as c34:
+        l3, l34 = c3.layers[1], c34.layers[1]
+        assert l34.k.bits == 4 and l34.v.bits == 3 and l34.k.planes[0].shape[-1] == d // 2
+        assert sum(p.shape[-1] for p in l34.v.planes) == 3 * d // 8
+        assert torch.equal(l34.v.read(), l3.v.read())
+        extra = h * body * (d // 2 - 3 * d // 8) + (16 - 8) * 4  # wider key codes + the 16-level key codebook
+        assert c34.nbytes() - c3.nbytes() == 4 * extra
+        full = _prefill(tiny_model, ids, "full", dtype="float32")
+        true = full.layers[1].k[:, :, 1:]
+        cos, sin = l3.method.rope.cos_sin_range(1, body, "full_attention")
+        true_pre = unapply_rope(true, cos, sin)
+        assert float((l34.k.read() - true_pre).abs().mean()) < 0.7 * float((l3.k.read() - true_pre).abs().mean())
+    path, _ = calib_file  # covers bits 3 only
+    with pytest.raises(KVCompressError, match="bits"):
+        make_cache("kvquant", tiny_model, bits=3, key_bits=4, calibration=str(path))
+    make_cache("kvquant", tiny_model, bits=3, key_bits=3, calibration=str(path)).close()

@@ -8,20 +8,27 @@ Per-channel key ranges: each key channel has a fixed ``[lower, upper]`` range --
 (or min/max when ``outliers=0``) -- from the calibration file (``key_stats="calibration"``, the paper's way)
 or from the first >= 16 non-sink tokens this cache stores (``key_stats="prompt"``, per batch row; those
 tokens wait in fp16 until there are 16). Every later token, decoding included, is normalized with that
-fixed range: values beyond it go to the sparse part, or are clamped when ``outliers=0``. No fp residual.
+fixed range: values beyond it go to the sparse part, or are clamped when ``outliers=0``.
+
+Recent window (``recent=R``, default 0 = the paper's recipe, which has none): the last ``R`` tokens stay at 2 bytes
+per value (post-RoPE keys, like the sink) and are quantized one by one as they leave the window -- a KIVI-style fp16
+residual, not part of KVQuant's recipe; its bytes (and the positions of its tokens, when not derivable) are counted.
+Full-attention layers only; sliding-window layers keep no recent window.
 
 Pre-RoPE: the cache receives post-RoPE keys with the cos/sin the model used (seen by an observer hook);
 they are un-rotated exactly and stored pre-RoPE, and re-rotated on read with cos/sin recomputed by the
 model's own rotary module for the stored positions. Positions are derivable (not stored) while they are
 ``0, 1, 2, ...``; otherwise (left padding) they are stored as int32 ``(batch, tokens)`` and counted.
 
-Held per layer: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 for K and V (3 bits: a 2-bit and a 1-bit
-plane, the same bytes when 8 divides head_dim); value scale/offset
+Held per layer: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 for K and V (``key_bits`` for K when set;
+3 bits: a 2-bit and a 1-bit plane, the same bytes when 8 divides head_dim); value scale/offset
 ``(b, 1, n, 1)`` fp16 (one range per token over all KV heads, as in the paper; ``token_range="head"``: ``(b, h, n, 1)``)
 (also for keys when ``per_channel_keys=False``); the per-channel key range
 ``(h*d,)`` fp16 x2 (calibration) or ``(b, h*d)`` (prompt); codebooks; outliers as CSR rows
 (row = (token, batch row), width = h*d): per-row counts (uint8 / int16), column (uint8 / int16) and fp16
-value per outlier; the fp16 sink. Sliding-window layers (Gemma-3) are quantized the same way, attend over exactly
+value per outlier; the fp16 sink ``(b, h, sink, d)``; with ``recent=R`` the recent window ``(b, h, <=R, d)`` fp16
+for K and V (plus int32 positions ``(b, <=R)`` only when positions are not ``0, 1, 2, ...``).
+Sliding-window layers (Gemma-3) are quantized the same way, attend over exactly
 their window and evict from the front once ``SLIDE_BLOCK`` tokens have left it (``quantize_sliding=False`` keeps
 them as a plain fp16 window).
 """
@@ -55,6 +62,7 @@ TOKEN_RANGES = ("token", "head")
 @dataclass(frozen=True)
 class KVQuantConfig:
     bits: int = 3  # code width of the dense part: 2, 3 or 4
+    key_bits: int | None = None  # code width of the keys if not ``bits`` (2, 3 or 4; values keep ``bits``)
     outliers: float = 0.01  # share of values kept exactly (sparse), in [0, 0.2); half above, half below
     sink: int = 1  # first tokens kept at 2-byte precision (attention sink)
     per_channel_keys: bool = True  # keys: one fixed range per channel (False: per token, like values)
@@ -65,14 +73,20 @@ class KVQuantConfig:
     key_stats: str = "auto"  # per-channel key ranges from: calibration | prompt | auto (calibration if a file)
     quantize_sliding: bool = True  # quantize sliding-window layers too (False: plain fp16 window)
     token_range: str = "token"  # per-token streams (values): one range per token over all KV heads | head: per head
+    recent: int = 0  # last tokens kept at 2 bytes (KIVI-style residual; not the paper's recipe), full-attention layers
 
     def __post_init__(self):
         check_bits(self.bits, (2, 3, 4), "kvquant")
+        if self.key_bits is not None:
+            check_bits(self.key_bits, (2, 3, 4), "kvquant", "key_bits")
         o = self.outliers
         if isinstance(o, bool) or not isinstance(o, (int, float)) or not (0.0 <= float(o) < 0.2):
             raise KVCompressError(f"kvquant: outliers={o!r} must be a fraction in [0, 0.2) (0.01 = 1 %)")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise KVCompressError(f"kvquant: sink must be an integer >= 0, got {self.sink!r}")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
+            raise KVCompressError(f"kvquant: recent must be an integer >= 0 (tokens kept at 2 bytes), "
+                                  f"got {self.recent!r}")
         for name in ("per_channel_keys", "pre_rope", "nuq", "qnorm", "quantize_sliding"):
             if not isinstance(getattr(self, name), bool):
                 raise KVCompressError(f"kvquant: {name} must be True or False, got {getattr(self, name)!r}")
@@ -97,6 +111,10 @@ class KVQuantConfig:
                                   "per_channel_keys=False needs nuq=False and qnorm=False")
 
     @property
+    def k_bits(self) -> int:
+        return self.bits if self.key_bits is None else self.key_bits
+
+    @property
     def channel_stats_from(self) -> str:
         if self.key_stats == "auto":
             return "calibration" if self.calibration is not None else "prompt"
@@ -109,10 +127,11 @@ class KVQuantConfig:
 
 
 class KVQuantLayer(KVLayer):
-    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE)]`` and attends by itself: over the sink,
-    the body dequantized a chunk at a time (keys re-rotated for the chunk's positions) and the step's new tokens as
-    given; a padded batch keeps one single-row layer per row, so per-channel ranges, outlier thresholds, the sink and
-    positions are each row's own. Sliding-window layers (no sink) hold the last ``window - 1`` tokens plus fewer than
+    """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE) | recent (fp16, post-RoPE; recent=R)]``
+    and attends by itself: over the sink, the body dequantized a chunk at a time (keys re-rotated for the chunk's
+    positions), the recent window and the step's new tokens as given; a padded batch keeps one single-row layer per
+    row, so per-channel ranges, outlier thresholds, the sink, the recent window and positions are each row's own.
+    Sliding-window layers (no sink, no recent window) hold the last ``window - 1`` tokens plus fewer than
     ``slide_block`` that already left the window, and mask exactly the window. :meth:`store` is the same state
     update with a dense ``[past | new]`` copy for transformers' attention (a reference)."""
 
@@ -128,16 +147,19 @@ class KVQuantLayer(KVLayer):
         self.slide_block = max(1, min(SLIDE_BLOCK, self.window // 16)) if self.is_sliding else 0
         self.attends = True
         self.sink = 0 if self.is_sliding else cfg.sink
+        self.recent = 0 if self.is_sliding else cfg.recent
         self.pre_rope = cfg.pre_rope
         kb, vb = method.books(layer_idx)
         h, d = g.num_kv_heads, g.head_dim
-        self.k = QuantStream(cfg.bits, cfg.outliers, kb["codebook"], kb["decode"], h, d, cfg.per_channel_keys,
+        self.k = QuantStream(cfg.k_bits, cfg.outliers, kb["codebook"], kb["decode"], h, d, cfg.per_channel_keys,
                              kb.get("lower"), kb.get("upper"), token_range=cfg.token_range)
         self.v = QuantStream(cfg.bits, cfg.outliers, vb["codebook"], vb["decode"], h, d, per_channel=False,
                              token_range=cfg.token_range)
         self.head_k = self.head_v = None  # sink: (b, h, s, d) 2-byte floats, post-RoPE
         self.pend_k = None  # key_stats="prompt": keys waiting for the per-channel range, (b, h, p, d) 2-byte
         self.pos = Positions()
+        self.rec_k = self.rec_v = None  # recent window: (b, h, r, d) 2-byte floats, post-RoPE, r <= recent
+        self.rec_pos = Positions()  # positions of the recent tokens (pre_rope: to un-rotate them when they leave)
 
     def new_row_layer(self):
         return KVQuantLayer(self.method, self.layer_idx)
@@ -183,7 +205,8 @@ class KVQuantLayer(KVLayer):
         return result.output, result.transient_bytes
 
     def _past_parts(self) -> list:
-        """The sink (fp16) and the body (read chunk by chunk by :meth:`_read_body`) as attention parts."""
+        """The sink (fp16), the body (read chunk by chunk by :meth:`_read_body`) and the recent window (fp16) as
+        attention parts."""
         from ..attention import CHUNK, KVPart
 
         parts = []
@@ -192,6 +215,8 @@ class KVQuantLayer(KVLayer):
         if len(self.v):
             parts.append(KVPart(len(self.v), self._read_body, kind="kvquant", chunk_tokens=CHUNK,
                                 kv_heads=self.geometry.num_kv_heads))
+        if self.rec_k is not None and self.rec_k.shape[2]:
+            parts.append(KVPart.dense(self.rec_k, self.rec_v, kind="fp16"))
         return parts
 
     def _read_body(self, start: int, stop: int, dtype=torch.float32):
@@ -223,14 +248,18 @@ class KVQuantLayer(KVLayer):
                 torch.cat([pv.to(value_states.dtype), value_states], dim=2))
 
     def _append(self, key_states, value_states):
-        """Take the step's ``(b, h, q, d)`` post-RoPE keys and values into the sink and the quantized body."""
+        """Take the step's ``(b, h, q, d)`` post-RoPE keys and values into the sink, the recent window and the
+        quantized body (tokens enter the body when they leave the recent window; at once when ``recent=0``)."""
         q, sd = key_states.shape[2], self.geometry.storage_dtype
         n_sink = min(q, max(0, self.sink - self.seen))
         if n_sink:
             hk, hv = key_states[:, :, :n_sink].to(sd), value_states[:, :, :n_sink].to(sd)
             self.head_k = hk if self.head_k is None else torch.cat([self.head_k, hk], dim=2)
             self.head_v = hv if self.head_v is None else torch.cat([self.head_v, hv], dim=2)
-        if q > n_sink:
+        if q > n_sink and self.recent:
+            self._append_recent(key_states[:, :, n_sink:], value_states[:, :, n_sink:],
+                                self._step_rope(q)[0][:, n_sink:] if self.pre_rope else None)
+        elif q > n_sink:
             k, v = key_states[:, :, n_sink:].float(), value_states[:, :, n_sink:].float()
             if self.pre_rope:
                 pos, cos, sin = self._step_rope(q)
@@ -239,6 +268,28 @@ class KVQuantLayer(KVLayer):
             self._append_body(k, v)
         if self.is_sliding and self.kept_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.kept_length() - (self.window - 1))
+
+    def _append_recent(self, k, v, pos):
+        """Recent window: append post-RoPE ``k, v (b, h, q, d)`` (positions ``pos (b|1, q)`` when pre_rope) at
+        2 bytes; the tokens beyond the last ``recent`` leave for the body, keys un-rotated with the model's rotary
+        module at their positions (the cos/sin the step used were checked against it by :meth:`_step_rope`)."""
+        sd = self.geometry.storage_dtype
+        self.rec_k = k.to(sd) if self.rec_k is None else torch.cat([self.rec_k, k.to(sd)], dim=2)
+        self.rec_v = v.to(sd) if self.rec_v is None else torch.cat([self.rec_v, v.to(sd)], dim=2)
+        if pos is not None:
+            self.rec_pos.append(pos)
+        n = self.rec_k.shape[2] - self.recent
+        if n <= 0:
+            return
+        lk, lv = self.rec_k[:, :, :n].float(), self.rec_v[:, :, :n].float()
+        self.rec_k, self.rec_v = self.rec_k[:, :, n:].clone(), self.rec_v[:, :, n:].clone()
+        if self.pre_rope:
+            lpos = self.rec_pos.get()[:, :n]
+            self.rec_pos.drop_front(n)
+            cos, sin = self.method.rope.cos_sin(lpos.to(lk.device), self.layer_type)
+            lk = unapply_rope(lk, cos, sin)
+            self.pos.append(lpos)
+        self._append_body(lk, lv)
 
     def _append_body(self, k, v):
         self.v.append(v)
@@ -262,6 +313,9 @@ class KVQuantLayer(KVLayer):
             k, v = self._read_body(0, len(self.v))
             ks.append(k)
             vs.append(v)
+        if self.rec_k is not None and self.rec_k.shape[2]:
+            ks.append(self.rec_k.float())
+            vs.append(self.rec_v.float())
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def _drop_front(self, n: int):
@@ -282,7 +336,8 @@ class KVQuantLayer(KVLayer):
     def kept_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own real tokens
             return max(row.kept_length() for row in self._rows)
-        return (0 if self.head_k is None else self.head_k.shape[2]) + len(self.v)
+        n_rec = 0 if self.rec_k is None else self.rec_k.shape[2]
+        return (0 if self.head_k is None else self.head_k.shape[2]) + len(self.v) + n_rec
 
     def represented_tokens(self) -> int:
         return min(self.seen, self.window - 1) if self.is_sliding else self.seen
@@ -291,7 +346,8 @@ class KVQuantLayer(KVLayer):
         return self.window if self.is_sliding else -1
 
     def held_tensors(self):
-        return [self.head_k, self.head_v, self.pend_k, *self.k.tensors(), *self.v.tensors(), *self.pos.tensors()]
+        return [self.head_k, self.head_v, self.pend_k, *self.k.tensors(), *self.v.tensors(), *self.pos.tensors(),
+                self.rec_k, self.rec_v, *self.rec_pos.tensors()]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -319,7 +375,8 @@ class KVQuant(Method):
 
             path = auto_calibration(self.model) if cfg.calibration == "auto" else cfg.calibration
             self.calibration = load_calibration(path)
-            self.calibration.check(g, cfg.bits, cfg.outliers)
+            for bits in sorted({cfg.bits, cfg.k_bits}):
+                self.calibration.check(g, bits, cfg.outliers)
         if cfg.pre_rope:
             from ..observe import attention_modules
 
@@ -331,11 +388,11 @@ class KVQuant(Method):
         cfg, cal = self.config, self.calibration
         out = []
         value = "value_token" if cfg.token_range == "token" else "value"
-        for which in ("key_pre" if cfg.pre_rope else "key_post", value):
-            cb = dec = torch.linspace(-1.0, 1.0, 1 << cfg.bits)
+        for which, bits in (("key_pre" if cfg.pre_rope else "key_post", cfg.k_bits), (value, cfg.bits)):
+            cb = dec = torch.linspace(-1.0, 1.0, 1 << bits)
             book = {}
             if cal is not None:
-                entry = cal.layer_entry(cfg.bits, cfg.outliers, which, layer_idx)
+                entry = cal.layer_entry(bits, cfg.outliers, which, layer_idx)
                 if cfg.nuq:
                     cb = dec = entry["codebook"]
                 if cfg.qnorm:
