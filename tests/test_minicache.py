@@ -13,6 +13,7 @@ import torch
 import kvcompress
 from kvcompress import KVCompressError, make_cache
 from kvcompress.methods.minicache import (
+    ExactLayer,
     MergedLayer,
     MiniCacheConfig,
     Segment,
@@ -159,7 +160,7 @@ def test_merged_layers_really_hold_less(tiny_model):
     ids = _ids(1, 64)
     cache = _prefill(tiny_model, ids, select="depth")  # S = L/2 = 2: pair (1, 2), layers 0 and 3 unmerged
     kinds = [type(l) for l in cache.layers]
-    assert kinds == [StoreLayer, MergedLayer, MergedLayer, StoreLayer]
+    assert kinds == [ExactLayer, MergedLayer, MergedLayer, ExactLayer]
     pair = cache.layers[1].nbytes() + cache.layers[2].nbytes()
     ref = cache.layers[1].reference_nbytes() + cache.layers[2].reference_nbytes()
     assert pair < 0.7 * ref  # head_dim 16: magnitudes + retained entries are a larger share than at d = 64
@@ -361,7 +362,7 @@ def test_default_merges_only_measured_similar_pairs(tiny_model, tmp_path, monkey
     assert cache.method.pairs == [(2, 3)]
     sim = {tuple(p["pair"]): p for p in cache.method.similarity["pairs"]}
     assert sim[(2, 3)]["cos_k"] > 0.999 and sim[(2, 3)]["cos_v"] > 0.999 and sim[(1, 2)]["cos_k"] < 0.9
-    assert [type(l).__name__ for l in cache.layers] == ["StoreLayer", "StoreLayer", "MergedLayer", "MergedLayer"]
+    assert [type(l).__name__ for l in cache.layers] == ["ExactLayer", "ExactLayer", "MergedLayer", "MergedLayer"]
     # identical K/V: the merged pair reads back what the full cache holds
     ids = _ids(1, 40)
     ref = make_cache("full", twin, dtype="float16")

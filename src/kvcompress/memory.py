@@ -11,9 +11,9 @@ from dataclasses import dataclass
 def attention_path(layer) -> str:
     """How attention reads ``layer``'s past at the next step: ``"fused-numba"`` / ``"fused-triton"`` (a kernel straight
     on the codes), ``"chunked"`` (codes dequantized a chunk at a time), ``"dense"`` (full-precision K/V: held as such,
-    or read back whole for the step -- layers that hand K/V to transformers, MiniCache's merged pairs). A padded batch
+    or read back whole for the step -- layers that hand K/V to transformers). A padded batch
     whose rows run alone joins its rows' paths with ``+``. Asks the layer (``attention_path()``, layers that hold
-    codes themselves: KVQuant, LogQuant) or its store (``layer.kv``, or ``layer.storage`` once an evicting layer
+    codes themselves: KVQuant, LogQuant, MiniCache's merged pairs) or its store (``layer.kv``, or ``layer.storage`` once an evicting layer
     committed to it)."""
     rows = getattr(layer, "_rows", None)
     if rows:

@@ -63,8 +63,8 @@ from ..registry import KVCompressError, register
 from ..storage import FP16Store, KVStore, TokenRuns, make_store
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
-__all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "Segment", "StoreLayer", "angular_distance",
-           "layer_pairs", "similar_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
+__all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StoreLayer",
+           "angular_distance", "layer_pairs", "similar_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
 
 MERGES = ("slerp", "average")
 SELECTS = ("similarity", "depth")
@@ -473,7 +473,7 @@ class MergedLayer(KVLayer):
 class MiniCache(Method):
     summary = ("MiniCache: merge adjacent deep layers (SLERP direction + per-layer magnitudes, distant tokens "
                "retained); storage=kivi stacks quantization")
-    attention = "kvcompress: merged pairs rebuilt a chunk at a time, padding masked; other layers: transformers"
+    attention = "kvcompress: merged pairs rebuilt a chunk at a time, other layers over their store's parts; padding masked"
     sliding = "adjacent sliding layers merge like any pair (within the window); unpaired ones: plain fp16 window"
     Config = MiniCacheConfig
     test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
@@ -558,8 +558,16 @@ class MiniCache(Method):
             layers[a], layers[b] = MergedLayer(g, a, pair, 0), MergedLayer(g, b, pair, 1)
         for i in range(g.num_layers):
             if layers[i] is None:
-                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else StoreLayer(g, i, self.new_store())
+                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else ExactLayer(g, i, self.new_store())
         return layers
+
+
+class ExactLayer(StoreLayer):
+    """An unmerged full-attention layer: its tokens in the configured store, attended by kvcompress over the store's
+    parts (fp16 runs read in place, a quantizing store chunk by chunk or by its fused kernel), padding masked by
+    validity -- never its whole past read back densely for transformers."""
+
+    attends = True
 
 
 def retained_fractions(cache) -> dict[tuple[int, int], float]:
