@@ -4,8 +4,10 @@ without a kvcompress cache left to the model's own attention."""
 from __future__ import annotations
 
 import threading
+from unittest import mock
 
 import pytest
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,6 +99,41 @@ def test_one_query_fast_path_equals_the_dense_softmax(past, group, pad, per_head
     want, _ = dense_reference(query, keys, values, valid, 1, d**-0.5)
     torch.testing.assert_close(res.output.double(), want, rtol=0, atol=1e-5)
     assert res.transient_bytes == 2 * b * kv * n * d * 4  # every part read whole: the one-softmax path was taken
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    q=st.integers(2, 40),
+    group=st.sampled_from([1, 2, 3]),
+    pad=st.integers(0, 45),
+    window=st.sampled_from([None, 1, 3, 8, 64]),
+    probs_last=st.integers(0, 6),
+    seed=st.integers(0, 1000),
+)
+def test_prompt_path_equals_the_online_softmax(q, group, pad, window, probs_last, seed):
+    """A step whose only keys are its own tokens (a prefill) takes one sdpa call: the same output and probabilities as
+    the chunked online softmax (forced here by an empty past part), with left padding (rows that see nothing get 0),
+    GQA and sliding windows (mask ``key > query - size``)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv, d = 2, 2, 8
+    keys, values = torch.randn(b, kv, q, d, generator=gen), torch.randn(b, kv, q, d, generator=gen)
+    valid = torch.ones(b, 1, q, dtype=torch.bool)
+    valid[1, :, : min(pad, q)] = False
+    query = torch.randn(b, kv * group, q, d, generator=gen)
+    probs_last = min(probs_last, q)
+    win = None if window is None else (window, 0, 0)
+    new = KVPart.dense(keys, values, valid, causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", wraps=sdpa) as spy:
+        got = attend_parts(query, [new], d**-0.5, probs_last=probs_last, window=win)
+    assert spy.call_count == 1  # the prompt path was taken
+    empty = KVPart.dense(keys[:, :, :0], values[:, :, :0])
+    want = attend_parts(query, [empty, new], d**-0.5, probs_last=probs_last, window=win)
+    torch.testing.assert_close(got.output, want.output, rtol=0, atol=1e-5)
+    assert not got.output.isnan().any()
+    if probs_last:
+        torch.testing.assert_close(got.probs, want.probs.nan_to_num(0.0), rtol=0, atol=1e-6)
+    assert got.transient_bytes == 2 * b * kv * q * d * 4  # the new tokens read once, no chunks
 
 
 def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):

@@ -134,6 +134,48 @@ def _attend_one_query(query: torch.Tensor, parts: list[KVPart], scaling: float) 
     return AttentionResult(output.to(query.dtype).contiguous(), None, 2 * k.numel() * k.element_size())
 
 
+def _attend_prompt(query: torch.Tensor, part: KVPart, scaling: float, probs_last: int,
+                   window: tuple[int, int, int] | None) -> AttentionResult:
+    """A step whose only keys are its own tokens (a prefill): one sdpa call (transformers' own kernel: blocked, never
+    the whole ``q x q`` score matrix in fp32) instead of the online softmax over chunks. ``query (b, heads, q, d)``,
+    ``part`` the new tokens (causal, ``q`` keys); padding and a sliding window become a boolean mask ``(b, 1, q, q)``.
+    The probabilities of the last ``probs_last`` queries are computed for those rows only. A row with no visible key
+    gets output 0 (as in the general path)."""
+    b, heads, q, d = query.shape
+    k, v = part.read(0, part.length, torch.float32)  # (b, kv, q, d)
+    kv_heads, group = k.shape[1], heads // k.shape[1]
+    qf = query.float()
+    mask = None  # (b, 1, q, q) bool: causal & valid & window
+    if part.valid is not None or window is not None:
+        pos = torch.arange(q, device=query.device)
+        mask = (pos.unsqueeze(0) <= pos.unsqueeze(1)).view(1, 1, q, q)
+        if part.valid is not None:
+            mask = mask & part.valid.to(torch.bool).all(dim=1, keepdim=True).unsqueeze(2)
+        if window is not None:
+            size, key0, query0 = window
+            mask = mask & ((key0 + pos).unsqueeze(0) > (query0 + pos).unsqueeze(1) - size).view(1, 1, q, q)
+        empty = ~mask.any(dim=-1, keepdim=True)  # rows that see nothing: let them see all, zero them after
+        out = torch.nn.functional.scaled_dot_product_attention(qf, k, v, attn_mask=mask | empty, scale=scaling,
+                                                               enable_gqa=group > 1)
+        out = out.masked_fill(empty, 0.0)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scaling,
+                                                               enable_gqa=group > 1)
+    probs = None
+    if probs_last:
+        r = probs_last
+        ql = qf[:, :, q - r :].reshape(b, kv_heads, group, r, d) * scaling
+        s = torch.einsum("bhgrd,bhnd->bhgrn", ql, k)
+        rows = torch.arange(q - r, q, device=query.device)
+        cols = torch.arange(q, device=query.device)
+        keep = (cols.unsqueeze(0) <= rows.unsqueeze(1)).view(1, 1, 1, r, q)
+        if mask is not None:
+            keep = mask[:, :, q - r :].unsqueeze(1)  # (b, 1, 1, r, q)
+        s = s.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return AttentionResult(out.transpose(1, 2).to(query.dtype).contiguous(), probs, 2 * k.numel() * k.element_size())
+
+
 def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs_last: int = 0,
                  window: tuple[int, int, int] | None = None) -> AttentionResult:
     """Softmax attention of ``query`` over the concatenation of ``parts`` (the last ``q`` queries of the sequence).
@@ -152,6 +194,9 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
         result = _attend_one_query(query, parts, scaling)
         if result is not None:
             return result
+    if len(parts) == 1 and parts[0].causal and parts[0].length == q and parts[0].fused is None and q > 1 \
+            and (parts[0].valid is None or parts[0].valid.shape[1] == 1):
+        return _attend_prompt(query, parts[0], scaling, probs_last, window)
     kv_heads = group = out = m = l = qg = rows = None
     kept_scores: list[torch.Tensor] = []
     transient = 0
