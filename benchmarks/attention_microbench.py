@@ -38,7 +38,7 @@ import torch
 from kvcompress import ModelGeometry, kernels
 from kvcompress.attention import KVPart, attend_parts
 from kvcompress.quant import quantize_uniform
-from kvcompress.storage import make_store
+from kvcompress.storage import make_storage
 
 LAYERS, KV_HEADS, HEADS, D, G = 30, 3, 9, 64, 32
 
@@ -78,7 +78,7 @@ class Layers:
             v = torch.randn(1, KV_HEADS, n, D, generator=gen).half()
             kq = quantize_uniform(k.float(), bits, axis=2, group_size=G)
             vq = quantize_uniform(v.float(), bits, axis=3, group_size=G)
-            store = make_store("kivi", geometry(), bits=bits, group_size=G, residual=128)
+            store = make_storage("kivi", geometry(), bits=bits, group_size=G, residual=128)
             store.append(k, v)
             self.k.append(k.float())
             self.v.append(v.float())

@@ -71,8 +71,8 @@ def filled(model, label: str, kv: list[tuple[torch.Tensor, torch.Tensor]], batch
     for i, layer in enumerate(cache.layers):
         k, v = tiled(i)
         layer.lazy_initialization(k, v)
-        layer.store(k, v)
-        layer.seen += k.shape[2]
+        layer.dense_step(k, v)
+        layer.tokens_seen += k.shape[2]
     return cache
 
 

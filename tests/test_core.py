@@ -78,7 +78,7 @@ def test_sliding_layers_reference_is_the_window(tiny_gemma):
         tiny_gemma(torch.randint(1, 128, (1, 40)), **cache_kwargs(None, cache))
     for i, layer in enumerate(cache.layers):
         expect = 15 if g.is_sliding(i) else 40
-        assert layer.represented_tokens() == expect
+        assert layer.reference_tokens() == expect
     assert cache.memory_report().ratio == pytest.approx(1.0)
 
 
@@ -100,8 +100,8 @@ class _ObservingMethod(Method):
         method = self
 
         class _Layer(FullLayer):
-            def store(self, k, v):
-                out = super().store(k, v)
+            def dense_step(self, k, v):
+                out = super().dense_step(k, v)
                 method.seen_queries.setdefault(layer_idx, []).append(method.observer.query_states(layer_idx))
                 return out
 

@@ -95,7 +95,7 @@ def test_keep_really_drops_and_follows_tokens():
     assert torch.equal(kept_positions(layer), want)
     assert torch.equal(layer.positions.long(), want)
     assert torch.equal(layer.token_state["s"].long(), want)
-    assert layer.kept_length() == 3 and layer.k.shape == (2, 2, 3, D) and layer.k.dtype == torch.float16
+    assert layer.attended_length() == 3 and layer.k.shape == (2, 2, 3, D) and layer.k.dtype == torch.float16
     # held bytes: K+V fp16, positions int32, one fp32 state
     assert layer.nbytes() == 2 * 2 * 3 * (D * 2 * 2 + 4 + 4)
     # appending extends positions and zero-fills the per-token state
@@ -111,7 +111,7 @@ def test_commit_moves_tokens_to_storage():
     layer.update(*tagged_kv(1, 2, 0, 6))
     layer.keep(torch.tensor([0, 4, 5]))
     layer.commit()
-    assert layer.k is None and layer.kept_length() == 3
+    assert layer.k is None and layer.attended_length() == 3
     keys, _ = layer.update(*tagged_kv(1, 2, 6, 2))
     assert keys[0, 0, :, 0].round().tolist() == [0, 4, 5, 6, 7]
     assert layer.nbytes() == 1 * 2 * 5 * D * 2 * 2
@@ -190,7 +190,7 @@ def test_snapkv_keeps_what_the_window_attends_to():
     assert ids[0, 0] == 3 and ids[0, 2:].tolist() == [12, 13, 14, 15]
     # decoding appends without eviction
     step(layer, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
-    assert layer.kept_length() == 7
+    assert layer.attended_length() == 7
 
 
 def reference_h2o(queries, keys_steps, heavy, recent, group):
@@ -275,7 +275,7 @@ def test_eviction_changes_output_and_shrinks(tiny_model, name):
     with make_cache(name, tiny_model, **list_methods()[name].test_options) as cache:
         got = teacher_forced_logits(tiny_model, cache, ids, 80)
         assert cache.nbytes() < full.nbytes() / 2
-        assert len({layer.kept_length() for layer in cache.layers}) == 1
+        assert len({layer.attended_length() for layer in cache.layers}) == 1
         assert cache.get_seq_length() == 99
     assert not torch.allclose(got, want, atol=1e-3)
 
@@ -318,7 +318,7 @@ def test_generate_tiny_llama_and_gemma_batch2(tiny_model, tiny_gemma, name):
             if g.is_sliding(i):  # Gemma-3 sliding layers stay the plain window
                 assert type(layer).__name__ == "SlidingWindowLayer"
             else:
-                assert layer.nbytes() >= 2 * layer.kept_length() * g.num_kv_heads * g.head_dim * 2 * 2
+                assert layer.nbytes() >= 2 * layer.attended_length() * g.num_kv_heads * g.head_dim * 2 * 2
 
 
 def test_snapkv_composes_with_storage(tiny_model):
@@ -329,13 +329,13 @@ def test_snapkv_composes_with_storage(tiny_model):
         b = teacher_forced_logits(tiny_model, default, ids, 64)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert fp16.nbytes() == 4 * 1 * 2 * (32 + 15) * 16 * 2 * 2
-    from kvcompress.storage import _STORES
+    from kvcompress.storage import _STORAGES
 
-    if "kivi" not in _STORES:
+    if "kivi" not in _STORAGES:
         pytest.skip("kivi store not registered yet")
     with make_cache("snapkv", tiny_model, budget=0.5, window=8, storage="kivi", bits=2, group_size=8, residual=8) as kivi:
         c = teacher_forced_logits(tiny_model, kivi, ids, 64)
-        assert kivi.layers[0].kept_length() == 47
+        assert kivi.layers[0].attended_length() == 47
     assert kivi.nbytes() < fp16.nbytes()
     assert torch.isfinite(c).all()
 
@@ -391,7 +391,7 @@ def test_smollm2_generate(smollm2, prose):
                        ("streaming", {"budget": 0.5})]:
         with make_cache(name, model, **opts) as cache:
             got = teacher_forced_logits(model, cache, ids, 128)
-            kept = cache.layers[0].kept_length()
+            kept = cache.layers[0].attended_length()
             assert kept == (64 + 8 if name == "snapkv" else 64), (name, kept)  # snapkv appends decoded tokens
             assert cache.memory_report().ratio > 1.7, name
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()

@@ -112,16 +112,16 @@ def test_kept_bytes_are_held_tensors_and_budget(tiny_model):
         for layer in cache.layers:
             held = sum(t.numel() * t.element_size() for t in layer.held_tensors() if t is not None)
             assert layer.nbytes() == held == batch * 2 * kept * 16 * 2 * 2  # b, kv heads, kept, head_dim, K+V, fp16
-            assert layer.kept_length() == kept and layer.get_seq_length() == n
+            assert layer.attended_length() == kept and layer.get_seq_length() == n
         assert cache.reference_nbytes() / cache.nbytes() == pytest.approx(n / kept)
     # a KV budget above the TSP rate is clamped to the TSP set (all layers keep the same count)
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.2, budget=0.5) as cache, torch.no_grad():
         tiny_model(_ids(1, 50), **cache_kwargs(None, cache))
-        assert {layer.kept_length() for layer in cache.layers} == {10}
+        assert {layer.attended_length() for layer in cache.layers} == {10}
     # a token budget
     with make_cache("fastkv", tiny_model, tsp_layer=1, tsp_rate=0.5, budget=12) as cache, torch.no_grad():
         tiny_model(_ids(1, 50), **cache_kwargs(None, cache))
-        assert {layer.kept_length() for layer in cache.layers} == {12}
+        assert {layer.attended_length() for layer in cache.layers} == {12}
 
 
 def test_decode_appends_at_the_right_positions(tiny_model):
@@ -137,7 +137,7 @@ def test_decode_appends_at_the_right_positions(tiny_model):
         nxt = torch.tensor([[7]])
         ours = tiny_model(nxt, **cache_kwargs(None, cache)).logits
         ref = tiny_model(nxt, **cache_kwargs(None, dyn), position_ids=torch.tensor([[n]])).logits
-        assert [layer.kept_length() for layer in cache.layers] == [17] * 4
+        assert [layer.attended_length() for layer in cache.layers] == [17] * 4
         assert cache.get_seq_length() == n + 1
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)  # ours stores the new token in fp16
 
@@ -148,7 +148,7 @@ def test_generate_batch_two(tiny_model):
         out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(None, cache),
                                   max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out.shape == (2, 106)
-        assert {layer.kept_length() for layer in cache.layers} == {10 + 5}
+        assert {layer.attended_length() for layer in cache.layers} == {10 + 5}
         assert cache.method.tsp_layer == 1  # default: 15/32 of 4 layers
 
 
@@ -181,7 +181,7 @@ def test_gemma3_layout():
             assert index.shape == (1, 16) and torch.equal(index[0, 1:], torch.arange(65, 80))
             for i, layer in enumerate(cache.layers):
                 assert layer.get_seq_length() == 83
-                assert layer.kept_length() == (15 if i not in (3, 7) else 8 + 3)
+                assert layer.attended_length() == (15 if i not in (3, 7) else 8 + 3)
     # later layers (sliding and full, each with its own RoPE and mask) equal a run by hand on the TSP set
     with make_cache("fastkv", model, tsp_layer=3, tsp_rate=0.3, budget=0.2) as cache, torch.no_grad():
         logits = model(ids, **cache_kwargs(None, cache)).logits
@@ -253,7 +253,7 @@ def test_smollm2_fastkv_keeps_the_next_token(smollm2, prose):
         with make_cache("fastkv", model, tsp_rate=0.2, budget=0.2) as cache:
             out = model(ids, **cache_kwargs(None, cache)).logits
             assert cache.method.tsp_layer == 14 and out.shape[1] == 50
-            assert {layer.kept_length() for layer in cache.layers} == {50}
+            assert {layer.attended_length() for layer in cache.layers} == {50}
             nxt = model(out[:, -1:].argmax(-1), **cache_kwargs(None, cache)).logits
     kl = torch.nn.functional.kl_div(out[:, -1].log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum")
     assert kl < 0.5 and out[:, -1].argmax() == ref.argmax()

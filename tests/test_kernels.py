@@ -20,7 +20,7 @@ from kvcompress import ModelGeometry, attention, kernels, make_cache
 from kvcompress.attention import KVPart, attend_parts
 from kvcompress.compat import cache_kwargs
 from kvcompress.quant import quantize_uniform
-from kvcompress.storage import make_store
+from kvcompress.storage import make_storage
 
 cpu = kernels._cpu  # None without numba
 needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
@@ -253,7 +253,7 @@ def kivi_parts_case(bits, G, blocks, appends, group, q, many_rows, seed, backend
     with the fused kernels switched to ``backend``, and compare with attention over the dequantized store (fp64)."""
     gen = torch.Generator().manual_seed(seed)
     b, kv, d = 2, 2, 16
-    store = make_store("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
+    store = make_storage("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
     for n in appends:
         store.append(fp16_randn(gen, b, kv, n, d).to(device), fp16_randn(gen, b, kv, n, d).to(device))
     new_k, new_v = fp16_randn(gen, b, kv, q, d), fp16_randn(gen, b, kv, q, d)
@@ -322,7 +322,7 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
     x = fp16_randn(gen, 1, 2, 70, 16)
 
     def kinds(**options):
-        store = make_store("kivi", geometry(options.pop("d", 16)), **options)
+        store = make_storage("kivi", geometry(options.pop("d", 16)), **options)
         store.append(x[..., : store.head_dim], x[..., : store.head_dim])
         return [p.kind for p in store.parts()]
 
@@ -423,7 +423,7 @@ def test_generation_through_the_triton_kernel(tiny_model, monkeypatch):
 
     def forced(on):
         with kernels.fused(on, backend="triton" if on else None):
-            cache = make_cache(method, tiny_model, **options)
+            cache = make_cache("kivi", tiny_model, **options)
             logits = [tiny_model(ids[:, :30], **cache_kwargs(tiny_model, cache)).logits[:, -1]]
             for t in range(30, ids.shape[1]):
                 logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits[:, -1])

@@ -10,7 +10,7 @@ import torch
 import kvcompress
 from kvcompress import KVCompressError, ModelGeometry, make_cache
 from kvcompress.methods.kivi import GROW_TOKENS, KiviStore, value_group_size
-from kvcompress.storage import make_store
+from kvcompress.storage import make_storage
 from kvcompress.compat import cache_kwargs
 
 TINY = dict(b=1, h=2, d=16, layers=4)  # tiny llama: 2 kv heads, head_dim 16, 4 full-attention layers
@@ -75,7 +75,7 @@ def test_bytes_match_hand_formula(tiny_model, prompt_len, opts, kb, vb, Gv):
 
 
 def test_store_bytes_batch2_and_dtypes():
-    s = make_store("kivi", geometry(head_dim=64, kv_heads=3), bits=2, group_size=32, residual=128)
+    s = make_storage("kivi", geometry(head_dim=64, kv_heads=3), bits=2, group_size=32, residual=128)
     x = fp16_randn(2, 3, 300, 64)
     s.append(x, x + 1)
     # keys: 256 quantized (16 B codes/token, 8 groups x 64 ch x (scale+zero)), 44 fp16; values: 172 quantized, 128 fp16
@@ -196,10 +196,10 @@ def test_generate_tiny_models_batch2(tiny_model, tiny_gemma):
     assert kinds == {"KiviLayer", "KiviSlidingLayer"}  # gemma: sliding layers held as codes too (#16)
 
 
-def test_make_store_composes():
-    s = make_store("kivi", geometry(), bits=4, group_size=8, residual=16)
+def test_make_storage_composes():
+    s = make_storage("kivi", geometry(), bits=4, group_size=8, residual=16)
     assert isinstance(s, KiviStore) and s.kq.bits == 4 and s.vq.bits == 4
-    s2 = make_store("kivi", geometry(), bits=2, key_bits=4)
+    s2 = make_storage("kivi", geometry(), bits=2, key_bits=4)
     assert (s2.kq.bits, s2.vq.bits, s2.residual, s2.group_size) == (4, 2, 128, 32)
 
 
@@ -217,7 +217,7 @@ def test_bad_options(tiny_model, opts):
     with pytest.raises(KVCompressError):
         make_cache("kivi", tiny_model, **opts)
     with pytest.raises(KVCompressError):
-        make_store("kivi", geometry(), **opts)
+        make_storage("kivi", geometry(), **opts)
 
 
 def test_bad_append():
@@ -289,7 +289,7 @@ def test_sliding_layers_hold_codes_and_drop_whole_groups(tiny_gemma):
     for layer, fp16 in zip(cache.layers, plain.layers):
         if not layer.is_sliding:
             continue
-        assert w - 1 <= layer.kept_length() <= w - 1 + 4 - 1  # the window, plus less than one key group
+        assert w - 1 <= layer.attended_length() <= w - 1 + 4 - 1  # the window, plus less than one key group
         assert layer.reference_nbytes() == fp16.reference_nbytes() == fp16.nbytes()  # the reference is the window
         assert layer.nbytes() < 0.8 * fp16.nbytes()  # head_dim 16, groups of 4: the fp16 stats are a large share
         assert layer.kv.kq.length % 4 == 0

@@ -198,7 +198,7 @@ def test_pre_rope_unrotate_rerotate_is_exact(tiny_model):
     cos, sin = tiny_model.model.rotary_emb(true_post, pos)
     for r, row in enumerate(cache.layers[1]._rows):
         real = mask[r].nonzero().squeeze(-1)
-        assert row.pos.explicit is None and row.seen == len(real)
+        assert row.pos.explicit is None and row.tokens_seen == len(real)
         _check_rerotation(row, true_post[r : r + 1, :, real], cos[r : r + 1, real], sin[r : r + 1, real])
     cache.close()
 
@@ -297,9 +297,9 @@ def test_generate_batch2_left_padded_llama_and_gemma(tiny_model, tiny_gemma):
             assert out.shape == (2, 52)
             assert cache.nbytes() < cache.reference_nbytes()
             for layer in cache.layers:
-                assert layer.kept_length() == (15 if layer.is_sliding else 51)
+                assert layer.attended_length() == (15 if layer.is_sliding else 51)
                 # one layer per row, each holding its real tokens at positions 0, 1, 2, ... (sliding: the last 15)
-                assert [row.seen for row in layer._rows] == [51, 44]
+                assert [row.tokens_seen for row in layer._rows] == [51, 44]
                 assert all(row.pos.explicit is None for row in layer._rows)
 
 
@@ -307,10 +307,10 @@ def test_sliding_layers_evict_and_full_layers_keep_the_sink(tiny_gemma):
     with _prefill(tiny_gemma, _prompt(50), nuq=False, bits=4, sink=2) as cache:
         for layer in cache.layers:
             if layer.is_sliding:
-                assert layer.kept_length() == 15 and layer.head_k is None and len(layer.k) == 15
+                assert layer.attended_length() == 15 and layer.head_k is None and len(layer.k) == 15
                 assert layer.pos.get()[0, 0] == 50 - 15
             else:
-                assert layer.head_k.shape[2] == 2 and layer.kept_length() == 50
+                assert layer.head_k.shape[2] == 2 and layer.attended_length() == 50
     with _prefill(tiny_gemma, _prompt(50), nuq=False, quantize_sliding=False) as cache:
         assert type(cache.layers[0]).__name__ == "SlidingWindowLayer"
 
@@ -324,7 +324,7 @@ def test_short_prompt_waits_for_prompt_key_ranges(tiny_model):
             tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, cache))
             if t == 12:
                 assert layer.pend_k.shape[2] == 12 and len(layer.k) == 0 and len(layer.v) == 12
-        assert layer.pend_k is None and len(layer.k) == len(layer.v) == 29 == layer.kept_length() - 1
+        assert layer.pend_k is None and len(layer.k) == len(layer.v) == 29 == layer.attended_length() - 1
 
 
 @pytest.mark.model
@@ -434,7 +434,7 @@ def test_auto_calibration_is_written_once_and_used_by_the_default_list(smollm2, 
 
 def test_sliding_layers_attend_their_window_like_the_dense_path(tiny_gemma):
     """Gemma-3's sliding layers (16-token windows) through kvcompress's attention (window masked by the layer, a
-    40-token prompt then 24 decode steps) give the logits of the dense path (``store`` + transformers' windowed
+    40-token prompt then 24 decode steps) give the logits of the dense path (``dense_step`` + transformers' windowed
     mask) within 1e-4: the same codes, another summation order."""
     ids = _prompt(64)
 
@@ -447,7 +447,7 @@ def test_sliding_layers_attend_their_window_like_the_dense_path(tiny_gemma):
             out.append(tiny_gemma(ids[:, :40], **cache_kwargs(None, cache)).logits[0, -1])
             for t in range(40, 64):
                 out.append(tiny_gemma(ids[:, t : t + 1], **cache_kwargs(None, cache)).logits[0, -1])
-        held = [(layer.kept_length(), layer.slide_block) for layer in cache.layers if layer.is_sliding]
+        held = [(layer.attended_length(), layer.slide_block) for layer in cache.layers if layer.is_sliding]
         cache.close()
         return torch.stack(out), held
 
@@ -481,11 +481,11 @@ def test_recent_window_holds_the_last_tokens_exactly_and_counts_them(tiny_model)
         assert layer.head_k.shape[2] == 1 and len(layer.k) == len(layer.v) == 31 and layer.rec_k.shape[2] == 8
         assert torch.equal(layer.rec_k, true_post[:, :, 32:40].half())
         assert layer.rec_pos.explicit is None  # positions 32..39 are derivable
-        assert layer.kept_length() == 40
+        assert layer.attended_length() == 40
         for t in range(40, 46):
             tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, cache))
             tiny_model(input_ids=ids[:, t : t + 1], **cache_kwargs(None, plain))
-        assert len(layer.k) == 37 and layer.rec_k.shape[2] == 8 and layer.kept_length() == 46
+        assert len(layer.k) == 37 and layer.rec_k.shape[2] == 8 and layer.attended_length() == 46
         assert torch.equal(layer.rec_k, true_post[:, :, 38:46].half())
         keys, values = layer._read()
         assert torch.equal(keys[:, :, 38:], true_post[:, :, 38:46].half().float())
@@ -525,7 +525,7 @@ def test_recent_window_with_padding_and_gemma_generates(tiny_model, tiny_gemma):
                                  do_sample=False, pad_token_id=0)
             assert out.shape == (2, 52)
             for layer in cache.layers:
-                assert layer.kept_length() == (15 if layer.is_sliding else 51)
+                assert layer.attended_length() == (15 if layer.is_sliding else 51)
                 for row in layer._rows:
                     if layer.is_sliding:
                         assert row.rec_k is None

@@ -28,12 +28,12 @@ def _layer(window, **opts):
 
 
 def _store(layer, k, v):
-    """The layer's storage step alone (what ``update`` + ``attend`` do to its state): ``store`` returns the dense
+    """The layer's storage step alone (what ``update`` + ``attend`` do to its state): ``dense_step`` returns the dense
     ``[past | new]`` attention reads."""
     if not layer.is_initialized:
         layer.lazy_initialization(k, v)
-    out = layer.store(k, v)
-    layer.seen += k.shape[-2]
+    out = layer.dense_step(k, v)
+    layer.tokens_seen += k.shape[-2]
     return out
 
 
@@ -136,16 +136,16 @@ def test_decode_attention_over_stored_layout_equals_in_order(key_axis):
 
 class _InOrderLayer(LogQuantLayer):
     """Test double: returns the same stored values, permuted into true position order (a causal prefix order),
-    attended densely (the base layer's attend over ``store``)."""
+    attended densely (the base layer's attend over ``dense_step``)."""
 
     calls: list
     attend_step = KVLayer.attend_step
 
-    def store(self, key_states, value_states):
-        keys, values = super().store(key_states, value_states)
+    def dense_step(self, key_states, value_states):
+        keys, values = super().dense_step(key_states, value_states)
         past = log_schedule(self.calls, self.window) if self.calls else ([], [])
         self.calls = self.calls + [key_states.shape[-2]]
-        order = torch.tensor(past[1] + past[0] + list(range(self.seen, self.seen + key_states.shape[-2])))
+        order = torch.tensor(past[1] + past[0] + list(range(self.tokens_seen, self.tokens_seen + key_states.shape[-2])))
         inv = torch.argsort(order)
         return keys[:, :, inv], values[:, :, inv]
 
@@ -201,7 +201,7 @@ def test_prefill_returns_the_prompt_and_decode_returns_every_token():
     (keys, values), (k, v) = _feed(layer, [30])
     assert torch.equal(keys, k.half().float()) and torch.equal(values, v.half().float())  # the prompt, as stored
     (keys, _), _ = _feed(layer, [1])
-    assert keys.shape[-2] == 31 and layer.kept_length() == 31 and layer.get_seq_length() == 31
+    assert keys.shape[-2] == 31 and layer.attended_length() == 31 and layer.get_seq_length() == 31
 
 
 # -- bytes -------------------------------------------------------------------------------------------------------------
@@ -353,8 +353,8 @@ def test_sliding_layer_holds_exactly_the_window(size, window, calls):
         assert layer.fp_pos is None or int(layer.fp_pos.min()) > horizon
         assert all(blk[2].numel() == window and blk[3] == int(blk[2].max()) > horizon for blk in layer.blocks)
         assert layer.fp_k.shape[-2] <= 3 * window
-        assert layer.kept_length() - min(pos, size - 1) < 2 * window
-        assert layer.represented_tokens() == min(pos, size - 1)
+        assert layer.attended_length() - min(pos, size - 1) < 2 * window
+        assert layer.reference_tokens() == min(pos, size - 1)
 
 
 def test_sliding_blocks_are_quantized_once_and_leave_whole(monkeypatch):
@@ -398,13 +398,13 @@ def test_sliding_nbytes_equals_held_tensors_and_hand_formula():
 
 
 class _DenseWindow(LogQuantSlidingLayer):
-    """Test double: the same state update, but attention is transformers' own over :meth:`store`'s dense
+    """Test double: the same state update, but attention is transformers' own over :meth:`dense_step`'s dense
     ``[window in position order | new]`` with transformers' sliding-window mask."""
 
     attends = False
 
-    def kept_length(self):
-        return min(self.seen, self.size - 1)
+    def attended_length(self):
+        return min(self.tokens_seen, self.size - 1)
 
 
 def _gemma_feeds(model, feeds, dense, **options):

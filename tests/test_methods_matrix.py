@@ -58,7 +58,7 @@ def test_compresses_for_real(tiny_model, name):
                 tiny_model(torch.tensor([[7 + t]]), **cache_kwargs(None, cache))
         assert cache.nbytes() < cache.reference_nbytes(), cache.memory_report()
         for layer in cache.layers:  # transformers 5.2 passes the cache_position tensor where 5.3+ passes a length
-            seen = layer.seen
+            seen = layer.tokens_seen
             assert layer.get_mask_sizes(torch.arange(seen, seen + 3)) == layer.get_mask_sizes(3)
         report = cache.memory_report()
         assert report.stored_bytes == cache.nbytes()

@@ -11,14 +11,14 @@ from transformers.cache_utils import Cache
 
 from .attention.interface import install as install_attention
 from .geometry import ModelGeometry
-from .layers import FP16_BYTES, FullLayer, KVLayer, SlidingWindowLayer, StoreLayer, tensors_nbytes
+from .layers import FP16_BYTES, FullLayer, KVLayer, SlidingWindowLayer, StorageLayer, tensors_nbytes
 from .memory import LayerMemory, MemoryReport, attention_path
 from .method import Method
 from .registry import KVCompressError, build_config, get_method
 
 __all__ = [
     "FP16_BYTES", "CompressedCache", "FullLayer", "KVLayer", "LayerMemory", "MemoryReport", "Method", "ModelGeometry",
-    "SlidingWindowLayer", "StoreLayer", "check_model", "make_cache", "tensors_nbytes",
+    "SlidingWindowLayer", "StorageLayer", "check_model", "make_cache", "tensors_nbytes",
 ]
 
 
@@ -53,7 +53,7 @@ class CompressedCache(Cache):
 
     def memory_report(self) -> MemoryReport:
         rows = [
-            LayerMemory(i, layer.represented_tokens(), layer.nbytes(), layer.reference_nbytes(), attention_path(layer))
+            LayerMemory(i, layer.reference_tokens(), layer.nbytes(), layer.reference_nbytes(), attention_path(layer))
             for i, layer in enumerate(self.layers)
         ]
         shared = tensors_nbytes(self.shared_tensors())

@@ -19,7 +19,7 @@ from .attention import KVPart, attend_parts, grouped_probs, grow_validity, with_
 from .cache import KVLayer, ModelGeometry
 from .config import check_positive_int
 from .registry import KVCompressError
-from .storage import KVStore, make_store
+from .storage import TokenStorage, make_storage
 
 POOLS = ("avg", "max", "none")
 
@@ -31,7 +31,7 @@ POOLS = ("avg", "max", "none")
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """Config mixin (``class Config(StorageOptions)``) for methods that put their kept tokens in a ``KVStore``:
+    """Config mixin (``class Config(StorageOptions)``) for methods that put their kept tokens in a ``TokenStorage``:
     ``make_cache("snapkv", model, budget=0.2, storage="kivi", bits=2)``. Unset (None) options are not passed
     to the store."""
 
@@ -46,11 +46,11 @@ class StorageOptions:
         names = ("bits", "key_bits", "value_bits", "group_size", "residual")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def make_store(self, geometry: ModelGeometry) -> KVStore:
+    def make_storage(self, geometry: ModelGeometry) -> TokenStorage:
         """A fresh store (raises KVCompressError for an unknown storage or options it rejects)."""
         if not isinstance(self.storage, str):
             raise KVCompressError(f"storage must be a name such as 'fp16' or 'kivi', got {self.storage!r}")
-        return make_store(self.storage, geometry, **self.storage_kwargs())
+        return make_storage(self.storage, geometry, **self.storage_kwargs())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,11 +144,11 @@ class EvictionLayer(KVLayer):
     - ``track_positions``: also hold the kept tokens' logical positions ``(batch, kv_heads, kept)`` int32.
     - ``token_state``: per-token tensors ``(batch, kv_heads, kept, ...)`` (e.g. H2O's cumulative scores) that
       follow their tokens on :meth:`keep`; :meth:`append` extends them with zeros for the new tokens.
-    - ``storage``: a ``KVStore``; after :meth:`commit` the kept tokens live in the store, later tokens are
+    - ``storage``: a ``TokenStorage``; after :meth:`commit` the kept tokens live in the store, later tokens are
       appended to it, and :meth:`keep` is no longer possible (for methods that evict only at prefill).
 
-    Subclasses override ``store`` (default: append only; usually: ``keys, values = self.append(...)``; select; ``self.keep(idx)``;
-    return ``keys, values``). Everything held is counted by :meth:`held_tensors`.
+    Subclasses that attend by themselves implement :meth:`after_attention` (select, then ``self.keep(idx)``);
+    :meth:`dense_step` (the dense reference) appends, selects and returns ``keys, values``. Everything held is counted by :meth:`held_tensors`.
     """
 
     def __init__(
@@ -156,7 +156,7 @@ class EvictionLayer(KVLayer):
         geometry: ModelGeometry,
         layer_idx: int,
         *,
-        storage: KVStore | None = None,
+        storage: TokenStorage | None = None,
         track_positions: bool = False,
     ):
         super().__init__(geometry, layer_idx)
@@ -175,9 +175,9 @@ class EvictionLayer(KVLayer):
         """Add ``(b, kv_heads, q, d)`` new tokens (``new_valid (b, q)``: False = padding, None = all real); return
         all stored tokens ``[kept | new]`` in the compute dtype (None with ``read_back=False``)."""
         b, h, q, _ = key_states.shape
-        self.valid = grow_validity(self.valid, new_valid, self.kept_length(), key_states, h)
+        self.valid = grow_validity(self.valid, new_valid, self.attended_length(), key_states, h)
         if self.track_positions:
-            pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=key_states.device)
+            pos = torch.arange(self.tokens_seen, self.tokens_seen + q, dtype=torch.int32, device=key_states.device)
             pos = pos.expand(b, h, q)
             self.positions = pos.contiguous() if self.positions is None else torch.cat([self.positions, pos], -1)
         for name, state in self.token_state.items():
@@ -228,7 +228,7 @@ class EvictionLayer(KVLayer):
         self.k = self.v = None
         self.committed = True
 
-    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Default: append without evicting (subclasses select and :meth:`keep` here)."""
         return self.append(key_states, value_states)
 
@@ -239,7 +239,7 @@ class EvictionLayer(KVLayer):
             return self.storage.read(dtype)
         return self.k.to(dtype), self.v.to(dtype)
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         if self.committed:
             return len(self.storage)
         return 0 if self.k is None else self.k.shape[-2]

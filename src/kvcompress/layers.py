@@ -1,5 +1,5 @@
 """Cache layers: :class:`KVLayer` (the base every method's layer extends: transformers' layer contract, the
-self-attending contract, accounting) and the plain layers :class:`FullLayer`, :class:`StoreLayer`,
+self-attending contract, accounting) and the plain layers :class:`FullLayer`, :class:`StorageLayer`,
 :class:`SlidingWindowLayer`.
 
 Every layer keeps its compressed state in plain tensors and reports ``nbytes()`` as the sum of
@@ -35,25 +35,30 @@ def tensors_nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
 class KVLayer(CacheLayerMixin):
     """Base of every kvcompress layer.
 
-    Subclasses implement :meth:`store` (take the new ``(batch, kv_heads, q, head_dim)`` keys/values, update the
-    compressed state, return the K/V attention must see for this step) and :meth:`held_tensors` (every tensor
-    kept between steps). ``kept_length()`` is the number of past tokens returned to attention (per head), so
-    that the mask built by transformers has the right size; ``get_seq_length()`` is the *logical* length
-    (tokens seen), so that RoPE positions stay right after eviction.
+    The contract (#15): :meth:`update` (transformers' Cache API) only hands the step's new ``(batch, kv_heads, q,
+    head_dim)`` keys/values over; a layer with ``attends`` then computes the step's attention itself in
+    :meth:`attend_step` over what it stores (its parts, merged by log-sum-exp) plus the new tokens, and updates its
+    compressed state after. A layer without ``attends`` implements :meth:`dense_step` instead (update the state and
+    return the dense K/V transformers attends over: ``full``, and the self-attending layers' dense reference in tests).
+    :meth:`held_tensors` lists every tensor kept between steps (what :meth:`nbytes` counts).
+
+    Lengths: ``tokens_seen`` (tokens this layer was given, = ``get_seq_length()``, so that RoPE positions stay right
+    after eviction); :meth:`attended_length` (past tokens the next step attends over, per head);
+    :meth:`reference_tokens` (tokens an fp16 full cache of this layer would hold now: the ratio's reference).
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
     #: True: the layer computes its own attention over its stored parts (:meth:`attend_step`); False: it returns
-    #: dense K/V from :meth:`store` and transformers attends
+    #: dense K/V from :meth:`dense_step` and transformers attends
     attends = False
 
     def __init__(self, geometry: ModelGeometry, layer_idx: int):
         super().__init__()
         self.geometry = geometry
         self.layer_idx = layer_idx
-        self.seen = 0  # logical tokens seen
+        self.tokens_seen = 0  # logical tokens seen
         self.batch_size = 0
         self.peak_transient_bytes = 0  # largest dequantized copy handed to attention
         self._pending = None  # the step's new K/V between update() and attend() (layers with ``attends``)
@@ -78,8 +83,8 @@ class KVLayer(CacheLayerMixin):
             )
         if self.attends:
             return self._hand_to_attention(key_states, value_states)
-        keys, values = self.store(key_states, value_states)
-        self.seen += key_states.shape[-2]
+        keys, values = self.dense_step(key_states, value_states)
+        self.tokens_seen += key_states.shape[-2]
         self.peak_transient_bytes = max(self.peak_transient_bytes, self._transient_bytes(keys, values))
         return keys, values
 
@@ -119,19 +124,19 @@ class KVLayer(CacheLayerMixin):
         else:
             output, transient = self.attend_step(query, keys, values, new_valid, scaling)
         self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
-        self.seen += q
+        self.tokens_seen += q
         return output
 
     def attend_step(self, query, keys, values, new_valid, scaling):
         """Attend over the stored parts plus the new tokens, then update the state; ``new_valid (b, q)`` bool or
         None (no padding). Returns ``(output (b, q, heads, d), transient bytes)``. Layers with ``attends``.
 
-        Default (layers that implement :meth:`store`): attend over the dense ``[past | new]`` that ``store`` returns
+        Default (layers that implement :meth:`dense_step`): attend over the dense ``[past | new]`` that :meth:`dense_step` returns
         (the new tokens causal, their padding masked)."""
         from .attention import KVPart, attend_parts
 
         q = keys.shape[2]
-        k, v = self.store(keys, values)
+        k, v = self.dense_step(keys, values)
         past = k.shape[2] - q
         parts = [KVPart.dense(k[:, :, :past], v[:, :, :past])] if past else []
         nv = None if new_valid is None else new_valid[:, None, :]
@@ -152,7 +157,7 @@ class KVLayer(CacheLayerMixin):
     def _attend_rows(self, query, keys, values, new_valid, scaling):
         b, q = keys.shape[0], keys.shape[2]
         if self._rows is None:
-            if self.seen:
+            if self.tokens_seen:
                 raise KVCompressError(
                     f"layer {self.layer_idx}: padding appeared after the first step; pad the prompt (left) only"
                 )
@@ -169,13 +174,13 @@ class KVLayer(CacheLayerMixin):
                 row.lazy_initialization(k, v)
             row.row_view = (r, idx)
             out, t = row.attend_step(query[r : r + 1, :, idx], k, v, None, scaling)
-            row.seen += idx.numel()
+            row.tokens_seen += idx.numel()
             output[r, idx] = out[0]
             transient += t
         return output, transient
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.tokens_seen
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for transformers' mask: the kept past + the new tokens, offset by the tokens
@@ -183,13 +188,13 @@ class KVLayer(CacheLayerMixin):
         query_length = _query_length(query_length)
         if query_length == 0:
             raise KVCompressError(
-                f"this cache already holds {self.seen} tokens and the forward brings no new one: a cache serves one "
+                f"this cache already holds {self.tokens_seen} tokens and the forward brings no new one: a cache serves one "
                 "sequence (batch); pass only the new tokens, or make a new cache with make_cache() per generate call"
             )
         if self.attends:  # the mask only carries the new tokens' padding; the layer masks its own past
-            return query_length, self.seen
-        kept = self.kept_length()
-        return kept + query_length, max(self.seen - kept, 0)
+            return query_length, self.tokens_seen
+        kept = self.attended_length()
+        return kept + query_length, max(self.tokens_seen - kept, 0)
 
     def get_max_length(self) -> int:
         return -1
@@ -213,19 +218,19 @@ class KVLayer(CacheLayerMixin):
         raise KVCompressError("kvcompress caches cannot select batch rows")
 
     # -- what subclasses implement ---------------------------------------------------------------------------------
-    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def held_tensors(self) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         """Past tokens (per head) returned to attention at the next step."""
-        return self.seen
+        return self.tokens_seen
 
-    def represented_tokens(self) -> int:
+    def reference_tokens(self) -> int:
         """Tokens an fp16 full cache of this layer would hold now (the reference)."""
-        return self.seen
+        return self.tokens_seen
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -235,7 +240,7 @@ class KVLayer(CacheLayerMixin):
 
     def reference_nbytes(self) -> int:
         g = self.geometry
-        return self.batch_size * self.represented_tokens() * g.num_kv_heads * g.head_dim * 2 * FP16_BYTES
+        return self.batch_size * self.reference_tokens() * g.num_kv_heads * g.head_dim * 2 * FP16_BYTES
 
 
 class FullLayer(KVLayer):
@@ -247,7 +252,7 @@ class FullLayer(KVLayer):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         dt = self.store_dtype or key_states.dtype
         k, v = key_states.to(dt), value_states.to(dt)
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
@@ -258,8 +263,8 @@ class FullLayer(KVLayer):
         return [self.k, self.v]
 
 
-class StoreLayer(KVLayer):
-    """A full-attention layer whose past K/V live in a ``KVStore`` (kivi codes, fp16, ...). With ``attends`` (set by
+class StorageLayer(KVLayer):
+    """A full-attention layer whose past K/V live in a ``TokenStorage`` (kivi codes, fp16, ...). With ``attends`` (set by
     a subclass) it attends over the store's parts chunk by chunk (:meth:`attend_step`); otherwise attention sees
     the store's read-back of the past plus the new tokens rounded to the store's 2-byte dtype."""
 
@@ -268,7 +273,7 @@ class StoreLayer(KVLayer):
         self.kv = kv_store
         self.valid: torch.Tensor | None = None  # (batch, 1, stored) bool once padding was seen; None = all real
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``(b, h, seen + q, d)``: read-back past | new tokens at 2-byte precision."""
         dt, sd = key_states.dtype, self.kv.dtype
         new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
@@ -303,7 +308,7 @@ class SlidingWindowLayer(FullLayer):
         super().__init__(geometry, layer_idx, dtype)
         self.window = geometry.sliding_window
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         dt = self.store_dtype or key_states.dtype
         full_k = torch.cat([self.k, key_states.to(dt)], dim=-2) if self.k is not None else key_states.to(dt)
         full_v = torch.cat([self.v, value_states.to(dt)], dim=-2) if self.v is not None else value_states.to(dt)
@@ -311,11 +316,11 @@ class SlidingWindowLayer(FullLayer):
         self.v = full_v[:, :, -self.window + 1 :, :].clone()
         return full_k.to(key_states.dtype), full_v.to(value_states.dtype)
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
     def get_max_length(self) -> int:
         return self.window
 
-    def represented_tokens(self) -> int:
-        return min(self.seen, self.window - 1)
+    def reference_tokens(self) -> int:
+        return min(self.tokens_seen, self.window - 1)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 class Method:
     """Base of a compression method. Subclasses set ``Config`` (a frozen dataclass) and ``summary``,
-    implement :meth:`make_layer`, and may override :meth:`validate`, :meth:`build_layers`,
+    implement :meth:`make_layer`, and may override :meth:`prepare`, :meth:`build_layers`,
     :meth:`install_hooks`."""
 
     name: str = "?"
@@ -40,10 +40,11 @@ class Method:
         self.model = model
         self.config = config
         self.geometry = ModelGeometry.from_model(model)
-        self.validate()
+        self.prepare()
 
-    def validate(self) -> None:
-        """Check the config against the model; raise KVCompressError before any work."""
+    def prepare(self) -> None:
+        """Check the config against the model (raise KVCompressError before any work) and set up what the method
+        needs from it (calibration, profiles, hooks)."""
 
     def build_layers(self, cache: "CompressedCache") -> list[KVLayer]:
         return [self.make_layer(i) for i in range(self.geometry.num_layers)]

@@ -1,7 +1,7 @@
 """How a sequence of K/V vectors is stored, independent of *which* tokens are kept or *where* they live.
 
-Composition (DESIGN.md): eviction picks tokens, merging picks layers, a ``KVStore`` picks the representation.
-``make_store("kivi", geometry, bits=4)`` gives a store any method can put its kept tokens in.
+Composition (DESIGN.md): eviction picks tokens, merging picks layers, a ``TokenStorage`` picks the representation.
+``make_storage("kivi", geometry, bits=4)`` gives a store any method can put its kept tokens in.
 
 Shapes: ``keys``/``values`` are ``(batch, kv_heads, n, head_dim)``.
 """
@@ -14,28 +14,28 @@ import torch
 
 from .registry import KVCompressError
 
-_STORES: dict[str, Callable[..., "KVStore"]] = {}
+_STORAGES: dict[str, Callable[..., "TokenStorage"]] = {}
 
 
-def register_store(name: str):
+def register_storage(name: str):
     def deco(cls):
-        _STORES[name] = cls
+        _STORAGES[name] = cls
         return cls
 
     return deco
 
 
-def make_store(name: str, geometry, **options) -> "KVStore":
+def make_storage(name: str, geometry, **options) -> "TokenStorage":
     """A store by name: ``fp16`` (2-byte floats) or any quantizing store a method registered (``kivi``)."""
     from .registry import list_methods
 
     list_methods()  # import method modules so their stores register
-    if name not in _STORES:
-        raise KVCompressError(f"unknown storage {name!r}; known storages: {', '.join(sorted(_STORES))}")
-    return _STORES[name](geometry, **options)
+    if name not in _STORAGES:
+        raise KVCompressError(f"unknown storage {name!r}; known storages: {', '.join(sorted(_STORAGES))}")
+    return _STORAGES[name](geometry, **options)
 
 
-class KVStore:
+class TokenStorage:
     """Append-only store of per-token K/V vectors. ``dtype``: the 2-byte float its exact tokens are held in
     (new tokens are rounded to it before attention, so a step sees what later steps will read back)."""
 
@@ -182,8 +182,8 @@ class GrowingTokens:
         return [self.buffer]
 
 
-@register_store("fp16")
-class FP16Store(KVStore):
+@register_storage("fp16")
+class FP16Store(TokenStorage):
     """Plain 2-byte floats (bfloat16 when the model computes in bfloat16)."""
 
     def __init__(self, geometry, **options):

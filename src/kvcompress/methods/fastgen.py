@@ -98,7 +98,7 @@ class FastGen(Method):
                 raise KVCompressError(f"fastgen: tokenizer must be a tokenizer object or a name/path, got {type(tok).__name__}")
 
     # -- config vs model --------------------------------------------------------------------------------------------
-    def validate(self) -> None:
+    def prepare(self) -> None:
         text_cfg = self.model.config.get_text_config(decoder=True)
         if getattr(text_cfg, "attn_logit_softcapping", None):
             raise KVCompressError("fastgen: models with attention logit softcapping are not supported")
@@ -235,7 +235,7 @@ class FastGenLayer(KVLayer):
         ids, real = self.inputs.get(q)
         sd = self.geometry.storage_dtype
         nk, nv = keys.to(sd), values.to(sd)  # (b, kv, q, d): what the cache holds of the new tokens
-        prefill = self.seen == 0
+        prefill = self.tokens_seen == 0
         lmax = 0 if prefill else max(self.lengths, default=0)
         slots = self._held_slots(lmax) if lmax else None
         parts = [self._past_part(keys.shape[0], keys.shape[1], lmax, slots)] if lmax else []
@@ -449,7 +449,7 @@ class FastGenLayer(KVLayer):
         return getattr(self, name)[slots[torch.arange(lmax, device=slots.device)[None] < lengths[:, None]]]
 
     # -- accounting -------------------------------------------------------------------------------------------------
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         return max(self.lengths, default=0)
 
     def held_tensors(self):

@@ -131,14 +131,14 @@ class _LogicalPrompt:
         out = super().update(key_states, value_states, *args, **kwargs)
         run = self.method.prefill  # set only during the prefill forward
         if run is not None and not self.attends:
-            self.seen = run.n
+            self.tokens_seen = run.n
         return out
 
     def attend(self, *args, **kwargs):
         out = super().attend(*args, **kwargs)
         run = self.method.prefill
         if run is not None:
-            self.seen = run.n
+            self.tokens_seen = run.n
         return out
 
 
@@ -151,7 +151,7 @@ class FastKVLayer(_LogicalPrompt, EvictionLayer):
     attends = True
 
     def __init__(self, geometry, layer_idx, config, method):
-        super().__init__(geometry, layer_idx, storage=config.make_store(geometry))
+        super().__init__(geometry, layer_idx, storage=config.make_storage(geometry))
         self.config = config
         self.method = method
 
@@ -289,7 +289,7 @@ class FastKV(Method):
     noop_options = {"tsp_rate": 1.0, "budget": 1.0}
     Config = FastKVConfig
 
-    def validate(self) -> None:
+    def prepare(self) -> None:
         g, cfg = self.geometry, self.config
         self.prefill: Prefill | None = None
         self.tsp_index: torch.Tensor | None = None  # (batch, |TSP|) of the last reduced prefill
@@ -308,7 +308,7 @@ class FastKV(Method):
                 f"fastkv: tsp_layer={self.tsp_layer} is a sliding-window layer (its attention cannot score tokens "
                 f"outside its window); choose a full-attention layer: {self.full_layers() or 'none in range'}"
             )
-        cfg.make_store(g)  # unknown storage / storage options fail here, before any work
+        cfg.make_storage(g)  # unknown storage / storage options fail here, before any work
 
     def full_layers(self) -> list[int]:
         """Full-attention layers that can be the TSP layer (``0 … L−2``)."""

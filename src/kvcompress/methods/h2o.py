@@ -74,6 +74,6 @@ class H2OLayer(EvictionLayer):
 
     def after_attention(self, probs, q):
         self.token_state["score"] += probs.sum(dim=(2, 3))  # over the group's query heads and the step's queries
-        if self.kept_length() > self.heavy + self.recent:
+        if self.attended_length() > self.heavy + self.recent:
             scores = self.selection_scores(self.token_state["score"])
             self.keep(topk_keep(scores, self.heavy + self.recent, always_keep_last=self.recent))

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import Method, StoreLayer
+from ..cache import Method, StorageLayer
 from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
-from ..storage import GrowingTokens, KVStore, register_store
+from ..storage import GrowingTokens, TokenStorage, register_storage
 
 #: code widths accepted for keys and values (the paper's 2 and 4; 8 as a near-lossless check)
 SUPPORTED_BITS = (2, 4, 8)
@@ -167,9 +167,9 @@ class _Quantized:
         return [*self.codes.tensors(), *self.scales.tensors(), *self.zeros.tensors()]
 
 
-@register_store("kivi")
-class KiviStore(KVStore):
-    """KIVI storage of an append-only token sequence: ``make_store("kivi", geometry, bits=4, group_size=32,
+@register_storage("kivi")
+class KiviStore(TokenStorage):
+    """KIVI storage of an append-only token sequence: ``make_storage("kivi", geometry, bits=4, group_size=32,
     residual=128)`` (also ``key_bits``, ``value_bits``). Append ``(batch, kv_heads, n, head_dim)`` keys/values;
     ``read()`` returns ``[dequantized | residual]`` in token order."""
 
@@ -323,7 +323,7 @@ class KiviStore(KVStore):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class KiviLayer(StoreLayer):
+class KiviLayer(StorageLayer):
     """A full-attention layer whose past K/V live in a :class:`KiviStore`; it attends over the quantized past chunk by
     chunk (never the whole dequantized past at once) and masks padding."""
 
@@ -365,8 +365,8 @@ class KiviSlidingLayer(KiviLayer):
 
         sd, q = self.kv.dtype, keys.shape[2]
         held = len(self.kv)
-        first = self.seen - held  # position (cache index) of the first held token
-        visible, window = sliding_view(held, self.seen, self.window, q, keys.shape[0], keys.device)
+        first = self.tokens_seen - held  # position (cache index) of the first held token
+        visible, window = sliding_view(held, self.tokens_seen, self.window, q, keys.shape[0], keys.device)
         valid = self.valid if visible is None else visible if self.valid is None else self.valid & visible
         parts = with_validity(self.kv.parts(), valid)
         nv = None if new_valid is None else new_valid[:, None, :]
@@ -375,20 +375,20 @@ class KiviSlidingLayer(KiviLayer):
         self.valid = grow_validity(self.valid, new_valid, held, keys, 1)
         self.kv.append(keys, values)
         # tokens before position (seen + q) - (window - 1) are out of every later query's window
-        drop = self.kv.droppable(max(0, self.seen + q - (self.window - 1) - first))
+        drop = self.kv.droppable(max(0, self.tokens_seen + q - (self.window - 1) - first))
         if drop:
             self.kv.drop_front(drop)
             if self.valid is not None:
                 self.valid = self.valid[:, :, drop:].clone()
         return result.output, result.transient_bytes
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own window
-            return max(row.kept_length() for row in self._rows)
+            return max(row.attended_length() for row in self._rows)
         return len(self.kv)
 
-    def represented_tokens(self) -> int:
-        return min(self.seen, self.window - 1)
+    def reference_tokens(self) -> int:
+        return min(self.tokens_seen, self.window - 1)
 
     def get_max_length(self) -> int:
         return self.window

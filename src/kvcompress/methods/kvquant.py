@@ -132,7 +132,7 @@ class KVQuantLayer(KVLayer):
     positions), the recent window and the step's new tokens as given; a padded batch keeps one single-row layer per
     row, so per-channel ranges, outlier thresholds, the sink, the recent window and positions are each row's own.
     Sliding-window layers (no sink, no recent window) hold the last ``window - 1`` tokens plus fewer than
-    ``slide_block`` that already left the window, and mask exactly the window. :meth:`store` is the same state
+    ``slide_block`` that already left the window, and mask exactly the window. :meth:`dense_step` is the same state
     update with a dense ``[past | new]`` copy for transformers' attention (a reference)."""
 
     split_rows_on_padding = True
@@ -180,7 +180,7 @@ class KVQuantLayer(KVLayer):
             if pos is not None:
                 pos = pos[min(r, pos.shape[0] - 1)][None][:, idx.to(pos.device)]
         if pos is None:
-            pos = torch.arange(self.seen, self.seen + q).unsqueeze(0)
+            pos = torch.arange(self.tokens_seen, self.tokens_seen + q).unsqueeze(0)
         pos = pos.to(cos.device)
         tc, ts = self.method.rope.cos_sin(pos, self.layer_type)
         if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5) and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
@@ -196,7 +196,7 @@ class KVQuantLayer(KVLayer):
 
         past, window = self._past_parts(), None
         if self.is_sliding:  # mask exactly the window: the held tokens end at position seen - 1
-            visible, window = sliding_view(self.kept_length(), self.seen, self.window, keys.shape[2], keys.shape[0],
+            visible, window = sliding_view(self.attended_length(), self.tokens_seen, self.window, keys.shape[2], keys.shape[0],
                                            keys.device)
             past = with_validity(past, visible)
         nv = None if new_valid is None else new_valid[:, None, :]
@@ -238,8 +238,8 @@ class KVQuantLayer(KVLayer):
         return k.to(dtype), self.v.read(start, stop).to(dtype)
 
     # -- store / read (sliding layers: transformers attends over the dense past) --------------------------------------
-    def store(self, key_states, value_states):
-        past = self._read() if self.kept_length() else None
+    def dense_step(self, key_states, value_states):
+        past = self._read() if self.attended_length() else None
         self._append(key_states, value_states)
         if past is None:
             return key_states, value_states
@@ -251,7 +251,7 @@ class KVQuantLayer(KVLayer):
         """Take the step's ``(b, h, q, d)`` post-RoPE keys and values into the sink, the recent window and the
         quantized body (tokens enter the body when they leave the recent window; at once when ``recent=0``)."""
         q, sd = key_states.shape[2], self.geometry.storage_dtype
-        n_sink = min(q, max(0, self.sink - self.seen))
+        n_sink = min(q, max(0, self.sink - self.tokens_seen))
         if n_sink:
             hk, hv = key_states[:, :, :n_sink].to(sd), value_states[:, :, :n_sink].to(sd)
             self.head_k = hk if self.head_k is None else torch.cat([self.head_k, hk], dim=2)
@@ -266,8 +266,8 @@ class KVQuantLayer(KVLayer):
                 k = unapply_rope(k, cos[:, n_sink:], sin[:, n_sink:])
                 self.pos.append(pos[:, n_sink:])
             self._append_body(k, v)
-        if self.is_sliding and self.kept_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
-            self._drop_front(self.kept_length() - (self.window - 1))
+        if self.is_sliding and self.attended_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
+            self._drop_front(self.attended_length() - (self.window - 1))
 
     def _append_recent(self, k, v, pos):
         """Recent window: append post-RoPE ``k, v (b, h, q, d)`` (positions ``pos (b|1, q)`` when pre_rope) at
@@ -333,14 +333,14 @@ class KVQuantLayer(KVLayer):
         """``"chunked"`` once the body holds codes (read a chunk at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
         return "chunked" if len(self.v) else "dense"
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own real tokens
-            return max(row.kept_length() for row in self._rows)
+            return max(row.attended_length() for row in self._rows)
         n_rec = 0 if self.rec_k is None else self.rec_k.shape[2]
         return (0 if self.head_k is None else self.head_k.shape[2]) + len(self.v) + n_rec
 
-    def represented_tokens(self) -> int:
-        return min(self.seen, self.window - 1) if self.is_sliding else self.seen
+    def reference_tokens(self) -> int:
+        return min(self.tokens_seen, self.window - 1) if self.is_sliding else self.tokens_seen
 
     def get_max_length(self) -> int:
         return self.window if self.is_sliding else -1
@@ -366,7 +366,7 @@ class KVQuant(Method):
     default_options = {"calibration": "auto"}  # `kvcompress eval` default list: calibrate on first use (cached)
     noop_options = None  # every setting quantizes
 
-    def validate(self) -> None:
+    def prepare(self) -> None:
         cfg, g = self.config, self.geometry
         self.observer = None
         self.calibration = None

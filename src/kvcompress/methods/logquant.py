@@ -148,7 +148,7 @@ class LogQuantLayer(KVLayer):
     The full-precision block ``(batch, kv_heads, n_fp <= 3W, head_dim)`` in the 2-byte storage dtype is
     ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush.
     Attention (:meth:`attend_step`) reads the quantized runs a chunk at a time, then the full-precision block, then
-    the new tokens; :meth:`store` is the same computation as one dense ``[past | new]`` copy (a reference)."""
+    the new tokens; :meth:`dense_step` is the same computation as one dense ``[past | new]`` copy (a reference)."""
 
     attends = True
     split_rows_on_padding = True  # quantization blocks and the log schedule are per row: a padded row runs alone
@@ -186,7 +186,7 @@ class LogQuantLayer(KVLayer):
         self._append(keys, values)
         return result.output, result.transient_bytes
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         """The dense reference: ``[dequantized | full precision | new tokens (2-byte)]``, then the state update."""
         dt, sd = key_states.dtype, self.geometry.storage_dtype
         ks, vs = [key_states.to(sd).to(dt)], [value_states.to(sd).to(dt)]  # the new tokens as stored, last
@@ -279,7 +279,7 @@ class LogQuantSlidingLayer(LogQuantLayer):
     Attention: a decode step reads the blocks (a chunk of whole blocks at a time) and the full-precision run, with
     a validity mask from the positions; a multi-token step gathers the window's tokens into position order
     (transient: the window, ``(batch, kv_heads, <= size - 1, head_dim)`` fp32) and masks per query row.
-    :meth:`store` returns that position-ordered window plus the new tokens (the dense reference)."""
+    :meth:`dense_step` returns that position-ordered window plus the new tokens (the dense reference)."""
 
     is_sliding = True
 
@@ -324,11 +324,11 @@ class LogQuantSlidingLayer(LogQuantLayer):
             ks.append(self.fp_k.to(dtype))
             vs.append(self.fp_v.to(dtype))
         k, v = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
-        inside = (pos > self.seen - self.size).nonzero().squeeze(-1)
+        inside = (pos > self.tokens_seen - self.size).nonzero().squeeze(-1)
         order = inside[torch.argsort(pos[inside])].to(k.device)
-        if order.numel() != min(self.seen, self.size - 1):  # every position of the window is held, once
+        if order.numel() != min(self.tokens_seen, self.size - 1):  # every position of the window is held, once
             raise KVCompressError(f"logquant: layer {self.layer_idx} holds {order.numel()} tokens of its window, "
-                                  f"expected {min(self.seen, self.size - 1)} (internal error)")
+                                  f"expected {min(self.tokens_seen, self.size - 1)} (internal error)")
         return k.index_select(-2, order), v.index_select(-2, order)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
@@ -339,7 +339,7 @@ class LogQuantSlidingLayer(LogQuantLayer):
         new = KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)
         if q == 1:  # one query: order does not matter; mask the held tokens that left the window
             parts = []
-            visible = self._held_positions().to(keys.device) > self.seen - self.size
+            visible = self._held_positions().to(keys.device) > self.tokens_seen - self.size
             n_q = len(self.blocks) * self.window
             if n_q:
                 chunk = max(self.window, CHUNK - CHUNK % self.window)
@@ -354,16 +354,16 @@ class LogQuantSlidingLayer(LogQuantLayer):
         else:  # several queries: the window in position order, masked per query row
             k, v = self._window(torch.float32)
             held = 0 if k is None else k.shape[-2]
-            _, window = sliding_view(held, self.seen, self.size, q, keys.shape[0], keys.device)
+            _, window = sliding_view(held, self.tokens_seen, self.size, q, keys.shape[0], keys.device)
             parts = [KVPart.dense(k, v, kind="logquant-window")] if held else []
             result = attend_parts(query, [*parts, new], scaling, window=window)
             transient = max(result.transient_bytes, 0 if k is None else 2 * k.numel() * k.element_size())
         self._append(keys, values)
         return result.output, transient
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         """The dense reference: ``[the window in position order (dequantized) | new tokens (2-byte)]``, then the
-        state update (transformers masks the window; :meth:`kept_length` must then be the window's length)."""
+        state update (transformers masks the window; :meth:`attended_length` must then be the window's length)."""
         dt, sd = key_states.dtype, self.geometry.storage_dtype
         k, v = self._window(dt)
         new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
@@ -377,8 +377,8 @@ class LogQuantSlidingLayer(LogQuantLayer):
         """Take the step's ``(b, h, q, d)`` K/V (positions ``seen .. seen + q - 1``) into the full-precision run, drop
         what the next query cannot see, run the merge loop (one block per flush), drop blocks that left whole."""
         sd, q, dev = self.geometry.storage_dtype, key_states.shape[-2], key_states.device
-        horizon = self.seen + q - self.size  # the next query (position seen + q) sees positions > horizon
-        pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=dev)
+        horizon = self.tokens_seen + q - self.size  # the next query (position seen + q) sees positions > horizon
+        pos = torch.arange(self.tokens_seen, self.tokens_seen + q, dtype=torch.int32, device=dev)
         k, v = key_states.to(sd), value_states.to(sd)
         if self.fp_k is not None:
             k, v = torch.cat([self.fp_k, k], dim=-2), torch.cat([self.fp_v, v], dim=-2)
@@ -412,17 +412,17 @@ class LogQuantSlidingLayer(LogQuantLayer):
         ``"dense"``."""
         return "chunked" if self.blocks else "dense"
 
-    def kept_length(self) -> int:
+    def attended_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own window
-            return max(row.kept_length() for row in self._rows)
+            return max(row.attended_length() for row in self._rows)
         return len(self.blocks) * self.window + (0 if self.fp_pos is None else self.fp_pos.numel())
 
     @property
     def quantized_length(self) -> int:
         return len(self.blocks) * self.window
 
-    def represented_tokens(self) -> int:
-        return min(self.seen, self.size - 1)
+    def reference_tokens(self) -> int:
+        return min(self.tokens_seen, self.size - 1)
 
     def get_max_length(self) -> int:
         return self.size
@@ -444,7 +444,7 @@ class LogQuant(Method):
     test_options = {"window": 8}
     noop_options = None  # no setting keeps every token at 2 bytes: a window past the context is an error
 
-    def validate(self) -> None:
+    def prepare(self) -> None:
         g = self.geometry
         group = min(self.config.group_size, g.head_dim)
         if g.head_dim % group:

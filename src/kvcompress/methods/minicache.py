@@ -57,13 +57,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import KVLayer, Method, StoreLayer
+from ..cache import KVLayer, Method, StorageLayer
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
-from ..storage import FP16Store, KVStore, TokenRuns, make_store
+from ..storage import FP16Store, TokenStorage, TokenRuns, make_storage
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
-__all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StoreLayer",
+__all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StorageLayer",
            "angular_distance", "layer_pairs", "similar_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
 
 MERGES = ("slerp", "average")
@@ -86,7 +86,7 @@ class MiniCacheConfig:
     gamma: float = 0.05  # retention threshold in [0, 1]: top gamma share of the normalized distance range (paper: 0.05)
     merge: str = "slerp"  # slerp (paper) | average (ablation: plain weighted average of the two states)
     block: int = 1  # decoded tokens stay exact in a buffer and merge in blocks of this many (1 = every step)
-    storage: str = "fp16"  # KVStore for directions, retained tokens and unmerged layers: fp16 | kivi | ...
+    storage: str = "fp16"  # TokenStorage for directions, retained tokens and unmerged layers: fp16 | kivi | ...
     bits: int | None = None  # passed to a quantizing storage (kivi: 2, 4, 8)
     group_size: int | None = None  # passed to a quantizing storage
     residual: int | None = None  # passed to a quantizing storage
@@ -190,7 +190,7 @@ def _read_parts(parts: list, start: int, stop: int, dtype=torch.float32) -> tupl
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
 
-def _range_reader(store: KVStore):
+def _range_reader(store: TokenStorage):
     """``read(start, stop, dtype) -> (keys, values)``, each ``(b, h, stop - start, d)``: any range of ``store``'s
     tokens (fp16: a slice of its runs; other stores: through their attention parts, taken once, now)."""
     if isinstance(store, FP16Store):
@@ -206,10 +206,10 @@ class Segment:
     :class:`kvcompress.storage.TokenRuns`), the magnitudes and the retained indices are ``TokenRuns`` too (a token
     is copied O(log n) times over its life, never once per step). :meth:`read` rebuilds any range of positions."""
 
-    def __init__(self, new_store, start: int, dtype: torch.dtype):
-        self.dirs: KVStore = new_store()  # keys = K directions, values = V directions: (b, h, n, d)
+    def __init__(self, new_storage, start: int, dtype: torch.dtype):
+        self.dirs: TokenStorage = new_storage()  # keys = K directions, values = V directions: (b, h, n, d)
         self.mags = [TokenRuns(dims=(3,)), TokenRuns(dims=(3,))]  # per layer: runs of (2 [K, V], b, h, n_i), 2-byte
-        self.kept: list[KVStore] = [new_store(), new_store()]  # per layer: retained exact K/V, (1, 1, r, d)
+        self.kept: list[TokenStorage] = [new_storage(), new_storage()]  # per layer: retained exact K/V, (1, 1, r, d)
         #: runs of (r_i,) int32: position_in_segment * (b * h) + (batch * h + head), ascending over all runs
         self.kept_idx = TokenRuns(dims=(0,))
         self.start, self.length, self.dtype = start, 0, dtype
@@ -286,7 +286,7 @@ class LayerPair:
 
     def __init__(self, method: "MiniCache", first: int, second: int):
         g = method.geometry
-        self.cfg, self.layers, self.new_store = method.config, (first, second), method.new_store
+        self.cfg, self.layers, self.new_storage = method.config, (first, second), method.new_storage
         self.dtype = g.storage_dtype
         self.window = g.sliding_window - 1 if g.is_sliding(first) else None  # past tokens a sliding layer keeps
         self.seg_len = max(1, min(SLIDING_SEGMENT, (g.sliding_window or 0) // 8))  # sliding pairs' segment size
@@ -345,7 +345,7 @@ class LayerPair:
         if self.window is None:
             keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span, self.pending_valid)
             if not self.segments:
-                self.segments.append(Segment(self.new_store, 0, self.dtype))
+                self.segments.append(Segment(self.new_storage, 0, self.dtype))
             self.segments[0].add(ka, va, kb, vb, self.cfg, keep)
         else:  # keep positions inside the window only, in segments of seg_len; drop segments that left it
             pos = max(self.start, end - self.window)
@@ -356,7 +356,7 @@ class LayerPair:
             while c < ka.shape[2]:
                 seg = self.segments[-1] if self.segments else None
                 if seg is None or seg.length >= self.seg_len or seg.start + seg.length != pos + c:
-                    seg = Segment(self.new_store, pos + c, self.dtype)
+                    seg = Segment(self.new_storage, pos + c, self.dtype)
                     self.segments.append(seg)
                 part = slice(c, c + self.seg_len - seg.length)
                 seg.add(*(x[:, :, part] for x in (ka, va, kb, vb)), self.cfg, keep=keep[:, :, part])
@@ -432,7 +432,7 @@ class MergedLayer(KVLayer):
         nv = None if new_valid is None else new_valid[:, None, :]
         parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
         result = attend_parts(query, parts, scaling)
-        self.valid.append(new_valid, self.seen, keys)
+        self.valid.append(new_valid, self.tokens_seen, keys)
         self.pair.push(self.side, keys, values, new_valid)
         return result.output, result.transient_bytes
 
@@ -441,7 +441,7 @@ class MergedLayer(KVLayer):
         sliding pairs hand transformers the dense window (``"dense"``, decided before asking the layer)."""
         return "chunked"
 
-    def store(self, key_states, value_states):
+    def dense_step(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
         dt, sd = key_states.dtype, self.pair.dtype
         new_k, new_v = key_states.to(sd).to(dt), value_states.to(sd).to(dt)
@@ -454,11 +454,11 @@ class MergedLayer(KVLayer):
     def held_tensors(self):
         return [*self.pair.held(self.side), self.valid.buffer]
 
-    def kept_length(self) -> int:
-        return self.seen if self.window is None else min(self.seen, self.window)
+    def attended_length(self) -> int:
+        return self.tokens_seen if self.window is None else min(self.tokens_seen, self.window)
 
-    def represented_tokens(self) -> int:
-        return self.kept_length()
+    def reference_tokens(self) -> int:
+        return self.attended_length()
 
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.window + 1
@@ -479,7 +479,7 @@ class MiniCache(Method):
     test_options = {"start_layer": 1}  # select="depth": the paper's pairs from layer 0 on
     noop_options = {"gamma": 1.0, "select": "depth"}  # every entry retained: both layers exact at 2 bytes
 
-    def validate(self) -> None:
+    def prepare(self) -> None:
         g, cfg = self.geometry, self.config
         self.start_layer = g.num_layers // 2 if cfg.start_layer is None else cfg.start_layer
         if not 1 <= self.start_layer <= g.num_layers - 1:
@@ -493,10 +493,10 @@ class MiniCache(Method):
                 "storage='fp16' takes none"
             )
         try:  # one tiny append/read: the storage must exist, accept the options and stack
-            probe = self.new_store()
+            probe = self.new_storage()
             x = torch.zeros(1, 1, 2, g.head_dim)
             probe.append(x, x)
-            ok = isinstance(probe, KVStore) and tuple(probe.read(torch.float32)[0].shape) == (1, 1, 2, g.head_dim)
+            ok = isinstance(probe, TokenStorage) and tuple(probe.read(torch.float32)[0].shape) == (1, 1, 2, g.head_dim)
         except KVCompressError as exc:
             raise KVCompressError(f"minicache: storage={cfg.storage!r}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - any failure means the storage cannot stack
@@ -547,8 +547,8 @@ class MiniCache(Method):
         text = super().describe()
         return f"{text}; pairs {self.pairs}" if self.config.selection == "similarity" else text
 
-    def new_store(self) -> KVStore:
-        return make_store(self.config.storage, self.geometry, **self.config.storage_options())
+    def new_storage(self) -> TokenStorage:
+        return make_storage(self.config.storage, self.geometry, **self.config.storage_options())
 
     def build_layers(self, cache) -> list[KVLayer]:
         g = self.geometry
@@ -558,11 +558,11 @@ class MiniCache(Method):
             layers[a], layers[b] = MergedLayer(g, a, pair, 0), MergedLayer(g, b, pair, 1)
         for i in range(g.num_layers):
             if layers[i] is None:
-                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else ExactLayer(g, i, self.new_store())
+                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else ExactLayer(g, i, self.new_storage())
         return layers
 
 
-class ExactLayer(StoreLayer):
+class ExactLayer(StorageLayer):
     """An unmerged full-attention layer: its tokens in the configured store, attended by kvcompress over the store's
     parts (fp16 runs read in place, a quantizing store chunk by chunk or by its fused kernel), padding masked by
     validity -- never its whole past read back densely for transformers."""

@@ -1,7 +1,7 @@
 """``snapkv``: SnapKV (Li et al., 2024) — prompt-only eviction. The last ``window`` prompt queries score the
 earlier tokens (attention summed over the window and over each KV group's query heads, pooled along the
 tokens); per KV head the top ``budget - window`` tokens are kept plus the window itself. Decoding appends
-without eviction. Kept tokens go into a ``KVStore`` (``storage="kivi", bits=2`` composes with KIVI).
+without eviction. Kept tokens go into a ``TokenStorage`` (``storage="kivi", bits=2`` composes with KIVI).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class SnapKV(Method):
             check_positive_int(self.window, "window", "snapkv")
             check_pool(self.pool, self.kernel, "snapkv")
 
-    def validate(self) -> None:
-        self.config.make_store(self.geometry)  # unknown storage / storage options fail here, before any work
+    def prepare(self) -> None:
+        self.config.make_storage(self.geometry)  # unknown storage / storage options fail here, before any work
 
     def describe(self) -> str:
         opts = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
@@ -56,7 +56,7 @@ class SnapKVLayer(EvictionLayer):
     attends = True
 
     def __init__(self, geometry, layer_idx, config, method):
-        super().__init__(geometry, layer_idx, storage=config.make_store(geometry))
+        super().__init__(geometry, layer_idx, storage=config.make_storage(geometry))
         self.config = config
         self.method = method
 

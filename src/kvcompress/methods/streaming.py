@@ -76,7 +76,7 @@ class StreamingLayer(EvictionLayer):
         return super().attend_step(query, keys, values, new_valid, scaling)
 
     def after_attention(self, probs, q):
-        n = self.kept_length()
+        n = self.attended_length()
         budget = self.sink + self.window
         if n <= budget:
             return
