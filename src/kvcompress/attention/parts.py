@@ -166,11 +166,11 @@ def _attend_prompt(query: torch.Tensor, part: KVPart, scaling: float, probs_last
         r = probs_last
         ql = qf[:, :, q - r :].reshape(b, kv_heads, group, r, d) * scaling
         s = torch.einsum("bhgrd,bhnd->bhgrn", ql, k)
-        rows = torch.arange(q - r, q, device=query.device)
-        cols = torch.arange(q, device=query.device)
-        keep = (cols.unsqueeze(0) <= rows.unsqueeze(1)).view(1, 1, 1, r, q)
         if mask is not None:
             keep = mask[:, :, q - r :].unsqueeze(1)  # (b, 1, 1, r, q)
+        else:  # causal only
+            rows, cols = torch.arange(q - r, q, device=query.device), torch.arange(q, device=query.device)
+            keep = (cols.unsqueeze(0) <= rows.unsqueeze(1)).view(1, 1, 1, r, q)
         s = s.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return AttentionResult(out.transpose(1, 2).to(query.dtype).contiguous(), probs, 2 * k.numel() * k.element_size())
