@@ -38,6 +38,7 @@ import torch
 from kvcompress import ModelGeometry, kernels
 from kvcompress.attention import KVPart, attend_parts
 from kvcompress.quant import quantize_uniform
+from kvcompress.rope import apply_rope
 from kvcompress.storage import make_storage
 
 LAYERS, KV_HEADS, HEADS, D, G = 30, 3, 9, 64, 32
@@ -124,12 +125,71 @@ class Layers:
         return (acc / l.unsqueeze(-1)).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
 
 
+class KVQuantLayers(Layers):
+    """Per layer: fp32 K/V and KVQuant's storage of the same n tokens (``QuantStream``: keys per channel, pre-RoPE,
+    values per token, a random sorted codebook like a calibrated one, 1 % outliers as CSR rows); positions 0..n-1."""
+
+    def __init__(self, n: int, bits: int, seed: int = 0):
+        from kvcompress.methods.kvquant_store import QuantStream
+
+        gen = torch.Generator().manual_seed(seed)
+        self.n, self.bits = n, bits
+        self.k, self.v, self.streams = [], [], []
+        self.inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        ang = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        self.cos = torch.cat([ang.cos(), ang.cos()], -1)[None]  # (1, n, D), what the model's rotary module gives
+        self.sin = torch.cat([ang.sin(), ang.sin()], -1)[None]
+        for _ in range(LAYERS):
+            k = (torch.randn(1, KV_HEADS, n, D, generator=gen) * 2).half().float()
+            v = torch.randn(1, KV_HEADS, n, D, generator=gen).half().float()
+            book = torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values
+            ks = QuantStream(bits, 0.01, book, book, KV_HEADS, D, per_channel=True)
+            vs = QuantStream(bits, 0.01, book.clone(), book.clone(), KV_HEADS, D, per_channel=False)
+            ks.fix_range(k)
+            ks.append(k)
+            vs.append(v)
+            self.k.append(apply_rope(k, self.cos, self.sin))
+            self.v.append(v)
+            self.streams.append((ks, vs))
+        self.q = [torch.randn(1, HEADS, 1, D, generator=gen) for _ in range(LAYERS)]
+        self.rope = kernels.RotaryPositions(self.inv_freq, 1.0, start=0)
+
+    def code_bytes(self) -> int:
+        ks, vs = self.streams[0]
+        return LAYERS * sum(t.numel() * t.element_size() for t in (*ks.tensors(), *vs.tensors()) if t is not None)
+
+    def dequant_sdpa(self):  # what the chunked path does: dequantize, re-rotate with the model's cos/sin, attend
+        for q, (ks, vs) in zip(self.q, self.streams):
+            k = apply_rope(ks.read(), self.cos, self.sin)
+            torch.nn.functional.scaled_dot_product_attention(q, k, vs.read(), enable_gqa=True)
+
+    def _fused_one(self, q, ks, vs):
+        qg = q.reshape(1, KV_HEADS, HEADS // KV_HEADS, D) * D**-0.5
+        acc, m, l = kernels.kvquant_attention(qg, self.n, ks.codes(), vs.codes(), self.rope)
+        return acc / l.unsqueeze(-1)
+
+    def fused(self):
+        for q, (ks, vs) in zip(self.q, self.streams):
+            self._fused_one(q, ks, vs)
+
+    wired = None
+
+    def check(self) -> float:
+        q, (ks, vs) = self.q[0], self.streams[0]
+        want = torch.nn.functional.scaled_dot_product_attention(q, apply_rope(ks.read(), self.cos, self.sin),
+                                                                vs.read(), enable_gqa=True)
+        return self._fused_one(q, ks, vs).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--layout", choices=["kivi", "kvquant"], default="kivi",
+                   help="KIVI's codes (G = 32), or KVQuant's (per-channel pre-RoPE keys, per-token values, codebook, "
+                        "1 %% outliers; 'as wired' not measured)")
     args = p.parse_args(argv)
     if not kernels.AVAILABLE:
         print(f"no fused kernel: {kernels.UNAVAILABLE_REASON}")
@@ -139,7 +199,8 @@ def main(argv=None) -> int:
     cpu_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                     platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     print(f"{cpu_name}, {cores} cores; torch {torch.__version__}, numba {kernels._cpu.numba.__version__}; "
-          f"{LAYERS} layers x {KV_HEADS} KV heads x head_dim {D}, {HEADS} query heads, 1 query; G = 32; "
+          f"{LAYERS} layers x {KV_HEADS} KV heads x head_dim {D}, {HEADS} query heads, 1 query; layout {args.layout}"
+          f"{' (G = 32)' if args.layout == 'kivi' else ' (keys per channel pre-RoPE, values per token, 1 % outliers)'}; "
           f"median of {args.rounds} interleaved rounds (ms per decode step, all layers)\n")
     loads = [os.getloadavg()[0]]
     bw = {t: bandwidth_gbs(t) for t in args.threads}
@@ -153,13 +214,14 @@ def main(argv=None) -> int:
     noisy = False
     for n in args.contexts:
         for bits in args.bits:
-            layers = Layers(n, bits)
+            layers = (KVQuantLayers if args.layout == "kvquant" else Layers)(n, bits)
             err = layers.check()
             assert err < 1e-3, f"fused kernel differs from sdpa by {err}"
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                runs = {"sdpa": layers.sdpa, "dequant": layers.dequant_sdpa, "fused": layers.fused,
-                        "wired": layers.wired}
+                runs = {"sdpa": layers.sdpa, "dequant": layers.dequant_sdpa, "fused": layers.fused}
+                if layers.wired is not None:
+                    runs["wired"] = layers.wired
                 times = {k: [] for k in runs}
                 for fn in runs.values():  # warm up (numba's cache, allocator)
                     fn()
@@ -172,7 +234,7 @@ def main(argv=None) -> int:
                 noisy |= spread > 0.25
                 sb, fb = layers.fp32_bytes(), layers.code_bytes()
                 print(f"| {threads} | {n} | {bits} | {med['sdpa'] * 1e3:.1f} | {med['dequant'] * 1e3:.1f} | "
-                      f"{med['fused'] * 1e3:.1f} | {med['wired'] * 1e3:.1f} | {med['sdpa'] / med['fused']:.2f}x | "
+                      f"{med['fused'] * 1e3:.1f} | {med['wired'] * 1e3 if 'wired' in med else float('nan'):.1f} | {med['sdpa'] / med['fused']:.2f}x | "
                       f"{sb / 2**20:.0f} MiB | {fb / 2**20:.1f} MiB | {sb / med['sdpa'] / 1e9:.1f} | "
                       f"{fb / med['fused'] / 1e9:.1f} | {spread * 100:.0f} % |", flush=True)
             del layers

@@ -316,11 +316,11 @@ def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch, me
 
 
 def test_memory_report_says_quantizing_layers_read_chunk_by_chunk(tiny_model):
-    """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "chunked"
-    (LogQuant: "fused-numba" while the kernel applies, "chunked" with it switched off)."""
+    """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "fused-numba"
+    while the kernel applies, "chunked" with it switched off (LogQuant's per-token keys: always "chunked")."""
     from kvcompress import kernels
 
-    for method, options, fused in (("kvquant", BOUNDED_TRANSIENT["kvquant"], "chunked"),
+    for method, options, fused in (("kvquant", BOUNDED_TRANSIENT["kvquant"], "fused-numba"),
                                    ("logquant", BOUNDED_TRANSIENT["logquant"], "fused-numba"),
                                    ("logquant", dict(BOUNDED_TRANSIENT["logquant"], key_axis="token"), "chunked")):
         for on in (True, False):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -32,13 +33,16 @@ import torch
 
 try:  # numba is a dependency, but a platform without a wheel still works (chunked path)
     from . import cpu as _cpu
+    from . import kvquant_cpu as _kvq_cpu
 
     AVAILABLE, UNAVAILABLE_REASON = True, ""
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
-    _cpu, AVAILABLE, UNAVAILABLE_REASON = None, False, f"numba could not be imported ({exc})"
+    _cpu = _kvq_cpu = None
+    AVAILABLE, UNAVAILABLE_REASON = False, f"numba could not be imported ({exc})"
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "backend", "chunked_partials", "enabled", "fused", "kivi_attention",
-           "kivi_fused_applies", "triton_status"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CodebookCodes", "RotaryPositions", "backend", "chunked_partials",
+           "enabled", "fused", "kivi_attention", "kivi_fused_applies", "kvquant_attention", "kvquant_fused_applies",
+           "triton_status"]
 
 _state = {"enabled": True, "backend": None}
 #: numba's workqueue threading layer (its fallback without TBB or OpenMP) must not be entered by two Python threads at
@@ -241,3 +245,145 @@ def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Te
         acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v)
         m = m_new
     return acc, m, l
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KVQuant's layout: codebook levels, per-channel or per-token ranges, CSR outliers, pre-RoPE keys
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CodebookCodes:
+    """Tokens quantized to codebook levels, as KVQuant stores them (views of the held buffers, never copies).
+
+    A token's element ``c`` of KV head ``hh`` is ``levels[code] * scale + offset``, unless an outlier of its row
+    replaces it. ``planes``: ``[(b, h, >= n, d*bits/8)]`` uint8 for 1/2/4/8 bits, ``[low (2-bit), high (1-bit)]`` for 3
+    bits (code = low | high << 2); packed as :func:`kvcompress.quant.pack_bits`. ``levels (2**bits,)`` float32.
+    ``per_channel``: ``scale``/``offset (1|b, h*d)`` fp16 (one range per channel); else ``(b, 1|h, >= n, 1)`` fp16
+    (one per token, over all KV heads or per head). Outliers (None: none): CSR rows, row = (token, batch row)
+    token-major, width ``h*d``: ``counts (b, 1, >= n)`` per row, ``cols (>= nnz,)`` the column, ``vals (>= nnz,)``
+    fp16 the exact value."""
+
+    planes: list
+    bits: int
+    levels: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    per_channel: bool
+    counts: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    vals: torch.Tensor | None = None
+
+    def plane_bits(self) -> list[int]:
+        return [2, 1] if self.bits == 3 else [self.bits]
+
+
+@dataclass
+class RotaryPositions:
+    """How pre-RoPE keys are rotated to their positions (rotate-half convention, as llama-like models): channel
+    pairs ``(j, j + d/2)`` turn by ``position * inv_freq[j]``, both times ``scaling`` (the rotary module's attention
+    scaling). Positions are ``start, start + 1, ...`` (``start`` an int) or ``positions (1|b, >= n)`` int."""
+
+    inv_freq: torch.Tensor
+    scaling: float = 1.0
+    start: int | None = 0
+    positions: torch.Tensor | None = None
+
+
+def kvquant_fused_applies(device: torch.device, keys: CodebookCodes, values: CodebookCodes, head_dim: int) -> bool:
+    """Whether :func:`kvquant_attention` serves these codes on ``device``: the numba kernel for CPU tensors (2, 3 or 4
+    bits, ``head_dim`` a multiple of 8, values per token)."""
+    if backend(device) != "numba" or head_dim % 8 or values.per_channel:
+        return False
+    return keys.bits in (2, 3, 4) and values.bits in (2, 3, 4)
+
+
+@lru_cache(maxsize=16)
+def _plane_maps(bits: int, d: int):
+    """``(position -> channel, channel -> position)`` (each ``(d,)`` int64 numpy) of a row of ``bits``-bit codes
+    unpacked plane by plane (3 bits: the 2-bit plane's order, see :func:`kvcompress.quant.high_plane_order`), and the
+    rotary frequencies' order: ``(d/2,)`` index ``j`` of the first-half position ``k * units/2 + u``."""
+    from ..quant import plane_position
+
+    plane = 4 if bits == 4 else 2
+    pos = plane_position(np.arange(d), plane, d).astype(np.int64)
+    chan = np.empty(d, np.int64)
+    chan[pos] = np.arange(d)
+    per, half = 8 // plane, d // 2
+    j = np.arange(half)
+    freq = np.empty(half, np.int64)
+    freq[(j % per) * (half // per) + j // per] = j
+    return chan, pos, freq
+
+
+def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
+    """``(bits, plane0, plane1, levels (16,), per-token scale, offset, row pointers, cols, vals, channel -> position)``
+    numpy arguments of one stream (small copies: per-token ranges, outliers, levels)."""
+    p0 = _rows_view(codes.planes[0])
+    p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else np.zeros((b, h, 0, 0), np.uint8)
+    lev = np.zeros(16, np.float32)
+    lev[: codes.levels.numel()] = codes.levels.float().numpy()
+    if codes.per_channel:
+        ts = to = np.zeros((b, 1, 0), np.float32)
+    else:
+        ts, to = (_np(t[:, :, :n, 0].float()) for t in (codes.scale, codes.offset))
+    if codes.counts is None:
+        rp, cols, vals = np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.float32)
+    else:
+        rp = np.zeros(n * b + 1, np.int64)
+        np.cumsum(_np(codes.counts[:, 0, :n].t().reshape(-1)), out=rp[1:])
+        nnz = int(rp[-1])
+        cols = _np(codes.cols[:nnz]) if nnz else np.zeros(0, np.int16)
+        vals = _np(codes.vals[:nnz].float()) if nnz else np.zeros(0, np.float32)
+    return codes.bits, p0, p1, lev, ts, to, rp, cols, vals, _plane_maps(codes.bits, d)[1]
+
+
+def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
+                      rope: RotaryPositions | None = None, valid: torch.Tensor | None = None):
+    """Attention partials of ``qg`` over ``n`` tokens held as KVQuant codes (the ``KVPart.fused`` contract).
+
+    ``qg (b, kv_heads, rows, d)`` fp32, already scaled; ``keys``/``values``: :class:`CodebookCodes` of the same ``n``
+    tokens (values per token); ``rope``: rotate the keys to their positions (pre-RoPE keys), None = keys as stored;
+    ``valid (b, kv_heads | 1, n)`` bool or None. Returns fp32 ``acc (b, kv_heads, rows, d)``, ``m``, ``l (b, kv_heads,
+    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`): rows are unpacked plane by plane, so the query,
+    the per-channel ranges and the rotary frequencies are permuted into the keys' plane order here and the output
+    back from the values'; see :func:`kvquant_fused_applies`."""
+    b, h, rows, d = qg.shape
+    kchan, _, kfreq = _plane_maps(keys.bits, d)
+    vpos = _plane_maps(values.bits, d)[1]
+    q = np.ascontiguousarray(_np(qg if qg.dtype == torch.float32 else qg.float())[..., kchan])
+    kbits, kp0, kp1, klev, kts, kto, krp, kcols, kvals, kpos = _stream_args(keys, n, b, h, d)
+    vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap = _stream_args(values, n, b, h, d)
+    if keys.per_channel:
+        kcs, kco = (np.ascontiguousarray(_np(t.float()).reshape(t.shape[0], h, d)[..., kchan].reshape(-1, h * d))
+                    for t in (keys.scale, keys.offset))
+    else:
+        kcs = kco = np.zeros((1, h * d), np.float32)
+    if rope is None:
+        inv_freq, rscale, start, positions = np.zeros(0, np.float64), 1.0, 0, np.zeros((1, 0), np.int64)
+    else:
+        inv_freq, rscale = np.ascontiguousarray(rope.inv_freq.double().numpy()[kfreq]), float(rope.scaling)
+        if rope.positions is None:
+            start, positions = int(rope.start), np.zeros((1, 0), np.int64)
+        else:
+            start, positions = -1, _np(rope.positions[:, :n].long())
+    vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
+    acc = np.empty((b, h, rows, d), np.float32)
+    m = np.empty((b, h, rows), np.float32)
+    l = np.empty((b, h, rows), np.float32)
+    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
+    try:
+        splits = max(1, 2 * threads // math.gcd(b * h, 2 * threads)) if parallel else 1
+        args = (q, kbits, kp0, kp1, klev, keys.per_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits, vp0,
+                vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap, inv_freq, rscale, start, positions, vmask, n,
+                _ceil(n, splits), acc, m, l)
+        if parallel:
+            _cpu.numba.set_num_threads(threads)
+            _kvq_cpu.kvquant_layer_parallel(*args)
+        else:
+            _kvq_cpu.kvquant_layer_serial(*args)
+    finally:
+        if parallel:
+            _PARALLEL.release()
+    return torch.from_numpy(np.ascontiguousarray(acc[..., vpos])), torch.from_numpy(m), torch.from_numpy(l)

@@ -155,6 +155,9 @@ class KVQuantLayer(KVLayer):
                              kb.get("lower"), kb.get("upper"), token_range=cfg.token_range)
         self.v = QuantStream(cfg.bits, cfg.outliers, vb["codebook"], vb["decode"], h, d, per_channel=False,
                              token_range=cfg.token_range)
+        if self.is_sliding:  # never more than the window and one block held: no spare capacity beyond that
+            for stream in (self.k, self.v):
+                stream.limit_capacity(self.window - 1 + self.slide_block)
         self.head_k = self.head_v = None  # sink: (b, h, s, d) 2-byte floats, post-RoPE
         self.pend_k = None  # key_stats="prompt": keys waiting for the per-channel range, (b, h, p, d) 2-byte
         self.pos = Positions()
@@ -213,11 +216,50 @@ class KVQuantLayer(KVLayer):
         if self.head_k is not None:
             parts.append(KVPart.dense(self.head_k, self.head_v, kind="fp16"))
         if len(self.v):
-            parts.append(KVPart(len(self.v), self._read_body, kind="kvquant", chunk_tokens=CHUNK,
-                                kv_heads=self.geometry.num_kv_heads))
+            fused = self._fused_body()
+            parts.append(KVPart(len(self.v), self._read_body, kind="kvquant-fused" if fused else "kvquant",
+                                chunk_tokens=CHUNK, kv_heads=self.geometry.num_kv_heads, fused=fused))
         if self.rec_k is not None and self.rec_k.shape[2]:
             parts.append(KVPart.dense(self.rec_k, self.rec_v, kind="fp16"))
         return parts
+
+    def _rotary(self):
+        """How the kernel rotates the body's pre-RoPE keys (:class:`kvcompress.kernels.RotaryPositions`), None when
+        the model's rotary module is not plain ``cos/sin(position * inv_freq)``."""
+        from ..kernels import RotaryPositions
+
+        freqs = self.method.rope.frequencies(self.layer_type)
+        if freqs is None:
+            return None
+        if self.pos.explicit is None:
+            return RotaryPositions(freqs[0], freqs[1], start=self.pos.start)
+        return RotaryPositions(freqs[0], freqs[1], start=None, positions=self.pos.explicit)
+
+    def _fused_body(self):
+        """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
+        or None where it does not apply (no kernel for the device, keys still waiting for their range, a rotary
+        module the kernel cannot reproduce): the body is then read a chunk at a time."""
+        from .. import kernels
+        from ..attention import CHUNK
+
+        if self.pend_k is not None or len(self.k) != len(self.v):
+            return None
+        keys, values = self.k.codes(), self.v.codes()
+        if not kernels.kvquant_fused_applies(keys.planes[0].device, keys, values, self.geometry.head_dim):
+            return None
+        rope = None
+        if self.pre_rope:
+            rope = self._rotary()
+            if rope is None:
+                return None
+        n = len(self.v)
+
+        def fused(qg, valid):
+            if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: dequantize + matmul (BLAS) is faster
+                return kernels.chunked_partials(qg, self._read_body, n, CHUNK, valid)
+            return kernels.kvquant_attention(qg, n, keys, values, rope, valid)
+
+        return fused
 
     def _read_body(self, start: int, stop: int, dtype=torch.float32):
         """Body tokens ``[start, stop)`` dequantized, keys rotated to their positions: ``(b, h, stop - start, d)``
@@ -330,8 +372,11 @@ class KVQuantLayer(KVLayer):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def attention_path(self) -> str:
-        """``"chunked"`` once the body holds codes (read a chunk at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
-        return "chunked" if len(self.v) else "dense"
+        """Once the body holds codes: ``"fused-numba"`` (the kernel on the codes) or ``"chunked"`` (read a chunk at a
+        time); ``"dense"`` before (:mod:`kvcompress.memory`)."""
+        if not len(self.v):
+            return "dense"
+        return "fused-numba" if self._fused_body() is not None else "chunked"
 
     def attended_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own real tokens
@@ -359,7 +404,8 @@ class KVQuantLayer(KVLayer):
 class KVQuant(Method):
     summary = ("KVQuant: per-channel pre-RoPE keys, per-token values, nuq codebooks (calibrated), "
                "dense-and-sparse outliers, fp16 sink")
-    attention = "kvcompress: sink + body dequantized a chunk at a time (keys re-rotated)"
+    attention = ("kvcompress: sink + body through a fused kernel on the codes (keys rotated inside it; numba on CPU), "
+                 "chunked dequantize where it does not apply")
     sliding = "quantized too (no sink), window masked, leave in blocks (quantize_sliding=False: plain fp16 window)"
     Config = KVQuantConfig
     test_options = {"nuq": False, "bits": 4, "sink": 2}

@@ -13,6 +13,7 @@ import torch
 from ..compat import uses_cache
 from ..observe import Observer
 from ..quant import (
+    high_plane_order,
     normalize_minmax,
     outlier_thresholds,
     pack_bits,
@@ -22,7 +23,12 @@ from ..quant import (
 )
 from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
-from ..storage import TokenRuns
+from ..storage import GrowingTokens
+
+#: tokens a buffer grows by at least (then by 1/32 of what it holds)
+GROW_TOKENS = 16
+#: outlier entries a buffer grows by at least
+GROW_OUTLIERS = 64
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -43,6 +49,7 @@ class RopeTable:
         self.module = find_rotary(model)
         self.takes_layer_type = "layer_type" in inspect.signature(self.module.forward).parameters
         self.dtype = dtype
+        self._frequencies: dict = {}  # layer type -> (inv_freq, scaling) | None
 
     def cos_sin(self, positions: torch.Tensor, layer_type: str):
         pos = positions.long()
@@ -50,6 +57,33 @@ class RopeTable:
         with torch.no_grad():
             c, s = self.module(x, pos, layer_type) if self.takes_layer_type else self.module(x, pos)
         return c.float(), s.float()
+
+    def frequencies(self, layer_type: str):
+        """``(inv_freq (d/2,), scaling)`` of the rotary module for ``layer_type`` -- its own buffer, not a copy -- when
+        ``cos/sin(position * inv_freq) * scaling`` reproduces what the module computes (checked once per layer type
+        at a few positions, to the rounding of the model's dtype); None otherwise (the fused kernel does not apply)."""
+        if layer_type not in self._frequencies:
+            self._frequencies[layer_type] = self._find_frequencies(layer_type)
+        return self._frequencies[layer_type]
+
+    def _find_frequencies(self, layer_type: str):
+        buffers = dict(self.module.named_buffers(recurse=False))
+        inv_freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
+        scaling = getattr(self.module, f"{layer_type}_attention_scaling", getattr(self.module, "attention_scaling", 1.0))
+        if inv_freq is None or not isinstance(scaling, (int, float)):
+            return None
+        pos = torch.tensor([[0, 1, 2, 3, 17, 100, 1000]])
+        cos, sin = self.cos_sin(pos, layer_type)
+        half = inv_freq.numel()
+        if cos.shape[-1] != 2 * half:
+            return None
+        ang = pos[0, :, None].double() * inv_freq.double()[None, :]
+        want_c = torch.cat([ang.cos(), ang.cos()], -1) * scaling
+        want_s = torch.cat([ang.sin(), ang.sin()], -1) * scaling
+        tol = 5e-4 if self.dtype == torch.float32 else 1e-2
+        if not (torch.allclose(cos[0].double(), want_c, atol=tol) and torch.allclose(sin[0].double(), want_s, atol=tol)):
+            return None
+        return inv_freq, float(scaling)
 
     def cos_sin_range(self, start: int, n: int, layer_type: str):
         """cos/sin of positions ``start .. start+n-1``: ``(1, n, head_dim)``."""
@@ -104,16 +138,20 @@ def from_rows(r: torch.Tensor, h: int) -> torch.Tensor:
 
 def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """Codes ``(..., d)`` -> packed bit planes along the last dim: one ``bits``-bit plane for 2 and 4 bits; for 3 bits
-    a 2-bit plane (low bits) and a 1-bit plane (high bit) -- the same ``ceil(3d/8)`` bytes when 8 divides d, and
+    a 2-bit plane (low bits) and a 1-bit plane (high bit, packed in :func:`kvcompress.quant.high_plane_order` so the
+    fused kernel finds it where it unpacks the low bits) -- the same ``ceil(3d/8)`` bytes when 8 divides d, and
     unpacking power-of-two planes is several times faster than a 3-bit stream."""
     if bits == 3:
-        return [pack_bits(codes & 3, 2, validate=False), pack_bits(codes >> 2, 1, validate=False)]
+        high = (codes >> 2).index_select(-1, high_plane_order(codes.shape[-1]).to(codes.device))
+        return [pack_bits(codes & 3, 2, validate=False), pack_bits(high, 1, validate=False)]
     return [pack_bits(codes, bits, validate=False)]
 
 
 def unpack_planes(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
     if bits == 3:
-        return unpack_bits(planes[0], 2, d) | (unpack_bits(planes[1], 1, d) << 2)
+        high = torch.empty_like(low := unpack_bits(planes[0], 2, d))
+        high[..., high_plane_order(d).to(high.device)] = unpack_bits(planes[1], 1, d)
+        return low | (high << 2)
     return unpack_bits(planes[0], bits, d)
 
 
@@ -155,9 +193,11 @@ class QuantStream:
     ``"head"`` one per token and KV head (min/max of the row after the outliers left; ``(b, h, n, 1)``).
     ``codebook`` assigns codes, ``decode_book`` reconstructs (different only with Q-Norm).
 
-    Held in :class:`kvcompress.storage.TokenRuns` (appending never copies the whole past); a run is
-    ``(*planes (b, h, n, bytes) uint8, [scale, offset (b, 1|h, n, 1) fp16 per token], [counts (n, b), cols, vals]
-    outliers)``.
+    Held in :class:`kvcompress.storage.GrowingTokens` buffers (appending copies O(1) tokens amortized, and each
+    tensor is one contiguous buffer the fused kernel reads in place; the spare capacity is held and counted):
+    ``planes`` (``(b, h, n, bytes)`` uint8 each), per-token ``scale``/``offset`` ``(b, 1|h, n, 1)`` fp16, and the
+    outliers as CSR rows (row = (token, batch row), token-major, width ``h*d``): ``counts (b, 1, n)`` per row
+    (uint8 / int16), ``cols (1, 1, nnz)`` the column in the row, ``vals (1, 1, nnz)`` fp16.
     """
 
     def __init__(self, bits, fraction, codebook, decode_book, heads, head_dim, per_channel, lower=None, upper=None,
@@ -168,11 +208,17 @@ class QuantStream:
         self.per_channel = per_channel
         self.n_planes = 2 if bits == 3 else 1
         self.has_sparse = fraction > 0
-        dims = (2,) * self.n_planes + ((2, 2) if not per_channel else ()) + ((0, 0, 0) if self.has_sparse else ())
-        self.runs = TokenRuns(dims)
+        self.length = 0
+        self._planes = [GrowingTokens(GROW_TOKENS) for _ in range(self.n_planes)]
+        self._ranges = [] if per_channel else [GrowingTokens(GROW_TOKENS), GrowingTokens(GROW_TOKENS)]
+        self._sparse = [GrowingTokens(GROW_TOKENS), GrowingTokens(GROW_OUTLIERS), GrowingTokens(GROW_OUTLIERS)] \
+            if self.has_sparse else []
         self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
         if per_channel and lower is not None:
             self._set_range(lower, upper)
+
+    def _buffers(self) -> list[GrowingTokens]:
+        return [*self._planes, *self._ranges, *self._sparse]
 
     @property
     def ready(self) -> bool:
@@ -194,7 +240,13 @@ class QuantStream:
         self._set_range(lo.squeeze(-1), hi.squeeze(-1))
 
     def __len__(self):
-        return len(self.runs)
+        return self.length
+
+    def limit_capacity(self, tokens: int) -> None:
+        """Grow no further than ``tokens`` tokens unless one append needs more (0: always exact-sized; a sliding
+        window). The outlier entries keep growing geometrically (their number per token varies)."""
+        for g in (*self._planes, *self._ranges, *self._sparse[:1]):
+            g.limit = tokens
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and append ``x (b, h, q, d)``."""
@@ -208,7 +260,8 @@ class QuantStream:
         sparse = ()
         if self.has_sparse:
             rows, sp = split_outliers(rows, lo, hi)
-            sparse = sparse_rows(sp, q, b, h * d)
+            counts, cols, vals = sparse_rows(sp, q, b, h * d)
+            sparse = (counts.t().unsqueeze(1), cols.view(1, 1, -1), vals.view(1, 1, -1))  # (b, 1, q), (1, 1, nnz)
         elif self.per_channel:
             rows = torch.minimum(torch.maximum(rows, lo), hi)
         ranges = ()
@@ -228,81 +281,93 @@ class QuantStream:
             xn, scale, offset = normalize_minmax(from_rows(rows, h).contiguous(), axis=-1)
             codes = quantize_codebook(xn, self.codebook)
             ranges = (scale, offset)
-        self.runs.append(*pack_planes(codes, self.bits), *ranges, *sparse)
+        for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
+            buf.append(t)
+        self.length += q
 
-    def _read_run(self, run, a: int, z: int) -> torch.Tensor:
-        """Tokens ``[a, z)`` of one run, dequantized: ``(b, h, z - a, d)`` fp32."""
-        planes = [p[:, :, a:z] for p in run[: self.n_planes]]
+    def _sparse_span(self, a: int, z: int) -> tuple[int, int]:
+        """The entries ``[n0, n1)`` of ``cols``/``vals`` that belong to tokens ``[a, z)`` (all batch rows)."""
+        counts = self._sparse[0].view()
+        n0 = int(counts[:, :, :a].sum(dtype=torch.int64)) if a else 0
+        return n0, n0 + int(counts[:, :, a:z].sum(dtype=torch.int64))
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stored tokens ``[start, stop)`` (default all), dequantized: ``(b, h, n, d)`` fp32 (a transient copy)."""
+        a, z = start, len(self) if stop is None else stop
+        planes = [g.view()[:, :, a:z] for g in self._planes]
         codes = unpack_planes(planes, self.bits, self.d)
         x = self.decode_book.index_select(0, codes.reshape(-1).int()).view(codes.shape)
-        rest = run[self.n_planes :]
         if self.per_channel:
             b = self.channel_scale.shape[0]
             x = (x * self.channel_scale.float().view(b, self.h, 1, self.d)
                  + self.channel_offset.float().view(b, self.h, 1, self.d))
         else:
-            scale, offset, rest = rest[0], rest[1], rest[2:]
-            x = x * scale[:, :, a:z].float() + offset[:, :, a:z].float()
+            scale, offset = (g.view()[:, :, a:z] for g in self._ranges)
+            x = x * scale.float() + offset.float()
         if self.has_sparse:
-            counts, cols, vals = rest
-            n0 = int(counts[:a].long().sum())
-            n1 = n0 + int(counts[a:z].long().sum())
-            x = scatter_rows_(x.contiguous(), counts[a:z], cols[n0:n1], vals[n0:n1])
+            counts, cols, vals = (g.view() for g in self._sparse)
+            n0, n1 = self._sparse_span(a, z)
+            if n1 > n0:
+                x = scatter_rows_(x.contiguous(), counts[:, 0, a:z].t(), cols[0, 0, n0:n1], vals[0, 0, n0:n1])
         return x
-
-    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Stored tokens ``[start, stop)`` (default all), dequantized: ``(b, h, n, d)`` fp32 (a transient copy)."""
-        stop = len(self) if stop is None else stop
-        pieces, offset = [], 0
-        for run in self.runs.runs:
-            n = self.runs.run_length(run)
-            a, z = max(start, offset), min(stop, offset + n)
-            if a < z:
-                pieces.append(self._read_run(run, a - offset, z - offset))
-            offset += n
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     def drop_front(self, k: int) -> None:
         """Forget the ``k`` oldest tokens (sliding windows)."""
-        joined = list(self.runs.joined())
-        for i in range(self.n_planes + (0 if self.per_channel else 2)):
-            joined[i] = joined[i][:, :, k:].clone()
         if self.has_sparse:
-            counts, cols, vals = joined[-3:]
-            nnz = int(counts[:k].long().sum())
-            joined[-3:] = [counts[k:].clone(), cols[nnz:].clone(), vals[nnz:].clone()]
-        self.runs.replace(*joined)
+            nnz = self._sparse_span(0, k)[1]
+            for g in self._sparse[1:]:
+                g.drop_front(nnz)
+        for g in (*self._planes, *self._ranges, *self._sparse[:1]):
+            g.drop_front(k)
+        self.length -= k
 
-    # -- joined views (inspection, tests) ------------------------------------------------------------------------------
-    def _joined(self, i: int):
-        joined = self.runs.joined()
-        return None if joined is None else joined[i]
+    def codes(self):
+        """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): views of the
+        buffers, nothing copied."""
+        from ..kernels import CodebookCodes
 
+        counts, cols, vals = (g.view() for g in self._sparse) if self.has_sparse else (None, None, None)
+        if self.per_channel:
+            scale, offset = self.channel_scale, self.channel_offset
+        else:
+            scale, offset = (g.view() for g in self._ranges)
+        return CodebookCodes(planes=[g.view() for g in self._planes], bits=self.bits, levels=self.decode_book,
+                             scale=scale, offset=offset, per_channel=self.per_channel,
+                             counts=counts, cols=None if cols is None else cols.view(-1),
+                             vals=None if vals is None else vals.view(-1))
+
+    # -- views (inspection, tests) -----------------------------------------------------------------------------------
     @property
     def planes(self) -> list[torch.Tensor]:
-        return [self._joined(i) for i in range(self.n_planes)] if len(self) else []
+        return [g.view() for g in self._planes] if len(self) else []
 
     @property
     def scale(self):
-        return self.channel_scale if self.per_channel else self._joined(self.n_planes)
+        return self.channel_scale if self.per_channel else self._ranges[0].view()
 
     @property
     def offset(self):
-        return self.channel_offset if self.per_channel else self._joined(self.n_planes + 1)
+        return self.channel_offset if self.per_channel else self._ranges[1].view()
 
     @property
     def sparse(self) -> SparseView | None:
+        """The outliers as CSR rows: ``counts (n, b)`` (a view), ``cols (nnz,)``, ``vals (nnz,)``."""
         if not self.has_sparse:
             return None
-        joined = self.runs.joined()
-        if joined is None:
+        if not len(self):
             w = self.h * self.d
             return SparseView(torch.zeros(0, 0, dtype=_small_int(w)), torch.zeros(0, dtype=_small_int(w - 1)),
                               torch.zeros(0, dtype=torch.float16))
-        return SparseView(*joined[-3:])
+        counts, cols, vals = (g.view() for g in self._sparse)
+        return SparseView(counts[:, 0].t(), cols.reshape(-1), vals.reshape(-1))
+
+    def spare_nbytes(self) -> int:
+        """Bytes of the buffers' spare capacity (held, counted, not yet filled)."""
+        return sum(g.spare_nbytes() for g in self._buffers())
 
     def tensors(self):
-        out = [*self.runs.tensors(), self.channel_scale, self.channel_offset, self.codebook]
+        out = [t for g in self._buffers() for t in g.tensors()]
+        out += [self.channel_scale, self.channel_offset, self.codebook]
         if self.decode_book is not self.codebook:
             out.append(self.decode_book)
         return out

@@ -1,0 +1,199 @@
+"""The fused KVQuant kernel (``kernels.kvquant_attention``): equal to dequantize-then-attend over the stored layout
+(codebook levels, per-channel or per-token ranges, CSR outliers, pre-RoPE keys rotated inside the kernel), wired into
+``KVQuantLayer``, and the same generations with the kernels on and off.
+
+Tolerance: as the KIVI kernel's (``tests/test_kernels.py``): fp32 kernel vs an fp64 reference over the same
+dequantized tokens, the normalized output within ``2e-5 * (1 + max |v|)``, the log-sum-exp within ``2e-5 * (1 + max
+|s|)``. The reference rotates keys with the exact angle ``position * inv_freq`` (float64), as the kernel does.
+Through the model (whose rotary module rounds the angle to float32), teacher-forced logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcompress import kernels, make_cache
+from kvcompress.compat import cache_kwargs
+from kvcompress.methods.kvquant_store import QuantStream
+
+from test_kernels import check_partials
+
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
+
+
+def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
+    """fp64 rotate-half RoPE of ``keys (b, h, n, d)`` at ``positions (1|b, n)``."""
+    ang = positions.double()[:, None, :, None] * inv_freq.double()[None, None, None, :]  # (b|1, 1, n, d/2)
+    c, s = torch.cos(ang) * scaling, torch.sin(ang) * scaling
+    half = keys.shape[-1] // 2
+    k1, k2 = keys[..., :half].double(), keys[..., half:].double()
+    return torch.cat([k1 * c - k2 * s, k2 * c + k1 * s], dim=-1)
+
+
+def stream(gen, bits, heads, d, per_channel, outliers, token_range, levels):
+    book = torch.linspace(-1, 1, 1 << bits) if levels == "uniform" else \
+        torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values
+    return QuantStream(bits, outliers, book, book, heads, d, per_channel, token_range=token_range)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bits=st.tuples(st.sampled_from([2, 3, 4]), st.sampled_from([2, 3, 4])),
+    d=st.sampled_from([8, 16, 64, 128]),
+    appends=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    b=st.integers(1, 2),
+    kv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    q=st.integers(1, 3),
+    per_channel=st.booleans(),
+    outliers=st.sampled_from([0.0, 0.02, 0.1]),
+    token_range=st.sampled_from(["token", "head"]),
+    levels=st.sampled_from(["uniform", "random"]),
+    rope=st.sampled_from(["none", "start", "explicit"]),
+    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, group, q, per_channel, outliers,
+                                                       token_range, levels, rope, padding, parallel, seed):
+    """Key/value bits 2/3/4 (3: two planes), head dims 8-128, tokens appended in several steps (lengths not a multiple
+    of the kernel's block), batch, GQA ratios, one or several queries, per-channel or per-token keys, value ranges per
+    token or per head, no / 2 % / 10 % outliers, uniform or random levels, keys not rotated / rotated from a start
+    position / rotated at explicit positions (jumps included), padding (shared, per head, a whole row), serial and
+    threaded."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(appends)
+    ks = stream(gen, bits[0], kv, d, per_channel, outliers, token_range, levels)
+    vs = stream(gen, bits[1], kv, d, False, outliers, token_range, levels)
+    keys = torch.randn(b, kv, n, d, generator=gen) * 2
+    values = torch.randn(b, kv, n, d, generator=gen)
+    if per_channel:
+        ks.fix_range(keys[:, :, : max(2, n // 2)])
+    at = 0
+    for k in appends:
+        ks.append(keys[:, :, at : at + k])
+        vs.append(values[:, :, at : at + k])
+        at += k
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    spec, ref_k = None, ks.read()
+    if rope == "start":
+        start = int(torch.randint(0, 5000, (1,), generator=gen))
+        spec = kernels.RotaryPositions(inv_freq, 1.0, start=start)
+        ref_k = rotate(ref_k, torch.arange(start, start + n)[None], inv_freq, 1.0)
+    elif rope == "explicit":  # per row, increasing with gaps (left padding, a window that moved)
+        pos = torch.cumsum(torch.randint(1, 4, (b, n), generator=gen), dim=1).to(torch.int32)
+        spec = kernels.RotaryPositions(inv_freq, 0.9, start=None, positions=pos)
+        ref_k = rotate(ref_k, pos, inv_freq, 0.9)
+    valid = None
+    if padding == "shared":
+        valid = torch.rand(b, 1, n, generator=gen) > 0.3
+    elif padding == "per-head":
+        valid = torch.rand(b, kv, n, generator=gen) > 0.5
+    elif padding == "all":
+        valid = torch.ones(b, 1, n, dtype=torch.bool)
+        valid[-1] = False
+    qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
+    before = kernels.MIN_PARALLEL_WORK
+    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
+    try:
+        acc, m, l = kernels.kvquant_attention(qg, n, ks.codes(), vs.codes(), spec, valid)
+    finally:
+        kernels.MIN_PARALLEL_WORK = before
+    assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
+    check_partials(acc, m, l, qg, ref_k, vs.read(), valid)
+
+
+@needs_numba
+def test_outliers_change_the_kernels_result():
+    """The kernel reads the outliers: dropping them (counts zeroed) moves the output (a guard against a test that
+    cannot fail)."""
+    gen = torch.Generator().manual_seed(1)
+    b, kv, n, d = 1, 2, 64, 16
+    ks = stream(gen, 3, kv, d, True, 0.1, "token", "uniform")
+    vs = stream(gen, 3, kv, d, False, 0.1, "token", "uniform")
+    keys, values = torch.randn(b, kv, n, d, generator=gen) * 3, torch.randn(b, kv, n, d, generator=gen) * 3
+    ks.fix_range(keys)
+    ks.append(keys)
+    vs.append(values)
+    qg = torch.randn(b, kv, 3, d, generator=gen)
+    acc, _, l = kernels.kvquant_attention(qg, n, ks.codes(), vs.codes())
+    codes_k, codes_v = ks.codes(), vs.codes()
+    codes_k.counts, codes_v.counts = None, None
+    acc0, _, l0 = kernels.kvquant_attention(qg, n, codes_k, codes_v)
+    assert (acc / l[..., None] - acc0 / l0[..., None]).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through the model
+# --------------------------------------------------------------------------------------------------------------------
+
+OPTIONS = {"nuq": False, "bits": 3, "sink": 2}
+
+
+@needs_numba
+@pytest.mark.parametrize("which,options", [
+    ("tiny_model", OPTIONS),
+    ("tiny_model", {**OPTIONS, "per_channel_keys": False, "pre_rope": False, "token_range": "head", "bits": 2}),
+    ("tiny_model", {**OPTIONS, "key_bits": 4, "recent": 5}),
+    ("tiny_gemma", {**OPTIONS, "bits": 4}),  # MQA, sliding-window layers (decode masks the window: still fused)
+])
+@torch.no_grad()
+def test_kvquant_generation_is_the_same_with_the_kernel_on_and_off(request, monkeypatch, which, options):
+    """Teacher-forced logits (batch 2, then a left-padded batch whose rows run alone with stored positions) agree with
+    the chunked dequantize path to 1e-4, greedy tokens are the same, and the kernel really ran."""
+    model = request.getfixturevalue(which)
+    calls = []
+    real = kernels.kvquant_attention
+    monkeypatch.setattr(kernels, "kvquant_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 128, (2, 70), generator=gen)
+    padded = torch.ones_like(ids)
+    padded[1, :13] = 0
+
+    def forced(on, mask):
+        with kernels.fused(on):
+            cache = make_cache("kvquant", model, **options)
+            logits = [model(ids[:, :40], attention_mask=mask[:, :40], **cache_kwargs(model, cache)).logits[:, -1]]
+            for t in range(40, ids.shape[1]):
+                logits.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                                    **cache_kwargs(model, cache)).logits[:, -1])
+            if on:
+                paths = cache.memory_report().attention
+                assert set(paths) == {"fused-numba"} or set(paths) <= {"fused-numba", "dense"}, paths
+            return torch.stack(logits, 1)
+
+    for mask in (torch.ones_like(ids), padded):
+        calls.clear()
+        got = forced(True, mask)
+        assert calls, "the fused kernel was never called"
+        calls.clear()
+        want = forced(False, mask)
+        assert not calls
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_numba
+@torch.no_grad()
+def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
+    """``memory_report()`` says ``fused-numba`` once the body holds codes, ``chunked`` with the kernels off or where
+    the model's rotary module is not the plain ``cos/sin(position * inv_freq)`` the kernel computes."""
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+
+    def paths(**extra):
+        cache = make_cache("kvquant", tiny_model, **OPTIONS, **extra)
+        tiny_model(ids, **cache_kwargs(tiny_model, cache))
+        return cache.memory_report().attention, cache
+
+    assert paths()[0] == {"fused-numba": 4}
+    with kernels.fused(False):
+        assert paths()[0] == {"chunked": 4}
+    _, cache = paths()
+    rope = cache.method.rope
+    monkeypatch.setattr(rope, "_frequencies", {})
+    monkeypatch.setattr(rope, "_find_frequencies", lambda layer_type: None)
+    assert cache.memory_report().attention == {"chunked": 4}
