@@ -134,6 +134,60 @@ def _attend_one_query(query: torch.Tensor, parts: list[KVPart], scaling: float) 
     return AttentionResult(output.to(query.dtype).contiguous(), None, 2 * k.numel() * k.element_size())
 
 
+def _merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``(acc, m, l)`` of several parts (the ``KVPart.fused`` contract, same shapes) merged by log-sum-exp into one
+    (a single partial is returned as it is). A row no part sees keeps ``m = -inf``, ``l = 0``, ``acc = 0``."""
+    if len(partials) == 1:
+        return partials[0]
+    accs, ms, ls = zip(*partials)
+    m_all = torch.stack(ms)  # (parts, b, kv, rows)
+    m = m_all.amax(dim=0)
+    # -inf rows (nothing visible anywhere) get weights exp(-inf) = 0 instead of nan; finite maxima are unchanged
+    w = torch.exp(m_all - m.clamp_min(torch.finfo(torch.float32).min))
+    l = (torch.stack(ls) * w).sum(dim=0)
+    acc = (torch.stack(accs) * w.unsqueeze(-1)).sum(dim=0)
+    return acc, m, l
+
+
+def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float) -> AttentionResult:
+    """A one-query step over parts of which some are fused (a quantized past read by its kernel): each fused part
+    gives its ``(acc, m, l)``, the other parts (short: read whole, at most ``CHUNK`` keys) are one dense softmax
+    partial, and all are merged by log-sum-exp once -- a handful of ops per step instead of ~20 per part. ``query
+    (b, heads, 1, d)``; a causal part of one token is visible to the one query. Same result as the general loop
+    (within float rounding)."""
+    b, heads, q, d = query.shape
+    kv_heads = next(p.kv_heads for p in parts if p.fused is not None)
+    group = heads // kv_heads
+    qg = query.float().reshape(b, kv_heads, group * q, d) * scaling
+    partials = []
+    dense = []
+    for part in parts:
+        if part.fused is not None:
+            partials.append(part.fused(qg, part.valid))
+        elif part.length:
+            dense.append(part)
+    transient = 0
+    if dense:
+        keys, values = zip(*(part.read(0, part.length, torch.float32) for part in dense))
+        k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
+        v = values[0] if len(values) == 1 else torch.cat(values, dim=2)
+        transient = 2 * k.numel() * k.element_size()
+        s = torch.matmul(qg, k.transpose(-1, -2))  # (b, kv, g, n)
+        if any(part.valid is not None for part in dense):
+            masks = [torch.ones(b, 1, part.length, dtype=torch.bool, device=k.device) if part.valid is None
+                     else part.valid.to(torch.bool) for part in dense]
+            width = max(mk.shape[1] for mk in masks)
+            mask = torch.cat([mk.expand(b, width, -1) for mk in masks], dim=-1)  # (b, kv|1, n)
+            s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        m = s.amax(dim=-1)
+        p = torch.exp(s - m.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1))
+        partials.append((torch.matmul(p, v), m, p.sum(dim=-1)))
+    acc, _, l = _merge_partials(partials)
+    output = acc / l.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    output = output.reshape(b, heads, q, d).transpose(1, 2)
+    return AttentionResult(output.to(query.dtype).contiguous(), None, transient)
+
+
 def _attend_prompt(query: torch.Tensor, part: KVPart, scaling: float, probs_last: int,
                    window: tuple[int, int, int] | None) -> AttentionResult:
     """A step whose only keys are its own tokens (a prefill): one sdpa call (transformers' own kernel: blocked, never
@@ -194,6 +248,11 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
         result = _attend_one_query(query, parts, scaling)
         if result is not None:
             return result
+    if q == 1 and not probs_last and window is None and any(p.fused is not None for p in parts) \
+            and all(p.fused is None or not p.causal for p in parts) \
+            and all(not p.causal or p.length == 1 for p in parts) \
+            and sum(p.length for p in parts if p.fused is None) <= CHUNK:
+        return _attend_decode(query, parts, scaling)
     if len(parts) == 1 and parts[0].causal and parts[0].length == q and parts[0].fused is None and q > 1 \
             and (parts[0].valid is None or parts[0].valid.shape[1] == 1):
         return _attend_prompt(query, parts[0], scaling, probs_last, window)

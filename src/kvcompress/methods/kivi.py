@@ -195,9 +195,20 @@ class KiviStore(TokenStorage):
                                   f"matching (batch, kv_heads, n, {self.head_dim}) tensors")
         if keys.shape[2] == 0:
             return
+        self.stage(keys, values)
+        self.flush()
+
+    def stage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """First half of :meth:`append`: the new tokens join the 2-byte residuals (nothing is quantized yet), so that
+        one fused kernel call can attend over ``[codes | residual | new tokens]``; :meth:`flush` must follow before
+        the next step. ``append = stage + flush``."""
         k, v = keys.to(self.dtype), values.to(self.dtype)
         self.k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
         self.v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
+
+    def flush(self) -> None:
+        """Second half of :meth:`append`: complete R-blocks of keys and the values beyond the R most recent leave the
+        residual, quantized once."""
         n_k = (self.k_res.shape[2] // self.residual) * self.residual  # complete R-blocks of keys
         if n_k:
             self.kq.add(self.k_res[:, :, :n_k])
@@ -338,6 +349,20 @@ class KiviLayer(StorageLayer):
 
     def new_row_layer(self):
         return KiviLayer(self.geometry, self.layer_idx, self.config)
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        """A one-token step over a fused store: the new token joins the residual first (:meth:`KiviStore.stage`), so
+        one kernel call covers ``[codes | residual | new token]`` (the token the query sees as itself is the 2-byte
+        value that ends the residual, exactly the last part of the general path), then the residual is flushed.
+        Anything else (several tokens, padding, no kernel): :meth:`StorageLayer.attend_step`."""
+        from ..attention import attend_parts
+
+        if keys.shape[2] != 1 or new_valid is not None or self.valid is not None or not self.kv.fused():
+            return super().attend_step(query, keys, values, new_valid, scaling)
+        self.kv.stage(keys, values)
+        result = attend_parts(query, self.kv.parts(), scaling)
+        self.kv.flush()
+        return result.output, result.transient_bytes
 
 
 class KiviSlidingLayer(KiviLayer):

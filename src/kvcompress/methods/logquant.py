@@ -169,9 +169,11 @@ class LogQuantLayer(KVLayer):
         from ..attention import CHUNK, KVPart, attend_parts
 
         sd = self.geometry.storage_dtype
-        parts = []
         chunk = max(self.window, CHUNK - CHUNK % self.window)  # per-channel key blocks are W tokens
         fused = self.fused()
+        if fused and keys.shape[2] == 1 and new_valid is None:
+            return self._attend_one_fused(query, keys, values, scaling, chunk)
+        parts = []
         for (n, read_k), (_, read_v), k_run, v_run in zip(self.kq.run_readers(), self.vq.run_readers(),
                                                           self.kq.runs.runs, self.vq.runs.runs):
             read = lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt))  # noqa: E731
@@ -185,6 +187,49 @@ class LogQuantLayer(KVLayer):
         result = attend_parts(query, parts, scaling)
         self._append(keys, values)
         return result.output, result.transient_bytes
+
+    def _attend_one_fused(self, query, keys, values, scaling, chunk):
+        """A one-token step with the fused kernel: the new token joins the full-precision block first (as
+        :meth:`_append` does), and that block is the float tail of the last quantized run's kernel call, so the step is
+        one kernel call per run and one merge; then the merge loop runs (:meth:`_flush`). Same keys and values as
+        the general path: ``[runs | full precision | new token (2-byte)]``, attended in one softmax."""
+        from ..attention import KVPart, attend_parts
+
+        sd = self.geometry.storage_dtype
+        k, v = keys.to(sd), values.to(sd)
+        self.fp_k = k if self.fp_k is None else torch.cat([self.fp_k, k], dim=-2)
+        self.fp_v = v if self.fp_v is None else torch.cat([self.fp_v, v], dim=-2)
+        runs = list(zip(self.kq.run_readers(), self.vq.run_readers(), self.kq.runs.runs, self.vq.runs.runs))
+        parts = []
+        for i, ((n, read_k), (_, read_v), k_run, v_run) in enumerate(runs):
+            tail = (self.fp_k, self.fp_v) if i == len(runs) - 1 else None
+            read = lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt))  # noqa: E731
+            if tail is not None:  # the part spans the run and the full-precision block after it
+                read = self._run_and_tail_reader(n, read, *tail)
+                n_part = n + tail[0].shape[-2]
+            else:
+                n_part = n
+            parts.append(KVPart(n_part, read, kind="logquant-fused", chunk_tokens=chunk, kv_heads=keys.shape[1],
+                                fused=self._fused_run(n_part, read, chunk, k_run, v_run, tail)))
+        result = attend_parts(query, parts, scaling)
+        self._flush()
+        return result.output, result.transient_bytes
+
+    @staticmethod
+    def _run_and_tail_reader(n: int, read, fp_k, fp_v):
+        """``read(start, stop, dtype)`` over a quantized run of ``n`` tokens followed by the full-precision block."""
+
+        def both(a, z, dt):
+            pieces = []
+            if a < n:
+                pieces.append(read(a, min(z, n), dt))
+            if z > n:
+                pieces.append((fp_k[:, :, max(a - n, 0) : z - n].to(dt), fp_v[:, :, max(a - n, 0) : z - n].to(dt)))
+            if len(pieces) == 1:
+                return pieces[0]
+            return torch.cat([pieces[0][0], pieces[1][0]], dim=-2), torch.cat([pieces[0][1], pieces[1][1]], dim=-2)
+
+        return both
 
     def dense_step(self, key_states, value_states):
         """The dense reference: ``[dequantized | full precision | new tokens (2-byte)]``, then the state update."""
@@ -235,16 +280,19 @@ class LogQuantLayer(KVLayer):
         device = self.kq.runs.runs[0][0].device
         return kernels.kivi_fused_applies(device, self.kq.bits, self.vq.bits, self.geometry.head_dim, self.vq.group)
 
-    def _fused_run(self, n: int, read, chunk: int, k_run, v_run):
-        """``KVPart.fused`` of one quantized run of ``n`` tokens: ``k_run``/``v_run`` = (packed, scale, zero)."""
+    def _fused_run(self, n: int, read, chunk: int, k_run, v_run, tail=None):
+        """``KVPart.fused`` of one quantized run: ``k_run``/``v_run`` = (packed, scale, zero); ``n`` tokens in all,
+        the last ones from ``tail = (keys, values)`` (2-byte floats after the run) when given."""
         from .. import kernels
 
         kq, vq = self.kq, self.vq
+        k_tail, v_tail = (None, None) if tail is None else tail
 
         def attend(qg, valid):
             if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: BLAS on dequantized chunks is faster
                 return kernels.chunked_partials(qg, read, n, chunk, valid)
-            return kernels.kivi_attention(qg, n, *k_run, kq.bits, kq.group, *v_run, vq.bits, vq.group, valid)
+            return kernels.kivi_attention(qg, n, *k_run, kq.bits, kq.group, *v_run, vq.bits, vq.group, valid,
+                                          k_tail=k_tail, v_tail=v_tail)
 
         return attend
 
