@@ -99,27 +99,55 @@ class _Quantized:
         stats_grow = max(1, GROW_TOKENS // group) if axis == 2 else GROW_TOKENS  # key stats: a row per token group
         self.codes = GrowingTokens(GROW_TOKENS)
         self.scales, self.zeros = GrowingTokens(stats_grow), GrowingTokens(stats_grow)
-        self.length = 0
+        self._length = 0
+        #: a :class:`_DeferredQuantization` shared by the layers of one cache (None: :meth:`defer` quantizes at once)
+        self.queue: _DeferredQuantization | None = None
+        self._queued = False  # tokens of this stream wait in ``queue``: any access settles the queue first
+
+    def _settle(self) -> None:
+        if self._queued:
+            self.queue.settle()
+
+    @property
+    def length(self) -> int:
+        self._settle()
+        return self._length
 
     @property
     def packed(self) -> torch.Tensor | None:
+        self._settle()
         return self.codes.view()
 
     @property
     def scale(self) -> torch.Tensor | None:
+        self._settle()
         return self.scales.view()
 
     @property
     def zero(self) -> torch.Tensor | None:
+        self._settle()
         return self.zeros.view()
 
     def add(self, x: torch.Tensor) -> None:
         """Quantize ``x: (b, h, n, d)`` once and append it."""
-        q = quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group)
+        self._settle()
+        self._append(quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group))
+
+    def _append(self, q: UniformQuantized) -> None:
         self.codes.append(q.packed)
         self.scales.append(q.scale)
         self.zeros.append(q.zero)
-        self.length += x.shape[2]
+        self._length += q.shape[2]
+
+    def defer(self, x: torch.Tensor) -> None:
+        """:meth:`add` ``x``, or (with a ``queue``) leave it in the queue, quantized with the other layers' tokens of the
+        step at the first access to any of them (same codes: per-token groups never mix tokens or batch rows)."""
+        if self.queue is None or self.axis != 3:
+            self.add(x)
+            return
+        self._settle()
+        self.queue.pending.append((self, x))
+        self._queued = True
 
     def read(self, shape_bhd: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """Dequantized ``(b, h, n, d)`` transient copy (None when empty)."""
@@ -151,20 +179,59 @@ class _Quantized:
         self.codes.drop_front(n)
         self.scales.drop_front(stats)
         self.zeros.drop_front(stats)
-        self.length -= n
+        self._length -= n
 
     def limit_capacity(self, tokens: int) -> None:
         """Never grow the buffers past ``tokens`` tokens (unless one append needs more; 0: always exact-sized)."""
+        self._settle()
         self.codes.limit = tokens
         self.scales.limit = self.zeros.limit = -(-tokens // self.group) if self.axis == 2 else tokens
 
     def spare_nbytes(self) -> int:
         """Bytes of the buffers' spare capacity (held, counted in :meth:`tensors`, not yet filled)."""
+        self._settle()
         return sum(g.spare_nbytes() for g in (self.codes, self.scales, self.zeros))
 
     def tensors(self) -> list[torch.Tensor | None]:
         """The held buffers, spare capacity included."""
+        self._settle()
         return [*self.codes.tensors(), *self.scales.tensors(), *self.zeros.tensors()]
+
+
+class _DeferredQuantization:
+    """Per-token value quantization of one decode step, batched over the layers of a cache: in a decode step every
+    KIVI layer hands one value token out of its residual; quantizing one ``(b, h, 1, d)`` token costs ~30 small torch
+    ops (~0.1 ms), the same as quantizing all layers' tokens at once. A layer :meth:`_Quantized.defer`\ s its token
+    here; the first access to any deferred stream (the next step's attention, ``nbytes()``, a read) settles all of
+    them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then appends each layer's
+    slice. Codes, scales and zeros are those of separate calls (statistics are per token and group), so nothing
+    observable changes. One queue per cache (a cache is driven by one thread)."""
+
+    def __init__(self):
+        self.pending: list[tuple[_Quantized, torch.Tensor]] = []
+
+    def settle(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        for stream, _ in pending:
+            stream._queued = False
+        first_stream, first = pending[0]
+        same = len({id(stream) for stream, _ in pending}) == len(pending) and all(
+            (stream.bits, stream.group) == (first_stream.bits, first_stream.group) and x.shape[1:] == first.shape[1:]
+            and x.dtype == first.dtype and x.device == first.device for stream, x in pending)
+        if len(pending) == 1 or not same:
+            for stream, x in pending:
+                stream.add(x)
+            return
+        stacked = torch.cat([x for _, x in pending], dim=0)
+        q = quantize_uniform(stacked, first_stream.bits, axis=3, group_size=first_stream.group)
+        row = 0
+        for stream, x in pending:
+            b = x.shape[0]
+            stream._append(UniformQuantized(q.packed[row : row + b], q.scale[row : row + b], q.zero[row : row + b],
+                                            q.bits, tuple(x.shape), q.axis, q.group_size))
+            row += b
 
 
 @register_storage("kivi")
@@ -206,16 +273,16 @@ class KiviStore(TokenStorage):
         self.k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)
         self.v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
 
-    def flush(self) -> None:
+    def flush(self, defer: bool = False) -> None:
         """Second half of :meth:`append`: complete R-blocks of keys and the values beyond the R most recent leave the
-        residual, quantized once."""
+        residual, quantized once (``defer``: the values through :meth:`_Quantized.defer`)."""
         n_k = (self.k_res.shape[2] // self.residual) * self.residual  # complete R-blocks of keys
         if n_k:
             self.kq.add(self.k_res[:, :, :n_k])
             self.k_res = self.k_res[:, :, n_k:].clone()
         n_v = self.v_res.shape[2] - self.residual  # values beyond the R most recent
         if n_v > 0:
-            self.vq.add(self.v_res[:, :, :n_v])
+            (self.vq.defer if defer else self.vq.add)(self.v_res[:, :, :n_v])
             self.v_res = self.v_res[:, :, n_v:].clone()
 
     def droppable(self, n: int) -> int:
@@ -361,7 +428,7 @@ class KiviLayer(StorageLayer):
             return super().attend_step(query, keys, values, new_valid, scaling)
         self.kv.stage(keys, values)
         result = attend_parts(query, self.kv.parts(), scaling)
-        self.kv.flush()
+        self.kv.flush(defer=True)
         return result.output, result.transient_bytes
 
 
@@ -427,6 +494,14 @@ class Kivi(Method):
     Config = KiviConfig
     test_options = {"bits": 2, "group_size": 8, "residual": 16}
     noop_options = {"residual": 1 << 20}  # a residual longer than any prompt keeps every token at 2 bytes
+
+    def build_layers(self, cache):
+        layers = super().build_layers(cache)
+        queue = _DeferredQuantization()  # one per cache: the decode step's value tokens quantized in one call
+        for layer in layers:
+            if type(layer) is KiviLayer:
+                layer.kv.vq.queue = queue
+        return layers
 
     def make_layer(self, layer_idx: int):
         if self.geometry.is_sliding(layer_idx):
