@@ -293,27 +293,23 @@ class RotaryPositions:
 def kvquant_fused_applies(device: torch.device, keys: CodebookCodes, values: CodebookCodes, head_dim: int) -> bool:
     """Whether :func:`kvquant_attention` serves these codes on ``device``: the numba kernel for CPU tensors (2, 3 or 4
     bits, ``head_dim`` a multiple of 8, values per token)."""
+    if backend(device) == "triton":
+        return keys.bits in (2, 3, 4) and values.bits in (2, 3, 4) and head_dim % 8 == 0 and not values.per_channel
     if backend(device) != "numba" or head_dim % 8 or values.per_channel:
         return False
     return keys.bits in (2, 3, 4) and values.bits in (2, 3, 4)
 
 
 @lru_cache(maxsize=16)
-def _plane_maps(bits: int, d: int):
-    """``(position -> channel, channel -> position)`` (each ``(d,)`` int64 numpy) of a row of ``bits``-bit codes
-    unpacked plane by plane (3 bits: the 2-bit plane's order, see :func:`kvcompress.quant.high_plane_order`), and the
-    rotary frequencies' order: ``(d/2,)`` index ``j`` of the first-half position ``k * units/2 + u``."""
-    from ..quant import plane_position
-
-    plane = 4 if bits == 4 else 2
-    pos = plane_position(np.arange(d), plane, d).astype(np.int64)
+def _plane_maps(bits: int, d: int, h: int):
+    """Index maps of the kernel's order (:func:`kvcompress.kernels.kvquant_cpu.kernel_position`) for ``bits``-bit rows
+    of ``d`` channels, ``h`` KV heads: ``(position -> channel (d,), column -> (KV head, position) (2, h*d), first-half
+    position -> rotary frequency index (d/2,))``, int64 numpy."""
+    pos = _kvq_cpu.kernel_position(np.arange(d), bits, d).astype(np.int64)
     chan = np.empty(d, np.int64)
     chan[pos] = np.arange(d)
-    per, half = 8 // plane, d // 2
-    j = np.arange(half)
-    freq = np.empty(half, np.int64)
-    freq[(j % per) * (half // per) + j // per] = j
-    return chan, pos, freq
+    cols = np.stack([np.repeat(np.arange(h), d), np.tile(pos, h)]).astype(np.int64)
+    return chan, cols, chan[: d // 2]
 
 
 def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
@@ -335,7 +331,7 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
         nnz = int(rp[-1])
         cols = _np(codes.cols[:nnz]) if nnz else np.zeros(0, np.int16)
         vals = _np(codes.vals[:nnz].float()) if nnz else np.zeros(0, np.float32)
-    return codes.bits, p0, p1, lev, ts, to, rp, cols, vals, _plane_maps(codes.bits, d)[1]
+    return codes.bits, p0, p1, lev, ts, to, rp, cols, vals, _plane_maps(codes.bits, d, h)[1]
 
 
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
@@ -345,12 +341,18 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     ``qg (b, kv_heads, rows, d)`` fp32, already scaled; ``keys``/``values``: :class:`CodebookCodes` of the same ``n``
     tokens (values per token); ``rope``: rotate the keys to their positions (pre-RoPE keys), None = keys as stored;
     ``valid (b, kv_heads | 1, n)`` bool or None. Returns fp32 ``acc (b, kv_heads, rows, d)``, ``m``, ``l (b, kv_heads,
-    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`): rows are unpacked plane by plane, so the query,
-    the per-channel ranges and the rotary frequencies are permuted into the keys' plane order here and the output
-    back from the values'; see :func:`kvquant_fused_applies`."""
+    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`): rows are unpacked plane by plane into the
+    kernel's order, so the query, the per-channel ranges and the rotary frequencies are permuted into the keys' order
+    here and the output back from the values'; see :func:`kvquant_fused_applies`."""
+    if backend(qg.device) == "triton":
+        from . import kvquant_gpu
+
+        return kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
     b, h, rows, d = qg.shape
-    kchan, _, kfreq = _plane_maps(keys.bits, d)
-    vpos = _plane_maps(values.bits, d)[1]
+    kchan, _, kfreq = _plane_maps(keys.bits, d, h)
+    vchan = _plane_maps(values.bits, d, h)[0]
+    vpos = np.empty(d, np.int64)
+    vpos[vchan] = np.arange(d)
     q = np.ascontiguousarray(_np(qg if qg.dtype == torch.float32 else qg.float())[..., kchan])
     kbits, kp0, kp1, klev, kts, kto, krp, kcols, kvals, kpos = _stream_args(keys, n, b, h, d)
     vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap = _stream_args(values, n, b, h, d)
@@ -374,7 +376,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
     parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
     try:
-        splits = max(1, 2 * threads // math.gcd(b * h, 2 * threads)) if parallel else 1
+        splits = max(1, 2 * threads // math.gcd(b, 2 * threads)) if parallel else 1
         args = (q, kbits, kp0, kp1, klev, keys.per_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits, vp0,
                 vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap, inv_freq, rscale, start, positions, vmask, n,
                 _ceil(n, splits), acc, m, l)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import _FM, _merge, _scores_block, _softmax_block, _values_block
+from .cpu import _FM, _scores_block, _softmax_block, _values_block
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -47,61 +47,75 @@ def _sel2(c, l0, l1, l2, l3):
 
 @njit(cache=True, fastmath=_FM, inline="always")
 def _levels_block(bits, p0, p1, lev, ta, nt, out):
-    """``out[i, p] = lev[code]`` for tokens ``ta + i`` (``i < nt``), positions ``p`` in plane order
-    (:func:`kvcompress.quant.plane_position` of the ``p0`` plane's bits): 2 bits (``p0``), 4 bits (``p0``), 3 bits
-    (2-bit ``p0`` low bits, 1-bit ``p1`` high bits in :func:`kvcompress.quant.high_plane_order`). ``lev`` padded to 16
-    levels. Each plane is one loop with a constant shift over the row's bytes, the level a tree of selects."""
+    """``out[i, p] = lev[code]`` for tokens ``ta + i`` (``i < nt``), positions ``p`` in the kernel's order
+    (:func:`kernel_position`): 2 bits (``p0``), 4 bits (``p0``), 3 bits (2-bit ``p0`` low bits, 1-bit ``p1`` high bits
+    in :func:`kvcompress.quant.high_plane_order`). ``lev`` padded to 16 levels. Each plane is read by loops with a
+    constant shift over contiguous bytes into contiguous positions; the level is a tree of selects."""
     l0, l1, l2, l3, l4, l5, l6, l7 = lev[0], lev[1], lev[2], lev[3], lev[4], lev[5], lev[6], lev[7]
     l8, l9, l10, l11, l12, l13, l14, l15 = lev[8], lev[9], lev[10], lev[11], lev[12], lev[13], lev[14], lev[15]
     d = uint64(out.shape[1])
+    dh = d // uint64(2)
     if bits == 2:
-        units = d // uint64(4)
+        hu = d // uint64(8)
         for i in range(nt):
             t = ta + i
             for k in range(4):
-                sh, base = np.int32(2 * k), uint64(k) * units
-                for u in range(units):
-                    c = (np.int32(p0[t, u]) >> sh) & 3
-                    out[i, base + u] = _sel2(c, l0, l1, l2, l3)
+                sh = np.int32(2 * k)
+                for half in range(2):
+                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
+                    for u in range(hu):
+                        c = (np.int32(p0[t, b0 + u]) >> sh) & 3
+                        out[i, base + u] = _sel2(c, l0, l1, l2, l3)
     elif bits == 3:
-        units = d // uint64(4)
-        hu = units // uint64(2)
+        hu = d // uint64(8)
         for i in range(nt):
             t = ta + i
             for k in range(4):
                 sh = np.int32(2 * k)
                 for half in range(2):
                     hsh = np.int32(2 * k + half)
-                    base, lo0 = uint64(k) * units + uint64(half) * hu, uint64(half) * hu
+                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
                     for u in range(hu):
-                        c = ((np.int32(p0[t, lo0 + u]) >> sh) & 3) | (((np.int32(p1[t, u]) >> hsh) & 1) << 2)
+                        c = ((np.int32(p0[t, b0 + u]) >> sh) & 3) | (((np.int32(p1[t, u]) >> hsh) & 1) << 2)
                         a = _sel2(c, l0, l1, l2, l3)
                         b = _sel2(c, l4, l5, l6, l7)
                         out[i, base + u] = b if c & 4 else a
     else:  # 4 bits
-        units = d // uint64(2)
+        hu = d // uint64(4)
         for i in range(nt):
             t = ta + i
             for k in range(2):
-                sh, base = np.int32(4 * k), uint64(k) * units
-                for u in range(units):
-                    c = (np.int32(p0[t, u]) >> sh) & 15
-                    a = _sel2(c, l0, l1, l2, l3)
-                    b = _sel2(c, l4, l5, l6, l7)
-                    e = _sel2(c, l8, l9, l10, l11)
-                    f = _sel2(c, l12, l13, l14, l15)
-                    g = b if c & 4 else a
-                    h = f if c & 4 else e
-                    out[i, base + u] = h if c & 8 else g
+                sh = np.int32(4 * k)
+                for half in range(2):
+                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
+                    for u in range(hu):
+                        c = (np.int32(p0[t, b0 + u]) >> sh) & 15
+                        a = _sel2(c, l0, l1, l2, l3)
+                        b = _sel2(c, l4, l5, l6, l7)
+                        e = _sel2(c, l8, l9, l10, l11)
+                        f = _sel2(c, l12, l13, l14, l15)
+                        g = b if c & 4 else a
+                        h = f if c & 4 else e
+                        out[i, base + u] = h if c & 8 else g
+
+
+def kernel_position(channel, bits: int, d: int):
+    """Where channel ``channel`` of a row of ``bits``-bit codes (2, 3, 4) lands in the kernel's scratch: the plane
+    ``k = channel % per`` (``per`` codes per byte of the 2-bit plane, or of the 4-bit one) and the byte ``u = channel //
+    per`` give ``half * d/2 + k * d/(2 per) + u % d/(2 per)`` with ``half = u // (d/(2 per))``. So each plane is read
+    in two contiguous runs of bytes, and RoPE's pairs ``(j, j + d/2)`` land ``d/2`` apart (channel ``j < d/2`` in the
+    first half, its partner at the same place in the second)."""
+    per = 2 if bits == 4 else 4
+    hu = d // (2 * per)
+    k, u = channel % per, channel // per
+    return (u // hu) * (d // 2) + k * hu + u % hu
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dequant_block(bits, p0, p1, lev, per_channel, cs, co, ts, to, rp, cols, vals, posmap, nb, bi, col0, ta, nt,
-                   out):
-    """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized in plane order: ``lev[code]`` (:func:`_levels_block`)
-    times the range plus the offset (``per_channel``: ``cs``/``co (d,)`` in plane order; else ``ts``/``to (cap,)``
-    per token), then the outliers of row ``(ta + i) * nb + bi`` (``rp`` row pointers, ``cols`` in ``[0, h*d)``,
-    ``vals``) that fall in columns ``[col0, col0 + d)`` written in place, at ``posmap[col - col0]``."""
+def _dequant_block(bits, p0, p1, lev, per_channel, cs, co, ts, to, ta, nt, out):
+    """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized in plane order, outliers aside: ``lev[code]``
+    (:func:`_levels_block`) times the range plus the offset (``per_channel``: ``cs``/``co (d,)`` in plane order; else
+    ``ts``/``to (cap,)`` per token)."""
     d = uint64(out.shape[1])
     _levels_block(bits, p0, p1, lev, ta, nt, out)
     for i in range(nt):
@@ -112,45 +126,52 @@ def _dequant_block(bits, p0, p1, lev, per_channel, cs, co, ts, to, rp, cols, val
             s, o = ts[ta + i], to[ta + i]
             for p in range(d):
                 out[i, p] = out[i, p] * s + o
-    if rp.shape[0] > 0:
-        for i in range(nt):
-            row = (ta + i) * nb + bi
-            for e in range(rp[row], rp[row + 1]):
-                col = np.int64(cols[e]) - col0
-                if 0 <= col < d:
-                    out[i, posmap[col]] = vals[e]
+
+
+@njit(cache=True, inline="always")
+def _outliers_block(rp, cols, vals, posmap, nb, bi, ta, nt, out):
+    """Write the outliers of rows ``(ta + i) * nb + bi`` (``i < nt``; ``rp`` row pointers, ``cols`` in ``[0, h*d)``,
+    ``vals``) into ``out (h, BLOCK, d)``: column ``col`` goes to KV head ``posmap[0, col]``, position ``posmap[1,
+    col]`` (tables: no division per entry)."""
+    for i in range(nt):
+        row = (ta + i) * nb + bi
+        for e in range(rp[row], rp[row + 1]):
+            col = cols[e]
+            out[posmap[0, col], i, posmap[1, col]] = vals[e]
 
 
 @njit(cache=True, fastmath=_FM)
 def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
                   vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos,
-                  nb, bi, col0, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
-    """Attention of ``q (rows, d)`` (in the keys' plane order) over tokens ``[t0, t1)`` of one (batch row ``bi``, KV
-    head at columns ``col0``). Keys and values as in :func:`_dequant_block` (values per token); ``kpos``/``vpos``:
-    channel -> plane position. ``inv_freq (d/2,)`` float64 in the keys' plane order of the first halves (empty: keys
-    are not rotated; pairs ``(p, p + units/2)`` of each plane), ``rope_scale`` the rotary module's attention scaling,
-    positions ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (n,)`` bool or empty. Writes
-    ``acc_out (rows, d)`` (values' plane order), ``m_out``, ``l_out``."""
-    nrows, nd = q.shape
+                  nb, bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
+    """Attention of ``q (h, rows, d)`` (in the keys' plane order) over tokens ``[t0, t1)`` of batch row ``bi``, every
+    KV head in one pass over the tokens (a token's position, rotation and outlier entries are read once for all its
+    heads). Codes ``*p0``/``*p1 (h, cap, bytes)``; keys per channel (``kcs``/``kco (h*d,)`` in plane order per head)
+    or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in :func:`_dequant_block`;
+    outliers: :func:`_outliers_block`. ``inv_freq (d/2,)`` float64 in the kernel's order of the first half
+    (empty: keys are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's
+    attention scaling, positions ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool
+    or ``(1, 0)``. Writes ``acc_out (h, rows, d)`` (values' plane order), ``m_out``/``l_out (h, rows)``."""
+    h, nrows, nd = q.shape
     d = uint64(nd)
     half = nd // 2
-    kunits = uint64(nd // (2 if kbits == 4 else 4))
-    khu = kunits // uint64(2)
-    kper = d // kunits
+    uhalf = uint64(half)
     rope = inv_freq.shape[0] > 0
-    has_valid = valid.shape[0] > 0
+    has_valid = valid.shape[1] > 0
+    per_head_valid = valid.shape[0] > 1
     width = min(BLOCK, t1 - t0)
-    kf = np.empty((width, nd), np.float32)
-    vf = np.empty((width, nd), np.float32)
-    sc = np.empty((nrows, width), np.float32)
-    ok = np.empty(width, np.float32)
+    kf = np.empty((h, width, nd), np.float32)
+    vf = np.empty((h, width, nd), np.float32)
+    sc = np.empty((h, nrows, width), np.float32)
+    ok = np.ones((h, width), np.float32)
+    seen = np.zeros(h, np.int64)
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
     bias = np.zeros(nrows, np.float32)
     empty = np.zeros((nrows, 0), np.float32)
-    acc = np.zeros((nrows, nd), np.float32)
-    m = np.full(nrows, -np.inf, np.float32)
-    l = np.zeros(nrows, np.float32)
+    acc = np.zeros((h, nrows, nd), np.float32)
+    m = np.full((h, nrows), -np.inf, np.float32)
+    l = np.zeros((h, nrows), np.float32)
     # rotation state: cos/sin of the current position (float64), the one-step rotation, the values used (float32)
     cur_c = np.empty(half, np.float64)
     cur_s = np.empty(half, np.float64)
@@ -163,15 +184,26 @@ def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, kr
     ta = t0
     while ta < t1:
         nt = min(BLOCK, t1 - ta)
-        seen = 0
-        for i in range(nt):
-            ok[i] = 1.0 if (not has_valid or valid[ta + i]) else 0.0
-            seen += 1 if ok[i] > 0 else 0
-        if seen == 0:
+        any_seen = 0
+        for hh in range(h):
+            seen[hh] = nt
+            if has_valid:
+                vh = hh if per_head_valid else 0
+                cnt = 0
+                for i in range(nt):
+                    ok[hh, i] = 1.0 if valid[vh, ta + i] else 0.0
+                    cnt += 1 if valid[vh, ta + i] else 0
+                seen[hh] = cnt
+            any_seen += seen[hh]
+        if any_seen == 0:
             ta += nt
             continue
-        _dequant_block(kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, nb, bi, col0,
-                       ta, nt, kf)
+        for hh in range(h):
+            ksel = hh if kts.shape[0] > 1 else 0
+            _dequant_block(kbits, kp0[hh], kp1[hh], klev, kper_channel, kcs[hh * nd : hh * nd + nd],
+                           kco[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
+        if krp.shape[0] > 0:
+            _outliers_block(krp, kcols, kvals, kpos, nb, bi, ta, nt, kf)
         if rope:
             for i in range(nt):
                 pos = pos_start + ta + i if pos_start >= 0 else np.int64(positions[ta + i])
@@ -191,79 +223,114 @@ def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, kr
                 for j in range(half):
                     use_c[j] = np.float32(cur_c[j] * rope_scale)
                     use_s[j] = np.float32(cur_s[j] * rope_scale)
-                for k in range(kper):
-                    pa, pj = k * kunits, k * khu
-                    for u in range(khu):
-                        a, b = kf[i, pa + u], kf[i, pa + khu + u]
-                        kf[i, pa + u] = a * use_c[pj + u] - b * use_s[pj + u]
-                        kf[i, pa + khu + u] = b * use_c[pj + u] + a * use_s[pj + u]
-        if d == 64:  # a constant trip count lets LLVM drop the loop's runtime checks
-            _scores_block(q, bias, kf, uint64(0), uint64(nt), sc, uint64(64))
-        elif d == 128:
-            _scores_block(q, bias, kf, uint64(0), uint64(nt), sc, uint64(128))
-        else:
-            _scores_block(q, bias, kf, uint64(0), uint64(nt), sc, d)
-        _softmax_block(sc, nt, ok, m, l, acc, empty, empty, ebits, escale)
-        _dequant_block(vbits, vp0, vp1, vlev, False, kcs, kco, vts, vto, vrp, vcols, vvals, vpos, nb, bi, col0,
-                       ta, nt, vf)
-        if d == 64:
-            _values_block(vf, uint64(0), uint64(nt), sc, vts, uint64(0), acc, empty, uint64(64))
-        elif d == 128:
-            _values_block(vf, uint64(0), uint64(nt), sc, vts, uint64(0), acc, empty, uint64(128))
-        else:
-            _values_block(vf, uint64(0), uint64(nt), sc, vts, uint64(0), acc, empty, d)
+                for hh in range(h):
+                    for j in range(uhalf):
+                        a, b = kf[hh, i, j], kf[hh, i, j + uhalf]
+                        kf[hh, i, j] = a * use_c[j] - b * use_s[j]
+                        kf[hh, i, j + uhalf] = b * use_c[j] + a * use_s[j]
+        for hh in range(h):
+            if seen[hh] == 0:
+                continue
+            if d == 64:  # a constant trip count lets LLVM drop the loop's runtime checks
+                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], uint64(64))
+            elif d == 128:
+                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], uint64(128))
+            else:
+                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
+            _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
+        for hh in range(h):
+            vsel = hh if vts.shape[0] > 1 else 0
+            _dequant_block(vbits, vp0[hh], vp1[hh], vlev, False, kcs[:nd], kco[:nd], vts[vsel], vto[vsel], ta, nt,
+                           vf[hh])
+        if vrp.shape[0] > 0:
+            _outliers_block(vrp, vcols, vvals, vpos, nb, bi, ta, nt, vf)
+        for hh in range(h):
+            if seen[hh] == 0:
+                continue
+            if d == 64:
+                _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, uint64(64))
+            elif d == 128:
+                _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, uint64(128))
+            else:
+                _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, d)
         ta += nt
 
-    for r in range(nrows):
-        m_out[r] = m[r]
-        l_out[r] = l[r]
-        for c in range(nd):
-            acc_out[r, c] = acc[r, c]
+    for hh in range(h):
+        for r in range(nrows):
+            m_out[hh, r] = m[hh, r]
+            l_out[hh, r] = l[hh, r]
+            for c in range(nd):
+                acc_out[hh, r, c] = acc[hh, r, c]
 
 
 @njit(cache=True, fastmath=_FM)
 def _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits, vp0,
               vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid, n, span,
               pacc, pm, pl):
-    """Token range ``item % splits`` of (batch row, KV head) ``item // splits`` into ``pacc[item]``, ``pm``, ``pl``."""
-    b, h, _, d = qg.shape
-    splits = pm.shape[0] // (b * h)
-    bh, si = item // splits, item % splits
-    bi, hi = bh // h, bh % h
+    """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[item]``, ``pm``,
+    ``pl`` (``(items, h, rows[, d])``)."""
+    b = qg.shape[0]
+    splits = pm.shape[0] // b
+    bi, si = item // splits, item % splits
     t0, t1 = si * span, min((si + 1) * span, n)
-    vmask = valid[bi, hi if valid.shape[1] > 1 else 0] if valid.shape[2] > 0 else valid[0, 0]
+    vmask = valid[bi] if valid.shape[2] > 0 else valid[0]
     kr = min(bi, kcs.shape[0] - 1)
-    khs, vhs = hi if kts.shape[1] > 1 else 0, hi if vts.shape[1] > 1 else 0
     pr = min(bi, positions.shape[0] - 1)
-    _attend_range(qg[bi, hi], kbits, kp0[bi, hi], kp1[bi, hi], klev, kper_channel, kcs[kr, hi * d : hi * d + d],
-                  kco[kr, hi * d : hi * d + d], kts[bi, khs], kto[bi, khs], krp, kcols, kvals, kpos, vbits,
-                  vp0[bi, hi], vp1[bi, hi], vlev, vts[bi, vhs], vto[bi, vhs], vrp, vcols, vvals, vpos, b, bi, hi * d,
+    _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi], kto[bi], krp,
+                  kcols, kvals, kpos, vbits, vp0[bi], vp1[bi], vlev, vts[bi], vto[bi], vrp, vcols, vvals, vpos, b, bi,
                   inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1, pacc[item], pm[item], pl[item])
+
+
+@njit(cache=True, fastmath=_FM)
+def _merge_row(bi, pacc, pm, pl, acc, m, l):
+    """Merge the splits of batch row ``bi`` (``pacc (items, h, rows, d)``) by log-sum-exp into ``acc[bi]``, ``m``,
+    ``l``."""
+    h, rows, d = acc.shape[1], acc.shape[2], acc.shape[3]
+    splits = pm.shape[0] // acc.shape[0]
+    for hh in range(h):
+        for r in range(rows):
+            mx = np.float32(-np.inf)
+            for si in range(splits):
+                mx = max(mx, pm[bi * splits + si, hh, r])
+            m[bi, hh, r] = mx
+            l[bi, hh, r] = 0.0
+            for c in range(d):
+                acc[bi, hh, r, c] = 0.0
+            if mx == -np.inf:
+                continue
+            for si in range(splits):
+                it = bi * splits + si
+                if pm[it, hh, r] == -np.inf:
+                    continue
+                w = np.float32(np.exp(pm[it, hh, r] - mx))
+                l[bi, hh, r] += w * pl[it, hh, r]
+                for c in range(d):
+                    acc[bi, hh, r, c] += w * pacc[it, hh, r, c]
 
 
 @njit(cache=True, parallel=True)
 def kvquant_layer_parallel(qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
                            vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start,
                            positions, valid, n, span, acc, m, l):
-    """Every (batch row, KV head, token range) under ``prange``, then the merge per (batch row, KV head).
+    """Every (batch row, token range) under ``prange``, then the merge per batch row.
 
     ``qg (b, h, rows, d)`` fp32 in the keys' plane order; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
     uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (16,)`` float32 levels (padded); keys per
     channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)`` in plane order per head) or per token (``kts``/``kto (b,
     1|h, >= n)``); values per token ``vts``/``vto``; outliers as row pointers ``krp``/``vrp (n*b + 1,)`` int64
-    (empty: none), ``*cols`` and ``*vals`` float32, ``*pos (d,)`` channel -> plane position; ``inv_freq (d/2,)``
+    (empty: none), ``*cols`` and ``*vals`` float32, ``*pos (2, h*d)`` column -> (KV head, position in the kernel's order); ``inv_freq (d/2,)``
     float64 in plane order (empty: no rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
     n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)`` (values' plane order), ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
-    items = b * h * ((n + span - 1) // span)
-    pacc = np.empty((items, rows, d), np.float32)
-    pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
+    items = b * ((n + span - 1) // span)
+    pacc = np.empty((items, h, rows, d), np.float32)
+    pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
     for item in prange(items):
         _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits,
                   vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid,
                   n, span, pacc, pm, pl)
-    for bh in prange(b * h):
-        _merge(bh, pacc, pm, pl, acc, m, l)
+    for bi in prange(b):
+        _merge_row(bi, pacc, pm, pl, acc, m, l)
 
 
 @njit(cache=True)
@@ -272,12 +339,12 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts,
                          positions, valid, n, span, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
-    items = b * h * ((n + span - 1) // span)
-    pacc = np.empty((items, rows, d), np.float32)
-    pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
+    items = b * ((n + span - 1) // span)
+    pacc = np.empty((items, h, rows, d), np.float32)
+    pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
     for item in range(items):
         _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits,
                   vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid,
                   n, span, pacc, pm, pl)
-    for bh in range(b * h):
-        _merge(bh, pacc, pm, pl, acc, m, l)
+    for bi in range(b):
+        _merge_row(bi, pacc, pm, pl, acc, m, l)
