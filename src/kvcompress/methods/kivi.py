@@ -146,7 +146,7 @@ class _Quantized:
             self.add(x)
             return
         self._settle()
-        self.queue.pending.append((self, x))
+        self.queue.pending.append((self, x, (torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
         self._queued = True
 
     def read(self, shape_bhd: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor | None:
@@ -205,33 +205,37 @@ class _DeferredQuantization:
     here; the first access to any deferred stream (the next step's attention, ``nbytes()``, a read) settles all of
     them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then appends each layer's
     slice. Codes, scales and zeros are those of separate calls (statistics are per token and group), so nothing
-    observable changes. One queue per cache (a cache is driven by one thread)."""
+    observable changes. The settling runs in the inference / grad mode the tokens were deferred in (a forward under
+    ``torch.inference_mode()`` holds inference tensors, which only that mode may update in place). One queue per
+    cache (a cache is driven by one thread)."""
 
     def __init__(self):
-        self.pending: list[tuple[_Quantized, torch.Tensor]] = []
+        self.pending: list[tuple[_Quantized, torch.Tensor, tuple[bool, bool]]] = []
 
     def settle(self) -> None:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        for stream, _ in pending:
+        for stream, _, _ in pending:
             stream._queued = False
-        first_stream, first = pending[0]
-        same = len({id(stream) for stream, _ in pending}) == len(pending) and all(
+        first_stream, first, mode = pending[0]
+        same = len({id(stream) for stream, _, _ in pending}) == len(pending) and all(
             (stream.bits, stream.group) == (first_stream.bits, first_stream.group) and x.shape[1:] == first.shape[1:]
-            and x.dtype == first.dtype and x.device == first.device for stream, x in pending)
+            and x.dtype == first.dtype and x.device == first.device and m == mode for stream, x, m in pending)
         if len(pending) == 1 or not same:
-            for stream, x in pending:
-                stream.add(x)
+            for stream, x, (inference, grad) in pending:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    stream.add(x)
             return
-        stacked = torch.cat([x for _, x in pending], dim=0)
-        q = quantize_uniform(stacked, first_stream.bits, axis=3, group_size=first_stream.group)
-        row = 0
-        for stream, x in pending:
-            b = x.shape[0]
-            stream._append(UniformQuantized(q.packed[row : row + b], q.scale[row : row + b], q.zero[row : row + b],
-                                            q.bits, tuple(x.shape), q.axis, q.group_size))
-            row += b
+        with torch.inference_mode(mode[0]), torch.set_grad_enabled(mode[1]):
+            stacked = torch.cat([x for _, x, _ in pending], dim=0)
+            q = quantize_uniform(stacked, first_stream.bits, axis=3, group_size=first_stream.group)
+            row = 0
+            for stream, x, _ in pending:
+                b = x.shape[0]
+                stream._append(UniformQuantized(q.packed[row : row + b], q.scale[row : row + b],
+                                                q.zero[row : row + b], q.bits, tuple(x.shape), q.axis, q.group_size))
+                row += b
 
 
 @register_storage("kivi")
