@@ -221,7 +221,7 @@ def test_bytes_equal_held_tensors_and_hand_formula(tiny_model, bits, token_range
         groups = 1 if token_range == "token" else h  # value ranges per token (paper) or per token and head
         v_stats = 2 * b * groups * body * 2  # value scale + offset, fp16
         k_stats = 2 * b * h * d * 2  # key offset + scale per channel (from the prompt, per batch row), fp16
-        books = 2 * (1 << bits) * 4  # K and V codebooks, fp32
+        books = 2 * (2 * (1 << bits) - 1) * 4  # K and V codebooks and their midpoints (nearest-level search), fp32
         sink_bytes = 2 * b * h * sink * d * 2
         per_layer = codes + v_stats + k_stats + books + sink_bytes
         assert cache.nbytes() == 4 * per_layer
@@ -554,7 +554,7 @@ def test_key_bits_sets_the_key_code_width_only(tiny_model, calib_file):
         assert l34.k.bits == 4 and l34.v.bits == 3 and l34.k.planes[0].shape[-1] == d // 2
         assert sum(p.shape[-1] for p in l34.v.planes) == 3 * d // 8
         assert torch.equal(l34.v.read(), l3.v.read())
-        extra = h * body * (d // 2 - 3 * d // 8) + (16 - 8) * 4  # wider key codes + the 16-level key codebook
+        extra = h * body * (d // 2 - 3 * d // 8) + (31 - 15) * 4  # wider key codes + the 16-level key codebook, midpoints
         assert c34.nbytes() - c3.nbytes() == 4 * extra
         full = _prefill(tiny_model, ids, "full", dtype="float32")
         true = full.layers[1].k[:, :, 1:]

@@ -35,6 +35,7 @@ them as a plain fp16 window).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,11 @@ class KVQuantLayer(KVLayer):
                                   "and do not close it")
         cos, sin = obs.rope(self.layer_idx)
         pos = obs.position_ids(self.layer_idx)
+        # the model computes cos/sin once per forward for all layers: check that tensor once per layer type and row
+        key = (self.layer_type, None if self.row_view is None else self.row_view[0])
+        checked = self.method.rope_checked.get(key)
+        fresh = checked is None or checked() is not cos
+        given = cos
         if self.row_view is not None:
             r, idx = self.row_view
             cos, sin = (t[min(r, t.shape[0] - 1)][None][:, idx.to(t.device)] for t in (cos, sin))
@@ -185,12 +191,15 @@ class KVQuantLayer(KVLayer):
         if pos is None:
             pos = torch.arange(self.tokens_seen, self.tokens_seen + q).unsqueeze(0)
         pos = pos.to(cos.device)
+        if not fresh:
+            return pos, cos.float(), sin.float()
         tc, ts = self.method.rope.cos_sin(pos, self.layer_type)
         if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5) and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
             raise KVCompressError(
                 f"kvquant: layer {self.layer_idx}: the model's rotary module does not reproduce the cos/sin this "
                 "step used (dynamic or non-standard RoPE?); use pre_rope=False"
             )
+        self.method.rope_checked[key] = weakref.ref(given)  # a weak reference: nothing is held between steps
         return pos, cos.float(), sin.float()
 
     # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
@@ -374,9 +383,11 @@ class KVQuantLayer(KVLayer):
     def attention_path(self) -> str:
         """Once the body holds codes: ``"fused-numba"`` (the kernel on the codes) or ``"chunked"`` (read a chunk at a
         time); ``"dense"`` before (:mod:`kvcompress.memory`)."""
+        from .. import kernels
+
         if not len(self.v):
             return "dense"
-        return "fused-numba" if self._fused_body() is not None else "chunked"
+        return f"fused-{kernels.backend(self.v.planes[0].device)}" if self._fused_body() is not None else "chunked"
 
     def attended_length(self) -> int:
         if self._rows is not None:  # a padded batch: each row holds its own real tokens
@@ -415,6 +426,7 @@ class KVQuant(Method):
     def prepare(self) -> None:
         cfg, g = self.config, self.geometry
         self.observer = None
+        self.rope_checked: dict = {}  # (layer type, row) -> weak reference to the cos tensor last checked
         self.calibration = None
         if cfg.calibration is not None:
             from ..calibration.kvquant import auto_calibration, load_calibration

@@ -7,6 +7,7 @@ Shapes: K/V ``(batch, kv_heads, n, head_dim)``; token-major rows ``(n, batch, kv
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -214,6 +215,8 @@ class QuantStream:
         self._sparse = [GrowingTokens(GROW_TOKENS), GrowingTokens(GROW_OUTLIERS), GrowingTokens(GROW_OUTLIERS)] \
             if self.has_sparse else []
         self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
+        cb = codebook.float()
+        self._midpoints = (cb[:-1] + cb[1:]) / 2  # nearest level = bucket among the midpoints (held: counted)
         if per_channel and lower is not None:
             self._set_range(lower, upper)
 
@@ -249,41 +252,57 @@ class QuantStream:
             g.limit = tokens
 
     def append(self, x: torch.Tensor) -> None:
-        """Quantize and append ``x (b, h, q, d)``."""
+        """Quantize and append ``x (b, h, q, d)`` (the quantization of :mod:`kvcompress.quant` -- outlier thresholds,
+        dense-and-sparse split, min/max normalization, nearest level -- inlined without its argument checks: a decode
+        step appends one token per layer, and the checks cost more than the arithmetic)."""
         b, h, q, d = x.shape
-        rows = to_rows(x.float())
+        w = h * d
+        rows = to_rows(x.float())  # (q, b, w)
         if self.per_channel:
-            lo = (self.channel_offset.float() - self.channel_scale.float()).unsqueeze(0)
-            hi = (self.channel_offset.float() + self.channel_scale.float()).unsqueeze(0)
+            lo, hi = self._channel_bounds()
         elif self.fraction > 0:
-            lo, hi = outlier_thresholds(rows, self.fraction, axis=-1)
-        sparse = ()
+            m = min(math.floor(w * self.fraction / 2 + 0.5 + 1e-9), (w - 1) // 2)
+            lo = torch.kthvalue(rows, m + 1, dim=-1, keepdim=True).values
+            hi = torch.kthvalue(rows, w - m, dim=-1, keepdim=True).values
         if self.has_sparse:
-            rows, sp = split_outliers(rows, lo, hi)
-            counts, cols, vals = sparse_rows(sp, q, b, h * d)
-            sparse = (counts.t().unsqueeze(1), cols.view(1, 1, -1), vals.view(1, 1, -1))  # (b, 1, q), (1, 1, nnz)
-        elif self.per_channel:
-            rows = torch.minimum(torch.maximum(rows, lo), hi)
+            out = (rows > hi) | (rows < lo)
+            flat = out.reshape(-1).nonzero().squeeze(1)
+            counts = out.reshape(q, b, w).sum(-1, dtype=torch.int32).to(_small_int(w)).t().unsqueeze(1)  # (b, 1, q)
+            sparse = (counts, (flat % w).to(_small_int(w - 1)).view(1, 1, -1),
+                      rows.reshape(-1)[flat].to(torch.float16).view(1, 1, -1))
+            rows = torch.clamp(rows, lo, hi)
+        else:
+            sparse = ()
+            if self.per_channel:
+                rows = torch.clamp(rows, lo, hi)
         ranges = ()
         if self.per_channel:
-            s = self.channel_scale.float().unsqueeze(0)
-            xn = ((rows - self.channel_offset.float().unsqueeze(0)) / torch.where(s > 0, s, torch.ones_like(s)))
-            codes = quantize_codebook(from_rows(xn.clamp(-1, 1), h).contiguous(), self.codebook)
+            xn = ((rows - self.channel_offset.float().unsqueeze(0)) / self._safe_scale()).clamp_(-1, 1)
         elif self.token_range == "token":  # one range per token (rows are clamped to the thresholds: min/max = them)
             mn, mx = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)  # (q, b, 1)
             offset, scale = ((mx + mn) / 2).half(), ((mx - mn) / 2).half()
             check_fp16_finite(offset, scale)
-            s = scale.float()
-            xn = (rows - offset.float()) / torch.where(s > 0, s, torch.ones_like(s))
-            codes = quantize_codebook(from_rows(xn, h).contiguous(), self.codebook)
+            sc = scale.float()
+            xn = (rows - offset.float()) / torch.where(sc > 0, sc, torch.ones_like(sc))
             ranges = (scale.permute(1, 2, 0).unsqueeze(-1), offset.permute(1, 2, 0).unsqueeze(-1))  # (b, 1, q, 1)
         else:
             xn, scale, offset = normalize_minmax(from_rows(rows, h).contiguous(), axis=-1)
-            codes = quantize_codebook(xn, self.codebook)
             ranges = (scale, offset)
+        if xn.dim() == 3:
+            xn = from_rows(xn, h)
+        codes = torch.bucketize(xn.contiguous(), self._midpoints).to(torch.uint8)
         for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
             buf.append(t)
         self.length += q
+
+    def _channel_bounds(self):
+        """Per-channel thresholds ``(lower, upper)`` as float32 ``(1, 1|b, width)`` (transient)."""
+        off, sc = self.channel_offset.float().unsqueeze(0), self.channel_scale.float().unsqueeze(0)
+        return off - sc, off + sc
+
+    def _safe_scale(self):
+        s = self.channel_scale.float().unsqueeze(0)
+        return torch.where(s > 0, s, torch.ones_like(s))
 
     def _sparse_span(self, a: int, z: int) -> tuple[int, int]:
         """The entries ``[n0, n1)`` of ``cols``/``vals`` that belong to tokens ``[a, z)`` (all batch rows)."""
@@ -367,7 +386,7 @@ class QuantStream:
 
     def tensors(self):
         out = [t for g in self._buffers() for t in g.tensors()]
-        out += [self.channel_scale, self.channel_offset, self.codebook]
+        out += [self.channel_scale, self.channel_offset, self.codebook, self._midpoints]
         if self.decode_book is not self.codebook:
             out.append(self.decode_book)
         return out
