@@ -149,16 +149,15 @@ def _merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return acc, m, l
 
 
-def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float) -> AttentionResult:
+def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float, kv_heads_of_fused: int) -> AttentionResult:
     """A one-query step over parts of which some are fused (a quantized past read by its kernel): each fused part
     gives its ``(acc, m, l)``, the other parts (short: read whole, at most ``CHUNK`` keys) are one dense softmax
     partial, and all are merged by log-sum-exp once -- a handful of ops per step instead of ~20 per part. ``query
     (b, heads, 1, d)``; a causal part of one token is visible to the one query. Same result as the general loop
     (within float rounding)."""
     b, heads, q, d = query.shape
-    kv_heads = next(p.kv_heads for p in parts if p.fused is not None)
-    group = heads // kv_heads
-    qg = query.float().reshape(b, kv_heads, group * q, d) * scaling
+    kv_heads = kv_heads_of_fused
+    qg = query.float().reshape(b, kv_heads, heads // kv_heads * q, d) * scaling
     partials = []
     dense = []
     for part in parts:
@@ -183,9 +182,28 @@ def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float) -> 
         p = torch.exp(s - m.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1))
         partials.append((torch.matmul(p, v), m, p.sum(dim=-1)))
     acc, _, l = _merge_partials(partials)
-    output = acc / l.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    output = acc / l.clamp_min(_TINY).unsqueeze(-1)
     output = output.reshape(b, heads, q, d).transpose(1, 2)
     return AttentionResult(output.to(query.dtype).contiguous(), None, transient)
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _decode_kv_heads(parts: list[KVPart]) -> int:
+    """The KV heads of the first fused part when :func:`_attend_decode` serves a one-query step over ``parts`` (some
+    fused, none of them causal; the other parts short; a causal part only the one new token), else 0."""
+    kv_heads, other = 0, 0
+    for part in parts:
+        if part.fused is not None:
+            if part.causal:
+                return 0
+            kv_heads = kv_heads or part.kv_heads
+        else:
+            if part.causal and part.length != 1:
+                return 0
+            other += part.length
+    return kv_heads if other <= CHUNK else 0
 
 
 def _attend_prompt(query: torch.Tensor, part: KVPart, scaling: float, probs_last: int,
@@ -248,11 +266,10 @@ def attend_parts(query: torch.Tensor, parts: list[KVPart], scaling: float, probs
         result = _attend_one_query(query, parts, scaling)
         if result is not None:
             return result
-    if q == 1 and not probs_last and window is None and any(p.fused is not None for p in parts) \
-            and all(p.fused is None or not p.causal for p in parts) \
-            and all(not p.causal or p.length == 1 for p in parts) \
-            and sum(p.length for p in parts if p.fused is None) <= CHUNK:
-        return _attend_decode(query, parts, scaling)
+    if q == 1 and not probs_last and window is None:
+        kv_heads = _decode_kv_heads(parts)
+        if kv_heads:
+            return _attend_decode(query, parts, scaling, kv_heads)
     if len(parts) == 1 and parts[0].causal and parts[0].length == q and parts[0].fused is None and q > 1 \
             and (parts[0].valid is None or parts[0].valid.shape[1] == 1):
         return _attend_prompt(query, parts[0], scaling, probs_last, window)

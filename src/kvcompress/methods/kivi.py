@@ -348,7 +348,7 @@ class KiviStore(TokenStorage):
         of codes)."""
         from .. import kernels
 
-        return bool(self.vq.length) and kernels.kivi_fused_applies(self.vq.packed.device, self.kq.bits, self.vq.bits,
+        return bool(self.vq.length) and kernels.kivi_fused_applies(self.k_res.device, self.kq.bits, self.vq.bits,
                                                                    self.head_dim, self.value_group)
 
     def attention_path(self) -> str:
@@ -360,18 +360,19 @@ class KiviStore(TokenStorage):
             return "dense"
         return f"fused-{kernels.backend(self.vq.packed.device)}" if self.fused() else "chunked"
 
-    def parts(self):
+    def parts(self, fused: bool | None = None):
         """The stored tokens as attention parts. With :meth:`fused`, one ``kind="kivi-fused"`` part whose ``fused``
         kernel attends straight from the codes and the residual in one pass (keys and values leave the residual at
         different times; the kernel takes each from where it is); its ``read`` still serves callers that ask for
-        probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk. Chunks fall on key-group edges."""
+        probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk. Chunks fall on key-group edges.
+        ``fused``: what :meth:`fused` says now, when the caller just asked it (None: ask)."""
         from .. import kernels
         from ..attention import CHUNK, KVPart
 
         if not len(self):
             return []
         chunk = max(self.group_size, CHUNK - CHUNK % self.group_size)
-        if not self.fused():
+        if not (self.fused() if fused is None else fused):
             return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
         n, kq, vq = len(self), self.kq, self.vq
         # the tensors as of now: a later append makes new ones (or writes past n), so the part stays consistent
@@ -431,7 +432,7 @@ class KiviLayer(StorageLayer):
         if keys.shape[2] != 1 or new_valid is not None or self.valid is not None or not self.kv.fused():
             return super().attend_step(query, keys, values, new_valid, scaling)
         self.kv.stage(keys, values)
-        result = attend_parts(query, self.kv.parts(), scaling)
+        result = attend_parts(query, self.kv.parts(fused=True), scaling)
         self.kv.flush(defer=True)
         return result.output, result.transient_bytes
 
