@@ -12,8 +12,9 @@ Per method:
 
 Filling the caches: the ``context``-token prompt (real text) is prefilled **once** at batch 1 into a DynamicCache; its
 per-layer K/V (post-RoPE, the model's dtype: what every cache's ``update`` receives) are tiled to the batch and handed
-to each layer's own storage path (``layer.store``: KIVI quantizes whole R-blocks of keys and all but the last R values,
-LogQuant runs its flush schedule) -- the state a batch prefill leaves, without paying the batch's quadratic prefill
+to each layer's own storage path (``layer.dense_step``: KIVI quantizes whole R-blocks of keys and all but the last R
+values, LogQuant runs its flush schedule, KVQuant un-rotates keys with the model's cos/sin of positions 0..n-1 and
+quantizes them) -- the state a batch prefill leaves, without paying the batch's quadratic prefill
 attention on a 2-core CPU. ``--check`` (on by default) verifies that on a short prompt: next-token logits after the fill
 equal those after a real prefill through the model. Every row of the batch holds the same K/V; the work per step does
 not depend on their values.
@@ -37,7 +38,7 @@ from kvcompress import kernels, load_model, make_cache
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 
-DEFAULT_METHODS = ["kivi:bits=4", "kivi:bits=2", "logquant"]
+DEFAULT_METHODS = ["kivi:bits=4", "kivi:bits=2", "logquant", "kvquant:bits=3,calibration=auto"]
 
 
 def parse(label: str) -> tuple[str, dict]:
@@ -71,9 +72,20 @@ def filled(model, label: str, kv: list[tuple[torch.Tensor, torch.Tensor]], batch
     for i, layer in enumerate(cache.layers):
         k, v = tiled(i)
         layer.lazy_initialization(k, v)
+        if getattr(layer, "pre_rope", False):  # KVQuant un-rotates keys with the cos/sin the forward used
+            layer._step_rope = _prompt_rope(layer, k.shape[2])
         layer.dense_step(k, v)
+        layer.__dict__.pop("_step_rope", None)
         layer.tokens_seen += k.shape[2]
     return cache
+
+
+def _prompt_rope(layer, n: int):
+    """What ``KVQuantLayer._step_rope`` returns inside a prefill of positions ``0 .. n-1`` (no forward runs while
+    filling): positions and the model's own cos/sin for them."""
+    cos, sin = layer.method.rope.cos_sin_range(0, n, layer.layer_type)
+    pos = torch.arange(n).unsqueeze(0)
+    return lambda q: (pos[:, -q:], cos[:, -q:], sin[:, -q:])
 
 
 def nbytes(cache) -> int:

@@ -205,3 +205,74 @@ def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
     monkeypatch.setattr(rope, "_frequencies", {})
     monkeypatch.setattr(rope, "_find_frequencies", lambda layer_type: None)
     assert cache.memory_report().attention == {"chunked": 4}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantizing a decode step (numba) = the torch path, bit for bit
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bits=st.sampled_from([2, 3, 4]),
+    d=st.sampled_from([8, 16, 64]),
+    kv=st.integers(1, 3),
+    b=st.integers(1, 2),
+    steps=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    per_channel=st.booleans(),
+    outliers=st.sampled_from([0.0, 0.01, 0.1]),
+    kind=st.sampled_from(["normal", "ties", "halfway", "constant", "tiny", "huge"]),
+    seed=st.integers(0, 10_000),
+)
+def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_channel, outliers, kind, seed):
+    """A decode step's tokens are quantized by one numba call (``quantize_rows``); every held tensor equals what the
+    torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values. Data with ties (repeated
+    values: the order statistics and the nearest level's tie rule), ranges halfway between two fp16 numbers (ties to
+even), constant rows (zero scale), fp16 subnormal ranges,
+    and ranges beyond fp16 (the same error)."""
+    import kvcompress.methods.kvquant_store as store
+
+    gen = torch.Generator().manual_seed(seed)
+    book = torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values
+    prompt = torch.randn(b, kv, 20, d, generator=gen)
+
+    def tokens(q):
+        x = torch.randn(b, kv, q, d, generator=gen) * 3
+        if kind == "ties":
+            x = (x * 2).round() / 2
+        elif kind == "halfway":  # multiples of 2**-12: mid-ranges often fall halfway between two fp16 numbers
+            x = (x * 4096).round() / 4096
+        elif kind == "constant":
+            x = torch.full_like(x, 0.75)
+        elif kind == "tiny":
+            x = x * 1e-6
+        elif kind == "huge":
+            x = x * 1e5
+        return x
+
+    data = [tokens(q) for q in steps]
+
+    def run(fast):
+        before = store.FAST_ROWS
+        store.FAST_ROWS = 1 << 30 if fast else 0
+        try:
+            s = QuantStream(bits, outliers, book, book, kv, d, per_channel)
+            if per_channel:
+                s.fix_range(prompt)
+            for x in data:
+                s.append(x)
+        except Exception as exc:  # noqa: BLE001 - the same error both ways
+            return type(exc), str(exc)
+        finally:
+            store.FAST_ROWS = before
+        return [t.clone() for g in s._buffers() for t in [g.view()] if t is not None]
+
+    fast, slow = run(True), run(False)
+    if isinstance(slow, tuple):
+        assert fast == slow
+        return
+    assert len(fast) == len(slow)
+    for a, c in zip(fast, slow):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert torch.equal(a, c)

@@ -348,3 +348,123 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts,
                   n, span, pacc, pm, pl)
     for bi in range(b):
         _merge_row(bi, pacc, pm, pl, acc, m, l)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantizing a decode step's tokens (one call instead of ~60 small torch ops per stream)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _round_half(x):
+    """``x`` (float32) rounded to the nearest fp16 value (ties to even), returned as float32; inf beyond fp16's range.
+    Not fast-math: the subnormal branch relies on ``(a + 0.5) - 0.5`` rounding."""
+    a = abs(x)
+    if not a < np.float32(65520.0):  # beyond the largest fp16 (or NaN)
+        return np.float32(np.inf) if a == a else a
+    if a < np.float32(6.103515625e-05):  # fp16 subnormal: multiples of 2**-24
+        r = (a + np.float32(0.5)) - np.float32(0.5)
+    else:  # keep 10 mantissa bits, ties to even
+        bits = np.array([a], np.float32).view(np.uint32)[0]
+        bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        r = np.array([bits], np.uint32).view(np.float32)[0]
+    return r if x >= 0 else -r
+
+
+@njit(cache=True)
+def _nearest(x, mids):
+    """Index of the nearest level: the number of midpoints strictly below ``x`` (``torch.bucketize``, right=False)."""
+    c = 0
+    for j in range(mids.shape[0]):
+        c += 1 if mids[j] < x else 0
+    return c
+
+
+@njit(cache=True)
+def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, order, planes0, planes1, ranges, counts,
+                  cols, vals):
+    """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
+    :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation).
+
+    ``per_channel``: thresholds ``ch_off -/+ ch_scale (1|b, w)``, values beyond them are outliers, the rest clamped and
+    normalized by the channel's range; else one range per token over the row: thresholds the ``m+1``-th smallest and
+    largest values (``m = 0``: none; ``m < 0``: no outliers), offset/scale the fp16-rounded mid-range/half-range of the
+    clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the sorted levels'
+    midpoints), packed into ``planes0 (b, h, q, bytes)`` (2/4 bits, or the low 2 bits of 3) and ``planes1`` (3 bits:
+    the high bit, in ``order`` = :func:`kvcompress.quant.high_plane_order`). Outliers (``m >= 0`` or per channel with
+    ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. Returns ``(nnz, ok)``: ``ok`` False when a
+    range is not finite in fp16."""
+    q, b, w = rows.shape
+    d = w // h
+    track = counts.shape[0] > 0
+    nnz = 0
+    ok = True
+    row = np.empty(w, np.float32)
+    srt = np.empty(w, np.float32)
+    codes = np.empty(d, np.int32)
+    for t in range(q):
+        for bi in range(b):
+            for c in range(w):
+                row[c] = rows[t, bi, c]
+            cnt = 0
+            if per_channel:
+                cr = min(bi, ch_off.shape[0] - 1)
+                for c in range(w):
+                    lo = ch_off[cr, c] - ch_scale[cr, c]
+                    hi = ch_off[cr, c] + ch_scale[cr, c]
+                    x = row[c]
+                    if track and (x > hi or x < lo):
+                        cols[nnz] = c
+                        vals[nnz] = x
+                        nnz += 1
+                        cnt += 1
+                    row[c] = min(max(x, lo), hi)
+                    s = ch_scale[cr, c]
+                    xn = (row[c] - ch_off[cr, c]) / (s if s > 0 else np.float32(1.0))
+                    row[c] = min(max(xn, np.float32(-1.0)), np.float32(1.0))
+            else:
+                if m >= 0:
+                    for c in range(w):
+                        srt[c] = row[c]
+                    srt.sort()
+                    lo, hi = srt[m], srt[w - m - 1]
+                    for c in range(w):
+                        x = row[c]
+                        if x > hi or x < lo:
+                            cols[nnz] = c
+                            vals[nnz] = x
+                            nnz += 1
+                            cnt += 1
+                        row[c] = min(max(x, lo), hi)
+                mn, mx = row[0], row[0]
+                for c in range(1, w):
+                    mn = min(mn, row[c])
+                    mx = max(mx, row[c])
+                off = _round_half((mx + mn) / np.float32(2.0))
+                sc = _round_half((mx - mn) / np.float32(2.0))
+                if not (abs(off) < np.inf and abs(sc) < np.inf):
+                    ok = False
+                ranges[0, bi, t] = sc
+                ranges[1, bi, t] = off
+                div = sc if sc > 0 else np.float32(1.0)
+                for c in range(w):
+                    row[c] = (row[c] - off) / div
+            if track:
+                counts[t, bi] = cnt
+            for hh in range(h):
+                for c in range(d):
+                    codes[c] = _nearest(row[hh * d + c], mids)
+                if bits == 4:
+                    for u in range(d // 2):
+                        planes0[bi, hh, t, u] = codes[2 * u] | (codes[2 * u + 1] << 4)
+                else:
+                    for u in range(d // 4):
+                        planes0[bi, hh, t, u] = ((codes[4 * u] & 3) | ((codes[4 * u + 1] & 3) << 2)
+                                                 | ((codes[4 * u + 2] & 3) << 4) | ((codes[4 * u + 3] & 3) << 6))
+                    if bits == 3:
+                        for u in range(d // 8):
+                            byte = 0
+                            for k in range(8):
+                                byte |= (codes[order[8 * u + k]] >> 2) << k
+                            planes1[bi, hh, t, u] = byte
+    return nnz, ok

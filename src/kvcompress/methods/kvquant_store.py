@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
+
 import torch
 
 from ..compat import uses_cache
@@ -26,6 +28,8 @@ from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
 from ..storage import GrowingTokens
 
+#: appends of at most this many (token, batch row) rows are quantized by one numba call (a decode step)
+FAST_ROWS = 64
 #: tokens a buffer grows by at least (then by 1/32 of what it holds)
 GROW_TOKENS = 16
 #: outlier entries a buffer grows by at least
@@ -258,6 +262,12 @@ class QuantStream:
         b, h, q, d = x.shape
         w = h * d
         rows = to_rows(x.float())  # (q, b, w)
+        quantized = self._quantize_with_kernel(rows, h) if q * b <= FAST_ROWS else None
+        if quantized is not None:
+            for buf, t in zip(self._buffers(), quantized):
+                buf.append(t)
+            self.length += q
+            return
         if self.per_channel:
             lo, hi = self._channel_bounds()
         elif self.fraction > 0:
@@ -294,6 +304,45 @@ class QuantStream:
         for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
             buf.append(t)
         self.length += q
+
+    def _quantize_with_kernel(self, rows: torch.Tensor, h: int):
+        """The tensors :meth:`append` appends for token-major ``rows (q, b, w)``, computed by one numba call
+        (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path below); None where
+        it does not apply (no numba, not on the CPU, ranges per head)."""
+        from .. import kernels
+
+        if not kernels.AVAILABLE or rows.device.type != "cpu" or not (self.per_channel or self.token_range == "token"):
+            return None
+        q, b, w = rows.shape
+        d = w // h
+        planes0 = np.empty((b, h, q, d * (4 if self.bits == 4 else 2) // 8), np.uint8)
+        planes1 = np.empty((b, h, q, d // 8) if self.bits == 3 else (0, 0, 0, 0), np.uint8)
+        ranges = np.empty((2, b, q), np.float32)
+        counts = np.empty((q, b) if self.has_sparse else (0, 0), np.int32)
+        cols = np.empty(q * b * w if self.has_sparse else 0, np.int32)
+        vals = np.empty(cols.shape[0], np.float32)
+        m = -1
+        if not self.per_channel and self.has_sparse:
+            m = min(math.floor(w * self.fraction / 2 + 0.5 + 1e-9), (w - 1) // 2)
+        if self.per_channel:
+            ch_off, ch_scale = self.channel_offset.float().numpy(), self.channel_scale.float().numpy()
+        else:
+            ch_off = ch_scale = np.zeros((1, 0), np.float32)
+        order = high_plane_order(d).numpy() if self.bits == 3 else np.zeros(0, np.int64)
+        nnz, ok = kernels._kvq_cpu.quantize_rows(rows.contiguous().numpy(), h, self.bits, self._midpoints.numpy(),
+                                                 self.per_channel, ch_off, ch_scale, m, order, planes0, planes1,
+                                                 ranges, counts, cols, vals)
+        if not ok:
+            check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
+        out = [torch.from_numpy(planes0)] + ([torch.from_numpy(planes1)] if self.bits == 3 else [])
+        if not self.per_channel:
+            r = torch.from_numpy(ranges).half()
+            out += [r[0].view(b, 1, q, 1), r[1].view(b, 1, q, 1)]
+        if self.has_sparse:
+            out += [torch.from_numpy(counts).to(_small_int(w)).t().unsqueeze(1),
+                    torch.from_numpy(cols[:nnz]).to(_small_int(w - 1)).view(1, 1, -1),
+                    torch.from_numpy(vals[:nnz]).half().view(1, 1, -1)]
+        return out
 
     def _channel_bounds(self):
         """Per-channel thresholds ``(lower, upper)`` as float32 ``(1, 1|b, width)`` (transient)."""
