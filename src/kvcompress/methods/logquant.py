@@ -212,8 +212,11 @@ class LogQuantLayer(KVLayer):
             parts.append(KVPart(n_part, read, kind="logquant-fused", chunk_tokens=chunk, kv_heads=keys.shape[1],
                                 fused=self._fused_run(n_part, read, chunk, k_run, v_run, tail)))
         result = attend_parts(query, parts, scaling)
+        # the kernel reads the full-precision block (+ the new token) as an fp32 copy: the transient the dense part
+        # of the general path reported
+        transient = max(result.transient_bytes, 2 * self.fp_k.numel() * 4)
         self._flush()
-        return result.output, result.transient_bytes
+        return result.output, transient
 
     @staticmethod
     def _run_and_tail_reader(n: int, read, fp_k, fp_v):
