@@ -1,22 +1,28 @@
 """Fused attention over KVQuant's codes on the CPU (numba): ``(acc, m, l)`` straight from the stored layout.
 
-What is read per (batch row, KV head, token): the packed code planes of the key and of the value (3 bits: a 2-bit and
-a 1-bit plane), the value's per-token fp16 range, the token's outliers (CSR entries of its row), and, for pre-RoPE
-keys, the token's position (implicit ``start + t`` or stored). Per layer: the decode levels (a codebook of ``2**bits``
-floats) and, for per-channel keys, the fixed per-channel range. Tokens are handled a block of :data:`BLOCK` at a time:
+What is read per (batch row, token): the packed code planes of the key and of the value of every KV head (3 bits: a
+2-bit and a 1-bit plane), the value's per-token fp16 range, the token's outliers (the CSR entries of its row) and, for
+pre-RoPE keys, its position (implicit ``start + t`` or stored). Per layer: the levels (a codebook of ``2**bits``
+floats) and, for per-channel keys, the fixed per-channel range. Tokens are handled a block of :data:`BLOCK` at a time,
+every KV head of the batch row in the same pass (a token's position, rotation and outlier entries are read once):
 
-* **dequantize** a block of keys into a small scratch ``(BLOCK, d)``: codes unpacked through a byte -> codes lookup
-  table, ``level[code] * scale + offset`` (per channel for keys, per token for values), then the token's outliers
-  overwrite their channels (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place of its code);
-* **rotate** pre-RoPE keys to their positions inside the kernel: ``cos``/``sin`` of ``position * inv_freq`` computed
-  exactly (float64) at the first token of a range, after a jump in positions and every :data:`EXACT_EVERY` tokens, and
-  advanced in between by one rotation per token (angle addition, float64): nothing is held between steps (no table of
-  every position), and the drift stays below 1e-12;
+* **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: each bit plane is read by loops with a constant
+  shift over contiguous bytes into contiguous positions (the *kernel order*, :func:`kernel_position`), the level is a
+  tree of selects on the code's bits (vectorizes; a gather from the level table measured 2x slower), times the range
+  plus the offset (per channel for keys, per token for values); then the row's outliers overwrite their elements
+  (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place of its code);
+* **rotate** pre-RoPE keys to their positions inside the kernel. The kernel order puts RoPE's pairs ``(j, j + d/2)``
+  ``d/2`` apart, so the rotation is one contiguous loop. ``cos``/``sin`` of ``position * inv_freq`` are computed exactly
+  (float64) at the first token of a range, after a jump in positions and every :data:`EXACT_EVERY` tokens, and advanced
+  in between by one rotation per token (angle addition, float64): nothing is held between steps (no table of every
+  position), and the drift stays below 1e-12;
 * **scores** for every query row of the KV group in one pass over the block (GQA/MQA heads and query tokens folded into
-  rows), online softmax per block, then the values of the block dequantized the same way and accumulated.
+  rows; the query permuted into the kernel order once per call), online softmax per block, then the block's values
+  dequantized the same way and accumulated (the output permuted back once per call).
 
-The context of each (batch row, KV head) is split into token ranges run under ``numba.prange`` and merged by
-log-sum-exp (flash-decoding), as for KIVI (:mod:`.cpu`, whose softmax/score/merge pieces this reuses).
+The context of each batch row is split into token ranges run under ``numba.prange`` and merged by log-sum-exp
+(flash-decoding), as for KIVI (:mod:`.cpu`, whose score, value and softmax pieces this reuses). :func:`quantize_rows`
+quantizes a decode step's tokens into this layout in one call.
 
 Against dequantize-then-attend (:meth:`kvcompress.methods.kvquant_store.QuantStream.read` + RoPE from the model's
 module): equal within float rounding, except that the model rounds ``position * inv_freq`` to float32 before its

@@ -26,7 +26,8 @@ Held per layer: packed codes ``(b, h, n, ceil(d*bits/8))`` uint8 for K and V (``
 (also for keys when ``per_channel_keys=False``); the per-channel key range
 ``(h*d,)`` fp16 x2 (calibration) or ``(b, h*d)`` (prompt); codebooks; outliers as CSR rows
 (row = (token, batch row), width = h*d): per-row counts (uint8 / int16), column (uint8 / int16) and fp16
-value per outlier; the fp16 sink ``(b, h, sink, d)``; with ``recent=R`` the recent window ``(b, h, <=R, d)`` fp16
+value per outlier (each of these in a buffer that grows geometrically: spare capacity at most 1/32 of the tokens +
+16, held and counted); the fp16 sink ``(b, h, sink, d)``; with ``recent=R`` the recent window ``(b, h, <=R, d)`` fp16
 for K and V (plus int32 positions ``(b, <=R)`` only when positions are not ``0, 1, 2, ...``).
 Sliding-window layers (Gemma-3) are quantized the same way, attend over exactly
 their window and evict from the front once ``SLIDE_BLOCK`` tokens have left it (``quantize_sliding=False`` keeps
@@ -129,8 +130,10 @@ class KVQuantConfig:
 
 class KVQuantLayer(KVLayer):
     """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE) | recent (fp16, post-RoPE; recent=R)]``
-    and attends by itself: over the sink, the body dequantized a chunk at a time (keys re-rotated for the chunk's
-    positions), the recent window and the step's new tokens as given; a padded batch keeps one single-row layer per
+    and attends by itself: over the sink, the body (the fused kernel straight on the codes, keys rotated inside it:
+    :func:`kvcompress.kernels.kvquant_attention`; where no kernel applies, dequantized a chunk at a time with keys
+    re-rotated for the chunk's positions), the recent window and the step's new tokens as given; a padded batch keeps
+    one single-row layer per
     row, so per-channel ranges, outlier thresholds, the sink, the recent window and positions are each row's own.
     Sliding-window layers (no sink, no recent window) hold the last ``window - 1`` tokens plus fewer than
     ``slide_block`` that already left the window, and mask exactly the window. :meth:`dense_step` is the same state
@@ -381,8 +384,8 @@ class KVQuantLayer(KVLayer):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def attention_path(self) -> str:
-        """Once the body holds codes: ``"fused-numba"`` (the kernel on the codes) or ``"chunked"`` (read a chunk at a
-        time); ``"dense"`` before (:mod:`kvcompress.memory`)."""
+        """Once the body holds codes: ``"fused-numba"``/``"fused-triton"`` (the kernel on the codes) or ``"chunked"``
+        (read a chunk at a time); ``"dense"`` before (:mod:`kvcompress.memory`)."""
         from .. import kernels
 
         if not len(self.v):
