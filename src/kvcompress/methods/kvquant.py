@@ -418,8 +418,8 @@ class KVQuantLayer(KVLayer):
 class KVQuant(Method):
     summary = ("KVQuant: per-channel pre-RoPE keys, per-token values, nuq codebooks (calibrated), "
                "dense-and-sparse outliers, fp16 sink")
-    attention = ("kvcompress: sink + body through a fused kernel on the codes (keys rotated inside it; numba on CPU), "
-                 "chunked dequantize where it does not apply")
+    attention = ("kvcompress: sink + body through a fused kernel on the codes (keys rotated inside it; numba on CPU, "
+                 "Triton on CUDA), chunked dequantize where it does not apply")
     sliding = "quantized too (no sink), window masked, leave in blocks (quantize_sliding=False: plain fp16 window)"
     Config = KVQuantConfig
     test_options = {"nuq": False, "bits": 4, "sink": 2}
