@@ -301,22 +301,31 @@ def kvquant_fused_applies(device: torch.device, keys: CodebookCodes, values: Cod
 
 
 @lru_cache(maxsize=16)
-def _plane_maps(bits: int, d: int, h: int):
-    """Index maps of the kernel's order (:func:`kvcompress.kernels.kvquant_cpu.kernel_position`) for ``bits``-bit rows
-    of ``d`` channels, ``h`` KV heads: ``(position -> channel (d,), column -> (KV head, position) (2, h*d), first-half
-    position -> rotary frequency index (d/2,))``, int64 numpy."""
-    pos = _kvq_cpu.kernel_position(np.arange(d), bits, d).astype(np.int64)
-    chan = np.empty(d, np.int64)
-    chan[pos] = np.arange(d)
-    cols = np.stack([np.repeat(np.arange(h), d), np.tile(pos, h)]).astype(np.int64)
-    return chan, cols, chan[: d // 2]
+def _column_map(d: int, h: int) -> np.ndarray:
+    """``(2, h*d)`` int64: the KV head and the channel of each column of an outlier row (tables: no division per
+    entry in the kernel)."""
+    c = np.arange(h * d)
+    return np.stack([c // d, c % d]).astype(np.int64)
+
+
+def _words(plane: np.ndarray | None, b: int, h: int) -> np.ndarray:
+    """A plane ``(b, h, cap, bytes)`` uint8 read as little-endian 64-bit words ``(b, h, cap, bytes/8)`` (the same
+    memory), or an empty placeholder."""
+    if plane is None or plane.shape[-1] % 8 or plane.strides[-1] != 1 or plane.strides[-2] % 8:
+        return np.zeros((b, h, 1, 0), np.uint64)
+    return plane.view(np.uint64)
 
 
 def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
-    """``(bits, plane0, plane1, levels (16,), per-token scale, offset, row pointers, cols, vals, channel -> position)``
-    numpy arguments of one stream (small copies: per-token ranges, outliers, levels)."""
+    """``(bits, plane0, plane1, words0, words1, levels (16,), per-token scale, offset, row pointers, cols, vals)``
+    numpy arguments of one stream (small copies: per-token ranges, outliers, levels). The planes are read as 64-bit
+    words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
     p0 = _rows_view(codes.planes[0])
     p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else np.zeros((b, h, 0, 0), np.uint8)
+    if d % 64 == 0:
+        w0, w1 = _words(p0, b, h), (_words(p1, b, h) if codes.bits == 3 else np.zeros((b, h, 1, 0), np.uint64))
+    else:
+        w0 = w1 = np.zeros((b, h, 1, 0), np.uint64)
     lev = np.zeros(16, np.float32)
     lev[: codes.levels.numel()] = codes.levels.float().numpy()
     if codes.per_channel:
@@ -331,7 +340,7 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
         nnz = int(rp[-1])
         cols = _np(codes.cols[:nnz]) if nnz else np.zeros(0, np.int16)
         vals = _np(codes.vals[:nnz].float()) if nnz else np.zeros(0, np.float32)
-    return codes.bits, p0, p1, lev, ts, to, rp, cols, vals, _plane_maps(codes.bits, d, h)[1]
+    return codes.bits, p0, p1, w0, w1, lev, ts, to, rp, cols, vals
 
 
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
@@ -341,30 +350,24 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     ``qg (b, kv_heads, rows, d)`` fp32, already scaled; ``keys``/``values``: :class:`CodebookCodes` of the same ``n``
     tokens (values per token); ``rope``: rotate the keys to their positions (pre-RoPE keys), None = keys as stored;
     ``valid (b, kv_heads | 1, n)`` bool or None. Returns fp32 ``acc (b, kv_heads, rows, d)``, ``m``, ``l (b, kv_heads,
-    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`): rows are unpacked plane by plane into the
-    kernel's order, so the query, the per-channel ranges and the rotary frequencies are permuted into the keys' order
-    here and the output back from the values'; see :func:`kvquant_fused_applies`."""
+    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`); see :func:`kvquant_fused_applies`."""
     if backend(qg.device) == "triton":
         from . import kvquant_gpu
 
         return kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
     b, h, rows, d = qg.shape
-    kchan, _, kfreq = _plane_maps(keys.bits, d, h)
-    vchan = _plane_maps(values.bits, d, h)[0]
-    vpos = np.empty(d, np.int64)
-    vpos[vchan] = np.arange(d)
-    q = np.ascontiguousarray(_np(qg if qg.dtype == torch.float32 else qg.float())[..., kchan])
-    kbits, kp0, kp1, klev, kts, kto, krp, kcols, kvals, kpos = _stream_args(keys, n, b, h, d)
-    vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap = _stream_args(values, n, b, h, d)
+    q = _np(qg if qg.dtype == torch.float32 else qg.float())
+    kbits, kp0, kp1, kw0, kw1, klev, kts, kto, krp, kcols, kvals = _stream_args(keys, n, b, h, d)
+    vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals = _stream_args(values, n, b, h, d)
+    colmap = _column_map(d, h)
     if keys.per_channel:
-        kcs, kco = (np.ascontiguousarray(_np(t.float()).reshape(t.shape[0], h, d)[..., kchan].reshape(-1, h * d))
-                    for t in (keys.scale, keys.offset))
+        kcs, kco = _np(keys.scale.float()), _np(keys.offset.float())
     else:
         kcs = kco = np.zeros((1, h * d), np.float32)
     if rope is None:
         inv_freq, rscale, start, positions = np.zeros(0, np.float64), 1.0, 0, np.zeros((1, 0), np.int64)
     else:
-        inv_freq, rscale = np.ascontiguousarray(rope.inv_freq.double().numpy()[kfreq]), float(rope.scaling)
+        inv_freq, rscale = rope.inv_freq.double().numpy(), float(rope.scaling)
         if rope.positions is None:
             start, positions = int(rope.start), np.zeros((1, 0), np.int64)
         else:
@@ -377,9 +380,9 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
     try:
         splits = max(1, 2 * threads // math.gcd(b, 2 * threads)) if parallel else 1
-        args = (q, kbits, kp0, kp1, klev, keys.per_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits, vp0,
-                vp1, vlev, vts, vto, vrp, vcols, vvals, vposmap, inv_freq, rscale, start, positions, vmask, n,
-                _ceil(n, splits), acc, m, l)
+        args = (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, krp, kcols, kvals, colmap,
+                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rscale, start,
+                positions, vmask, n, _ceil(n, splits), acc, m, l)
         if parallel:
             _cpu.numba.set_num_threads(threads)
             _kvq_cpu.kvquant_layer_parallel(*args)
@@ -388,4 +391,4 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     finally:
         if parallel:
             _PARALLEL.release()
-    return torch.from_numpy(np.ascontiguousarray(acc[..., vpos])), torch.from_numpy(m), torch.from_numpy(l)
+    return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)

@@ -6,19 +6,18 @@ pre-RoPE keys, its position (implicit ``start + t`` or stored). Per layer: the l
 floats) and, for per-channel keys, the fixed per-channel range. Tokens are handled a block of :data:`BLOCK` at a time,
 every KV head of the batch row in the same pass (a token's position, rotation and outlier entries are read once):
 
-* **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: each bit plane is read by loops with a constant
-  shift over contiguous bytes into contiguous positions (the *kernel order*, :func:`kernel_position`), the level is a
-  tree of selects on the code's bits (vectorizes; a gather from the level table measured 2x slower), times the range
-  plus the offset (per channel for keys, per token for values); then the row's outliers overwrite their elements
-  (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place of its code);
-* **rotate** pre-RoPE keys to their positions inside the kernel. The kernel order puts RoPE's pairs ``(j, j + d/2)``
-  ``d/2`` apart, so the rotation is one contiguous loop. ``cos``/``sin`` of ``position * inv_freq`` are computed exactly
+* **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: the bit planes are read as 64-bit words, one
+  vectorized loop of 32 (16) codes per word (:func:`_levels_block`), the level is a tree of selects on the code's bits
+  (a gather from the level table measured 2x slower), times the range plus the offset (per channel for keys, per token
+  for values); then the row's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is
+  stored exactly, in place of its code);
+* **rotate** pre-RoPE keys to their positions inside the kernel: RoPE's pairs ``(j, j + d/2)`` are ``d/2`` apart, so
+  the rotation is one contiguous loop. ``cos``/``sin`` of ``position * inv_freq`` are computed exactly
   (float64) at the first token of a range, after a jump in positions and every :data:`EXACT_EVERY` tokens, and advanced
   in between by one rotation per token (angle addition, float64): nothing is held between steps (no table of every
   position), and the drift stays below 1e-12;
 * **scores** for every query row of the KV group in one pass over the block (GQA/MQA heads and query tokens folded into
-  rows; the query permuted into the kernel order once per call), online softmax per block, then the block's values
-  dequantized the same way and accumulated (the output permuted back once per call).
+  rows), online softmax per block, then the block's values dequantized the same way and accumulated.
 
 The context of each batch row is split into token ranges run under ``numba.prange`` and merged by log-sum-exp
 (flash-decoding), as for KIVI (:mod:`.cpu`, whose score, value and softmax pieces this reuses). :func:`quantize_rows`
@@ -52,78 +51,73 @@ def _sel2(c, l0, l1, l2, l3):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _levels_block(bits, p0, p1, lev, ta, nt, out):
-    """``out[i, p] = lev[code]`` for tokens ``ta + i`` (``i < nt``), positions ``p`` in the kernel's order
-    (:func:`kernel_position`): 2 bits (``p0``), 4 bits (``p0``), 3 bits (2-bit ``p0`` low bits, 1-bit ``p1`` high bits
-    in :func:`kvcompress.quant.high_plane_order`). ``lev`` padded to 16 levels. Each plane is read by loops with a
-    constant shift over contiguous bytes into contiguous positions; the level is a tree of selects."""
+def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
+    """``out[i, c] = lev[code of channel c]`` for tokens ``ta + i`` (``i < nt``), channels in order. Codes: 2 or 4
+    bits in plane ``p0``; 3 bits: the low 2 bits in ``p0``, the high bit in the 1-bit plane ``p1`` (rows ``(cap,
+    bytes)`` uint8, :func:`kvcompress.quant.pack_bits`). When ``w0`` has words (``d`` a multiple of 64), the same
+    planes read as little-endian 64-bit words (``w0``/``w1 (cap, words)`` uint64: channel ``c`` of a ``b``-bit plane
+    at bits ``b*c`` of the row), one loop of 32 (16) codes per word with a variable shift: it vectorizes, where loops
+    over bytes did not (measured 13 vs 80 ns per 3-bit row of 64); else byte by byte. ``lev`` padded to 16 levels; the
+    level is a tree of selects on the code's bits (a gather from the table measured 2x slower)."""
     l0, l1, l2, l3, l4, l5, l6, l7 = lev[0], lev[1], lev[2], lev[3], lev[4], lev[5], lev[6], lev[7]
     l8, l9, l10, l11, l12, l13, l14, l15 = lev[8], lev[9], lev[10], lev[11], lev[12], lev[13], lev[14], lev[15]
-    d = uint64(out.shape[1])
-    dh = d // uint64(2)
-    if bits == 2:
-        hu = d // uint64(8)
+    d = out.shape[1]
+    if w0.shape[1] > 0:
+        nw = w0.shape[1]
         for i in range(nt):
             t = ta + i
-            for k in range(4):
-                sh = np.int32(2 * k)
-                for half in range(2):
-                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
-                    for u in range(hu):
-                        c = (np.int32(p0[t, b0 + u]) >> sh) & 3
-                        out[i, base + u] = _sel2(c, l0, l1, l2, l3)
-    elif bits == 3:
-        hu = d // uint64(8)
-        for i in range(nt):
-            t = ta + i
-            for k in range(4):
-                sh = np.int32(2 * k)
-                for half in range(2):
-                    hsh = np.int32(2 * k + half)
-                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
-                    for u in range(hu):
-                        c = ((np.int32(p0[t, b0 + u]) >> sh) & 3) | (((np.int32(p1[t, u]) >> hsh) & 1) << 2)
-                        a = _sel2(c, l0, l1, l2, l3)
-                        b = _sel2(c, l4, l5, l6, l7)
-                        out[i, base + u] = b if c & 4 else a
-    else:  # 4 bits
-        hu = d // uint64(4)
-        for i in range(nt):
-            t = ta + i
-            for k in range(2):
-                sh = np.int32(4 * k)
-                for half in range(2):
-                    base, b0 = uint64(half) * dh + uint64(k) * hu, uint64(half) * hu
-                    for u in range(hu):
-                        c = (np.int32(p0[t, b0 + u]) >> sh) & 15
-                        a = _sel2(c, l0, l1, l2, l3)
-                        b = _sel2(c, l4, l5, l6, l7)
-                        e = _sel2(c, l8, l9, l10, l11)
-                        f = _sel2(c, l12, l13, l14, l15)
-                        g = b if c & 4 else a
-                        h = f if c & 4 else e
-                        out[i, base + u] = h if c & 8 else g
-
-
-def kernel_position(channel, bits: int, d: int):
-    """Where channel ``channel`` of a row of ``bits``-bit codes (2, 3, 4) lands in the kernel's scratch: the plane
-    ``k = channel % per`` (``per`` codes per byte of the 2-bit plane, or of the 4-bit one) and the byte ``u = channel //
-    per`` give ``half * d/2 + k * d/(2 per) + u % d/(2 per)`` with ``half = u // (d/(2 per))``. So each plane is read
-    in two contiguous runs of bytes, and RoPE's pairs ``(j, j + d/2)`` land ``d/2`` apart (channel ``j < d/2`` in the
-    first half, its partner at the same place in the second)."""
-    per = 2 if bits == 4 else 4
-    hu = d // (2 * per)
-    k, u = channel % per, channel // per
-    return (u // hu) * (d // 2) + k * hu + u % hu
+            if bits == 2:
+                for k in range(nw):
+                    w = w0[t, k]
+                    for c in range(32):
+                        code = np.int64((w >> uint64(2 * c)) & uint64(3))
+                        out[i, 32 * k + c] = _sel2(code, l0, l1, l2, l3)
+            elif bits == 3:
+                for k in range(nw):
+                    w = w0[t, k]
+                    hw = w1[t, k >> 1] >> uint64(32 * (k & 1))
+                    for c in range(32):
+                        code = np.int64((w >> uint64(2 * c)) & uint64(3)) | (np.int64((hw >> uint64(c)) & uint64(1)) << 2)
+                        a = _sel2(code, l0, l1, l2, l3)
+                        b = _sel2(code, l4, l5, l6, l7)
+                        out[i, 32 * k + c] = b if code & 4 else a
+            else:
+                for k in range(nw):
+                    w = w0[t, k]
+                    for c in range(16):
+                        code = np.int64((w >> uint64(4 * c)) & uint64(15))
+                        a = _sel2(code, l0, l1, l2, l3)
+                        b = _sel2(code, l4, l5, l6, l7)
+                        e = _sel2(code, l8, l9, l10, l11)
+                        f = _sel2(code, l12, l13, l14, l15)
+                        g = b if code & 4 else a
+                        h = f if code & 4 else e
+                        out[i, 16 * k + c] = h if code & 8 else g
+        return
+    for i in range(nt):
+        t = ta + i
+        for c in range(d):
+            if bits == 4:
+                code = (np.int64(p0[t, c >> 1]) >> (4 * (c & 1))) & 15
+            else:
+                code = (np.int64(p0[t, c >> 2]) >> (2 * (c & 3))) & 3
+                if bits == 3:
+                    code |= ((np.int64(p1[t, c >> 3]) >> (c & 7)) & 1) << 2
+            a = _sel2(code, l0, l1, l2, l3)
+            b = _sel2(code, l4, l5, l6, l7)
+            e = _sel2(code, l8, l9, l10, l11)
+            f = _sel2(code, l12, l13, l14, l15)
+            g = b if code & 4 else a
+            h = f if code & 4 else e
+            out[i, c] = h if code & 8 else g
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dequant_block(bits, p0, p1, lev, per_channel, cs, co, ts, to, ta, nt, out):
-    """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized in plane order, outliers aside: ``lev[code]``
-    (:func:`_levels_block`) times the range plus the offset (``per_channel``: ``cs``/``co (d,)`` in plane order; else
-    ``ts``/``to (cap,)`` per token)."""
+def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, nt, out):
+    """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized, outliers aside: ``lev[code]`` (:func:`_levels_block`)
+    times the range plus the offset (``per_channel``: ``cs``/``co (d,)``; else ``ts``/``to (cap,)`` per token)."""
     d = uint64(out.shape[1])
-    _levels_block(bits, p0, p1, lev, ta, nt, out)
+    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out)
     for i in range(nt):
         if per_channel:
             for p in range(d):
@@ -147,17 +141,18 @@ def _outliers_block(rp, cols, vals, posmap, nb, bi, ta, nt, out):
 
 
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
-                  vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos,
+def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos,
                   nb, bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
-    """Attention of ``q (h, rows, d)`` (in the keys' plane order) over tokens ``[t0, t1)`` of batch row ``bi``, every
+    """Attention of ``q (h, rows, d)`` over tokens ``[t0, t1)`` of batch row ``bi``, every
     KV head in one pass over the tokens (a token's position, rotation and outlier entries are read once for all its
-    heads). Codes ``*p0``/``*p1 (h, cap, bytes)``; keys per channel (``kcs``/``kco (h*d,)`` in plane order per head)
+    heads). Codes ``*p0``/``*p1 (h, cap, bytes)`` (and as words ``*w0``/``*w1``, see :func:`_levels_block`); keys per
+    channel (``kcs``/``kco (h*d,)``)
     or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in :func:`_dequant_block`;
-    outliers: :func:`_outliers_block`. ``inv_freq (d/2,)`` float64 in the kernel's order of the first half
+    outliers: :func:`_outliers_block`. ``inv_freq (d/2,)`` float64
     (empty: keys are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's
     attention scaling, positions ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool
-    or ``(1, 0)``. Writes ``acc_out (h, rows, d)`` (values' plane order), ``m_out``/``l_out (h, rows)``."""
+    or ``(1, 0)``. Writes ``acc_out (h, rows, d)``, ``m_out``/``l_out (h, rows)``."""
     h, nrows, nd = q.shape
     d = uint64(nd)
     half = nd // 2
@@ -206,7 +201,7 @@ def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, kr
             continue
         for hh in range(h):
             ksel = hh if kts.shape[0] > 1 else 0
-            _dequant_block(kbits, kp0[hh], kp1[hh], klev, kper_channel, kcs[hh * nd : hh * nd + nd],
+            _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev, kper_channel, kcs[hh * nd : hh * nd + nd],
                            kco[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
         if krp.shape[0] > 0:
             _outliers_block(krp, kcols, kvals, kpos, nb, bi, ta, nt, kf)
@@ -246,8 +241,8 @@ def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, kr
             _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
-            _dequant_block(vbits, vp0[hh], vp1[hh], vlev, False, kcs[:nd], kco[:nd], vts[vsel], vto[vsel], ta, nt,
-                           vf[hh])
+            _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev, False, kcs[:nd], kco[:nd], vts[vsel],
+                           vto[vsel], ta, nt, vf[hh])
         if vrp.shape[0] > 0:
             _outliers_block(vrp, vcols, vvals, vpos, nb, bi, ta, nt, vf)
         for hh in range(h):
@@ -270,9 +265,9 @@ def _attend_range(q, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, kr
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits, vp0,
-              vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid, n, span,
-              pacc, pm, pl):
+def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
+              vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start,
+              positions, valid, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[item]``, ``pm``,
     ``pl`` (``(items, h, rows[, d])``)."""
     b = qg.shape[0]
@@ -282,9 +277,10 @@ def _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto,
     vmask = valid[bi] if valid.shape[2] > 0 else valid[0]
     kr = min(bi, kcs.shape[0] - 1)
     pr = min(bi, positions.shape[0] - 1)
-    _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi], kto[bi], krp,
-                  kcols, kvals, kpos, vbits, vp0[bi], vp1[bi], vlev, vts[bi], vto[bi], vrp, vcols, vvals, vpos, b, bi,
-                  inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1, pacc[item], pm[item], pl[item])
+    _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], kw0[bi], kw1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi],
+                  kto[bi], krp, kcols, kvals, kpos, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi],
+                  vrp, vcols, vvals, vpos, b, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
+                  pacc[item], pm[item], pl[item])
 
 
 @njit(cache=True, fastmath=_FM)
@@ -315,43 +311,44 @@ def _merge_row(bi, pacc, pm, pl, acc, m, l):
 
 
 @njit(cache=True, parallel=True)
-def kvquant_layer_parallel(qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
-                           vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start,
-                           positions, valid, n, span, acc, m, l):
+def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols,
+                           kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq,
+                           rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """Every (batch row, token range) under ``prange``, then the merge per batch row.
 
-    ``qg (b, h, rows, d)`` fp32 in the keys' plane order; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
+    ``qg (b, h, rows, d)`` fp32; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
     uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (16,)`` float32 levels (padded); keys per
-    channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)`` in plane order per head) or per token (``kts``/``kto (b,
+    channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``) or per token (``kts``/``kto (b,
     1|h, >= n)``); values per token ``vts``/``vto``; outliers as row pointers ``krp``/``vrp (n*b + 1,)`` int64
-    (empty: none), ``*cols`` and ``*vals`` float32, ``*pos (2, h*d)`` column -> (KV head, position in the kernel's order); ``inv_freq (d/2,)``
-    float64 in plane order (empty: no rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
-    n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)`` (values' plane order), ``m``/``l (b, h, rows)``."""
+    (empty: none), ``*cols`` and ``*vals`` float32, ``*pos (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
+    64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float64 (empty: no
+    rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
+    n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
     items = b * ((n + span - 1) // span)
     pacc = np.empty((items, h, rows, d), np.float32)
     pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
     for item in prange(items):
-        _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits,
-                  vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid,
-                  n, span, pacc, pm, pl)
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
+                  kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale,
+                  pos_start, positions, valid, n, span, pacc, pm, pl)
     for bi in prange(b):
         _merge_row(bi, pacc, pm, pl, acc, m, l)
 
 
 @njit(cache=True)
-def kvquant_layer_serial(qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
-                         vbits, vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start,
-                         positions, valid, n, span, acc, m, l):
+def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols,
+                         kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq,
+                         rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
     items = b * ((n + span - 1) // span)
     pacc = np.empty((items, h, rows, d), np.float32)
     pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
     for item in range(items):
-        _run_item(item, qg, kbits, kp0, kp1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos, vbits,
-                  vp0, vp1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start, positions, valid,
-                  n, span, pacc, pm, pl)
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
+                  kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale,
+                  pos_start, positions, valid, n, span, pacc, pm, pl)
     for bi in range(b):
         _merge_row(bi, pacc, pm, pl, acc, m, l)
 
@@ -387,8 +384,8 @@ def _nearest(x, mids):
 
 
 @njit(cache=True)
-def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, order, planes0, planes1, ranges, counts,
-                  cols, vals):
+def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, ranges, counts, cols,
+                  vals):
     """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
     :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation).
 
@@ -397,7 +394,7 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, order, 
     largest values (``m = 0``: none; ``m < 0``: no outliers), offset/scale the fp16-rounded mid-range/half-range of the
     clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the sorted levels'
     midpoints), packed into ``planes0 (b, h, q, bytes)`` (2/4 bits, or the low 2 bits of 3) and ``planes1`` (3 bits:
-    the high bit, in ``order`` = :func:`kvcompress.quant.high_plane_order`). Outliers (``m >= 0`` or per channel with
+    the high bit). Outliers (``m >= 0`` or per channel with
     ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. Returns ``(nnz, ok)``: ``ok`` False when a
     range is not finite in fp16."""
     q, b, w = rows.shape
@@ -471,6 +468,6 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, order, 
                         for u in range(d // 8):
                             byte = 0
                             for k in range(8):
-                                byte |= (codes[order[8 * u + k]] >> 2) << k
+                                byte |= (codes[8 * u + k] >> 2) << k
                             planes1[bi, hh, t, u] = byte
     return nnz, ok

@@ -11,8 +11,9 @@ the head dimension, channels ``j`` and ``j + d/2`` (the pairs rotate-half RoPE t
 shuffle of a tile's columns, and scores are ``q1 . k1 + q2 . k2``). Per block of ``BLOCK_N`` tokens it
 
 * unpacks the key codes of each channel from the planes (:func:`kvcompress.quant.pack_bits`, channels in natural
-  order: 2 and 4 bits one plane; 3 bits the 2-bit plane of low bits plus the 1-bit plane of high bits, whose bit for
-  channel ``c`` lies at the packed index ``inverse(high_plane_order(d))[c]``, a ``(d,)`` table made once per device);
+  order: 2 and 4 bits one plane; 3 bits the 2-bit plane of low bits plus the 1-bit plane of high bits, channel ``c``'s
+  high bit at index ``c`` -- read through a ``(d,)`` index table, an identity since the planes went back to channel
+  order);
 * decodes ``levels[code]`` (a gather from the ``2**bits`` levels) times the range plus the offset (keys: per channel,
   loaded once per program, or per token; values per token);
 * writes the outliers in place (KVQuant's dense-and-sparse split): for each token of the block, the CSR entries of
@@ -41,7 +42,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import high_plane_order
 from .gpu import default_splits, merge_splits
 
 #: tokens per block of the inner loop
@@ -221,11 +221,9 @@ def _pow2(x: int, floor: int = 16) -> int:
 
 @lru_cache(maxsize=32)
 def _high_index(d: int, device: torch.device) -> torch.Tensor:
-    """``(d,)`` int32: for channel ``c``, the index in a 3-bit code's 1-bit plane that holds its high bit (the inverse
-    of :func:`kvcompress.quant.high_plane_order`)."""
-    inv = torch.empty(d, dtype=torch.int32)
-    inv[high_plane_order(d)] = torch.arange(d, dtype=torch.int32)
-    return inv.to(device)
+    """``(d,)`` int32: for channel ``c``, the index in a 3-bit code's 1-bit plane that holds its high bit (channel order:
+    the identity; kept as a table so a permuted plane layout needs no kernel change)."""
+    return torch.arange(d, dtype=torch.int32, device=device)
 
 
 def _plane(t: torch.Tensor | None, dummy: torch.Tensor):

@@ -16,7 +16,6 @@ import torch
 from ..compat import uses_cache
 from ..observe import Observer
 from ..quant import (
-    high_plane_order,
     normalize_minmax,
     outlier_thresholds,
     pack_bits,
@@ -142,21 +141,18 @@ def from_rows(r: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Codes ``(..., d)`` -> packed bit planes along the last dim: one ``bits``-bit plane for 2 and 4 bits; for 3 bits
-    a 2-bit plane (low bits) and a 1-bit plane (high bit, packed in :func:`kvcompress.quant.high_plane_order` so the
-    fused kernel finds it where it unpacks the low bits) -- the same ``ceil(3d/8)`` bytes when 8 divides d, and
-    unpacking power-of-two planes is several times faster than a 3-bit stream."""
+    """Codes ``(..., d)`` -> packed bit planes along the last dim (:func:`kvcompress.quant.pack_bits`, channels in
+    order): one ``bits``-bit plane for 2 and 4 bits; for 3 bits a 2-bit plane (low bits) and a 1-bit plane (high bit)
+    -- the same ``ceil(3d/8)`` bytes when 8 divides d, and power-of-two planes are read as whole 64-bit words by the
+    fused kernel."""
     if bits == 3:
-        high = (codes >> 2).index_select(-1, high_plane_order(codes.shape[-1]).to(codes.device))
-        return [pack_bits(codes & 3, 2, validate=False), pack_bits(high, 1, validate=False)]
+        return [pack_bits(codes & 3, 2, validate=False), pack_bits(codes >> 2, 1, validate=False)]
     return [pack_bits(codes, bits, validate=False)]
 
 
 def unpack_planes(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
     if bits == 3:
-        high = torch.empty_like(low := unpack_bits(planes[0], 2, d))
-        high[..., high_plane_order(d).to(high.device)] = unpack_bits(planes[1], 1, d)
-        return low | (high << 2)
+        return unpack_bits(planes[0], 2, d) | (unpack_bits(planes[1], 1, d) << 2)
     return unpack_bits(planes[0], bits, d)
 
 
@@ -328,9 +324,8 @@ class QuantStream:
             ch_off, ch_scale = self.channel_offset.float().numpy(), self.channel_scale.float().numpy()
         else:
             ch_off = ch_scale = np.zeros((1, 0), np.float32)
-        order = high_plane_order(d).numpy() if self.bits == 3 else np.zeros(0, np.int64)
         nnz, ok = kernels._kvq_cpu.quantize_rows(rows.contiguous().numpy(), h, self.bits, self._midpoints.numpy(),
-                                                 self.per_channel, ch_off, ch_scale, m, order, planes0, planes1,
+                                                 self.per_channel, ch_off, ch_scale, m, planes0, planes1,
                                                  ranges, counts, cols, vals)
         if not ok:
             check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word

@@ -15,13 +15,11 @@ from .codebook import (
     quantize_with_codebook,
 )
 from .outliers import SparseOutliers, outlier_thresholds, split_outliers
-from .packing import high_plane_order, pack_bits, packed_nbytes, plane_position, unpack_bits, validate_bits
+from .packing import pack_bits, packed_nbytes, unpack_bits, validate_bits
 from .uniform import UniformQuantized, quantize_uniform
 
 __all__ = [
-    "high_plane_order",
     "pack_bits",
-    "plane_position",
     "unpack_bits",
     "packed_nbytes",
     "validate_bits",

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import lru_cache
 
 import torch
 
 from ..registry import KVCompressError
 
-__all__ = ["high_plane_order", "pack_bits", "plane_position", "unpack_bits", "packed_nbytes", "validate_bits"]
+__all__ = ["pack_bits", "unpack_bits", "packed_nbytes", "validate_bits"]
 
 
 def validate_bits(bits: int) -> int:
@@ -128,26 +127,3 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     codes = ((word >> code_shifts) & mask).to(torch.uint8)  # (..., blocks, 8)
     return codes.reshape(*lead, n_blocks * 8)[..., :n].contiguous()
 
-
-def plane_position(channel, bits: int, d: int):
-    """Where channel ``channel`` of a ``d``-code row of ``bits``-bit codes (1/2/4/8) lands when the row is unpacked
-    plane by plane (bits ``[k*bits, (k+1)*bits)`` of every byte, ``k = 0 .. 8/bits - 1``, one plane after the other):
-    ``(channel % per) * (d // per) + channel // per`` with ``per = 8 // bits``. The fused kernels unpack this way
-    (each plane is one loop with a constant shift over contiguous bytes)."""
-    per = 8 // bits
-    return (channel % per) * (d // per) + channel // per
-
-
-@lru_cache(maxsize=16)
-def high_plane_order(d: int) -> torch.Tensor:
-    """3-bit codes held as a 2-bit plane (low bits) and a 1-bit plane (high bit): the order in which the high bits are
-    packed, ``(d,)`` long -- ``pack_bits(high[..., order], 1)`` -- chosen so that unpacking the 1-bit plane plane by
-    plane puts each channel's high bit at the position the 2-bit plane's plane-by-plane unpacking puts its low bits
-    (:func:`plane_position`); ``d`` a multiple of 8. Same bytes as any order."""
-    if d % 8:
-        raise KVCompressError(f"3-bit planes need a head_dim that is a multiple of 8, got {d}")
-    c = torch.arange(d)
-    p = plane_position(c, 2, d)  # where the low bits of channel c land
-    order = torch.empty(d, dtype=torch.long)
-    order[8 * (p % (d // 8)) + p // (d // 8)] = c  # the 1-bit plane's code j = 8u + k lands at k * (d/8) + u
-    return order
