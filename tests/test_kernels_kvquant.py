@@ -219,15 +219,15 @@ def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
     d=st.sampled_from([8, 16, 64]),
     kv=st.integers(1, 3),
     b=st.integers(1, 2),
-    steps=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    steps=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     per_channel=st.booleans(),
     outliers=st.sampled_from([0.0, 0.01, 0.1]),
     kind=st.sampled_from(["normal", "ties", "halfway", "constant", "tiny", "huge"]),
     seed=st.integers(0, 10_000),
 )
 def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_channel, outliers, kind, seed):
-    """A decode step's tokens are quantized by one numba call (``quantize_rows``); every held tensor equals what the
-    torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values. Data with ties (repeated
+    """Appended tokens (a decode step or a prompt) are quantized by one numba call (``quantize_rows``); every held
+    tensor equals what the torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values. Data with ties (repeated
     values: the order statistics and the nearest level's tie rule), ranges halfway between two fp16 numbers (ties to
 even), constant rows (zero scale), fp16 subnormal ranges,
     and ranges beyond fp16 (the same error)."""

@@ -403,7 +403,8 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
     nnz = 0
     ok = True
     row = np.empty(w, np.float32)
-    srt = np.empty(w, np.float32)
+    los = np.empty(max(m + 1, 1), np.float32)
+    his = np.empty(max(m + 1, 1), np.float32)
     codes = np.empty(d, np.int32)
     for t in range(q):
         for bi in range(b):
@@ -426,11 +427,25 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                     xn = (row[c] - ch_off[cr, c]) / (s if s > 0 else np.float32(1.0))
                     row[c] = min(max(xn, np.float32(-1.0)), np.float32(1.0))
             else:
-                if m >= 0:
+                if m >= 0:  # the (m+1)-th smallest and largest: keep the m+1 extremes (m is small: 1 % of w)
+                    for j in range(m + 1):
+                        los[j] = np.float32(np.inf)
+                        his[j] = np.float32(-np.inf)
                     for c in range(w):
-                        srt[c] = row[c]
-                    srt.sort()
-                    lo, hi = srt[m], srt[w - m - 1]
+                        x = row[c]
+                        if x < los[m]:
+                            j = m
+                            while j > 0 and los[j - 1] > x:
+                                los[j] = los[j - 1]
+                                j -= 1
+                            los[j] = x
+                        if x > his[m]:
+                            j = m
+                            while j > 0 and his[j - 1] < x:
+                                his[j] = his[j - 1]
+                                j -= 1
+                            his[j] = x
+                    lo, hi = los[m], his[m]
                     for c in range(w):
                         x = row[c]
                         if x > hi or x < lo:

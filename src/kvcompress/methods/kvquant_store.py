@@ -27,8 +27,9 @@ from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
 from ..storage import GrowingTokens
 
-#: appends of at most this many (token, batch row) rows are quantized by one numba call (a decode step)
-FAST_ROWS = 64
+#: appends of at most this many (token, batch row) rows are quantized by one numba call (all, in practice: it is
+#: faster than the torch path for a decode step and for a prompt; tests lower it to compare the two)
+FAST_ROWS = 1 << 62
 #: tokens a buffer grows by at least (then by 1/32 of what it holds)
 GROW_TOKENS = 16
 #: outlier entries a buffer grows by at least
