@@ -316,10 +316,15 @@ def _words(plane: np.ndarray | None, b: int, h: int) -> np.ndarray:
     return plane.view(np.uint64)
 
 
+def _half_bits(t: torch.Tensor) -> np.ndarray:
+    """An fp16 tensor's bits as a uint16 numpy array of the same shape and strides (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
 def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
-    """``(bits, plane0, plane1, words0, words1, levels (16,), per-token scale, offset, row pointers, cols, vals)``
-    numpy arguments of one stream (small copies: per-token ranges, outliers, levels). The planes are read as 64-bit
-    words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
+    """``(bits, plane0, plane1, words0, words1, levels (16,), per-token scale, offset, outlier counts, cols, vals)``
+    numpy arguments of one stream, views of the held buffers (fp16 as their bits); only the 16 levels are copied. The
+    planes are read as 64-bit words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
     p0 = _rows_view(codes.planes[0])
     p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else np.zeros((b, h, 0, 0), np.uint8)
     if d % 64 == 0:
@@ -329,18 +334,14 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     lev = np.zeros(16, np.float32)
     lev[: codes.levels.numel()] = codes.levels.float().numpy()
     if codes.per_channel:
-        ts = to = np.zeros((b, 1, 0), np.float32)
-    else:
-        ts, to = (_np(t[:, :, :n, 0].float()) for t in (codes.scale, codes.offset))
-    if codes.counts is None:
-        rp, cols, vals = np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.float32)
-    else:
-        rp = np.zeros(n * b + 1, np.int64)
-        np.cumsum(_np(codes.counts[:, 0, :n].t().reshape(-1)), out=rp[1:])
-        nnz = int(rp[-1])
-        cols = _np(codes.cols[:nnz]) if nnz else np.zeros(0, np.int16)
-        vals = _np(codes.vals[:nnz].float()) if nnz else np.zeros(0, np.float32)
-    return codes.bits, p0, p1, w0, w1, lev, ts, to, rp, cols, vals
+        ts = to = np.zeros((b, 1, 0), np.uint16)
+    else:  # fp16 bits, decoded in the kernel (no copy)
+        ts, to = (_half_bits(t[:, :, :n, 0]) for t in (codes.scale, codes.offset))
+    if codes.counts is None or codes.cols is None:  # no outlier kept (cols: none stored yet)
+        counts, cols, vals = np.zeros((b, 1, 0), np.uint8), np.zeros(0, np.int16), np.zeros(0, np.uint16)
+    else:  # the raw CSR buffers: the kernel makes the row pointers and decodes the fp16 values
+        counts, cols, vals = codes.counts[:, :, :n].numpy(), codes.cols.numpy(), _half_bits(codes.vals)
+    return codes.bits, p0, p1, w0, w1, lev, ts, to, counts, cols, vals
 
 
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
@@ -357,8 +358,8 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
         return kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
-    kbits, kp0, kp1, kw0, kw1, klev, kts, kto, krp, kcols, kvals = _stream_args(keys, n, b, h, d)
-    vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals = _stream_args(values, n, b, h, d)
+    kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
+    vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals = _stream_args(values, n, b, h, d)
     colmap = _column_map(d, h)
     if keys.per_channel:
         kcs, kco = _np(keys.scale.float()), _np(keys.offset.float())
@@ -380,8 +381,8 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
     try:
         splits = max(1, 2 * threads // math.gcd(b, 2 * threads)) if parallel else 1
-        args = (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, krp, kcols, kvals, colmap,
-                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rscale, start,
+        args = (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals, colmap,
+                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rscale, start,
                 positions, vmask, n, _ceil(n, splits), acc, m, l)
         if parallel:
             _cpu.numba.set_num_threads(threads)

@@ -50,6 +50,38 @@ def _sel2(c, l0, l1, l2, l3):
     return b if c & 2 else a
 
 
+#: 2**(e - 25) for the exponent field e of an fp16 number (normal numbers: (1024 + mantissa) * 2**(e - 25))
+_HALF_SCALE = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)
+
+
+@njit(cache=True, inline="always")
+def _f16(h):
+    """The fp16 number whose bits are ``h`` (uint16), as float32 (exact; inf/NaN kept)."""
+    e, mant = (np.int32(h) >> 10) & 31, np.int32(h) & 1023
+    if e == 0:
+        v = np.float32(mant) * np.float32(5.960464477539063e-08)  # subnormal: mantissa * 2**-24
+    elif e == 31:
+        v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(1024 + mant) * _HALF_SCALE[e]
+    return -v if np.int32(h) & 0x8000 else v
+
+
+@njit(cache=True)
+def _row_pointers(counts, n, nb):
+    """``(n*nb + 1,)`` int64 CSR row pointers of outlier counts ``(nb, 1, >= n)`` per (batch row, token), rows
+    token-major; empty when ``counts`` is."""
+    if counts.shape[2] == 0:
+        return np.zeros(0, np.int64)
+    rp = np.empty(n * nb + 1, np.int64)
+    rp[0] = 0
+    for t in range(n):
+        for bi in range(nb):
+            r = t * nb + bi
+            rp[r + 1] = rp[r] + np.int64(counts[bi, 0, t])
+    return rp
+
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
     """``out[i, c] = lev[code of channel c]`` for tokens ``ta + i`` (``i < nt``), channels in order. Codes: 2 or 4
@@ -123,7 +155,7 @@ def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, n
             for p in range(d):
                 out[i, p] = out[i, p] * cs[p] + co[p]
         else:
-            s, o = ts[ta + i], to[ta + i]
+            s, o = _f16(ts[ta + i]), _f16(to[ta + i])
             for p in range(d):
                 out[i, p] = out[i, p] * s + o
 
@@ -137,7 +169,7 @@ def _outliers_block(rp, cols, vals, posmap, nb, bi, ta, nt, out):
         row = (ta + i) * nb + bi
         for e in range(rp[row], rp[row + 1]):
             col = cols[e]
-            out[posmap[0, col], i, posmap[1, col]] = vals[e]
+            out[posmap[0, col], i, posmap[1, col]] = _f16(vals[e])
 
 
 @njit(cache=True, fastmath=_FM)
@@ -311,20 +343,22 @@ def _merge_row(bi, pacc, pm, pl, acc, m, l):
 
 
 @njit(cache=True, parallel=True)
-def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols,
-                           kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq,
-                           rope_scale, pos_start, positions, valid, n, span, acc, m, l):
+def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
+                           kcols, kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, vpos,
+                           inv_freq, rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """Every (batch row, token range) under ``prange``, then the merge per batch row.
 
     ``qg (b, h, rows, d)`` fp32; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
     uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (16,)`` float32 levels (padded); keys per
     channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``) or per token (``kts``/``kto (b,
-    1|h, >= n)``); values per token ``vts``/``vto``; outliers as row pointers ``krp``/``vrp (n*b + 1,)`` int64
-    (empty: none), ``*cols`` and ``*vals`` float32, ``*pos (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
+    1|h, >= n)``, fp16 bits as uint16); values per token ``vts``/``vto``; outliers as counts ``kcounts``/``vcounts (b,
+    1, >= n)`` per (batch row, token) (``(b, 1, 0)``: none), ``*cols`` and ``*vals`` (fp16 bits) in token-major CSR
+    order, ``*pos (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
     64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float64 (empty: no
     rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
     n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
+    krp, vrp = _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b)
     items = b * ((n + span - 1) // span)
     pacc = np.empty((items, h, rows, d), np.float32)
     pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
@@ -337,11 +371,12 @@ def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kc
 
 
 @njit(cache=True)
-def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols,
-                         kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq,
+def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
+                         kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, vpos, inv_freq,
                          rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
+    krp, vrp = _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b)
     items = b * ((n + span - 1) // span)
     pacc = np.empty((items, h, rows, d), np.float32)
     pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
