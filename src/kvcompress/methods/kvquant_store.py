@@ -13,6 +13,7 @@ import numpy as np
 
 import torch
 
+from .. import kernels
 from ..compat import uses_cache
 from ..observe import Observer
 from ..quant import (
@@ -306,8 +307,6 @@ class QuantStream:
         """The tensors :meth:`append` appends for token-major ``rows (q, b, w)``, computed by one numba call
         (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path below); None where
         it does not apply (no numba, not on the CPU, ranges per head)."""
-        from .. import kernels
-
         if not kernels.AVAILABLE or rows.device.type != "cpu" or not (self.per_channel or self.token_range == "token"):
             return None
         q, b, w = rows.shape
@@ -388,14 +387,12 @@ class QuantStream:
     def codes(self):
         """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): views of the
         buffers, nothing copied."""
-        from ..kernels import CodebookCodes
-
         counts, cols, vals = (g.view() for g in self._sparse) if self.has_sparse else (None, None, None)
         if self.per_channel:
             scale, offset = self.channel_scale, self.channel_offset
         else:
             scale, offset = (g.view() for g in self._ranges)
-        return CodebookCodes(planes=[g.view() for g in self._planes], bits=self.bits, levels=self.decode_book,
+        return kernels.CodebookCodes(planes=[g.view() for g in self._planes], bits=self.bits, levels=self.decode_book,
                              scale=scale, offset=offset, per_channel=self.per_channel,
                              counts=counts, cols=None if cols is None else cols.view(-1),
                              vals=None if vals is None else vals.view(-1))
