@@ -85,6 +85,20 @@ def layouts(draw):
     return k_bits, v_bits, d, draw(st.integers(1, 12)), gv
 
 
+def padding_mask(gen, b: int, kv: int, n: int, padding: str):
+    """Validity ``(b, 1|kv, n)`` of a test case's tokens: "none" (None), "shared" (by the KV heads), "per-head", "all"
+    (the last batch row sees nothing: m = -inf, l = 0, acc = 0)."""
+    if padding == "shared":
+        return torch.rand(b, 1, n, generator=gen) > 0.3
+    if padding == "per-head":
+        return torch.rand(b, kv, n, generator=gen) > 0.5
+    if padding == "all":
+        valid = torch.ones(b, 1, n, dtype=torch.bool)
+        valid[-1] = False
+        return valid
+    return None
+
+
 def kivi_case(layout, n, tails, b, kv, group, q, padding, seed):
     """One random layer held as KIVI codes + float tails: ``(qg, n, codes..., tails, valid)`` for the kernels and the
     dequantized ``(keys, values)`` the reference attends to. ``tails = (r_k, r_v)``: tokens after the codes (clipped to
@@ -99,14 +113,7 @@ def kivi_case(layout, n, tails, b, kv, group, q, padding, seed):
     kq = quantize_uniform(padded_keys, k_bits, axis=2, group_size=G) if nk else None
     vq = quantize_uniform(values[:, :, :nv], v_bits, axis=3, group_size=Gv) if nv else None
     qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
-    valid = None
-    if padding == "shared":
-        valid = torch.rand(b, 1, n, generator=gen) > 0.3
-    elif padding == "per-head":
-        valid = torch.rand(b, kv, n, generator=gen) > 0.5
-    elif padding == "all":
-        valid = torch.ones(b, 1, n, dtype=torch.bool)
-        valid[-1] = False  # the last row sees nothing: m = -inf, l = 0, acc = 0
+    valid = padding_mask(gen, b, kv, n, padding)
     args = (qg, n, *((kq.packed, kq.scale, kq.zero) if kq is not None else (None,) * 3), k_bits, G,
             *((vq.packed, vq.scale, vq.zero) if vq is not None else (None,) * 3), v_bits, Gv, valid)
     tails_kw = {"k_tail": keys[:, :, nk:] if rk else None, "v_tail": values[:, :, nv:].half() if rv else None}

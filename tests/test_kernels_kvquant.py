@@ -19,7 +19,7 @@ from kvcompress import kernels, make_cache
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods.kvquant_store import QuantStream
 
-from test_kernels import check_partials
+from test_kernels import check_partials, padding_mask
 
 needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
 
@@ -37,6 +37,42 @@ def stream(gen, bits, heads, d, per_channel, outliers, token_range, levels):
     book = torch.linspace(-1, 1, 1 << bits) if levels == "uniform" else \
         torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values
     return QuantStream(bits, outliers, book, book, heads, d, per_channel, token_range=token_range)
+
+
+def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token_range, rope, padding, seed,
+                 levels="random", max_start=5000, max_step=4, positions_per_row=True):
+    """One random KVQuant layer for the kernels: ``(qg, n, keys codes, values codes, rope spec, valid, reference keys,
+    reference values)``. Tokens appended in steps ``appends`` to real ``QuantStream``s; keys rotated (``rope``:
+    "none", "start" from a position below ``max_start``, "explicit": increasing with gaps below ``max_step``, one row
+    per batch row or one for all) and the reference keys rotated the same way in fp64; ``padding`` as
+    :func:`test_kernels.padding_mask`."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(appends)
+    ks = stream(gen, bits[0], kv, d, per_channel, outliers, token_range, levels)
+    vs = stream(gen, bits[1], kv, d, False, outliers, token_range, levels)
+    keys = torch.randn(b, kv, n, d, generator=gen) * 2
+    values = torch.randn(b, kv, n, d, generator=gen)
+    if per_channel:
+        ks.fix_range(keys[:, :, : max(2, n // 2)])
+    at = 0
+    for k in appends:
+        ks.append(keys[:, :, at : at + k])
+        vs.append(values[:, :, at : at + k])
+        at += k
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    spec, ref_k = None, ks.read()
+    if rope == "start":
+        start = int(torch.randint(0, max_start, (1,), generator=gen))
+        spec = kernels.RotaryPositions(inv_freq, 1.0, start=start)
+        ref_k = rotate(ref_k, torch.arange(start, start + n)[None], inv_freq, 1.0)
+    elif rope == "explicit":  # increasing with gaps (left padding, a window that moved)
+        rows = b if positions_per_row else 1
+        pos = torch.cumsum(torch.randint(1, max_step, (rows, n), generator=gen), dim=1).to(torch.int32)
+        spec = kernels.RotaryPositions(inv_freq, 0.9, start=None, positions=pos)
+        ref_k = rotate(ref_k, pos, inv_freq, 0.9)
+    valid = padding_mask(gen, b, kv, n, padding)
+    qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
+    return qg, n, ks.codes(), vs.codes(), spec, valid, ref_k, vs.read()
 
 
 @needs_numba
@@ -65,46 +101,16 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
     token or per head, no / 2 % / 10 % outliers, uniform or random levels, keys not rotated / rotated from a start
     position / rotated at explicit positions (jumps included), padding (shared, per head, a whole row), serial and
     threaded."""
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(appends)
-    ks = stream(gen, bits[0], kv, d, per_channel, outliers, token_range, levels)
-    vs = stream(gen, bits[1], kv, d, False, outliers, token_range, levels)
-    keys = torch.randn(b, kv, n, d, generator=gen) * 2
-    values = torch.randn(b, kv, n, d, generator=gen)
-    if per_channel:
-        ks.fix_range(keys[:, :, : max(2, n // 2)])
-    at = 0
-    for k in appends:
-        ks.append(keys[:, :, at : at + k])
-        vs.append(values[:, :, at : at + k])
-        at += k
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    spec, ref_k = None, ks.read()
-    if rope == "start":
-        start = int(torch.randint(0, 5000, (1,), generator=gen))
-        spec = kernels.RotaryPositions(inv_freq, 1.0, start=start)
-        ref_k = rotate(ref_k, torch.arange(start, start + n)[None], inv_freq, 1.0)
-    elif rope == "explicit":  # per row, increasing with gaps (left padding, a window that moved)
-        pos = torch.cumsum(torch.randint(1, 4, (b, n), generator=gen), dim=1).to(torch.int32)
-        spec = kernels.RotaryPositions(inv_freq, 0.9, start=None, positions=pos)
-        ref_k = rotate(ref_k, pos, inv_freq, 0.9)
-    valid = None
-    if padding == "shared":
-        valid = torch.rand(b, 1, n, generator=gen) > 0.3
-    elif padding == "per-head":
-        valid = torch.rand(b, kv, n, generator=gen) > 0.5
-    elif padding == "all":
-        valid = torch.ones(b, 1, n, dtype=torch.bool)
-        valid[-1] = False
-    qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
+    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers,
+                                                           token_range, rope, padding, seed, levels=levels)
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
     try:
-        acc, m, l = kernels.kvquant_attention(qg, n, ks.codes(), vs.codes(), spec, valid)
+        acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
     finally:
         kernels.MIN_PARALLEL_WORK = before
     assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
-    check_partials(acc, m, l, qg, ref_k, vs.read(), valid)
+    check_partials(acc, m, l, qg, ref_k, ref_v, valid)
 
 
 @needs_numba

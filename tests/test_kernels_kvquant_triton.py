@@ -20,7 +20,7 @@ from kvcompress import kernels, make_cache
 from kvcompress.compat import cache_kwargs
 
 from test_kernels import TRITON_DEVICE, check_partials, needs_triton
-from test_kernels_kvquant import rotate, stream
+from test_kernels_kvquant import kvquant_case as numba_case
 
 
 def triton_kernel():
@@ -43,42 +43,11 @@ def to_device(codes, device):
                    offset=move(codes.offset), counts=move(codes.counts), cols=move(codes.cols), vals=move(codes.vals))
 
 
-def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token_range, rope, padding, seed):
-    """``(qg, n, keys codes, values codes, rope spec, valid, reference keys, reference values)``, as the numba
-    kernel's property test builds them (``tests/test_kernels_kvquant.py``)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(appends)
-    ks = stream(gen, bits[0], kv, d, per_channel, outliers, token_range, "random")
-    vs = stream(gen, bits[1], kv, d, False, outliers, token_range, "random")
-    keys = torch.randn(b, kv, n, d, generator=gen) * 2
-    values = torch.randn(b, kv, n, d, generator=gen)
-    if per_channel:
-        ks.fix_range(keys[:, :, : max(2, n // 2)])
-    at = 0
-    for k in appends:
-        ks.append(keys[:, :, at : at + k])
-        vs.append(values[:, :, at : at + k])
-        at += k
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    spec, ref_k = None, ks.read()
-    if rope == "start":
-        start = int(torch.randint(0, 50_000, (1,), generator=gen))
-        spec = kernels.RotaryPositions(inv_freq, 1.0, start=start)
-        ref_k = rotate(ref_k, torch.arange(start, start + n)[None], inv_freq, 1.0)
-    elif rope == "explicit":  # per row, increasing with gaps; one row for all or one per batch row
-        pos = torch.cumsum(torch.randint(1, 40, (b if seed % 2 else 1, n), generator=gen), dim=1).to(torch.int32)
-        spec = kernels.RotaryPositions(inv_freq, 0.9, start=None, positions=pos)
-        ref_k = rotate(ref_k, pos, inv_freq, 0.9)
-    valid = None
-    if padding == "shared":
-        valid = torch.rand(b, 1, n, generator=gen) > 0.3
-    elif padding == "per-head":
-        valid = torch.rand(b, kv, n, generator=gen) > 0.5
-    elif padding == "all":
-        valid = torch.ones(b, 1, n, dtype=torch.bool)
-        valid[-1] = False
-    qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
-    return qg, n, ks.codes(), vs.codes(), spec, valid, ref_k, vs.read()
+def kvquant_case(*args):
+    """The numba kernel's case (``tests/test_kernels_kvquant.py``) with random levels, start positions up to 50 000
+    and explicit positions with gaps up to 40, one row for all or one per batch row (by the seed)."""
+    seed = args[-1]
+    return numba_case(*args, levels="random", max_start=50_000, max_step=40, positions_per_row=bool(seed % 2))
 
 
 def run(qg, n, kc, vc, spec, valid, splits=None):

@@ -202,24 +202,30 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     ks, kz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (k_scale, k_zero))
     vs, vz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (v_scale, v_zero))
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
-    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
-    parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
-    try:
-        splits = 1
-        if parallel:  # a multiple of the threads in all, at least two ranges per thread
-            splits = max(1, 2 * threads // math.gcd(b * h, 2 * threads))
-        span = _ceil(_ceil(n, splits), k_group) * k_group  # tokens per range, a multiple of the key group
-        args = (q, kp, ks, kz, k_bits, k_group, kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan, nv, vr, vmask,
-                n, span, acc, m, l)
-        if parallel:
-            _cpu.numba.set_num_threads(threads)
-            _cpu.kivi_layer_parallel(*args)
-        else:
-            _cpu.kivi_layer_serial(*args)
-    finally:
-        if parallel:
-            _PARALLEL.release()
+
+    def args(splits):  # tokens per range: a multiple of the key group
+        span = _ceil(_ceil(n, splits), k_group) * k_group
+        return (q, kp, ks, kz, k_bits, k_group, kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan, nv, vr, vmask, n,
+                span, acc, m, l)
+
+    _run_layer(_cpu.kivi_layer_serial, _cpu.kivi_layer_parallel, args, b * h, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+
+
+def _run_layer(serial, parallel, args, units: int, work: int) -> None:
+    """Run a layer kernel: the threaded twin when more than one thread is allowed, the work (``batch * kv_heads *
+    tokens``) is large enough and no other Python thread is inside numba's thread pool (the workqueue layer must not be
+    entered twice); else the serial twin. ``args(splits)`` gives the kernel's arguments for ``splits`` token ranges
+    per unit of ``units`` (a multiple of the threads in all, at least two ranges per thread)."""
+    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    if not (threads > 1 and work >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)):
+        serial(*args(1))
+        return
+    try:
+        _cpu.numba.set_num_threads(threads)
+        parallel(*args(max(1, 2 * threads // math.gcd(units, 2 * threads))))
+    finally:
+        _PARALLEL.release()
 
 
 def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None):
@@ -377,19 +383,11 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     acc = np.empty((b, h, rows, d), np.float32)
     m = np.empty((b, h, rows), np.float32)
     l = np.empty((b, h, rows), np.float32)
-    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
-    parallel = threads > 1 and b * h * n >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)
-    try:
-        splits = max(1, 2 * threads // math.gcd(b, 2 * threads)) if parallel else 1
-        args = (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals, colmap,
+
+    def args(splits):
+        return (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals, colmap,
                 vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rscale, start,
                 positions, vmask, n, _ceil(n, splits), acc, m, l)
-        if parallel:
-            _cpu.numba.set_num_threads(threads)
-            _kvq_cpu.kvquant_layer_parallel(*args)
-        else:
-            _kvq_cpu.kvquant_layer_serial(*args)
-    finally:
-        if parallel:
-            _PARALLEL.release()
+
+    _run_layer(_kvq_cpu.kvquant_layer_serial, _kvq_cpu.kvquant_layer_parallel, args, b, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
