@@ -178,6 +178,33 @@ def default_splits(device: torch.device, work_items: int, n: int) -> int:
     return max(1, min(want, -(-n // BLOCK_N)))
 
 
+def valid_arg(valid: torch.Tensor | None, dummy8: torch.Tensor):
+    """``(uint8 view, (batch stride, head stride))`` of a validity ``(b, h|1, n)`` for a kernel (head stride 0 when
+    shared by the heads), or the dummy and zero strides when there is none."""
+    if valid is None:
+        return dummy8, (0, 0)
+    va = valid if valid.dtype == torch.bool else valid.bool()
+    if va.stride(-1) != 1:
+        va = va.contiguous()
+    return va.view(torch.uint8), (va.stride(0), va.stride(1) if va.shape[1] > 1 else 0)
+
+
+def launch_layout(dev, b: int, h: int, rows: int, d: int, n: int, splits, block_n: int, max_block_r: int):
+    """How a partials kernel is launched: ``(rows per program, tokens per range (a multiple of block_n), pacc, pm, pl
+    (the per-range partials, fp32), grid (b*h, ranges, row blocks))``; ``splits`` None: :func:`default_splits`."""
+    block_r = min(_pow2(rows), max_block_r)
+    row_blocks = -(-rows // block_r)
+    if splits is None:
+        splits = default_splits(dev, b * h * row_blocks, n)
+    splits = max(1, min(int(splits), max(1, -(-n // block_n))))
+    span = -(-(-(-n // splits)) // block_n) * block_n
+    splits = max(1, -(-n // span))
+    pacc = torch.empty(b * h, splits, rows, d, dtype=torch.float32, device=dev)
+    pm = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
+    pl = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
+    return block_r, span, pacc, pm, pl, (b * h, splits, row_blocks)
+
+
 def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: int, k_group: int, v_packed,
                    v_scale, v_zero, v_bits: int, v_group: int, valid: torch.Tensor | None = None,
                    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None, splits: int | None = None,
@@ -215,26 +242,9 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
     vs, *svs = _strides(v_scale if v_scale is not None and nv else dummy16, d // v_group)
     vz, *svz = _strides(v_zero if v_zero is not None and nv else dummy16, d // v_group)
     vt, *svt = _strides(v_tail if v_tail is not None and n - nv else dummyf, d)
-    if valid is not None:
-        va = valid if valid.dtype == torch.bool else valid.bool()
-        if va.stride(-1) != 1:
-            va = va.contiguous()
-        sva = (va.stride(0), va.stride(1) if va.shape[1] > 1 else 0)
-        va = va.view(torch.uint8)
-    else:
-        va, sva = dummy8, (0, 0)
-
-    block_r = min(_pow2(rows), MAX_BLOCK_R)
-    row_blocks = -(-rows // block_r)
-    if splits is None:
-        splits = default_splits(dev, b * h * row_blocks, n)
-    splits = max(1, min(int(splits), max(1, -(-n // BLOCK_N))))
-    span = -(-(-(-n // splits)) // BLOCK_N) * BLOCK_N  # tokens per range, a multiple of BLOCK_N
-    splits = max(1, -(-n // span))
-    pacc = torch.empty(b * h, splits, rows, d, dtype=torch.float32, device=dev)
-    pm = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
-    pl = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
-    grid = (b * h, splits, row_blocks)
+    va, sva = valid_arg(valid, dummy8)
+    block_r, span, pacc, pm, pl, grid = launch_layout(dev, b, h, rows, d, n, splits, BLOCK_N, MAX_BLOCK_R)
+    splits = grid[1]
     _kivi_partials[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         kp, *skp, ks, *sks, kz, *skz, kt, *skt,

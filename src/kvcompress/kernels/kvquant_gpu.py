@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gpu import default_splits, merge_splits
+from .gpu import _pow2, launch_layout, merge_splits, valid_arg
 
 #: tokens per block of the inner loop
 BLOCK_N = 32
@@ -215,10 +215,6 @@ def _kvquant_partials(
     tl.store(PL + out, l_i, mask=rmask)
 
 
-def _pow2(x: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(x), 1)))
-
-
 @lru_cache(maxsize=32)
 def _high_index(d: int, device: torch.device) -> torch.Tensor:
     """``(d,)`` int32: for channel ``c``, the index in a 3-bit code's 1-bit plane that holds its high bit (channel order:
@@ -307,26 +303,9 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys, values, rope=None, valid: 
             spos = pos.stride(0) if pos.shape[0] > 1 else 0
         else:
             start = int(rope.start)
-    if valid is not None:
-        va = valid if valid.dtype == torch.bool else valid.bool()
-        if va.stride(-1) != 1:
-            va = va.contiguous()
-        sva = (va.stride(0), va.stride(1) if va.shape[1] > 1 else 0)
-        va = va.view(torch.uint8)
-    else:
-        va, sva = dummy8, (0, 0)
-
-    block_r = min(_pow2(rows), MAX_BLOCK_R)
-    row_blocks = -(-rows // block_r)
-    if splits is None:
-        splits = default_splits(dev, b * h * row_blocks, n)
-    splits = max(1, min(int(splits), max(1, -(-n // BLOCK_N))))
-    span = -(-(-(-n // splits)) // BLOCK_N) * BLOCK_N  # tokens per range, a multiple of BLOCK_N
-    splits = max(1, -(-n // span))
-    pacc = torch.empty(b * h, splits, rows, d, dtype=torch.float32, device=dev)
-    pm = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
-    pl = torch.empty(b * h, splits, rows, dtype=torch.float32, device=dev)
-    grid = (b * h, splits, row_blocks)
+    va, sva = valid_arg(valid, dummy8)
+    block_r, span, pacc, pm, pl, grid = launch_layout(dev, b, h, rows, d, n, splits, BLOCK_N, MAX_BLOCK_R)
+    splits = grid[1]
     _kvquant_partials[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *kp0, *kp1, klev, ks, ko, *sks, krp, kcols, kvals,
