@@ -342,11 +342,11 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     if codes.per_channel:
         ts = to = np.zeros((b, 1, 0), np.uint16)
     else:  # fp16 bits, decoded in the kernel (no copy)
-        ts, to = (_half_bits(t[:, :, :n, 0]) for t in (codes.scale, codes.offset))
+        ts, to = (_half_bits(t)[..., 0] for t in (codes.scale, codes.offset))  # (b, 1|h, >= n)
     if codes.counts is None or codes.cols is None:  # no outlier kept (cols: none stored yet)
         counts, cols, vals = np.zeros((b, 1, 0), np.uint8), np.zeros(0, np.int16), np.zeros(0, np.uint16)
     else:  # the raw CSR buffers: the kernel makes the row pointers and decodes the fp16 values
-        counts, cols, vals = codes.counts[:, :, :n].numpy(), codes.cols.numpy(), _half_bits(codes.vals)
+        counts, cols, vals = codes.counts.numpy(), codes.cols.numpy(), _half_bits(codes.vals)
     return codes.bits, p0, p1, w0, w1, lev, ts, to, counts, cols, vals
 
 

@@ -385,17 +385,17 @@ class QuantStream:
         self.length -= k
 
     def codes(self):
-        """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): views of the
-        buffers, nothing copied."""
-        counts, cols, vals = (g.view() for g in self._sparse) if self.has_sparse else (None, None, None)
+        """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): the buffers
+        themselves, spare capacity included (the contract reads the first ``len(self)`` tokens), nothing copied."""
+        counts, cols, vals = (g.buffer for g in self._sparse) if self.has_sparse else (None, None, None)
         if self.per_channel:
             scale, offset = self.channel_scale, self.channel_offset
         else:
-            scale, offset = (g.view() for g in self._ranges)
-        return kernels.CodebookCodes(planes=[g.view() for g in self._planes], bits=self.bits, levels=self.decode_book,
-                             scale=scale, offset=offset, per_channel=self.per_channel,
-                             counts=counts, cols=None if cols is None else cols.view(-1),
-                             vals=None if vals is None else vals.view(-1))
+            scale, offset = (g.buffer for g in self._ranges)
+        return kernels.CodebookCodes(planes=[g.buffer for g in self._planes], bits=self.bits, levels=self.decode_book,
+                                     scale=scale, offset=offset, per_channel=self.per_channel, counts=counts,
+                                     cols=None if cols is None else cols.view(-1),
+                                     vals=None if vals is None else vals.view(-1))
 
     # -- views (inspection, tests) -----------------------------------------------------------------------------------
     @property
