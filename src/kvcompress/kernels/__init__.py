@@ -329,7 +329,8 @@ def _half_bits(t: torch.Tensor) -> np.ndarray:
 
 def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     """``(bits, plane0, plane1, words0, words1, levels (16,), per-token scale, offset, outlier counts, cols, vals)``
-    numpy arguments of one stream, views of the held buffers (fp16 as their bits); only the 16 levels are copied. The
+    numpy arguments of one stream: views of the held buffers (fp16 as their bits), except the 16 levels and the
+    outlier counts and columns of the first n tokens (widened to int32: small copies). The
     planes are read as 64-bit words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
     p0 = _rows_view(codes.planes[0])
     p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else np.zeros((b, h, 0, 0), np.uint8)
@@ -344,9 +345,13 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     else:  # fp16 bits, decoded in the kernel (no copy)
         ts, to = (_half_bits(t)[..., 0] for t in (codes.scale, codes.offset))  # (b, 1|h, >= n)
     if codes.counts is None or codes.cols is None:  # no outlier kept (cols: none stored yet)
-        counts, cols, vals = np.zeros((b, 1, 0), np.uint8), np.zeros(0, np.int16), np.zeros(0, np.uint16)
-    else:  # the raw CSR buffers: the kernel makes the row pointers and decodes the fp16 values
-        counts, cols, vals = codes.counts.numpy(), codes.cols.numpy(), _half_bits(codes.vals)
+        counts, cols, vals = np.zeros((b, 1, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint16)
+    else:  # the CSR rows: the kernel makes the row pointers and decodes the fp16 values. Counts and columns are held
+        # as the smallest integers that fit; they are widened to int32 here (small copies) so that the kernel is
+        # compiled for one signature, not one per combination of widths (each compile takes tens of seconds)
+        counts = codes.counts.numpy()[:, :, :n].astype(np.int32)
+        nnz = int(counts.sum())
+        cols, vals = codes.cols.numpy()[:nnz].astype(np.int32), _half_bits(codes.vals)
     return codes.bits, p0, p1, w0, w1, lev, ts, to, counts, cols, vals
 
 
