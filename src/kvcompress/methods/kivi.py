@@ -203,9 +203,9 @@ class _DeferredQuantization:
     KIVI layer hands one value token out of its residual; quantizing one ``(b, h, 1, d)`` token costs ~30 small torch
     ops (~0.1 ms), the same as quantizing all layers' tokens at once. Each layer hands its token here
     (:meth:`_Quantized.defer`); the first access to any deferred stream (the next step's attention, ``nbytes()``, a
-    read) settles all of them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then appends each layer's
-    slice. Codes, scales and zeros are those of separate calls (statistics are per token and group), so nothing
-    observable changes. The settling runs in the inference / grad mode the tokens were deferred in (a forward under
+    read) settles all of them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then
+    appends each layer's slice. Codes, scales and zeros are those of separate calls (statistics are per token and
+    group), so nothing observable changes. The settling runs in the inference / grad mode the tokens were deferred in (a forward under
     ``torch.inference_mode()`` holds inference tensors, which only that mode may update in place). One queue per
     cache (a cache is driven by one thread)."""
 
