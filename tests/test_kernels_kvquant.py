@@ -233,10 +233,10 @@ def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
 )
 def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_channel, outliers, kind, seed):
     """Appended tokens (a decode step or a prompt) are quantized by one numba call (``quantize_rows``); every held
-    tensor equals what the torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values. Data with ties (repeated
-    values: the order statistics and the nearest level's tie rule), ranges halfway between two fp16 numbers (ties to
-even), constant rows (zero scale), fp16 subnormal ranges,
-    and ranges beyond fp16 (the same error)."""
+    tensor equals what the torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values.
+    Data with ties (repeated values: the order statistics and the nearest level's tie rule), ranges halfway between
+    two fp16 numbers (ties to even), constant rows (zero scale), fp16 subnormal ranges, and ranges beyond fp16 (the
+    same error)."""
     import kvcompress.methods.kvquant_store as store
 
     gen = torch.Generator().manual_seed(seed)

@@ -109,7 +109,8 @@ def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
                     w = w0[t, k]
                     hw = w1[t, k >> 1] >> uint64(32 * (k & 1))
                     for c in range(32):
-                        code = np.int64((w >> uint64(2 * c)) & uint64(3)) | (np.int64((hw >> uint64(c)) & uint64(1)) << 2)
+                        code = np.int64((w >> uint64(2 * c)) & uint64(3))
+                        code |= np.int64((hw >> uint64(c)) & uint64(1)) << 2
                         a = _sel2(code, l0, l1, l2, l3)
                         b = _sel2(code, l4, l5, l6, l7)
                         out[i, 32 * k + c] = b if code & 4 else a

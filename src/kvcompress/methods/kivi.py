@@ -140,8 +140,8 @@ class _Quantized:
         self._length += q.shape[2]
 
     def defer(self, x: torch.Tensor) -> None:
-        """:meth:`add` ``x``, or (with a ``queue``) leave it in the queue, quantized with the other layers' tokens of the
-        step at the first access to any of them (same codes: per-token groups never mix tokens or batch rows)."""
+        """:meth:`add` ``x``, or (with a ``queue``) leave it in the queue, quantized with the other layers' tokens of
+        the step at the first access to any of them (same codes: per-token groups never mix tokens or batch rows)."""
         if self.queue is None or self.axis != 3:
             self.add(x)
             return
@@ -205,9 +205,9 @@ class _DeferredQuantization:
     (:meth:`_Quantized.defer`); the first access to any deferred stream (the next step's attention, ``nbytes()``, a
     read) settles all of them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then
     appends each layer's slice. Codes, scales and zeros are those of separate calls (statistics are per token and
-    group), so nothing observable changes. The settling runs in the inference / grad mode the tokens were deferred in (a forward under
-    ``torch.inference_mode()`` holds inference tensors, which only that mode may update in place). One queue per
-    cache (a cache is driven by one thread)."""
+    group), so nothing observable changes. The settling runs in the inference / grad mode the tokens were deferred
+    in (a forward under ``torch.inference_mode()`` holds inference tensors, which only that mode may update in place).
+    One queue per cache (a cache is driven by one thread)."""
 
     def __init__(self):
         self.pending: list[tuple[_Quantized, torch.Tensor, tuple[bool, bool]]] = []

@@ -197,7 +197,8 @@ class KVQuantLayer(KVLayer):
         if not fresh:
             return pos, cos.float(), sin.float()
         tc, ts = self.method.rope.cos_sin(pos, self.layer_type)
-        if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5) and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
+        if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5)
+                and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
             raise KVCompressError(
                 f"kvquant: layer {self.layer_idx}: the model's rotary module does not reproduce the cos/sin this "
                 "step used (dynamic or non-standard RoPE?); use pre_rope=False"

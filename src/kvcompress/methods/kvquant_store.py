@@ -20,8 +20,6 @@ from ..quant import (
     normalize_minmax,
     outlier_thresholds,
     pack_bits,
-    quantize_codebook,
-    split_outliers,
     unpack_bits,
 )
 from ..quant._common import check_fp16_finite
@@ -75,7 +73,8 @@ class RopeTable:
     def _find_frequencies(self, layer_type: str):
         buffers = dict(self.module.named_buffers(recurse=False))
         inv_freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
-        scaling = getattr(self.module, f"{layer_type}_attention_scaling", getattr(self.module, "attention_scaling", 1.0))
+        scaling = getattr(self.module, "attention_scaling", 1.0)
+        scaling = getattr(self.module, f"{layer_type}_attention_scaling", scaling)
         if inv_freq is None or not isinstance(scaling, (int, float)):
             return None
         pos = torch.tensor([[0, 1, 2, 3, 17, 100, 1000]])
@@ -87,7 +86,8 @@ class RopeTable:
         want_c = torch.cat([ang.cos(), ang.cos()], -1) * scaling
         want_s = torch.cat([ang.sin(), ang.sin()], -1) * scaling
         tol = 5e-4 if self.dtype == torch.float32 else 1e-2
-        if not (torch.allclose(cos[0].double(), want_c, atol=tol) and torch.allclose(sin[0].double(), want_s, atol=tol)):
+        if not (torch.allclose(cos[0].double(), want_c, atol=tol)
+                and torch.allclose(sin[0].double(), want_s, atol=tol)):
             return None
         return inv_freq, float(scaling)
 
@@ -158,16 +158,9 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor
     return unpack_bits(planes[0], bits, d)
 
 
-def sparse_rows(sp, n: int, b: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Outliers of token-major rows ``(n, b, width)`` (``sp``: :class:`kvcompress.quant.SparseOutliers`) in CSR form:
-    ``counts (n, b)`` per row (uint8 / int16), ``cols (nnz,)`` the column in the row, ``vals (nnz,)`` fp16."""
-    idx = sp.indices.long()
-    counts = torch.bincount(idx // width, minlength=n * b).reshape(n, b).to(_small_int(width))
-    return counts, (idx % width).to(_small_int(width - 1)), sp.values
-
-
 def scatter_rows_(x: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Write CSR outliers (:func:`sparse_rows` of the same tokens) into ``x (b, h, n, d)`` (contiguous, in place)."""
+    """Write CSR outliers of the same tokens (``counts (n, b)`` per token-major row, ``cols``, ``vals``, as
+    :class:`QuantStream` holds them) into ``x (b, h, n, d)`` (contiguous, in place)."""
     if vals.numel():
         b, h, n, d = x.shape
         r = torch.repeat_interleave(torch.arange(n * b, device=x.device), counts.reshape(-1).long())
