@@ -280,9 +280,6 @@ class CodebookCodes:
     cols: torch.Tensor | None = None
     vals: torch.Tensor | None = None
 
-    def plane_bits(self) -> list[int]:
-        return [2, 1] if self.bits == 3 else [self.bits]
-
 
 @dataclass
 class RotaryPositions:
@@ -371,7 +368,6 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
     vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals = _stream_args(values, n, b, h, d)
-    colmap = _column_map(d, h)
     if keys.per_channel:
         kcs, kco = _np(keys.scale.float()), _np(keys.offset.float())
     else:
@@ -390,9 +386,9 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     l = np.empty((b, h, rows), np.float32)
 
     def args(splits):
-        return (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals, colmap,
-                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rscale, start,
-                positions, vmask, n, _ceil(n, splits), acc, m, l)
+        return (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, _column_map(d, h), inv_freq, rscale,
+                start, positions, vmask, n, _ceil(n, splits), acc, m, l)
 
     _run_layer(_kvq_cpu.kvquant_layer_serial, _kvq_cpu.kvquant_layer_parallel, args, b, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)

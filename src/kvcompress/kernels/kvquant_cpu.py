@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import _FM, _scores_block, _softmax_block, _values_block
+from .cpu import _FM, _merge, _scores_block, _softmax_block, _values_block
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -174,15 +174,15 @@ def _outliers_block(rp, cols, vals, posmap, nb, bi, ta, nt, out):
 
 
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos,
+def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap,
                   nb, bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
     """Attention of ``q (h, rows, d)`` over tokens ``[t0, t1)`` of batch row ``bi``, every
     KV head in one pass over the tokens (a token's position, rotation and outlier entries are read once for all its
     heads). Codes ``*p0``/``*p1 (h, cap, bytes)`` (and as words ``*w0``/``*w1``, see :func:`_levels_block`); keys per
     channel (``kcs``/``kco (h*d,)``)
     or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in :func:`_dequant_block`;
-    outliers: :func:`_outliers_block`. ``inv_freq (d/2,)`` float64
+    outliers: :func:`_outliers_block` (``colmap``, the same table for keys and values). ``inv_freq (d/2,)`` float64
     (empty: keys are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's
     attention scaling, positions ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool
     or ``(1, 0)``. Writes ``acc_out (h, rows, d)``, ``m_out``/``l_out (h, rows)``."""
@@ -237,7 +237,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev, kper_channel, kcs[hh * nd : hh * nd + nd],
                            kco[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
         if krp.shape[0] > 0:
-            _outliers_block(krp, kcols, kvals, kpos, nb, bi, ta, nt, kf)
+            _outliers_block(krp, kcols, kvals, colmap, nb, bi, ta, nt, kf)
         if rope:
             for i in range(nt):
                 pos = pos_start + ta + i if pos_start >= 0 else np.int64(positions[ta + i])
@@ -277,7 +277,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev, False, kcs[:nd], kco[:nd], vts[vsel],
                            vto[vsel], ta, nt, vf[hh])
         if vrp.shape[0] > 0:
-            _outliers_block(vrp, vcols, vvals, vpos, nb, bi, ta, nt, vf)
+            _outliers_block(vrp, vcols, vvals, colmap, nb, bi, ta, nt, vf)
         for hh in range(h):
             if seen[hh] == 0:
                 continue
@@ -298,95 +298,79 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, kpos,
-              vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale, pos_start,
+def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, vbits,
+              vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale, pos_start,
               positions, valid, n, span, pacc, pm, pl):
-    """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[item]``, ``pm``,
-    ``pl`` (``(items, h, rows[, d])``)."""
-    b = qg.shape[0]
-    splits = pm.shape[0] // b
+    """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[bi, :, si]``,
+    ``pm``, ``pl`` (``(b, h, splits, rows[, d])``: the layout :func:`kvcompress.kernels.cpu._merge` reads)."""
+    b, splits = qg.shape[0], pm.shape[2]
     bi, si = item // splits, item % splits
     t0, t1 = si * span, min((si + 1) * span, n)
     vmask = valid[bi] if valid.shape[2] > 0 else valid[0]
     kr = min(bi, kcs.shape[0] - 1)
     pr = min(bi, positions.shape[0] - 1)
     _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], kw0[bi], kw1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi],
-                  kto[bi], krp, kcols, kvals, kpos, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi],
-                  vrp, vcols, vvals, vpos, b, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
-                  pacc[item], pm[item], pl[item])
+                  kto[bi], krp, kcols, kvals, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi], vrp,
+                  vcols, vvals, colmap, b, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
+                  pacc[bi, :, si], pm[bi, :, si], pl[bi, :, si])
 
 
-@njit(cache=True, fastmath=_FM)
-def _merge_row(bi, pacc, pm, pl, acc, m, l):
-    """Merge the splits of batch row ``bi`` (``pacc (items, h, rows, d)``) by log-sum-exp into ``acc[bi]``, ``m``,
-    ``l``."""
-    h, rows, d = acc.shape[1], acc.shape[2], acc.shape[3]
-    splits = pm.shape[0] // acc.shape[0]
-    for hh in range(h):
-        for r in range(rows):
-            mx = np.float32(-np.inf)
-            for si in range(splits):
-                mx = max(mx, pm[bi * splits + si, hh, r])
-            m[bi, hh, r] = mx
-            l[bi, hh, r] = 0.0
-            for c in range(d):
-                acc[bi, hh, r, c] = 0.0
-            if mx == -np.inf:
-                continue
-            for si in range(splits):
-                it = bi * splits + si
-                if pm[it, hh, r] == -np.inf:
-                    continue
-                w = np.float32(np.exp(pm[it, hh, r] - mx))
-                l[bi, hh, r] += w * pl[it, hh, r]
-                for c in range(d):
-                    acc[bi, hh, r, c] += w * pacc[it, hh, r, c]
+@njit(cache=True, inline="always")
+def _partials(qg, kcounts, vcounts, n, span):
+    """What both twins set up: the outliers' row pointers, the number of (batch row, token range) items, and the
+    per-range partials ``pacc (b, h, splits, rows, d)``, ``pm``/``pl (b, h, splits, rows)``."""
+    b, h, rows, d = qg.shape
+    splits = (n + span - 1) // span
+    pacc = np.empty((b, h, splits, rows, d), np.float32)
+    pm, pl = np.empty((b, h, splits, rows), np.float32), np.empty((b, h, splits, rows), np.float32)
+    return _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b), b * splits, pacc, pm, pl
 
 
 @njit(cache=True, parallel=True)
-def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
-                           kcols, kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, vpos,
-                           inv_freq, rope_scale, pos_start, positions, valid, n, span, acc, m, l):
-    """Every (batch row, token range) under ``prange``, then the merge per batch row.
+def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
+                           kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
+                           rope_scale, pos_start, positions, valid, n, span, acc, m, l):
+    """Every (batch row, token range) under ``prange``, then the merge per (batch row, KV head)
+    (:func:`kvcompress.kernels.cpu._merge`, as for KIVI).
 
     ``qg (b, h, rows, d)`` fp32; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
     uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (16,)`` float32 levels (padded); keys per
     channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``) or per token (``kts``/``kto (b,
     1|h, >= n)``, fp16 bits as uint16); values per token ``vts``/``vto``; outliers as counts ``kcounts``/``vcounts (b,
     1, >= n)`` per (batch row, token) (``(b, 1, 0)``: none), ``*cols`` and ``*vals`` (fp16 bits) in token-major CSR
-    order, ``*pos (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
+    order, ``colmap (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
     64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float64 (empty: no
     rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
     n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
-    krp, vrp = _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b)
-    items = b * ((n + span - 1) // span)
-    pacc = np.empty((items, h, rows, d), np.float32)
-    pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
+    krp, vrp, items, pacc, pm, pl = _partials(qg, kcounts, vcounts, n, span)
     for item in prange(items):
         _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
-                  kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
-    for bi in prange(b):
-        _merge_row(bi, pacc, pm, pl, acc, m, l)
+    splits = pm.shape[2]
+    flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
+                                pl.reshape(b * h * splits, rows))
+    for bh in prange(b * h):
+        _merge(bh, flat_acc, flat_m, flat_l, acc, m, l)
 
 
 @njit(cache=True)
 def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
-                         kvals, kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, vpos, inv_freq,
+                         kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
                          rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
-    krp, vrp = _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b)
-    items = b * ((n + span - 1) // span)
-    pacc = np.empty((items, h, rows, d), np.float32)
-    pm, pl = np.empty((items, h, rows), np.float32), np.empty((items, h, rows), np.float32)
+    krp, vrp, items, pacc, pm, pl = _partials(qg, kcounts, vcounts, n, span)
     for item in range(items):
         _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
-                  kpos, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, vpos, inv_freq, rope_scale,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
-    for bi in range(b):
-        _merge_row(bi, pacc, pm, pl, acc, m, l)
+    splits = pm.shape[2]
+    flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
+                                pl.reshape(b * h * splits, rows))
+    for bh in range(b * h):
+        _merge(bh, flat_acc, flat_m, flat_l, acc, m, l)
 
 
 # --------------------------------------------------------------------------------------------------------------------
