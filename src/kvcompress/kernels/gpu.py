@@ -37,6 +37,20 @@ MAX_BLOCK_R = 64
 
 
 @triton.jit
+def online_softmax(s, visible, m_i, l_i):
+    """One block of the online softmax: scores ``s (BLOCK_R, BLOCK_N)`` with invisible tokens (``visible``:
+    ``(BLOCK_N,)``) at -inf; returns ``(p, alpha, m_new, l_new)``: the block's weights ``exp(s - m_new)``, the factor
+    that rescales what was accumulated before, the new row max and sum. A row that has seen nothing yet keeps
+    ``m = -inf`` and weights 0."""
+    s = tl.where(visible[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _kivi_partials(
     Q, sq_b, sq_h, sq_r,  # (b, h, rows, d) fp32, already scaled
     KP, skp_b, skp_h, skp_t,  # (b, h, >= nk, kbytes) uint8 key codes
@@ -119,12 +133,7 @@ def _kivi_partials(
         if HAS_VALID:
             ok = tl.load(VALID + bi * sva_b + hi * sva_h + t64, mask=tin, other=0)
             visible = visible & (ok != 0)
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = online_softmax(s, visible, m_i, l_i)
 
         # values: codes for t < NV (scale/zero per token and group of VGROUP channels), the float tail after
         vcoded = tin & (t < NV)

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gpu import _pow2, launch_layout, merge_splits, valid_arg
+from .gpu import _pow2, launch_layout, merge_splits, online_softmax, valid_arg
 
 #: tokens per block of the inner loop
 BLOCK_N = 32
@@ -188,12 +188,7 @@ def _kvquant_partials(
         if HAS_VALID:
             ok = tl.load(VALID + bi * sva_b + hi * sva_h + t64, mask=tin, other=0)
             visible = visible & (ok != 0)
-        sc = tl.where(visible[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = online_softmax(sc, visible, m_i, l_i)
 
         # values: per-token ranges, outliers
         vs = tl.load(VS + vsrow + t64 * svs_t, mask=tin, other=0.0).to(tl.float32)[:, None]
