@@ -154,21 +154,8 @@ def test_kvquant_layers_attend_the_same_with_the_kernel_and_without(request, mon
     dequantize read; outputs agree within 2e-5 (plus the fp32 rounding of the angle for pre-RoPE keys, see the module
     docstring). Comparing two separate runs instead would not work: a 1e-7 difference in one step's keys can flip a
     2-bit code in a later layer. The kernel really ran, and ``memory_report()`` says so."""
-    import kvcompress.attention as attention
-
     model = request.getfixturevalue(which)
-    real = attention.attend_parts
-    diffs = []
-
-    def both(query, parts, scaling, probs_last=0, window=None):
-        got = real(query, parts, scaling, probs_last, window)
-        if any(p.fused is not None for p in parts):
-            plain = [KVPartCopy(p) for p in parts]
-            want = real(query, plain, scaling, probs_last, window)
-            diffs.append((got.output - want.output).abs().max().item())
-        return got
-
-    monkeypatch.setattr(attention, "attend_parts", both)
+    diffs = attend_both_ways(monkeypatch)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 128, (2, 70), generator=gen)
     padded = torch.ones_like(ids)
@@ -184,11 +171,26 @@ def test_kvquant_layers_attend_the_same_with_the_kernel_and_without(request, mon
         assert "fused-numba" in cache.memory_report().attention
 
 
-def KVPartCopy(part):
-    """``part`` without its fused kernel (read chunk by chunk instead)."""
+def attend_both_ways(monkeypatch) -> list[float]:
+    """Make every attention call that has a fused part run twice on the same stored state: as given (the kernel) and
+    with every part read chunk by chunk instead; returns the list the max |output difference| of each such call is
+    appended to (the kernel's result is the one used)."""
     from dataclasses import replace
 
-    return replace(part, fused=None)
+    import kvcompress.attention as attention
+
+    real = attention.attend_parts
+    diffs: list[float] = []
+
+    def both(query, parts, scaling, probs_last=0, window=None):
+        got = real(query, parts, scaling, probs_last, window)
+        if any(p.fused is not None for p in parts):
+            want = real(query, [replace(p, fused=None) for p in parts], scaling, probs_last, window)
+            diffs.append((got.output - want.output).abs().max().item())
+        return got
+
+    monkeypatch.setattr(attention, "attend_parts", both)
+    return diffs
 
 
 @needs_numba

@@ -20,6 +20,7 @@ from kvcompress import kernels, make_cache
 from kvcompress.compat import cache_kwargs
 
 from test_kernels import TRITON_DEVICE, check_partials, needs_triton
+from test_kernels_kvquant import attend_both_ways
 from test_kernels_kvquant import kvquant_case as numba_case
 
 
@@ -126,25 +127,11 @@ def test_kvquant_layers_attend_the_same_through_the_triton_kernel(tiny_model, mo
     (interpreted) is computed twice on the same stored state: through the kernel and through its chunked dequantize
     read; outputs agree within 2e-5 (see ``tests/test_kernels_kvquant.py`` for why not two separate runs). The
     kernel really ran, and ``memory_report()`` says ``fused-triton``."""
-    import kvcompress.attention as attention
-
     gpu = triton_kernel()
     calls = []
     real_kernel = gpu.kvquant_attention
     monkeypatch.setattr(gpu, "kvquant_attention", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
-    real = attention.attend_parts
-    diffs = []
-
-    def both(query, parts, scaling, probs_last=0, window=None):
-        from dataclasses import replace
-
-        got = real(query, parts, scaling, probs_last, window)
-        if any(p.fused is not None for p in parts):
-            want = real(query, [replace(p, fused=None) for p in parts], scaling, probs_last, window)
-            diffs.append((got.output - want.output).abs().max().item())
-        return got
-
-    monkeypatch.setattr(attention, "attend_parts", both)
+    diffs = attend_both_ways(monkeypatch)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 128, (2, 32), generator=gen)
     padded = torch.ones_like(ids)
