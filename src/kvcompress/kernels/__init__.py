@@ -313,7 +313,7 @@ def _column_map(d: int, h: int) -> np.ndarray:
 
 def _words(plane: np.ndarray | None, b: int, h: int) -> np.ndarray:
     """A plane ``(b, h, cap, bytes)`` uint8 read as little-endian 64-bit words ``(b, h, cap, bytes/8)`` (the same
-    memory), or an empty placeholder."""
+    memory), or an empty placeholder (no plane, or rows that are not whole words: the kernel reads bytes)."""
     if plane is None or plane.shape[-1] % 8 or plane.strides[-1] != 1 or plane.strides[-2] % 8:
         return np.zeros((b, h, 1, 0), np.uint64)
     return plane.view(np.uint64)
@@ -330,11 +330,10 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     outlier counts and columns of the first n tokens (widened to int32: small copies). The
     planes are read as 64-bit words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
     p0 = _rows_view(codes.planes[0])
-    p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else np.zeros((b, h, 0, 0), np.uint8)
-    if d % 64 == 0:
-        w0, w1 = _words(p0, b, h), (_words(p1, b, h) if codes.bits == 3 else np.zeros((b, h, 1, 0), np.uint64))
-    else:
-        w0 = w1 = np.zeros((b, h, 1, 0), np.uint64)
+    p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else None
+    w0, w1 = (_words(p if d % 64 == 0 else None, b, h) for p in (p0, p1))
+    if p1 is None:
+        p1 = np.zeros((b, h, 0, 0), np.uint8)
     lev = np.zeros(16, np.float32)
     lev[: codes.levels.numel()] = codes.levels.float().numpy()
     if codes.per_channel:

@@ -133,8 +133,8 @@ class KVQuantLayer(KVLayer):
     and attends by itself: over the sink, the body (the fused kernel straight on the codes, keys rotated inside it:
     :func:`kvcompress.kernels.kvquant_attention`; where no kernel applies, dequantized a chunk at a time with keys
     re-rotated for the chunk's positions), the recent window and the step's new tokens as given; a padded batch keeps
-    one single-row layer per
-    row, so per-channel ranges, outlier thresholds, the sink, the recent window and positions are each row's own.
+    one single-row layer per row, so per-channel ranges, outlier thresholds, the sink, the recent window and positions
+    are each row's own.
     Sliding-window layers (no sink, no recent window) hold the last ``window - 1`` tokens plus fewer than
     ``slide_block`` that already left the window, and mask exactly the window. :meth:`dense_step` is the same state
     update with a dense ``[past | new]`` copy for transformers' attention (a reference)."""
