@@ -106,28 +106,32 @@ class AttentionResult:
     transient_bytes: int
 
 
+def _read_whole(parts: list[KVPart], batch: int):
+    """Every part read whole and joined: ``(keys, values)`` fp32 ``(b, kv_heads, n, d)`` and the validity ``(b, kv|1,
+    n)`` bool of the joined keys, None when no part has one (all valid)."""
+    keys, values = zip(*(part.read(0, part.length, torch.float32) for part in parts))
+    k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
+    v = values[0] if len(values) == 1 else torch.cat(values, dim=2)
+    if all(part.valid is None for part in parts):
+        return k, v, None
+    masks = [torch.ones(batch, 1, part.length, dtype=torch.bool, device=k.device) if part.valid is None
+             else part.valid.to(torch.bool) for part in parts]
+    width = max(m.shape[1] for m in masks)
+    return k, v, torch.cat([m.expand(batch, width, -1) for m in masks], dim=-1)
+
+
 def _attend_one_query(query: torch.Tensor, parts: list[KVPart], scaling: float) -> AttentionResult | None:
     """A decode step over a short past (every part read whole, at most ``CHUNK`` keys): one fused sdpa call over all
     keys instead of the per-part online softmax (~20 ops per part). ``query (b, heads, 1, d)``, the query heads of a
     KV group folded into rows (no repeated K/V). None when some query row would see no key (the general path gives
     those rows 0)."""
     b, heads, _, d = query.shape
-    keys, values, masks = [], [], []
-    for part in parts:
-        k, v = part.read(0, part.length, torch.float32)
-        keys.append(k)
-        values.append(v)
-        masks.append(part.valid)
-    k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
-    v = values[0] if len(values) == 1 else torch.cat(values, dim=2)
+    k, v, mask = _read_whole(parts, b)
     kv_heads = k.shape[1]
-    full = [torch.ones(b, 1, part.length, dtype=torch.bool, device=k.device) if m is None else m.to(torch.bool)
-            for part, m in zip(parts, masks)]
-    width = max(m.shape[1] for m in full)
-    mask = torch.cat([m.expand(b, width, -1) for m in full], dim=-1)  # (b, kv|1, n)
-    if not bool(mask.any(dim=-1).all()):
-        return None
-    mask = mask.unsqueeze(2)  # (b, kv|1, 1, n): every query row of the group
+    if mask is not None:
+        if not bool(mask.any(dim=-1).all()):
+            return None
+        mask = mask.unsqueeze(2)  # (b, kv|1, 1, n): every query row of the group
     qg = query.float().reshape(b, kv_heads, heads // kv_heads, d)
     out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)  # (b, kv, g, d)
     output = out.reshape(b, heads, 1, d).transpose(1, 2)
@@ -167,16 +171,10 @@ def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float, kv_
             dense.append(part)
     transient = 0
     if dense:
-        keys, values = zip(*(part.read(0, part.length, torch.float32) for part in dense))
-        k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
-        v = values[0] if len(values) == 1 else torch.cat(values, dim=2)
+        k, v, mask = _read_whole(dense, b)
         transient = 2 * k.numel() * k.element_size()
         s = torch.matmul(qg, k.transpose(-1, -2))  # (b, kv, g, n)
-        if any(part.valid is not None for part in dense):
-            masks = [torch.ones(b, 1, part.length, dtype=torch.bool, device=k.device) if part.valid is None
-                     else part.valid.to(torch.bool) for part in dense]
-            width = max(mk.shape[1] for mk in masks)
-            mask = torch.cat([mk.expand(b, width, -1) for mk in masks], dim=-1)  # (b, kv|1, n)
+        if mask is not None:
             s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
         m = s.amax(dim=-1)
         p = torch.exp(s - m.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1))
