@@ -127,10 +127,34 @@ def test_outliers_change_the_kernels_result():
     vs.append(values)
     qg = torch.randn(b, kv, 3, d, generator=gen)
     acc, _, l = kernels.kvquant_attention(qg, n, ks.codes(), vs.codes())
-    codes_k, codes_v = ks.codes(), vs.codes()
-    codes_k.counts, codes_v.counts = None, None
+    from dataclasses import replace
+
+    codes_k, codes_v = replace(ks.codes(), counts=None), replace(vs.codes(), counts=None)  # codes() is shared: a copy
     acc0, _, l0 = kernels.kvquant_attention(qg, n, codes_k, codes_v)
     assert (acc / l[..., None] - acc0 / l0[..., None]).abs().max() > 1e-2
+
+
+def test_codes_are_made_once_and_never_keep_a_replaced_buffer_alive():
+    """``QuantStream.codes()`` hands out the same object while the buffers stay (the kernel's numpy views are made
+    once), a new one once a buffer grew; the replaced buffer is then freed (nothing but the stream held it)."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(3)
+    s = stream(gen, 3, 2, 64, False, 0.02, "token", "random")
+    s.append(torch.randn(1, 2, 20, 64, generator=gen))
+    first = s.codes()
+    kernels.kvquant_attention(torch.randn(1, 2, 3, 64, generator=gen), 20, first, first)  # makes the numpy views
+    assert s.codes() is first
+    old = weakref.ref(s._planes[0].buffer)
+    s.append(torch.randn(1, 2, 1, 64, generator=gen))  # the exact-sized first buffer grows
+    del first
+    gc.collect()
+    assert old() is None
+    again = s.codes()
+    assert again.planes[0] is s._planes[0].buffer
+    s.append(torch.randn(1, 2, 1, 64, generator=gen))  # room left: the same buffers, the same object
+    assert s.codes() is again
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -129,28 +129,58 @@ class GrowingTokens:
 
     def __init__(self, min_grow: int = 16):
         self.buffer: torch.Tensor | None = None
+        self._array = None  # the buffer as numpy (made when asked for)
         self.length = 0
         self.min_grow = min_grow
         self.limit: int | None = None  # grow no further than this many entries unless one append needs more
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor) -> bool:
+        """Append ``x`` along the token axis. Returns True when the buffer was replaced (made or grown)."""
         n = x.shape[2]
         if not n:
-            return
+            return False
         if self.buffer is None:  # held at its exact size; a view of a larger tensor would keep that one alive
             exact = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
-            self.buffer, self.length = (x if exact else x.contiguous().clone()), n
-            return
-        need = self.length + n
-        if need > self.buffer.shape[2]:
-            capacity = need + max(self.min_grow, need // self.GROW_SHARE)
-            if self.limit is not None:  # e.g. a sliding window: it never holds more than its window
-                capacity = max(need, min(capacity, self.limit))
-            grown = self.buffer.new_empty((*self.buffer.shape[:2], capacity, *self.buffer.shape[3:]))
-            grown[:, :, : self.length] = self.buffer[:, :, : self.length]
-            self.buffer = grown
-        self.buffer[:, :, self.length : need] = x
-        self.length = need
+            self._hold(x if exact else x.contiguous().clone())
+            self.length = n
+            return True
+        grown = self._make_room(self.length + n)
+        self.buffer[:, :, self.length : self.length + n] = x
+        self.length += n
+        return grown
+
+    def reserve(self, n: int, shape: tuple, dtype: torch.dtype) -> bool:
+        """Room for ``n`` more entries, as :meth:`append` would make it (a first buffer ``shape`` with ``n`` along the
+        token axis, exact-sized), to be written in place (:meth:`array`) and then :meth:`commit` ted. Returns True
+        when the buffer was replaced (made or grown)."""
+        if self.buffer is None:
+            self._hold(torch.empty((*shape[:2], n, *shape[3:]), dtype=dtype))
+            return True
+        return self._make_room(self.length + n)
+
+    def commit(self, n: int) -> None:
+        """The ``n`` entries after the held ones (written into the room :meth:`reserve` made) are held now."""
+        self.length += n
+
+    def array(self):
+        """The whole buffer as a numpy array (the same memory; made once per buffer): what kernels write into."""
+        if self._array is None:
+            self._array = self.buffer.numpy()
+        return self._array
+
+    def _hold(self, buffer: torch.Tensor) -> None:
+        self.buffer, self._array = buffer, None
+
+    def _make_room(self, need: int) -> bool:
+        if need <= self.buffer.shape[2]:
+            return False
+        capacity = need + max(self.min_grow, need // self.GROW_SHARE)
+        if self.limit is not None:  # e.g. a sliding window: it never holds more than its window
+            capacity = max(need, min(capacity, self.limit))
+        grown = self.buffer.new_empty((*self.buffer.shape[:2], capacity, *self.buffer.shape[3:]))
+        grown[:, :, : self.length] = self.buffer[:, :, : self.length]
+        self._hold(grown)
+        return True
 
     def view(self) -> torch.Tensor | None:
         """The held entries ``(…, length, …)``: a view of the buffer (None when empty)."""
@@ -160,7 +190,8 @@ class GrowingTokens:
         """Forget the ``n`` oldest entries; what stays moves into a new buffer (the dropped bytes are freed with the
         old one) with the same spare, or up to ``limit``."""
         if n >= self.length:
-            self.buffer, self.length = None, 0
+            self._hold(None)
+            self.length = 0
             return
         if n:
             rest = self.length - n
@@ -169,7 +200,8 @@ class GrowingTokens:
                 capacity = max(rest, min(self.buffer.shape[2], self.limit))
             kept = self.buffer.new_empty((*self.buffer.shape[:2], capacity, *self.buffer.shape[3:]))
             kept[:, :, :rest] = self.buffer[:, :, n : self.length]
-            self.buffer, self.length = kept, rest
+            self._hold(kept)
+            self.length = rest
 
     def spare_nbytes(self) -> int:
         """Bytes of the spare capacity (allocated, held, not yet filled)."""

@@ -175,10 +175,13 @@ def collect(model, input_ids: torch.Tensor, exclude_first: int = 1, progress: bo
             p.requires_grad_(False)
         embed = model.get_input_embeddings()
         for row in tqdm(input_ids, desc="kvquant: Fisher (forward + backward)", disable=not progress):
-            ids = row.unsqueeze(0)
-            emb = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
-            loss.backward()
+            # gradients even when the caller runs under torch.inference_mode()/no_grad() (a first make_cache with
+            # calibration="auto" usually does); the ids cloned there, as an inference tensor cannot be saved for backward
+            with torch.inference_mode(False), torch.enable_grad():
+                ids = row.unsqueeze(0).clone()
+                emb = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+                loss.backward()
             s = slice(exclude_first, None)
             for i in sorted(attn):
                 k, v = acts[(i, "k")], acts[(i, "v")]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -279,6 +279,7 @@ class CodebookCodes:
     counts: torch.Tensor | None = None
     cols: torch.Tensor | None = None
     vals: torch.Tensor | None = None
+    _arrays: tuple | None = field(default=None, init=False, repr=False, compare=False)  # numpy views (first use)
 
 
 @dataclass
@@ -324,31 +325,50 @@ def _half_bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
-    """``(bits, plane0, plane1, words0, words1, levels (16,), per-token scale, offset, outlier counts, cols, vals)``
-    numpy arguments of one stream: views of the held buffers (fp16 as their bits), except the 16 levels and the
-    outlier counts and columns of the first n tokens (widened to int32: small copies). The
-    planes are read as 64-bit words when ``d`` is a multiple of 64 (every plane row a whole number of words)."""
+_NO_CHANNEL_RANGE = np.zeros((1, 0), np.uint16)
+_NO_ROTATION = np.zeros(0, np.float32)
+_NO_POSITIONS = np.zeros((1, 0), np.int64)
+
+
+def _stream_arrays(codes: CodebookCodes, b: int, h: int, d: int):
+    """The numpy views of one stream's buffers the kernel reads, made once per :class:`CodebookCodes` (a store that
+    hands out the same object while its buffers stay the same pays this once, not every step): ``(bits, plane0,
+    plane1, words0, words1, levels, scale, offset, counts, cols, vals)`` -- fp16 as its bits (uint16), nothing
+    copied (a view holds no memory of its own), the planes read as 64-bit words when ``d`` is a multiple of 64
+    (every plane row a whole number of words); ``scale``/``offset`` per channel ``(1|b, h*d)`` or per token ``(b, 1|h,
+    >= n)``."""
+    if codes._arrays is not None:
+        return codes._arrays
     p0 = _rows_view(codes.planes[0])
     p1 = _rows_view(codes.planes[1]) if codes.bits == 3 else None
     w0, w1 = (_words(p if d % 64 == 0 else None, b, h) for p in (p0, p1))
     if p1 is None:
         p1 = np.zeros((b, h, 0, 0), np.uint8)
-    lev = np.zeros(16, np.float32)
-    lev[: codes.levels.numel()] = codes.levels.float().numpy()
+    lev = _np(codes.levels.float())
     if codes.per_channel:
-        ts = to = np.zeros((b, 1, 0), np.uint16)
+        scale, offset = (_half_bits(t.reshape(-1, h * d)) for t in (codes.scale, codes.offset))
     else:  # fp16 bits, decoded in the kernel (no copy)
-        ts, to = (_half_bits(t)[..., 0] for t in (codes.scale, codes.offset))  # (b, 1|h, >= n)
-    if codes.counts is None or codes.cols is None:  # no outlier kept (cols: none stored yet)
-        counts, cols, vals = np.zeros((b, 1, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint16)
-    else:  # the CSR rows: the kernel makes the row pointers and decodes the fp16 values. Counts and columns are held
-        # as the smallest integers that fit; they are widened to int32 here (small copies) so that the kernel is
-        # compiled for one signature, not one per combination of widths (each compile takes tens of seconds)
-        counts = codes.counts.numpy()[:, :, :n].astype(np.int32)
-        nnz = int(counts.sum())
-        cols, vals = codes.cols.numpy()[:nnz].astype(np.int32), _half_bits(codes.vals)
-    return codes.bits, p0, p1, w0, w1, lev, ts, to, counts, cols, vals
+        scale, offset = (_half_bits(t)[..., 0] for t in (codes.scale, codes.offset))  # (b, 1|h, >= n)
+    sparse = (None, None, None) if codes.counts is None or codes.cols is None else \
+        (codes.counts.numpy(), codes.cols.numpy(), _half_bits(codes.vals))
+    codes._arrays = (codes.bits, p0, p1, w0, w1, lev, scale, offset, *sparse)
+    return codes._arrays
+
+
+_NO_SPARSE = (np.zeros((1, 1, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint16))
+
+
+def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
+    """:func:`_stream_arrays` with the outlier counts and columns of the first ``n`` tokens widened to int32 (small
+    copies: the kernel is then compiled for one signature, not one per combination of the held widths -- each
+    compile takes tens of seconds); ``(b, 1, 0)`` counts when no outlier is kept."""
+    bits, p0, p1, w0, w1, lev, scale, offset, counts, cols, vals = _stream_arrays(codes, b, h, d)
+    if counts is None:
+        counts, cols, vals = _NO_SPARSE
+    else:
+        counts = counts[:, :, :n].astype(np.int32)
+        cols = cols[: int(counts.sum())].astype(np.int32)
+    return bits, p0, p1, w0, w1, lev, scale, offset, counts, cols, vals
 
 
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
@@ -367,16 +387,17 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
     vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals = _stream_args(values, n, b, h, d)
-    if keys.per_channel:
-        kcs, kco = _np(keys.scale.float()), _np(keys.offset.float())
+    if keys.per_channel:  # fp16 bits (1|b, h*d), decoded in the kernel
+        kcs, kco = kts, kto
+        kts = kto = np.zeros((b, 1, 0), np.uint16)
     else:
-        kcs = kco = np.zeros((1, h * d), np.float32)
+        kcs = kco = _NO_CHANNEL_RANGE
     if rope is None:
-        inv_freq, rscale, start, positions = np.zeros(0, np.float64), 1.0, 0, np.zeros((1, 0), np.int64)
+        inv_freq, rscale, start, positions = _NO_ROTATION, 1.0, 0, _NO_POSITIONS
     else:
-        inv_freq, rscale = rope.inv_freq.double().numpy(), float(rope.scaling)
+        inv_freq, rscale = _np(rope.inv_freq.float()), float(rope.scaling)
         if rope.positions is None:
-            start, positions = int(rope.start), np.zeros((1, 0), np.int64)
+            start, positions = int(rope.start), _NO_POSITIONS
         else:
             start, positions = -1, _np(rope.positions[:, :n].long())
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())

@@ -50,36 +50,31 @@ def _sel2(c, l0, l1, l2, l3):
     return b if c & 2 else a
 
 
-#: 2**(e - 25) for the exponent field e of an fp16 number (normal numbers: (1024 + mantissa) * 2**(e - 25))
-_HALF_SCALE = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)
+#: the scale of an fp16 number's integer significand per exponent field ``e``: ``2**(e - 25)`` (normal: the
+#: significand is ``1024 + mantissa``), ``2**-24`` for ``e = 0`` (subnormal: the mantissa alone), inf for ``e = 31``
+_HALF_SCALE = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 31)] + [np.inf], np.float32)
 
 
 @njit(cache=True, inline="always")
 def _f16(h):
-    """The fp16 number whose bits are ``h`` (uint16), as float32 (exact; inf/NaN kept)."""
-    e, mant = (np.int32(h) >> 10) & 31, np.int32(h) & 1023
-    if e == 0:
-        v = np.float32(mant) * np.float32(5.960464477539063e-08)  # subnormal: mantissa * 2**-24
-    elif e == 31:
-        v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(1024 + mant) * _HALF_SCALE[e]
-    return -v if np.int32(h) & 0x8000 else v
+    """The fp16 number whose bits are ``h`` (uint16), as float32 (exact; inf/NaN kept). Selects, no branches (the
+    outliers' values are decoded in the hot loop)."""
+    x = np.int32(h)
+    e, mant = (x >> 10) & 31, x & 1023
+    v = np.float32((1024 if e > 0 else 0) + mant) * _HALF_SCALE[e]
+    v = np.float32(np.nan) if e == 31 and mant != 0 else v
+    return -v if x & 0x8000 else v
 
 
-@njit(cache=True)
-def _row_pointers(counts, n, nb):
-    """``(n*nb + 1,)`` int64 CSR row pointers of outlier counts ``(nb, 1, >= n)`` per (batch row, token), rows
-    token-major; empty when ``counts`` is."""
-    if counts.shape[2] == 0:
-        return np.zeros(0, np.int64)
-    rp = np.empty(n * nb + 1, np.int64)
-    rp[0] = 0
-    for t in range(n):
-        for bi in range(nb):
-            r = t * nb + bi
-            rp[r + 1] = rp[r] + np.int64(counts[bi, 0, t])
-    return rp
+@njit(cache=True, inline="always")
+def _entries_between(counts, a, z):
+    """Outlier entries of the rows of tokens ``[a, z)`` (all batch rows; rows token-major, ``counts (nb, 1, >= z)``):
+    from ``a = 0``, the CSR offset of row ``(z, 0)``."""
+    e = np.int64(0)
+    for bi in range(counts.shape[0]):
+        for u in range(a, z):
+            e += counts[bi, 0, u]
+    return e
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -162,35 +157,53 @@ def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, n
 
 
 @njit(cache=True, inline="always")
-def _outliers_block(rp, cols, vals, posmap, nb, bi, ta, nt, out):
-    """Write the outliers of rows ``(ta + i) * nb + bi`` (``i < nt``; ``rp`` row pointers, ``cols`` in ``[0, h*d)``,
-    ``vals``) into ``out (h, BLOCK, d)``: column ``col`` goes to KV head ``posmap[0, col]``, position ``posmap[1,
-    col]`` (tables: no division per entry)."""
+def _outliers_block(counts, e, cols, vals, posmap, bi, ta, nt, out):
+    """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)``; ``e`` is the
+    CSR offset of row ``(ta, 0)`` (rows token-major, ``counts (nb, 1, >= n)`` entries each; ``cols`` in ``[0, h*d)``,
+    ``vals`` fp16 bits). Column ``col`` goes to KV head ``posmap[0, col]``, position ``posmap[1, col]`` (tables: no
+    division per entry). Returns the offset of row ``(ta + nt, 0)``: the offsets are carried from block to block, not
+    held (no row-pointer array per step)."""
+    nb = counts.shape[0]
     for i in range(nt):
-        row = (ta + i) * nb + bi
-        for e in range(rp[row], rp[row + 1]):
-            col = cols[e]
-            out[posmap[0, col], i, posmap[1, col]] = _f16(vals[e])
+        t = ta + i
+        start = e
+        for b2 in range(bi):
+            start += counts[b2, 0, t]
+        for k in range(start, start + counts[bi, 0, t]):
+            col = cols[k]
+            out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
+        for b2 in range(nb):
+            e += counts[b2, 0, t]
+    return e
 
 
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap,
-                  nb, bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
-    """Attention of ``q (h, rows, d)`` over tokens ``[t0, t1)`` of batch row ``bi``, every
-    KV head in one pass over the tokens (a token's position, rotation and outlier entries are read once for all its
-    heads). Codes ``*p0``/``*p1 (h, cap, bytes)`` (and as words ``*w0``/``*w1``, see :func:`_levels_block`); keys per
-    channel (``kcs``/``kco (h*d,)``)
-    or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in :func:`_dequant_block`;
-    outliers: :func:`_outliers_block` (``colmap``, the same table for keys and values). ``inv_freq (d/2,)`` float64
-    (empty: keys are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's
-    attention scaling, positions ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool
-    or ``(1, 0)``. Writes ``acc_out (h, rows, d)``, ``m_out``/``l_out (h, rows)``."""
+def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
+                  bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
+    """Attention of ``q (h, rows, d)`` over tokens ``[t0, t1)`` of batch row ``bi``, every KV head in one pass over the
+    tokens (a token's position, rotation and outlier entries are read once for all its heads). Codes ``*p0``/``*p1 (h,
+    cap, bytes)`` (and as words ``*w0``/``*w1``, see :func:`_levels_block`); keys per channel (``kcs``/``kco (h*d,)``
+    fp16 bits) or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in
+    :func:`_dequant_block`; outliers: :func:`_outliers_block` (``*counts (nb, 1, >= n)`` of every batch row, ``colmap``
+    the same table for keys and values). ``inv_freq (d/2,)`` float32 (the angles are computed in float64; empty: keys
+    are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's attention scaling, positions
+    ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool or ``(1, 0)``. Writes ``acc_out
+    (h, rows, d)``, ``m_out``/``l_out (h, rows)``."""
     h, nrows, nd = q.shape
     d = uint64(nd)
     half = nd // 2
     uhalf = uint64(half)
     rope = inv_freq.shape[0] > 0
+    inv64 = inv_freq.astype(np.float64)
+    klev16, vlev16 = np.zeros(16, np.float32), np.zeros(16, np.float32)  # the codebooks padded to 16 levels
+    klev16[: klev.shape[0]] = klev
+    vlev16[: vlev.shape[0]] = vlev
+    cs = np.zeros(h * nd, np.float32)  # the per-channel key range, decoded once
+    co = np.zeros(h * nd, np.float32)
+    if kper_channel:
+        for c in range(h * nd):
+            cs[c], co[c] = _f16(kcs[c]), _f16(kco[c])
     has_valid = valid.shape[1] > 0
     per_head_valid = valid.shape[0] > 1
     width = min(BLOCK, t1 - t0)
@@ -209,11 +222,14 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     # rotation state: cos/sin of the current position (float64), the one-step rotation, the values used (float32)
     cur_c = np.empty(half, np.float64)
     cur_s = np.empty(half, np.float64)
-    step_c = np.cos(inv_freq)
-    step_s = np.sin(inv_freq)
+    step_c = np.cos(inv64)
+    step_s = np.sin(inv64)
     use_c = np.empty(half, np.float32)
     use_s = np.empty(half, np.float32)
     prev, since = np.int64(-2), EXACT_EVERY
+    # CSR offsets of row (ta, 0): carried from block to block
+    ke = _entries_between(kcounts, 0, t0) if kcounts.shape[2] > 0 else np.int64(0)
+    ve = _entries_between(vcounts, 0, t0) if vcounts.shape[2] > 0 else np.int64(0)
 
     ta = t0
     while ta < t1:
@@ -230,14 +246,18 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 seen[hh] = cnt
             any_seen += seen[hh]
         if any_seen == 0:
+            if kcounts.shape[2] > 0:
+                ke += _entries_between(kcounts, ta, ta + nt)
+            if vcounts.shape[2] > 0:
+                ve += _entries_between(vcounts, ta, ta + nt)
             ta += nt
             continue
         for hh in range(h):
             ksel = hh if kts.shape[0] > 1 else 0
-            _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev, kper_channel, kcs[hh * nd : hh * nd + nd],
-                           kco[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
-        if krp.shape[0] > 0:
-            _outliers_block(krp, kcols, kvals, colmap, nb, bi, ta, nt, kf)
+            _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel, cs[hh * nd : hh * nd + nd],
+                           co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
+        if kcounts.shape[2] > 0:
+            ke = _outliers_block(kcounts, ke, kcols, kvals, colmap, bi, ta, nt, kf)
         if rope:
             for i in range(nt):
                 pos = pos_start + ta + i if pos_start >= 0 else np.int64(positions[ta + i])
@@ -249,7 +269,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                     since += 1
                 else:
                     for j in range(half):
-                        ang = np.float64(pos) * inv_freq[j]
+                        ang = np.float64(pos) * inv64[j]
                         cur_c[j] = np.cos(ang)
                         cur_s[j] = np.sin(ang)
                     since = 0
@@ -274,10 +294,10 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
-            _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev, False, kcs[:nd], kco[:nd], vts[vsel],
+            _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
                            vto[vsel], ta, nt, vf[hh])
-        if vrp.shape[0] > 0:
-            _outliers_block(vrp, vcols, vvals, colmap, nb, bi, ta, nt, vf)
+        if vcounts.shape[2] > 0:
+            ve = _outliers_block(vcounts, ve, vcols, vvals, colmap, bi, ta, nt, vf)
         for hh in range(h):
             if seen[hh] == 0:
                 continue
@@ -298,32 +318,32 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals, vbits,
-              vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale, pos_start,
-              positions, valid, n, span, pacc, pm, pl):
+def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+              vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
+              pos_start, positions, valid, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[bi, :, si]``,
     ``pm``, ``pl`` (``(b, h, splits, rows[, d])``: the layout :func:`kvcompress.kernels.cpu._merge` reads)."""
-    b, splits = qg.shape[0], pm.shape[2]
+    splits = pm.shape[2]
     bi, si = item // splits, item % splits
     t0, t1 = si * span, min((si + 1) * span, n)
     vmask = valid[bi] if valid.shape[2] > 0 else valid[0]
     kr = min(bi, kcs.shape[0] - 1)
     pr = min(bi, positions.shape[0] - 1)
     _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], kw0[bi], kw1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi],
-                  kto[bi], krp, kcols, kvals, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi], vrp,
-                  vcols, vvals, colmap, b, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
+                  kto[bi], kcounts, kcols, kvals, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi],
+                  vcounts, vcols, vvals, colmap, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
                   pacc[bi, :, si], pm[bi, :, si], pl[bi, :, si])
 
 
 @njit(cache=True, inline="always")
-def _partials(qg, kcounts, vcounts, n, span):
-    """What both twins set up: the outliers' row pointers, the number of (batch row, token range) items, and the
-    per-range partials ``pacc (b, h, splits, rows, d)``, ``pm``/``pl (b, h, splits, rows)``."""
+def _partials(qg, n, span):
+    """What both twins set up: the number of (batch row, token range) items and the per-range partials ``pacc (b, h,
+    splits, rows, d)``, ``pm``/``pl (b, h, splits, rows)``."""
     b, h, rows, d = qg.shape
     splits = (n + span - 1) // span
     pacc = np.empty((b, h, splits, rows, d), np.float32)
     pm, pl = np.empty((b, h, splits, rows), np.float32), np.empty((b, h, splits, rows), np.float32)
-    return _row_pointers(kcounts, n, b), _row_pointers(vcounts, n, b), b * splits, pacc, pm, pl
+    return b * splits, pacc, pm, pl
 
 
 @njit(cache=True, parallel=True)
@@ -334,19 +354,19 @@ def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kc
     (:func:`kvcompress.kernels.cpu._merge`, as for KIVI).
 
     ``qg (b, h, rows, d)`` fp32; ``*bits`` 2/3/4; planes ``*p0``/``*p1 (b, h, >= n, bytes)``
-    uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (16,)`` float32 levels (padded); keys per
-    channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``) or per token (``kts``/``kto (b,
+    uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (2**bits,)`` float32 levels; keys per
+    channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``, fp16 bits as uint16) or per token (``kts``/``kto (b,
     1|h, >= n)``, fp16 bits as uint16); values per token ``vts``/``vto``; outliers as counts ``kcounts``/``vcounts (b,
     1, >= n)`` per (batch row, token) (``(b, 1, 0)``: none), ``*cols`` and ``*vals`` (fp16 bits) in token-major CSR
     order, ``colmap (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
-    64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float64 (empty: no
+    64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float32 (empty: no
     rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
     n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
-    krp, vrp, items, pacc, pm, pl = _partials(qg, kcounts, vcounts, n, span)
+    items, pacc, pm, pl = _partials(qg, n, span)
     for item in prange(items):
-        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale,
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
     splits = pm.shape[2]
     flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
@@ -361,10 +381,10 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
                          rope_scale, pos_start, positions, valid, n, span, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
-    krp, vrp, items, pacc, pm, pl = _partials(qg, kcounts, vcounts, n, span)
+    items, pacc, pm, pl = _partials(qg, n, span)
     for item in range(items):
-        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, krp, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vrp, vcols, vvals, colmap, inv_freq, rope_scale,
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
     splits = pm.shape[2]
     flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
@@ -404,19 +424,19 @@ def _nearest(x, mids):
 
 
 @njit(cache=True)
-def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, ranges, counts, cols,
+def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges, counts, cols,
                   vals):
     """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
     :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation).
 
-    ``per_channel``: thresholds ``ch_off -/+ ch_scale (1|b, w)``, values beyond them are outliers, the rest clamped and
-    normalized by the channel's range; else one range per token over the row: thresholds the ``m+1``-th smallest and
-    largest values (``m = 0``: none; ``m < 0``: no outliers), offset/scale the fp16-rounded mid-range/half-range of the
-    clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the sorted levels'
-    midpoints), packed into ``planes0 (b, h, q, bytes)`` (2/4 bits, or the low 2 bits of 3) and ``planes1`` (3 bits:
-    the high bit). Outliers (``m >= 0`` or per channel with
-    ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. Returns ``(nnz, ok)``: ``ok`` False when a
-    range is not finite in fp16."""
+    ``per_channel``: thresholds ``ch_off -/+ ch_scale (1|b, w)`` (fp16 bits, uint16), values beyond them are outliers,
+    the rest clamped and normalized by the channel's range; else one range per token over the row: thresholds the
+    ``m+1``-th smallest and largest values (``m = 0``: none; ``m < 0``: no outliers), offset/scale the fp16-rounded
+    mid-range/half-range of the clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the
+    sorted levels' midpoints), packed into tokens ``t0 .. t0 + q`` of ``planes0 (b, h, cap, bytes)`` (2/4 bits, or the
+    low 2 bits of 3) and ``planes1`` (3 bits: the high bit): the stream's own buffers, written in place. Outliers (``m
+    >= 0`` or per channel with ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. Returns ``(nnz,
+    ok)``: ``ok`` False when a range is not finite in fp16."""
     q, b, w = rows.shape
     d = w // h
     track = counts.shape[0] > 0
@@ -434,8 +454,8 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
             if per_channel:
                 cr = min(bi, ch_off.shape[0] - 1)
                 for c in range(w):
-                    lo = ch_off[cr, c] - ch_scale[cr, c]
-                    hi = ch_off[cr, c] + ch_scale[cr, c]
+                    off, s = _f16(ch_off[cr, c]), _f16(ch_scale[cr, c])
+                    lo, hi = off - s, off + s
                     x = row[c]
                     if track and (x > hi or x < lo):
                         cols[nnz] = c
@@ -443,8 +463,7 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                         nnz += 1
                         cnt += 1
                     row[c] = min(max(x, lo), hi)
-                    s = ch_scale[cr, c]
-                    xn = (row[c] - ch_off[cr, c]) / (s if s > 0 else np.float32(1.0))
+                    xn = (row[c] - off) / (s if s > 0 else np.float32(1.0))
                     row[c] = min(max(xn, np.float32(-1.0)), np.float32(1.0))
             else:
                 if m >= 0:  # the (m+1)-th smallest and largest: keep the m+1 extremes (m is small: 1 % of w)
@@ -494,15 +513,15 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                     codes[c] = _nearest(row[hh * d + c], mids)
                 if bits == 4:
                     for u in range(d // 2):
-                        planes0[bi, hh, t, u] = codes[2 * u] | (codes[2 * u + 1] << 4)
+                        planes0[bi, hh, t0 + t, u] = codes[2 * u] | (codes[2 * u + 1] << 4)
                 else:
                     for u in range(d // 4):
-                        planes0[bi, hh, t, u] = ((codes[4 * u] & 3) | ((codes[4 * u + 1] & 3) << 2)
+                        planes0[bi, hh, t0 + t, u] = ((codes[4 * u] & 3) | ((codes[4 * u + 1] & 3) << 2)
                                                  | ((codes[4 * u + 2] & 3) << 4) | ((codes[4 * u + 3] & 3) << 6))
                     if bits == 3:
                         for u in range(d // 8):
                             byte = 0
                             for k in range(8):
                                 byte |= (codes[8 * u + k] >> 2) << k
-                            planes1[bi, hh, t, u] = byte
+                            planes1[bi, hh, t0 + t, u] = byte
     return nnz, ok

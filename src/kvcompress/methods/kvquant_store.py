@@ -33,6 +33,8 @@ FAST_ROWS = 1 << 62
 GROW_TOKENS = 16
 #: outlier entries a buffer grows by at least
 GROW_OUTLIERS = 64
+_NO_PLANE = np.zeros((0, 0, 0, 0), np.uint8)
+_NO_RANGE = np.zeros((1, 0), np.uint16)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,6 +214,8 @@ class QuantStream:
         self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
         cb = codebook.float()
         self._midpoints = (cb[:-1] + cb[1:]) / 2  # nearest level = bucket among the midpoints (held: counted)
+        self._channel_arrays = None  # per channel: the fp16 (offset, scale) as uint16 numpy views, for the quantizer
+        self._codes = None  # the last codes() handed out, while the buffers it views stay the same
         if per_channel and lower is not None:
             self._set_range(lower, upper)
 
@@ -227,6 +231,7 @@ class QuantStream:
         w = self.h * self.d
         self.channel_offset = ((upper.float() + lower.float()) / 2).half().reshape(-1, w)  # (1|b, width)
         self.channel_scale = ((upper.float() - lower.float()) / 2).half().reshape(-1, w)
+        self._channel_arrays = self._codes = None
 
     def fix_range(self, x: torch.Tensor) -> None:
         """Per-channel range from ``x (b, h, n, d)``: outlier thresholds along tokens (min/max if none)."""
@@ -251,13 +256,11 @@ class QuantStream:
         dense-and-sparse split, min/max normalization, nearest level -- inlined without its argument checks: a decode
         step appends one token per layer, and the checks cost more than the arithmetic)."""
         b, h, q, d = x.shape
+        if not q:
+            return
         w = h * d
         rows = to_rows(x.float())  # (q, b, w)
-        quantized = self._quantize_with_kernel(rows, h) if q * b <= FAST_ROWS else None
-        if quantized is not None:
-            for buf, t in zip(self._buffers(), quantized):
-                buf.append(t)
-            self.length += q
+        if q * b <= FAST_ROWS and self._append_with_kernel(rows, h):
             return
         if self.per_channel:
             lo, hi = self._channel_bounds()
@@ -293,19 +296,26 @@ class QuantStream:
             xn = from_rows(xn, h)
         codes = torch.bucketize(xn.contiguous(), self._midpoints).to(torch.uint8)
         for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
-            buf.append(t)
+            if buf.append(t):
+                self._codes = None  # a buffer made or grown: the last codes() must not keep the old one alive
         self.length += q
 
-    def _quantize_with_kernel(self, rows: torch.Tensor, h: int):
-        """The tensors :meth:`append` appends for token-major ``rows (q, b, w)``, computed by one numba call
-        (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path below); None where
-        it does not apply (no numba, not on the CPU, ranges per head)."""
+    def _append_with_kernel(self, rows: torch.Tensor, h: int) -> bool:
+        """:meth:`append` of token-major ``rows (q, b, w)`` by one numba call
+        (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path) that writes the
+        codes straight into the buffers' room (:meth:`kvcompress.storage.GrowingTokens.reserve`); ranges and outliers
+        come back in small scratch arrays and are copied in (numpy casts: fp16 rounding as torch's). False where it
+        does not apply (no numba, not on the CPU, ranges per head). Nothing is held when it raises."""
         if not kernels.AVAILABLE or rows.device.type != "cpu" or not (self.per_channel or self.token_range == "token"):
-            return None
+            return False
         q, b, w = rows.shape
-        d = w // h
-        planes0 = np.empty((b, h, q, d * (4 if self.bits == 4 else 2) // 8), np.uint8)
-        planes1 = np.empty((b, h, q, d // 8) if self.bits == 3 else (0, 0, 0, 0), np.uint8)
+        d, start = w // h, self.length
+        widths = [d * (4 if self.bits == 4 else 2) // 8, d // 8]
+        replaced = False  # a buffer made or grown: the last codes() must go (it would keep the old one alive)
+        for g, width in zip(self._planes, widths):
+            replaced |= g.reserve(q, (b, h, q, width), torch.uint8)
+        planes0 = self._planes[0].array()
+        planes1 = self._planes[1].array() if self.bits == 3 else _NO_PLANE
         ranges = np.empty((2, b, q), np.float32)
         counts = np.empty((q, b) if self.has_sparse else (0, 0), np.int32)
         cols = np.empty(q * b * w if self.has_sparse else 0, np.int32)
@@ -314,23 +324,38 @@ class QuantStream:
         if not self.per_channel and self.has_sparse:
             m = min(math.floor(w * self.fraction / 2 + 0.5 + 1e-9), (w - 1) // 2)
         if self.per_channel:
-            ch_off, ch_scale = self.channel_offset.float().numpy(), self.channel_scale.float().numpy()
+            if self._channel_arrays is None:  # the held fp16 range's bits (views of the same memory)
+                self._channel_arrays = tuple(t.view(torch.int16).numpy().view(np.uint16)
+                                             for t in (self.channel_offset, self.channel_scale))
+            ch_off, ch_scale = self._channel_arrays
         else:
-            ch_off = ch_scale = np.zeros((1, 0), np.float32)
+            ch_off = ch_scale = _NO_RANGE
         nnz, ok = kernels._kvq_cpu.quantize_rows(rows.contiguous().numpy(), h, self.bits, self._midpoints.numpy(),
-                                                 self.per_channel, ch_off, ch_scale, m, planes0, planes1,
+                                                 self.per_channel, ch_off, ch_scale, m, planes0, planes1, start,
                                                  ranges, counts, cols, vals)
         if not ok:
             check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
-        out = [torch.from_numpy(planes0)] + ([torch.from_numpy(planes1)] if self.bits == 3 else [])
-        if not self.per_channel:
-            r = torch.from_numpy(ranges).half()
-            out += [r[0].view(b, 1, q, 1), r[1].view(b, 1, q, 1)]
+        if not self.per_channel:  # float32 values that fp16 holds exactly: the cast only changes the type
+            for g, r in zip(self._ranges, ranges):
+                replaced |= g.reserve(q, (b, 1, q, 1), torch.float16)
+                g.array()[:, 0, start : start + q, 0] = r
         if self.has_sparse:
-            out += [torch.from_numpy(counts).to(_small_int(w)).t().unsqueeze(1),
-                    torch.from_numpy(cols[:nnz]).to(_small_int(w - 1)).view(1, 1, -1),
-                    torch.from_numpy(vals[:nnz]).half().view(1, 1, -1)]
-        return out
+            g_counts, g_cols, g_vals = self._sparse
+            replaced |= g_counts.reserve(q, (b, 1, q), _small_int(w))
+            g_counts.array()[:, 0, start : start + q] = counts.T
+            g_counts.commit(q)
+            for g, src, dtype in ((g_cols, cols, _small_int(w - 1)), (g_vals, vals, torch.float16)):
+                if not nnz:  # as append: nothing held for no entries
+                    break
+                replaced |= g.reserve(nnz, (1, 1, nnz), dtype)
+                g.array()[0, 0, g.length : g.length + nnz] = src[:nnz]  # fp16: rounded to nearest even, as torch
+                g.commit(nnz)
+        for g in (*self._planes, *self._ranges):
+            g.commit(q)
+        self.length += q
+        if replaced:
+            self._codes = None
+        return True
 
     def _channel_bounds(self):
         """Per-channel thresholds ``(lower, upper)`` as float32 ``(1, 1|b, width)`` (transient)."""
@@ -376,19 +401,25 @@ class QuantStream:
         for g in (*self._planes, *self._ranges, *self._sparse[:1]):
             g.drop_front(k)
         self.length -= k
+        self._codes = None
 
     def codes(self):
         """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): the buffers
-        themselves, spare capacity included (the contract reads the first ``len(self)`` tokens), nothing copied."""
+        themselves, spare capacity included (the contract reads the first ``len(self)`` tokens), nothing copied; the
+        same object while the buffers stay the same (read it, do not change it)."""
+        if self._codes is not None:  # the same buffers: the same object (the kernel's numpy views are made once)
+            return self._codes
         counts, cols, vals = (g.buffer for g in self._sparse) if self.has_sparse else (None, None, None)
         if self.per_channel:
             scale, offset = self.channel_scale, self.channel_offset
         else:
             scale, offset = (g.buffer for g in self._ranges)
-        return kernels.CodebookCodes(planes=[g.buffer for g in self._planes], bits=self.bits, levels=self.decode_book,
-                                     scale=scale, offset=offset, per_channel=self.per_channel, counts=counts,
-                                     cols=None if cols is None else cols.view(-1),
-                                     vals=None if vals is None else vals.view(-1))
+        codes = kernels.CodebookCodes(planes=[g.buffer for g in self._planes], bits=self.bits, levels=self.decode_book,
+                                      scale=scale, offset=offset, per_channel=self.per_channel, counts=counts,
+                                      cols=None if cols is None else cols.view(-1),
+                                      vals=None if vals is None else vals.view(-1))
+        self._codes = codes
+        return codes
 
     # -- views (inspection, tests) -----------------------------------------------------------------------------------
     @property
