@@ -4,6 +4,7 @@ the installed transformers, clear errors for the obscure failures, and any GGUF 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,41 @@ def test_a_forward_with_no_new_token_is_one_clear_error(tiny_model):
 def test_missing_gguf_path_is_one_clear_error(tmp_path):
     with pytest.raises(KVCompressError, match="does not exist"):
         kvcompress.load_model(str(tmp_path / "nope.gguf"))
+
+
+def test_a_conversion_is_read_back_only_by_the_transformers_that_wrote_it(tmp_path, monkeypatch):
+    """transformers 5.2 saves SmolLM2's GGUF tokenizer as a CodeLlamaTokenizer that 5.24 reads as another tokenizer
+    (other ids, no error): each version converts into its own directory, and a conversion of the old layout (files
+    right in the model's directory) is removed once a new one is written."""
+    import transformers
+
+    import kvcompress.models as models
+
+    monkeypatch.setenv("KVCOMPRESS_CACHE", str(tmp_path))
+    made = []
+
+    def fake_convert(gguf, name, target, progress):
+        made.append((gguf, target))
+        target.mkdir(parents=True)
+        for f in ("config.json", "KVCOMPRESS_SOURCE"):
+            (target / f).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    from dataclasses import replace
+
+    monkeypatch.setitem(models.EMBEDDED, "smollm2-135m",
+                        replace(models.EMBEDDED["smollm2-135m"], locate_gguf=lambda: Path("model.gguf")))
+    legacy = tmp_path / "models" / "smollm2-135m"
+    legacy.mkdir(parents=True)
+    for f in ("config.json", "KVCOMPRESS_SOURCE", "model.safetensors"):
+        (legacy / f).write_text("old")
+    first = models.resolve("smollm2-135m", progress=False)
+    assert first == legacy / f"transformers-{transformers.__version__}" and len(made) == 1
+    assert sorted(p.name for p in legacy.iterdir()) == [first.name]  # the old layout's files are gone
+    assert models.resolve("smollm2-135m", progress=False) == first and len(made) == 1  # read back, not converted
+    monkeypatch.setattr(transformers, "__version__", "9.9.9")
+    other = models.resolve("smollm2-135m", progress=False)
+    assert other == legacy / "transformers-9.9.9" and len(made) == 2 and (first / "config.json").exists()
 
 
 @pytest.mark.model

@@ -108,29 +108,49 @@ def _convert_gguf(gguf: Path, name: str, target: Path, progress: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _converted_dir(base: Path) -> Path:
+    """Where the conversion of one GGUF file by the installed transformers lives: ``base/transformers-<version>``.
+    A conversion is only read back by the transformers version that wrote it: a tokenizer saved by 5.2 (a
+    ``CodeLlamaTokenizer`` for SmolLM2's GGUF) is read by 5.24 as another tokenizer that encodes text into different
+    ids, with no error. A conversion in the old place (files directly in ``base``, from kvcompress before this
+    layout) is removed when a new one is written."""
+    import transformers
+
+    return base / f"transformers-{transformers.__version__}"
+
+
+def _convert_once(locate: Callable[[], Path], name: str, base: Path, progress: bool) -> Path:
+    """The conversion of the GGUF file ``locate()`` finds (asked only when there is none yet) for this transformers."""
+    target = _converted_dir(base)
+    if not (target / "config.json").exists() or not (target / "KVCOMPRESS_SOURCE").exists():
+        _convert_gguf(locate(), name, target, progress)
+        if (base / "KVCOMPRESS_SOURCE").is_file():  # a conversion of the old layout: its files only
+            for old in base.iterdir():
+                if old.is_file():
+                    old.unlink()
+    return target
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
-    """Where a user's GGUF file is cached once converted: ``models/gguf-<stem>-<hash>``, the hash over the file's
-    resolved path, size and modification time (a changed file is converted again)."""
+    """Where a user's GGUF file is cached once converted: ``models/gguf-<stem>-<hash>/transformers-<version>``, the
+    hash over the file's resolved path, size and modification time (a changed file is converted again), the
+    version the installed transformers' (see :func:`_converted_dir`)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"gguf-{gguf.stem}-{key}"
+    return _converted_dir(cache_dir() / "models" / f"gguf-{gguf.stem}-{key}")
 
 
 def resolve(name_or_path: str, progress: bool = True) -> Path | str:
-    """The directory (or hub id) transformers should load for ``name_or_path``; converts embedded models."""
+    """The directory (or hub id) transformers should load for ``name_or_path``; converts embedded models (once per
+    transformers version: :func:`_converted_dir`)."""
     if name_or_path in EMBEDDED:
-        target = cache_dir() / "models" / name_or_path
-        if not (target / "config.json").exists() or not (target / "KVCOMPRESS_SOURCE").exists():
-            _convert_gguf(EMBEDDED[name_or_path].locate_gguf(), name_or_path, target, progress)
-        return target
+        return _convert_once(EMBEDDED[name_or_path].locate_gguf, name_or_path, cache_dir() / "models" / name_or_path,
+                             progress)
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise KVCompressError(f"GGUF file {path} does not exist")
-        target = gguf_cache_dir(path)
-        if not (target / "config.json").exists() or not (target / "KVCOMPRESS_SOURCE").exists():
-            _convert_gguf(path, path.stem, target, progress)
-        return target
+        return _convert_once(lambda: path, path.stem, gguf_cache_dir(path).parent, progress)
     if path.exists():
         if not (path / "config.json").exists():
             raise KVCompressError(f"{path} exists but has no config.json: not a transformers model directory")
