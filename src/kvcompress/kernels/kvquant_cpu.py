@@ -157,29 +157,48 @@ def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, n
 
 
 @njit(cache=True, inline="always")
-def _outliers_block(counts, e, cols, vals, posmap, bi, ta, nt, out):
-    """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)``; ``e`` is the
-    CSR offset of row ``(ta, 0)`` (rows token-major, ``counts (nb, 1, >= n)`` entries each; ``cols`` in ``[0, h*d)``,
-    ``vals`` fp16 bits). Column ``col`` goes to KV head ``posmap[0, col]``, position ``posmap[1, col]`` (tables: no
-    division per entry). Returns the offset of row ``(ta + nt, 0)``: the offsets are carried from block to block, not
-    held (no row-pointer array per step)."""
+def _outliers_block(counts, rp, e, cols, vals, posmap, bi, ta, nt, out):
+    """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
+    token-major, ``counts (nb, 1, >= n)`` entries each; ``cols`` in ``[0, h*d)``, ``vals`` fp16 bits). Column ``col``
+    goes to KV head ``posmap[0, col]``, position ``posmap[1, col]`` (tables: no division per entry). One batch row:
+    ``e`` is the CSR offset of token ``ta``, carried from block to block (returned for ``ta + nt``), nothing made per
+    step; several: ``rp`` the row pointers (:func:`_row_pointers`)."""
+    if counts.shape[0] == 1:
+        for i in range(nt):
+            c = counts[0, 0, ta + i]
+            for k in range(e, e + c):
+                col = cols[k]
+                out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
+            e += c
+        return e
     nb = counts.shape[0]
     for i in range(nt):
-        t = ta + i
-        start = e
-        for b2 in range(bi):
-            start += counts[b2, 0, t]
-        for k in range(start, start + counts[bi, 0, t]):
+        row = (ta + i) * nb + bi
+        for k in range(rp[row], rp[row + 1]):
             col = cols[k]
             out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
-        for b2 in range(nb):
-            e += counts[b2, 0, t]
     return e
 
 
+@njit(cache=True)
+def _row_pointers(counts, n):
+    """``(n*nb + 1,)`` int64 CSR row pointers of outlier counts ``(nb, 1, >= n)`` per (batch row, token), rows
+    token-major, for several batch rows (empty for one, or without outliers: offsets are carried instead)."""
+    nb = counts.shape[0]
+    if counts.shape[2] == 0 or nb == 1:
+        return np.zeros(0, np.int64)
+    rp = np.empty(n * nb + 1, np.int64)
+    rp[0] = 0
+    for t in range(n):
+        for bi in range(nb):
+            r = t * nb + bi
+            rp[r + 1] = rp[r] + np.int64(counts[bi, 0, t])
+    return rp
+
+
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
+def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, krp, kcols, kvals,
+                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vrp, vcols, vvals, colmap,
                   bi, inv_freq, rope_scale, pos_start, positions, valid, t0, t1, acc_out, m_out, l_out):
     """Attention of ``q (h, rows, d)`` over tokens ``[t0, t1)`` of batch row ``bi``, every KV head in one pass over the
     tokens (a token's position, rotation and outlier entries are read once for all its heads). Codes ``*p0``/``*p1 (h,
@@ -228,8 +247,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     use_s = np.empty(half, np.float32)
     prev, since = np.int64(-2), EXACT_EVERY
     # CSR offsets of row (ta, 0): carried from block to block
-    ke = _entries_between(kcounts, 0, t0) if kcounts.shape[2] > 0 else np.int64(0)
-    ve = _entries_between(vcounts, 0, t0) if vcounts.shape[2] > 0 else np.int64(0)
+    ke = _entries_between(kcounts, 0, t0) if kcounts.shape[2] > 0 and kcounts.shape[0] == 1 else np.int64(0)
+    ve = _entries_between(vcounts, 0, t0) if vcounts.shape[2] > 0 and vcounts.shape[0] == 1 else np.int64(0)
 
     ta = t0
     while ta < t1:
@@ -246,9 +265,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 seen[hh] = cnt
             any_seen += seen[hh]
         if any_seen == 0:
-            if kcounts.shape[2] > 0:
+            if kcounts.shape[2] > 0 and kcounts.shape[0] == 1:
                 ke += _entries_between(kcounts, ta, ta + nt)
-            if vcounts.shape[2] > 0:
+            if vcounts.shape[2] > 0 and vcounts.shape[0] == 1:
                 ve += _entries_between(vcounts, ta, ta + nt)
             ta += nt
             continue
@@ -257,7 +276,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel, cs[hh * nd : hh * nd + nd],
                            co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
         if kcounts.shape[2] > 0:
-            ke = _outliers_block(kcounts, ke, kcols, kvals, colmap, bi, ta, nt, kf)
+            ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, bi, ta, nt, kf)
         if rope:
             for i in range(nt):
                 pos = pos_start + ta + i if pos_start >= 0 else np.int64(positions[ta + i])
@@ -297,7 +316,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
                            vto[vsel], ta, nt, vf[hh])
         if vcounts.shape[2] > 0:
-            ve = _outliers_block(vcounts, ve, vcols, vvals, colmap, bi, ta, nt, vf)
+            ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, bi, ta, nt, vf)
         for hh in range(h):
             if seen[hh] == 0:
                 continue
@@ -318,8 +337,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-              vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
+def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, krp, kcols,
+              kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vrp, vcols, vvals, colmap, inv_freq,
+              rope_scale,
               pos_start, positions, valid, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[bi, :, si]``,
     ``pm``, ``pl`` (``(b, h, splits, rows[, d])``: the layout :func:`kvcompress.kernels.cpu._merge` reads)."""
@@ -330,9 +350,9 @@ def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco,
     kr = min(bi, kcs.shape[0] - 1)
     pr = min(bi, positions.shape[0] - 1)
     _attend_range(qg[bi], kbits, kp0[bi], kp1[bi], kw0[bi], kw1[bi], klev, kper_channel, kcs[kr], kco[kr], kts[bi],
-                  kto[bi], kcounts, kcols, kvals, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi], vto[bi],
-                  vcounts, vcols, vvals, colmap, bi, inv_freq, rope_scale, pos_start, positions[pr], vmask, t0, t1,
-                  pacc[bi, :, si], pm[bi, :, si], pl[bi, :, si])
+                  kto[bi], kcounts, krp, kcols, kvals, vbits, vp0[bi], vp1[bi], vw0[bi], vw1[bi], vlev, vts[bi],
+                  vto[bi], vcounts, vrp, vcols, vvals, colmap, bi, inv_freq, rope_scale, pos_start, positions[pr],
+                  vmask, t0, t1, pacc[bi, :, si], pm[bi, :, si], pl[bi, :, si])
 
 
 @njit(cache=True, inline="always")
@@ -364,9 +384,11 @@ def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kc
     n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
     items, pacc, pm, pl = _partials(qg, n, span)
+    krp, vrp = _row_pointers(kcounts, n), _row_pointers(vcounts, n)
     for item in prange(items):
-        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, krp, kcols,
+                  kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vrp, vcols, vvals, colmap, inv_freq,
+              rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
     splits = pm.shape[2]
     flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
@@ -382,9 +404,11 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
     items, pacc, pm, pl = _partials(qg, n, span)
+    krp, vrp = _row_pointers(kcounts, n), _row_pointers(vcounts, n)
     for item in range(items):
-        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-                  vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
+        _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, krp, kcols,
+                  kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vrp, vcols, vvals, colmap, inv_freq,
+              rope_scale,
                   pos_start, positions, valid, n, span, pacc, pm, pl)
     splits = pm.shape[2]
     flat_acc, flat_m, flat_l = (pacc.reshape(b * h * splits, rows, d), pm.reshape(b * h * splits, rows),
