@@ -388,6 +388,26 @@ def test_tokenizer_without_special_tokens_is_an_error(tiny_model):
     make_cache("fastgen", tiny_model, tokenizer=NoSpecials(), policy="punct+local").close()  # no 'special': fine
 
 
+def test_tokenizer_specials_past_the_vocabulary_are_left_out(tiny_model):
+    """transformers 5.2 gives SmolLM2's GGUF tokenizer five special tokens past the model's 49152 ids: they cannot be
+    in the cache, so they are left out of the class (ids the user passes there stay an error)."""
+
+    class ExtraSpecials:
+        all_special_ids: list = [0, 128, 129]  # the tiny model has 128 ids
+
+        def __len__(self):
+            return 130
+
+        def convert_ids_to_tokens(self, ids):
+            return ["." if i in (5, 129) else f"t{i}" for i in ids]
+
+        def batch_decode(self, seqs):
+            return ["." if s[0] in (5, 129) else f"t{s[0]}" for s in seqs]
+
+    with make_cache("fastgen", tiny_model, tokenizer=ExtraSpecials()) as cache:
+        assert cache.method.tokens[0].tolist() == [0] and cache.method.tokens[1].tolist() == [5]
+
+
 def test_model_without_a_tokenizer_needs_ids(tiny_model):
     with pytest.raises(KVCompressError, match="special_ids"):
         make_cache("fastgen", tiny_model)  # the random test model has no tokenizer to load

@@ -118,9 +118,11 @@ class FastGen(Method):
         special, punct = cfg.special_ids, cfg.punct_ids
         if special is None or punct is None:
             tok = self._tokenizer()
-            special = special if special is not None else tuple(tok.all_special_ids)
-            punct = punct if punct is not None else tuple(punctuation_ids(tok))
-        bad = [i for i in (*special, *punct) if i >= vocab]
+            # a tokenizer may define special tokens the model has no embedding for (transformers 5.2 gives SmolLM2's
+            # GGUF tokenizer five code-infilling tokens past its vocabulary): they can never be in the cache
+            special = special if special is not None else tuple(i for i in tok.all_special_ids if i < vocab)
+            punct = punct if punct is not None else tuple(i for i in punctuation_ids(tok) if i < vocab)
+        bad = [i for i in (*special, *punct) if i >= vocab]  # ids the user gave
         if bad:
             raise KVCompressError(f"fastgen: token ids {bad[:5]} are outside the model's vocabulary ({vocab})")
         uses = SPECIAL | PUNCT if self.forced is None else self.forced
