@@ -348,7 +348,8 @@ class QuantStream:
                 if not nnz:  # as append: nothing held for no entries
                     break
                 replaced |= g.reserve(nnz, (1, 1, nnz), dtype)
-                g.array()[0, 0, g.length : g.length + nnz] = src[:nnz]  # fp16: rounded to nearest even, as torch
+                with np.errstate(over="ignore"):  # fp16: rounded to nearest even, beyond its range inf, as torch
+                    g.array()[0, 0, g.length : g.length + nnz] = src[:nnz]
                 g.commit(nnz)
         for g in (*self._planes, *self._ranges):
             g.commit(q)
