@@ -470,6 +470,11 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
     los = np.empty(max(m + 1, 1), np.float32)
     his = np.empty(max(m + 1, 1), np.float32)
     codes = np.empty(d, np.int32)
+    offs = np.empty(ch_off.shape, np.float32)  # the per-channel range decoded once, not per token
+    scales = np.empty(ch_scale.shape, np.float32)
+    for r in range(ch_off.shape[0]):
+        for c in range(ch_off.shape[1]):
+            offs[r, c], scales[r, c] = _f16(ch_off[r, c]), _f16(ch_scale[r, c])
     for t in range(q):
         for bi in range(b):
             for c in range(w):
@@ -478,7 +483,7 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
             if per_channel:
                 cr = min(bi, ch_off.shape[0] - 1)
                 for c in range(w):
-                    off, s = _f16(ch_off[cr, c]), _f16(ch_scale[cr, c])
+                    off, s = offs[cr, c], scales[cr, c]
                     lo, hi = off - s, off + s
                     x = row[c]
                     if track and (x > hi or x < lo):
