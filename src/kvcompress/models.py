@@ -131,13 +131,18 @@ def _convert_once(locate: Callable[[], Path], name: str, base: Path, progress: b
     return target
 
 
-def gguf_cache_dir(gguf: Path) -> Path:
-    """Where a user's GGUF file is cached once converted: ``models/gguf-<stem>-<hash>/transformers-<version>``, the
-    hash over the file's resolved path, size and modification time (a changed file is converted again), the
-    version the installed transformers' (see :func:`_converted_dir`)."""
+def _gguf_base(gguf: Path) -> Path:
+    """``models/gguf-<stem>-<hash>``, the hash over the file's resolved path, size and modification time (a changed
+    file is converted again)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return _converted_dir(cache_dir() / "models" / f"gguf-{gguf.stem}-{key}")
+    return cache_dir() / "models" / f"gguf-{gguf.stem}-{key}"
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a user's GGUF file is cached once converted: ``models/gguf-<stem>-<hash>/transformers-<version>``
+    (:func:`_gguf_base`, :func:`_converted_dir`)."""
+    return _converted_dir(_gguf_base(gguf))
 
 
 def resolve(name_or_path: str, progress: bool = True) -> Path | str:
@@ -150,7 +155,7 @@ def resolve(name_or_path: str, progress: bool = True) -> Path | str:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise KVCompressError(f"GGUF file {path} does not exist")
-        return _convert_once(lambda: path, path.stem, gguf_cache_dir(path).parent, progress)
+        return _convert_once(lambda: path, path.stem, _gguf_base(path), progress)
     if path.exists():
         if not (path / "config.json").exists():
             raise KVCompressError(f"{path} exists but has no config.json: not a transformers model directory")

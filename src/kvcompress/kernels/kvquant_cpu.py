@@ -68,12 +68,14 @@ def _f16(h):
 
 @njit(cache=True, inline="always")
 def _entries_between(counts, a, z):
-    """Outlier entries of the rows of tokens ``[a, z)`` (all batch rows; rows token-major, ``counts (nb, 1, >= z)``):
-    from ``a = 0``, the CSR offset of row ``(z, 0)``."""
+    """Outlier entries of tokens ``[a, z)`` of one batch row (``counts (1, 1, >= z)``): from ``a = 0``, the CSR offset
+    of token ``z``. 0 without outliers or for several batch rows (they read row pointers instead: the offset is not
+    carried, :func:`_outliers_block`)."""
     e = np.int64(0)
-    for bi in range(counts.shape[0]):
-        for u in range(a, z):
-            e += counts[bi, 0, u]
+    if counts.shape[2] == 0 or counts.shape[0] != 1:
+        return e
+    for u in range(a, z):
+        e += counts[0, 0, u]
     return e
 
 
@@ -247,8 +249,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     use_s = np.empty(half, np.float32)
     prev, since = np.int64(-2), EXACT_EVERY
     # CSR offsets of row (ta, 0): carried from block to block
-    ke = _entries_between(kcounts, 0, t0) if kcounts.shape[2] > 0 and kcounts.shape[0] == 1 else np.int64(0)
-    ve = _entries_between(vcounts, 0, t0) if vcounts.shape[2] > 0 and vcounts.shape[0] == 1 else np.int64(0)
+    ke, ve = _entries_between(kcounts, 0, t0), _entries_between(vcounts, 0, t0)
 
     ta = t0
     while ta < t1:
@@ -265,10 +266,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 seen[hh] = cnt
             any_seen += seen[hh]
         if any_seen == 0:
-            if kcounts.shape[2] > 0 and kcounts.shape[0] == 1:
-                ke += _entries_between(kcounts, ta, ta + nt)
-            if vcounts.shape[2] > 0 and vcounts.shape[0] == 1:
-                ve += _entries_between(vcounts, ta, ta + nt)
+            ke += _entries_between(kcounts, ta, ta + nt)
+            ve += _entries_between(vcounts, ta, ta + nt)
             ta += nt
             continue
         for hh in range(h):
@@ -339,8 +338,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
 @njit(cache=True, fastmath=_FM)
 def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, krp, kcols,
               kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vrp, vcols, vvals, colmap, inv_freq,
-              rope_scale,
-              pos_start, positions, valid, n, span, pacc, pm, pl):
+              rope_scale, pos_start, positions, valid, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of batch row ``item // splits`` (all its KV heads) into ``pacc[bi, :, si]``,
     ``pm``, ``pl`` (``(b, h, splits, rows[, d])``: the layout :func:`kvcompress.kernels.cpu._merge` reads)."""
     splits = pm.shape[2]

@@ -325,8 +325,7 @@ class QuantStream:
             m = min(math.floor(w * self.fraction / 2 + 0.5 + 1e-9), (w - 1) // 2)
         if self.per_channel:
             if self._channel_arrays is None:  # the held fp16 range's bits (views of the same memory)
-                self._channel_arrays = tuple(t.view(torch.int16).numpy().view(np.uint16)
-                                             for t in (self.channel_offset, self.channel_scale))
+                self._channel_arrays = tuple(kernels._half_bits(t) for t in (self.channel_offset, self.channel_scale))
             ch_off, ch_scale = self._channel_arrays
         else:
             ch_off = ch_scale = _NO_RANGE
@@ -343,7 +342,6 @@ class QuantStream:
             g_counts, g_cols, g_vals = self._sparse
             replaced |= g_counts.reserve(q, (b, 1, q), _small_int(w))
             g_counts.array()[:, 0, start : start + q] = counts.T
-            g_counts.commit(q)
             for g, src, dtype in ((g_cols, cols, _small_int(w - 1)), (g_vals, vals, torch.float16)):
                 if not nnz:  # as append: nothing held for no entries
                     break
@@ -351,7 +349,7 @@ class QuantStream:
                 with np.errstate(over="ignore"):  # fp16: rounded to nearest even, beyond its range inf, as torch
                     g.array()[0, 0, g.length : g.length + nnz] = src[:nnz]
                 g.commit(nnz)
-        for g in (*self._planes, *self._ranges):
+        for g in (*self._planes, *self._ranges, *self._sparse[:1]):  # the per-token buffers (as drop_front)
             g.commit(q)
         self.length += q
         if replaced:
