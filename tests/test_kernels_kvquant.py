@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from kvcompress import kernels, make_cache
 from kvcompress.compat import cache_kwargs
+from kvcompress.methods.kvquant import KVQuantLayer
 from kvcompress.methods.kvquant_store import QuantStream
 
 from test_kernels import check_partials, padding_mask
@@ -92,25 +93,49 @@ def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token
     rope=st.sampled_from(["none", "start", "explicit"]),
     padding=st.sampled_from(["none", "shared", "per-head", "all"]),
     parallel=st.booleans(),
+    tail=st.integers(0, 3),
     seed=st.integers(0, 10_000),
 )
 def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, group, q, per_channel, outliers,
-                                                       token_range, levels, rope, padding, parallel, seed):
+                                                       token_range, levels, rope, padding, parallel, tail, seed):
     """Key/value bits 2/3/4 (3: two planes), head dims 8-128, tokens appended in several steps (lengths not a multiple
     of the kernel's block), batch, GQA ratios, one or several queries, per-channel or per-token keys, value ranges per
     token or per head, no / 2 % / 10 % outliers, uniform or random levels, keys not rotated / rotated from a start
     position / rotated at explicit positions (jumps included), padding (shared, per head, a whole row), serial and
-    threaded."""
+    threaded, with 0-3 dense tail tokens every row sees (``tail=``)."""
     qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers,
                                                            token_range, rope, padding, seed, levels=levels)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tk, tv = torch.randn(b, kv, tail, d, generator=gen), torch.randn(b, kv, tail, d, generator=gen)
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
     try:
-        acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
+        acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid, tail=(tk, tv) if tail else None)
     finally:
         kernels.MIN_PARALLEL_WORK = before
     assert acc.shape == (b, kv, group * q, d) and m.shape == l.shape == (b, kv, group * q)
+    if tail:
+        ref_k, ref_v = torch.cat([ref_k, tk.double()], dim=2), torch.cat([ref_v, tv], dim=2)
+        if valid is not None:
+            valid = torch.cat([valid, torch.ones(b, valid.shape[1], tail, dtype=torch.bool)], dim=2)
     check_partials(acc, m, l, qg, ref_k, ref_v, valid)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_kernel_reads_outlier_counts_and_columns_of_every_width(dtype):
+    """The store keeps outlier counts and columns as uint8, int16 or int32 by the layer's width; the kernel reads them
+    in place as bytes: the same codes with the integers widened give the same partials."""
+    from dataclasses import replace
+
+    qg, n, kc, vc, spec, valid, _, _ = kvquant_case((3, 3), 16, [37, 20], 2, 2, 2, 1, True, 0.1, "token", "start",
+                                                    "none", 7)
+    assert kc.counts.dtype == torch.uint8 and kc.cols.dtype == torch.uint8
+    want = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
+    widen = lambda c: replace(c, counts=c.counts.to(dtype), cols=c.cols.to(dtype))  # noqa: E731
+    got = kernels.kvquant_attention(qg, n, widen(kc), widen(vc), spec, valid)
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)
 
 
 @needs_numba
@@ -214,6 +239,17 @@ def attend_both_ways(monkeypatch) -> list[float]:
         return got
 
     monkeypatch.setattr(attention, "attend_parts", both)
+    one_fused = KVQuantLayer._attend_one_fused
+
+    def one_both(layer, query, keys, values, scaling):  # the one-call decode step against the chunked general path
+        past = [replace(p, fused=None) for p in layer._past_parts()]
+        want = real(query, [*past, attention.KVPart.dense(keys, values, None, causal=True)], scaling)
+        got = one_fused(layer, query, keys, values, scaling)
+        if got is not None:
+            diffs.append((got[0] - want.output).abs().max().item())
+        return got
+
+    monkeypatch.setattr(KVQuantLayer, "_attend_one_fused", one_both)
     return diffs
 
 
@@ -255,14 +291,17 @@ def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
     per_channel=st.booleans(),
     outliers=st.sampled_from([0.0, 0.01, 0.1]),
     kind=st.sampled_from(["normal", "ties", "halfway", "constant", "tiny", "huge"]),
+    unrotate=st.sampled_from([None, 1, "b"]),
     seed=st.integers(0, 10_000),
 )
-def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_channel, outliers, kind, seed):
+def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_channel, outliers, kind, unrotate,
+                                                     seed):
     """Appended tokens (a decode step or a prompt) are quantized by one numba call (``quantize_rows``); every held
     tensor equals what the torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values.
     Data with ties (repeated values: the order statistics and the nearest level's tie rule), ranges halfway between
     two fp16 numbers (ties to even), constant rows (zero scale), fp16 subnormal ranges, and ranges beyond fp16 (the
-    same error)."""
+    same error). Post-RoPE keys un-rotated on the way in (``unrotate``: cos/sin for one or every batch row, with an
+    attention scaling) give the same bits as :func:`kvcompress.rope.unapply_rope` then the torch path."""
     import kvcompress.methods.kvquant_store as store
 
     gen = torch.Generator().manual_seed(seed)
@@ -284,6 +323,13 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
         return x
 
     data = [tokens(q) for q in steps]
+    angles = []
+    for q in steps:  # RoPE angles of consecutive positions from 1000 (rotate-half: the two halves repeat them)
+        pos = torch.arange(1000, 1000 + q, dtype=torch.float32).repeat(b if unrotate == "b" else 1, 1)
+        pos = pos + torch.randint(0, 50, (pos.shape[0], 1), generator=gen)
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        ang = torch.cat([pos[..., None] * inv, pos[..., None] * inv], dim=-1)
+        angles.append((ang.cos() * 1.1, ang.sin() * 1.1) if unrotate else None)
 
     def run(fast):
         before = store.FAST_ROWS
@@ -292,8 +338,8 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
             s = QuantStream(bits, outliers, book, book, kv, d, per_channel)
             if per_channel:
                 s.fix_range(prompt)
-            for x in data:
-                s.append(x)
+            for x, rot in zip(data, angles):
+                s.append(x, rot)
         except Exception as exc:  # noqa: BLE001 - the same error both ways
             return type(exc), str(exc)
         finally:

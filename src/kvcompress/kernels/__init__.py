@@ -23,6 +23,7 @@ alternative at hand, torch ops on the codes, is the chunked path: 2-7x slower th
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -228,6 +229,19 @@ def _run_layer(serial, parallel, args, units: int, work: int) -> None:
         _PARALLEL.release()
 
 
+def _with_dense(qg: torch.Tensor, partials, keys: torch.Tensor, values: torch.Tensor):
+    """``partials = (acc, m, l)`` of ``qg (b, h, rows, d)`` merged with dense ``keys``/``values (b, h, nt, d)`` every
+    row sees (torch; the numba kernel folds them in itself)."""
+    acc, m, l = partials
+    if not keys.shape[2]:
+        return partials
+    s = torch.matmul(qg, keys.float().transpose(-1, -2))  # (b, h, rows, nt)
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    p = torch.exp(s - m_new.unsqueeze(-1))
+    alpha = torch.exp(m - m_new)  # m = -inf (nothing seen yet): 0
+    return (acc * alpha.unsqueeze(-1) + torch.matmul(p, values.float()), m_new, l * alpha + p.sum(dim=-1))
+
+
 def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None):
     """The ``KVPart.fused`` contract computed by dequantizing ``chunk`` tokens at a time and two matmuls per chunk:
     ``read(start, stop, torch.float32) -> (keys, values)`` each ``(b, kv_heads, stop - start, d)``; ``qg``, ``valid``
@@ -296,12 +310,14 @@ class RotaryPositions:
 
 def kvquant_fused_applies(device: torch.device, keys: CodebookCodes, values: CodebookCodes, head_dim: int) -> bool:
     """Whether :func:`kvquant_attention` serves these codes on ``device``: the numba kernel for CPU tensors (2, 3 or 4
-    bits, ``head_dim`` a multiple of 8, values per token)."""
+    bits, ``head_dim`` a multiple of 8, values per token, outlier buffers contiguous on a little-endian machine)."""
     if backend(device) == "triton":
         return keys.bits in (2, 3, 4) and values.bits in (2, 3, 4) and head_dim % 8 == 0 and not values.per_channel
     if backend(device) != "numba" or head_dim % 8 or values.per_channel:
         return False
-    return keys.bits in (2, 3, 4) and values.bits in (2, 3, 4)
+    in_place = sys.byteorder == "little" and all(t is None or t.is_contiguous() for c in (keys, values)
+                                                 for t in (c.counts, c.cols))  # read as bytes, in place
+    return in_place and keys.bits in (2, 3, 4) and values.bits in (2, 3, 4)
 
 
 @lru_cache(maxsize=16)
@@ -326,6 +342,7 @@ def _half_bits(t: torch.Tensor) -> np.ndarray:
 
 
 _NO_CHANNEL_RANGE = np.zeros((1, 0), np.uint16)
+_NO_TAIL = (np.zeros((1, 1, 0, 1), np.float32),) * 2
 _NO_ROTATION = np.zeros(0, np.float32)
 _NO_POSITIONS = np.zeros((1, 0), np.int64)
 
@@ -350,39 +367,48 @@ def _stream_arrays(codes: CodebookCodes, b: int, h: int, d: int):
     else:  # fp16 bits, decoded in the kernel (no copy)
         scale, offset = (_half_bits(t)[..., 0] for t in (codes.scale, codes.offset))  # (b, 1|h, >= n)
     sparse = (None, None, None) if codes.counts is None or codes.cols is None else \
-        (codes.counts.numpy(), codes.cols.numpy(), _half_bits(codes.vals))
+        (_int_bytes(codes.counts), _int_bytes(codes.cols), _half_bits(codes.vals))
     codes._arrays = (codes.bits, p0, p1, w0, w1, lev, scale, offset, *sparse)
     return codes._arrays
 
 
-_NO_SPARSE = (np.zeros((1, 1, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint16))
+def _int_bytes(t: torch.Tensor) -> np.ndarray:
+    """A held integer tensor (uint8, int16 or int32; non-negative values) as its little-endian bytes ``(*t.shape,
+    width)`` uint8, the same memory: the kernel reads every width in place with one signature
+    (:func:`kvcompress.kernels.kvquant_cpu._small`) -- no per-step copy of the outlier columns, no compile per width.
+    ``t`` contiguous, on a little-endian machine (:func:`kvquant_fused_applies` checks both)."""
+    a = t.numpy()
+    return a.view(np.uint8).reshape(*a.shape, a.dtype.itemsize)
+
+
+_NO_SPARSE = (np.zeros((1, 1, 0, 1), np.uint8), np.zeros((0, 1), np.uint8), np.zeros(0, np.uint16))
 
 
 def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
-    """:func:`_stream_arrays` with the outlier counts and columns of the first ``n`` tokens widened to int32 (small
-    copies: the kernel is then compiled for one signature, not one per combination of the held widths -- each
-    compile takes tens of seconds); ``(b, 1, 0)`` counts when no outlier is kept."""
+    """:func:`_stream_arrays`, with ``(b, 1, 0, 1)`` counts when no outlier is kept (the kernel reads the first ``n``
+    tokens' entries)."""
     bits, p0, p1, w0, w1, lev, scale, offset, counts, cols, vals = _stream_arrays(codes, b, h, d)
     if counts is None:
         counts, cols, vals = _NO_SPARSE
-    else:
-        counts = counts[:, :, :n].astype(np.int32)
-        cols = cols[: int(counts.sum())].astype(np.int32)
     return bits, p0, p1, w0, w1, lev, scale, offset, counts, cols, vals
 
 
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
-                      rope: RotaryPositions | None = None, valid: torch.Tensor | None = None):
+                      rope: RotaryPositions | None = None, valid: torch.Tensor | None = None,
+                      tail: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Attention partials of ``qg`` over ``n`` tokens held as KVQuant codes (the ``KVPart.fused`` contract).
 
     ``qg (b, kv_heads, rows, d)`` fp32, already scaled; ``keys``/``values``: :class:`CodebookCodes` of the same ``n``
     tokens (values per token); ``rope``: rotate the keys to their positions (pre-RoPE keys), None = keys as stored;
-    ``valid (b, kv_heads | 1, n)`` bool or None. Returns fp32 ``acc (b, kv_heads, rows, d)``, ``m``, ``l (b, kv_heads,
-    rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`); see :func:`kvquant_fused_applies`."""
+    ``valid (b, kv_heads | 1, n)`` bool or None; ``tail``: dense ``(keys, values)`` ``(b, kv_heads, nt, d)`` that every
+    query row also sees (a decode step's full-precision tokens), folded into the same partials. Returns fp32 ``acc (b,
+    kv_heads, rows, d)``, ``m``, ``l (b, kv_heads, rows)`` as :func:`kivi_attention`. Numba (:mod:`.kvquant_cpu`); see
+    :func:`kvquant_fused_applies`."""
     if backend(qg.device) == "triton":
         from . import kvquant_gpu
 
-        return kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
+        out = kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
+        return out if tail is None else _with_dense(qg, out, *tail)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
@@ -401,6 +427,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
         else:
             start, positions = -1, _np(rope.positions[:, :n].long())
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
+    tk, tv = _NO_TAIL if tail is None else (_np(t.float()) for t in tail)
     acc = np.empty((b, h, rows, d), np.float32)
     m = np.empty((b, h, rows), np.float32)
     l = np.empty((b, h, rows), np.float32)
@@ -408,7 +435,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     def args(splits):
         return (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
                 vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, _column_map(d, h), inv_freq, rscale,
-                start, positions, vmask, n, _ceil(n, splits), acc, m, l)
+                start, positions, vmask, n, _ceil(n, splits), tk, tv, acc, m, l)
 
     _run_layer(_kvq_cpu.kvquant_layer_serial, _kvq_cpu.kvquant_layer_parallel, args, b, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)

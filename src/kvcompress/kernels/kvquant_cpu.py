@@ -67,15 +67,29 @@ def _f16(h):
 
 
 @njit(cache=True, inline="always")
+def _small(raw, i):
+    """Entry ``i`` of a held array of small non-negative integers read as its little-endian bytes ``raw (..., width)``
+    uint8 (the store keeps counts and columns as uint8, int16 or int32 by the layer's width; the kernel reads them in
+    place, one signature for all)."""
+    w = raw.shape[-1]
+    if w == 1:
+        return np.int64(raw[i, 0])
+    if w == 2:
+        return np.int64(raw[i, 0]) | (np.int64(raw[i, 1]) << 8)
+    return np.int64(raw[i, 0]) | (np.int64(raw[i, 1]) << 8) | (np.int64(raw[i, 2]) << 16) | (np.int64(raw[i, 3]) << 24)
+
+
+@njit(cache=True, inline="always")
 def _entries_between(counts, a, z):
-    """Outlier entries of tokens ``[a, z)`` of one batch row (``counts (1, 1, >= z)``): from ``a = 0``, the CSR offset
+    """Outlier entries of tokens ``[a, z)`` of one batch row (``counts (1, 1, >= z, width)``, :func:`_small`): from ``a = 0``, the CSR offset
     of token ``z``. 0 without outliers or for several batch rows (they read row pointers instead: the offset is not
     carried, :func:`_outliers_block`)."""
     e = np.int64(0)
     if counts.shape[2] == 0 or counts.shape[0] != 1:
         return e
+    row = counts[0, 0]
     for u in range(a, z):
-        e += counts[0, 0, u]
+        e += _small(row, u)
     return e
 
 
@@ -161,15 +175,17 @@ def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, n
 @njit(cache=True, inline="always")
 def _outliers_block(counts, rp, e, cols, vals, posmap, bi, ta, nt, out):
     """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
-    token-major, ``counts (nb, 1, >= n)`` entries each; ``cols`` in ``[0, h*d)``, ``vals`` fp16 bits). Column ``col``
+    token-major, ``counts (nb, 1, >= n, width)`` entries each; ``cols (>= nnz, width)`` in ``[0, h*d)``, both read by
+    :func:`_small`; ``vals`` fp16 bits). Column ``col``
     goes to KV head ``posmap[0, col]``, position ``posmap[1, col]`` (tables: no division per entry). One batch row:
     ``e`` is the CSR offset of token ``ta``, carried from block to block (returned for ``ta + nt``), nothing made per
     step; several: ``rp`` the row pointers (:func:`_row_pointers`)."""
     if counts.shape[0] == 1:
+        row = counts[0, 0]
         for i in range(nt):
-            c = counts[0, 0, ta + i]
+            c = _small(row, ta + i)
             for k in range(e, e + c):
-                col = cols[k]
+                col = _small(cols, k)
                 out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
             e += c
         return e
@@ -177,14 +193,14 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, bi, ta, nt, out):
     for i in range(nt):
         row = (ta + i) * nb + bi
         for k in range(rp[row], rp[row + 1]):
-            col = cols[k]
+            col = _small(cols, k)
             out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
     return e
 
 
 @njit(cache=True)
 def _row_pointers(counts, n):
-    """``(n*nb + 1,)`` int64 CSR row pointers of outlier counts ``(nb, 1, >= n)`` per (batch row, token), rows
+    """``(n*nb + 1,)`` int64 CSR row pointers of outlier counts ``(nb, 1, >= n, width)`` per (batch row, token), rows
     token-major, for several batch rows (empty for one, or without outliers: offsets are carried instead)."""
     nb = counts.shape[0]
     if counts.shape[2] == 0 or nb == 1:
@@ -194,7 +210,7 @@ def _row_pointers(counts, n):
     for t in range(n):
         for bi in range(nb):
             r = t * nb + bi
-            rp[r + 1] = rp[r] + np.int64(counts[bi, 0, t])
+            rp[r + 1] = rp[r] + _small(counts[bi, 0], t)
     return rp
 
 
@@ -206,7 +222,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     tokens (a token's position, rotation and outlier entries are read once for all its heads). Codes ``*p0``/``*p1 (h,
     cap, bytes)`` (and as words ``*w0``/``*w1``, see :func:`_levels_block`); keys per channel (``kcs``/``kco (h*d,)``
     fp16 bits) or per token (``kts``/``kto (1|h, cap)``), values per token (``vts``/``vto``), as in
-    :func:`_dequant_block`; outliers: :func:`_outliers_block` (``*counts (nb, 1, >= n)`` of every batch row, ``colmap``
+    :func:`_dequant_block`; outliers: :func:`_outliers_block` (``*counts (nb, 1, >= n, width)`` of every batch row, ``colmap``
     the same table for keys and values). ``inv_freq (d/2,)`` float32 (the angles are computed in float64; empty: keys
     are not rotated; pairs ``(p, p + d/2)``), ``rope_scale`` the rotary module's attention scaling, positions
     ``pos_start + t`` (``pos_start >= 0``) or ``positions[t]``; ``valid (1|h, n)`` bool or ``(1, 0)``. Writes ``acc_out
@@ -353,6 +369,39 @@ def _run_item(item, qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco,
                   vmask, t0, t1, pacc[bi, :, si], pm[bi, :, si], pl[bi, :, si])
 
 
+@njit(cache=True, fastmath=_FM)
+def _absorb_tail(q, tk, tv, acc, m, l):
+    """Fold dense tokens ``tk``/``tv (h, nt, d)`` float32, seen by every query row, into one batch row's partials
+    ``acc (h, rows, d)``, ``m``/``l (h, rows)`` (online softmax; ``q (h, rows, d)`` scaled): a decode step's few
+    full-precision tokens (KVQuant's sink, recent window and the new token) join the kernel's result in the same call
+    instead of a dense softmax and a log-sum-exp merge in torch."""
+    h, rows, d = q.shape
+    nt = tk.shape[1]
+    if nt == 0:
+        return
+    s = np.empty(nt, np.float32)
+    for hh in range(h):
+        for r in range(rows):
+            mx = m[hh, r]
+            for j in range(nt):
+                x = np.float32(0.0)
+                for c in range(d):
+                    x += q[hh, r, c] * tk[hh, j, c]
+                s[j] = x
+                mx = max(mx, x)
+            alpha = np.float32(np.exp(m[hh, r] - mx)) if m[hh, r] > -np.inf else np.float32(0.0)
+            total = l[hh, r] * alpha
+            for c in range(d):
+                acc[hh, r, c] *= alpha
+            for j in range(nt):
+                p = np.float32(np.exp(s[j] - mx))
+                total += p
+                for c in range(d):
+                    acc[hh, r, c] += p * tv[hh, j, c]
+            m[hh, r] = mx
+            l[hh, r] = total
+
+
 @njit(cache=True, inline="always")
 def _partials(qg, n, span):
     """What both twins set up: the number of (batch row, token range) items and the per-range partials ``pacc (b, h,
@@ -367,7 +416,7 @@ def _partials(qg, n, span):
 @njit(cache=True, parallel=True)
 def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
                            kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
-                           rope_scale, pos_start, positions, valid, n, span, acc, m, l):
+                           rope_scale, pos_start, positions, valid, n, span, tk, tv, acc, m, l):
     """Every (batch row, token range) under ``prange``, then the merge per (batch row, KV head)
     (:func:`kvcompress.kernels.cpu._merge`, as for KIVI).
 
@@ -375,11 +424,13 @@ def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kc
     uint8 (``*p1``: the high bits of 3-bit codes, else 0 tokens); ``*lev (2**bits,)`` float32 levels; keys per
     channel (``kper_channel``: ``kcs``/``kco (1|b, h*d)``, fp16 bits as uint16) or per token (``kts``/``kto (b,
     1|h, >= n)``, fp16 bits as uint16); values per token ``vts``/``vto``; outliers as counts ``kcounts``/``vcounts (b,
-    1, >= n)`` per (batch row, token) (``(b, 1, 0)``: none), ``*cols`` and ``*vals`` (fp16 bits) in token-major CSR
+    1, >= n, width)`` per (batch row, token) (``(b, 1, 0, 1)``: none) and ``*cols (>= nnz, width)`` -- the held
+    integers as their bytes (:func:`_small`) -- and ``*vals`` (fp16 bits) in token-major CSR
     order, ``colmap (2, h*d)`` column -> (KV head, channel); ``*w0``/``*w1``: the planes as
     64-bit words ``(b, h, >= n, words)`` or ``(b, h, 1, 0)`` (bytes are read); ``inv_freq (d/2,)`` float32 (empty: no
     rotation); ``positions (1|b, >= n)`` int (``pos_start < 0``); ``valid (b, h|1,
-    n)`` bool or ``(1, 1, 0)``; results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
+    n)`` bool or ``(1, 1, 0)``; ``tk``/``tv (b, h, nt, d)`` float32: dense tokens every row sees, folded in after the
+    merge (:func:`_absorb_tail`; ``nt = 0``: none); results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``."""
     b, h, rows, d = qg.shape
     items, pacc, pm, pl = _partials(qg, n, span)
     krp, vrp = _row_pointers(kcounts, n), _row_pointers(vcounts, n)
@@ -393,12 +444,15 @@ def kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kc
                                 pl.reshape(b * h * splits, rows))
     for bh in prange(b * h):
         _merge(bh, flat_acc, flat_m, flat_l, acc, m, l)
+    if tk.shape[2] > 0:
+        for bi in prange(b):
+            _absorb_tail(qg[bi], tk[bi], tv[bi], acc[bi], m[bi], l[bi])
 
 
 @njit(cache=True)
 def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
                          kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
-                         rope_scale, pos_start, positions, valid, n, span, acc, m, l):
+                         rope_scale, pos_start, positions, valid, n, span, tk, tv, acc, m, l):
     """:func:`kvquant_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
     items, pacc, pm, pl = _partials(qg, n, span)
@@ -413,6 +467,9 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
                                 pl.reshape(b * h * splits, rows))
     for bh in range(b * h):
         _merge(bh, flat_acc, flat_m, flat_l, acc, m, l)
+    if tk.shape[2] > 0:
+        for bi in range(b):
+            _absorb_tail(qg[bi], tk[bi], tv[bi], acc[bi], m[bi], l[bi])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -447,7 +504,7 @@ def _nearest(x, mids):
 
 @njit(cache=True)
 def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges, counts, cols,
-                  vals):
+                  vals, cos, sin):
     """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
     :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation).
 
@@ -457,8 +514,10 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
     mid-range/half-range of the clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the
     sorted levels' midpoints), packed into tokens ``t0 .. t0 + q`` of ``planes0 (b, h, cap, bytes)`` (2/4 bits, or the
     low 2 bits of 3) and ``planes1`` (3 bits: the high bit): the stream's own buffers, written in place. Outliers (``m
-    >= 0`` or per channel with ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. Returns ``(nnz,
-    ok)``: ``ok`` False when a range is not finite in fp16."""
+    >= 0`` or per channel with ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. ``cos``/``sin (1|b,
+    q, d)`` float32 (``(1, 0, 0)``: none): each head's row is first un-rotated from these, as
+    :func:`kvcompress.rope.unapply_rope` does (the same float32 operations: pre-RoPE keys from the model's post-RoPE
+    ones). Returns ``(nnz, ok)``: ``ok`` False when a range is not finite in fp16."""
     q, b, w = rows.shape
     d = w // h
     track = counts.shape[0] > 0
@@ -473,10 +532,25 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
     for r in range(ch_off.shape[0]):
         for c in range(ch_off.shape[1]):
             offs[r, c], scales[r, c] = _f16(ch_off[r, c]), _f16(ch_scale[r, c])
+    unrotate = cos.shape[1] > 0
+    half = d // 2
     for t in range(q):
         for bi in range(b):
-            for c in range(w):
-                row[c] = rows[t, bi, c]
+            if unrotate:  # y*cos - rotate_half(y)*sin, over cos*cos + sin*sin (rotate_half(y) = [-y2, y1])
+                cr = min(bi, cos.shape[0] - 1)
+                for hh in range(h):
+                    o = hh * d
+                    for c in range(d):
+                        cc, ss = cos[cr, t, c], sin[cr, t, c]
+                        y = rows[t, bi, o + c]
+                        if c < half:
+                            num = y * cc + rows[t, bi, o + c + half] * ss
+                        else:
+                            num = y * cc - rows[t, bi, o + c - half] * ss
+                        row[o + c] = num / (cc * cc + ss * ss)
+            else:
+                for c in range(w):
+                    row[c] = rows[t, bi, c]
             cnt = 0
             if per_channel:
                 cr = min(bi, ch_off.shape[0] - 1)

@@ -210,6 +210,10 @@ class KVQuantLayer(KVLayer):
     def attend_step(self, query, keys, values, new_valid, scaling):
         from ..attention import KVPart, attend_parts, sliding_view, with_validity
 
+        if keys.shape[2] == 1 and new_valid is None and not self.is_sliding:
+            done = self._attend_one_fused(query, keys, values, scaling)
+            if done is not None:
+                return done
         past, window = self._past_parts(), None
         if self.is_sliding:  # mask exactly the window: the held tokens end at position seen - 1
             visible, window = sliding_view(self.attended_length(), self.tokens_seen, self.window, keys.shape[2], keys.shape[0],
@@ -248,14 +252,39 @@ class KVQuantLayer(KVLayer):
             return RotaryPositions(freqs[0], freqs[1], start=self.pos.start)
         return RotaryPositions(freqs[0], freqs[1], start=None, positions=self.pos.explicit)
 
-    def _fused_body(self):
-        """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
-        or None where it does not apply (no kernel for the device, keys still waiting for their range, a rotary
-        module the kernel cannot reproduce): the body is then read a chunk at a time."""
+    def _attend_one_fused(self, query, keys, values, scaling):
+        """A one-token step without padding by one kernel call: the body from its codes, and the sink, the recent
+        window and the new token folded into the same partials (``tail`` of
+        :func:`kvcompress.kernels.kvquant_attention`) -- the general path's dense softmax and log-sum-exp merge in
+        torch cost more than the kernel at 1k tokens. Same keys and values as the general path (within float
+        rounding); None where the kernel does not serve the body (the general path runs)."""
         from .. import kernels
-        from ..attention import CHUNK
 
-        if self.pend_k is not None or len(self.k) != len(self.v):
+        body = self._body_codes()
+        if body is None or kernels.backend(query.device) != "numba":
+            return None
+        codes_k, codes_v, rope = body
+        b, heads, _, d = query.shape
+        kv = keys.shape[1]
+        qg = query.float().reshape(b, kv, heads // kv, d) * scaling
+        held = [(k, v) for k, v in ((self.head_k, self.head_v), (self.rec_k, self.rec_v)) if k is not None and k.shape[2]]
+        if held:
+            tk = torch.cat([*(k for k, _ in held), keys], dim=2).float()
+            tv = torch.cat([*(v for _, v in held), values], dim=2).float()
+        else:
+            tk, tv = keys.float(), values.float()
+        acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
+        output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
+        self._append(keys, values)
+        return output, 2 * tk.numel() * tk.element_size()
+
+    def _body_codes(self):
+        """``(key codes, value codes, rotation)`` the kernel reads the body from (the rotation None for keys stored
+        post-RoPE), or None where it does not apply: an empty body, no kernel for the device, keys still waiting
+        for their range, a rotary module the kernel cannot reproduce."""
+        from .. import kernels
+
+        if not len(self.v) or self.pend_k is not None or len(self.k) != len(self.v):
             return None
         keys, values = self.k.codes(), self.v.codes()
         if not kernels.kvquant_fused_applies(keys.planes[0].device, keys, values, self.geometry.head_dim):
@@ -265,6 +294,18 @@ class KVQuantLayer(KVLayer):
             rope = self._rotary()
             if rope is None:
                 return None
+        return keys, values, rope
+
+    def _fused_body(self):
+        """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
+        or None where it does not apply (:meth:`_body_codes`): the body is then read a chunk at a time."""
+        from .. import kernels
+        from ..attention import CHUNK
+
+        body = self._body_codes()
+        if body is None:
+            return None
+        keys, values, rope = body
         n = len(self.v)
 
         def fused(qg, valid):
@@ -316,11 +357,12 @@ class KVQuantLayer(KVLayer):
                                 self._step_rope(q)[0][:, n_sink:] if self.pre_rope else None)
         elif q > n_sink:
             k, v = key_states[:, :, n_sink:].float(), value_states[:, :, n_sink:].float()
+            unrotate = None
             if self.pre_rope:
                 pos, cos, sin = self._step_rope(q)
-                k = unapply_rope(k, cos[:, n_sink:], sin[:, n_sink:])
+                unrotate = (cos[:, n_sink:], sin[:, n_sink:])
                 self.pos.append(pos[:, n_sink:])
-            self._append_body(k, v)
+            self._append_body(k, v, unrotate)
         if self.is_sliding and self.attended_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.attended_length() - (self.window - 1))
 
@@ -346,11 +388,15 @@ class KVQuantLayer(KVLayer):
             self.pos.append(lpos)
         self._append_body(lk, lv)
 
-    def _append_body(self, k, v):
+    def _append_body(self, k, v, unrotate=None):
+        """Quantize ``k``/``v (b, h, q, d)`` into the body; ``unrotate``: ``(cos, sin)`` the post-RoPE keys are
+        un-rotated with first (pre_rope), None: ``k`` as stored."""
         self.v.append(v)
         if self.k.ready:
-            self.k.append(k)
+            self.k.append(k, unrotate)
             return
+        if unrotate is not None:
+            k = unapply_rope(k, *unrotate)
         pend = k.to(self.geometry.storage_dtype)
         self.pend_k = pend if self.pend_k is None else torch.cat([self.pend_k, pend], dim=2)
         if self.pend_k.shape[2] >= MIN_PROMPT_TOKENS:

@@ -24,6 +24,7 @@ from ..quant import (
 )
 from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError
+from ..rope import unapply_rope
 from ..storage import GrowingTokens
 
 #: appends of at most this many (token, batch row) rows are quantized by one numba call (all, in practice: it is
@@ -130,6 +131,16 @@ class PositionObserver(Observer):
 
 def _small_int(limit: int) -> torch.dtype:
     return torch.uint8 if limit <= 255 else torch.int16 if limit <= 32767 else torch.int32
+
+
+_NO_ROTATION = (np.zeros((1, 0, 0), np.float32),) * 2
+
+
+def _rotation_arrays(unrotate) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(1|b, q, d)`` as float32 numpy arrays for ``quantize_rows`` (``(1, 0, 0)`` each: none)."""
+    if unrotate is None:
+        return _NO_ROTATION
+    return tuple(t.detach().float().contiguous().numpy() for t in unrotate)
 
 
 def to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -251,17 +262,21 @@ class QuantStream:
         for g in (*self._planes, *self._ranges, *self._sparse[:1]):
             g.limit = tokens
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, unrotate: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Quantize and append ``x (b, h, q, d)`` (the quantization of :mod:`kvcompress.quant` -- outlier thresholds,
         dense-and-sparse split, min/max normalization, nearest level -- inlined without its argument checks: a decode
-        step appends one token per layer, and the checks cost more than the arithmetic)."""
+        step appends one token per layer, and the checks cost more than the arithmetic). ``unrotate``: ``(cos, sin)``
+        ``(1|b, q, d)``: ``x`` is post-RoPE, un-rotated first (:func:`kvcompress.rope.unapply_rope`; inside the numba
+        call when it applies)."""
         b, h, q, d = x.shape
         if not q:
             return
         w = h * d
         rows = to_rows(x.float())  # (q, b, w)
-        if q * b <= FAST_ROWS and self._append_with_kernel(rows, h):
+        if q * b <= FAST_ROWS and self._append_with_kernel(rows, h, unrotate):
             return
+        if unrotate is not None:
+            rows = to_rows(unapply_rope(x.float(), *unrotate))
         if self.per_channel:
             lo, hi = self._channel_bounds()
         elif self.fraction > 0:
@@ -300,7 +315,7 @@ class QuantStream:
                 self._codes = None  # a buffer made or grown: the last codes() must not keep the old one alive
         self.length += q
 
-    def _append_with_kernel(self, rows: torch.Tensor, h: int) -> bool:
+    def _append_with_kernel(self, rows: torch.Tensor, h: int, unrotate=None) -> bool:
         """:meth:`append` of token-major ``rows (q, b, w)`` by one numba call
         (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path) that writes the
         codes straight into the buffers' room (:meth:`kvcompress.storage.GrowingTokens.reserve`); ranges and outliers
@@ -331,7 +346,7 @@ class QuantStream:
             ch_off = ch_scale = _NO_RANGE
         nnz, ok = kernels._kvq_cpu.quantize_rows(rows.contiguous().numpy(), h, self.bits, self._midpoints.numpy(),
                                                  self.per_channel, ch_off, ch_scale, m, planes0, planes1, start,
-                                                 ranges, counts, cols, vals)
+                                                 ranges, counts, cols, vals, *_rotation_arrays(unrotate))
         if not ok:
             check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
         if not self.per_channel:  # float32 values that fp16 holds exactly: the cast only changes the type
@@ -470,8 +485,12 @@ class Positions:
         if self.explicit is None:
             if self.start is None:
                 self.start = int(pos.reshape(-1)[0])
-            expect = torch.arange(self.start + self.n, self.start + self.n + q)
-            if torch.equal(pos, expect.expand_as(pos)):
+            first = self.start + self.n
+            if q == 1:  # a decode step: compare Python ints (one op instead of three)
+                same = all(p == first for p in pos.reshape(-1).tolist())
+            else:
+                same = torch.equal(pos, torch.arange(first, first + q).expand_as(pos))
+            if same:
                 self.n += q
                 return
             self.explicit = torch.arange(self.start, self.start + self.n, dtype=torch.int32).expand(pos.shape[0], -1)
