@@ -478,8 +478,9 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
 
 
 @njit(cache=True)
-def _round_half(x):
+def _round_half(x, scratch):
     """``x`` (float32) rounded to the nearest fp16 value (ties to even), returned as float32; inf beyond fp16's range.
+    ``scratch``: a float32 array of one element (its bits are read through a uint32 view: no allocation per call).
     Not fast-math: the subnormal branch relies on ``(a + 0.5) - 0.5`` rounding."""
     a = abs(x)
     if not a < np.float32(65520.0):  # beyond the largest fp16 (or NaN)
@@ -487,9 +488,11 @@ def _round_half(x):
     if a < np.float32(6.103515625e-05):  # fp16 subnormal: multiples of 2**-24
         r = (a + np.float32(0.5)) - np.float32(0.5)
     else:  # keep 10 mantissa bits, ties to even
-        bits = np.array([a], np.float32).view(np.uint32)[0]
-        bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-        r = np.array([bits], np.uint32).view(np.float32)[0]
+        bits = scratch.view(np.uint32)
+        scratch[0] = a
+        u = bits[0]
+        bits[0] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        r = scratch[0]
     return r if x >= 0 else -r
 
 
@@ -526,12 +529,19 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
     row = np.empty(w, np.float32)
     los = np.empty(max(m + 1, 1), np.float32)
     his = np.empty(max(m + 1, 1), np.float32)
-    codes = np.empty(d, np.int32)
-    offs = np.empty(ch_off.shape, np.float32)  # the per-channel range decoded once, not per token
-    scales = np.empty(ch_scale.shape, np.float32)
+    codes = np.empty(w, np.int32)
+    scratch = np.empty(1, np.float32)
+    nm = mids.shape[0]
+    # the per-channel range decoded once, not per token: offset, thresholds offset -/+ scale, divisor (scale or 1)
+    offs = np.empty(ch_off.shape, np.float32)
+    lows = np.empty(ch_off.shape, np.float32)
+    highs = np.empty(ch_off.shape, np.float32)
+    divs = np.empty(ch_off.shape, np.float32)
     for r in range(ch_off.shape[0]):
         for c in range(ch_off.shape[1]):
-            offs[r, c], scales[r, c] = _f16(ch_off[r, c]), _f16(ch_scale[r, c])
+            o, sc = _f16(ch_off[r, c]), _f16(ch_scale[r, c])
+            offs[r, c], lows[r, c], highs[r, c] = o, o - sc, o + sc
+            divs[r, c] = sc if sc > 0 else np.float32(1.0)
     unrotate = cos.shape[1] > 0
     half = d // 2
     for t in range(q):
@@ -552,19 +562,20 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                 for c in range(w):
                     row[c] = rows[t, bi, c]
             cnt = 0
+            # loops without stores that depend on the data (outliers are found in a loop of their own) vectorize
             if per_channel:
                 cr = min(bi, ch_off.shape[0] - 1)
+                if track:
+                    for c in range(w):
+                        x = row[c]
+                        if x > highs[cr, c] or x < lows[cr, c]:
+                            cols[nnz] = c
+                            vals[nnz] = x
+                            nnz += 1
+                            cnt += 1
                 for c in range(w):
-                    off, s = offs[cr, c], scales[cr, c]
-                    lo, hi = off - s, off + s
-                    x = row[c]
-                    if track and (x > hi or x < lo):
-                        cols[nnz] = c
-                        vals[nnz] = x
-                        nnz += 1
-                        cnt += 1
-                    row[c] = min(max(x, lo), hi)
-                    xn = (row[c] - off) / (s if s > 0 else np.float32(1.0))
+                    x = min(max(row[c], lows[cr, c]), highs[cr, c])
+                    xn = (x - offs[cr, c]) / divs[cr, c]
                     row[c] = min(max(xn, np.float32(-1.0)), np.float32(1.0))
             else:
                 if m >= 0:  # the (m+1)-th smallest and largest: keep the m+1 extremes (m is small: 1 % of w)
@@ -593,13 +604,14 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                             vals[nnz] = x
                             nnz += 1
                             cnt += 1
-                        row[c] = min(max(x, lo), hi)
+                    for c in range(w):
+                        row[c] = min(max(row[c], lo), hi)
                 mn, mx = row[0], row[0]
                 for c in range(1, w):
                     mn = min(mn, row[c])
                     mx = max(mx, row[c])
-                off = _round_half((mx + mn) / np.float32(2.0))
-                sc = _round_half((mx - mn) / np.float32(2.0))
+                off = _round_half((mx + mn) / np.float32(2.0), scratch)
+                sc = _round_half((mx - mn) / np.float32(2.0), scratch)
                 if not (abs(off) < np.inf and abs(sc) < np.inf):
                     ok = False
                 ranges[0, bi, t] = sc
@@ -609,20 +621,27 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                     row[c] = (row[c] - off) / div
             if track:
                 counts[t, bi] = cnt
+            # nearest level = the number of midpoints strictly below (torch.bucketize), a level at a time over the row
+            for c in range(w):
+                codes[c] = 0
+            for j in range(nm):
+                mj = mids[j]
+                for c in range(w):
+                    codes[c] += 1 if mj < row[c] else 0
             for hh in range(h):
-                for c in range(d):
-                    codes[c] = _nearest(row[hh * d + c], mids)
+                o = hh * d
                 if bits == 4:
                     for u in range(d // 2):
-                        planes0[bi, hh, t0 + t, u] = codes[2 * u] | (codes[2 * u + 1] << 4)
+                        planes0[bi, hh, t0 + t, u] = codes[o + 2 * u] | (codes[o + 2 * u + 1] << 4)
                 else:
                     for u in range(d // 4):
-                        planes0[bi, hh, t0 + t, u] = ((codes[4 * u] & 3) | ((codes[4 * u + 1] & 3) << 2)
-                                                 | ((codes[4 * u + 2] & 3) << 4) | ((codes[4 * u + 3] & 3) << 6))
+                        planes0[bi, hh, t0 + t, u] = ((codes[o + 4 * u] & 3) | ((codes[o + 4 * u + 1] & 3) << 2)
+                                                      | ((codes[o + 4 * u + 2] & 3) << 4)
+                                                      | ((codes[o + 4 * u + 3] & 3) << 6))
                     if bits == 3:
                         for u in range(d // 8):
                             byte = 0
                             for k in range(8):
-                                byte |= (codes[8 * u + k] >> 2) << k
+                                byte |= (codes[o + 8 * u + k] >> 2) << k
                             planes1[bi, hh, t0 + t, u] = byte
     return nnz, ok
