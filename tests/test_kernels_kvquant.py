@@ -354,3 +354,23 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
     for a, c in zip(fast, slow):
         assert a.dtype == c.dtype and a.shape == c.shape
         assert torch.equal(a, c)
+
+
+def test_a_tail_merged_in_torch_equals_attending_over_both():
+    """``tail=`` on a backend that does not fold it in itself (Triton) is merged in torch (``_with_dense``): the same
+    partials as attending over the stored tokens and the tail together, also for a row that saw no stored token."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, rows, n, nt, d = 2, 2, 3, 40, 3, 16
+    qg = torch.randn(b, h, rows, d, generator=gen)
+    k, v = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen)
+    tk, tv = torch.randn(b, h, nt, d, generator=gen), torch.randn(b, h, nt, d, generator=gen)
+    valid = torch.ones(b, 1, n, dtype=torch.bool)
+    valid[1] = False  # batch row 1 sees none of the stored tokens
+    read = lambda ks, vs: lambda a, z, dt: (ks[:, :, a:z].to(dt), vs[:, :, a:z].to(dt))  # noqa: E731
+    body = kernels.chunked_partials(qg, read(k, v), n, 16, valid)
+    got = kernels._with_dense(qg, body, tk, tv)
+    both = torch.cat([valid.expand(b, h, n), torch.ones(b, h, nt, dtype=torch.bool)], dim=2)
+    want = kernels.chunked_partials(qg, read(torch.cat([k, tk], 2), torch.cat([v, tv], 2)), n + nt, 16, both)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    assert kernels._with_dense(qg, body, tk[:, :, :0], tv[:, :, :0]) is body

@@ -229,17 +229,25 @@ def _run_layer(serial, parallel, args, units: int, work: int) -> None:
         _PARALLEL.release()
 
 
+def _fold(qg: torch.Tensor, acc, m, l, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None):
+    """Online softmax: partials ``(acc, m, l)`` of ``qg (b, h, rows, d)`` extended by fp32 ``keys``/``values (b, h, nt,
+    d)`` (``valid (b, h|1, nt)`` bool or None); a row that has seen nothing keeps ``m = -inf``, ``l = 0``."""
+    s = torch.matmul(qg, keys.transpose(-1, -2))  # (b, h, rows, nt)
+    if valid is not None:
+        s = s.masked_fill(~valid[:, :, None, :].to(torch.bool), float("-inf"))
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(s - safe.unsqueeze(-1))
+    alpha = torch.exp(m - safe)
+    return acc * alpha.unsqueeze(-1) + torch.matmul(p, values), m_new, l * alpha + p.sum(dim=-1)
+
+
 def _with_dense(qg: torch.Tensor, partials, keys: torch.Tensor, values: torch.Tensor):
     """``partials = (acc, m, l)`` of ``qg (b, h, rows, d)`` merged with dense ``keys``/``values (b, h, nt, d)`` every
     row sees (torch; the numba kernel folds them in itself)."""
-    acc, m, l = partials
     if not keys.shape[2]:
         return partials
-    s = torch.matmul(qg, keys.float().transpose(-1, -2))  # (b, h, rows, nt)
-    m_new = torch.maximum(m, s.amax(dim=-1))
-    p = torch.exp(s - m_new.unsqueeze(-1))
-    alpha = torch.exp(m - m_new)  # m = -inf (nothing seen yet): 0
-    return (acc * alpha.unsqueeze(-1) + torch.matmul(p, values.float()), m_new, l * alpha + p.sum(dim=-1))
+    return _fold(qg, *partials, keys.float(), values.float())
 
 
 def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None):
@@ -254,16 +262,7 @@ def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Te
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         k, v = read(start, stop, torch.float32)
-        s = torch.matmul(qg, k.transpose(-1, -2))  # (b, h, rows, stop - start)
-        if valid is not None:
-            s = s.masked_fill(~valid[:, :, None, start:stop].to(torch.bool), float("-inf"))
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - safe.unsqueeze(-1))
-        alpha = torch.exp(m - safe)
-        l = l * alpha + p.sum(dim=-1)
-        acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v)
-        m = m_new
+        acc, m, l = _fold(qg, acc, m, l, k, v, None if valid is None else valid[:, :, start:stop])
     return acc, m, l
 
 

@@ -497,15 +497,6 @@ def _round_half(x, scratch):
 
 
 @njit(cache=True)
-def _nearest(x, mids):
-    """Index of the nearest level: the number of midpoints strictly below ``x`` (``torch.bucketize``, right=False)."""
-    c = 0
-    for j in range(mids.shape[0]):
-        c += 1 if mids[j] < x else 0
-    return c
-
-
-@njit(cache=True)
 def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges, counts, cols,
                   vals, cos, sin):
     """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
