@@ -317,12 +317,12 @@ def test_a_self_attending_layer_bounds_its_transient(tiny_model, monkeypatch, me
 
 def test_memory_report_says_quantizing_layers_read_chunk_by_chunk(tiny_model):
     """KVQuant and LogQuant hold their codes themselves: once they hold some, memory_report() says "fused-numba"
-    while the kernel applies, "chunked" with it switched off (LogQuant's per-token keys: always "chunked")."""
+    while the kernel applies, "chunked" with it switched off (LogQuant's per-token keys too)."""
     from kvcompress import kernels
 
     for method, options, fused in (("kvquant", BOUNDED_TRANSIENT["kvquant"], "fused-numba"),
                                    ("logquant", BOUNDED_TRANSIENT["logquant"], "fused-numba"),
-                                   ("logquant", dict(BOUNDED_TRANSIENT["logquant"], key_axis="token"), "chunked")):
+                                   ("logquant", dict(BOUNDED_TRANSIENT["logquant"], key_axis="token"), "fused-numba")):
         for on in (True, False):
             with kernels.fused(on), make_cache(method, tiny_model, **options) as cache, torch.no_grad():
                 tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(tiny_model, cache))

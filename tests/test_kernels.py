@@ -99,10 +99,11 @@ def padding_mask(gen, b: int, kv: int, n: int, padding: str):
     return None
 
 
-def kivi_case(layout, n, tails, b, kv, group, q, padding, seed):
+def kivi_case(layout, n, tails, b, kv, group, q, padding, seed, k_per_token=False):
     """One random layer held as KIVI codes + float tails: ``(qg, n, codes..., tails, valid)`` for the kernels and the
     dequantized ``(keys, values)`` the reference attends to. ``tails = (r_k, r_v)``: tokens after the codes (clipped to
-    ``n``); ``padding``: "none", "shared" (by the KV heads), "per-head", "all" (the last batch row sees nothing)."""
+    ``n``); ``padding``: "none", "shared" (by the KV heads), "per-head", "all" (the last batch row sees nothing).
+    ``k_per_token``: keys quantized like the values, per token in groups of ``G`` channels (``layout``'s ``G``)."""
     k_bits, v_bits, d, G, Gv = layout
     gen = torch.Generator().manual_seed(seed)
     rk, rv = min(tails[0], n), min(tails[1], n)  # tokens held as floats after the codes
@@ -110,13 +111,18 @@ def kivi_case(layout, n, tails, b, kv, group, q, padding, seed):
     keys, values = fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d)
     # the store quantizes whole key groups; the kernel reads the first nk coded tokens
     padded_keys = torch.cat([keys[:, :, :nk], fp16_randn(gen, b, kv, -(-nk // G) * G - nk, d)], 2)
-    kq = quantize_uniform(padded_keys, k_bits, axis=2, group_size=G) if nk else None
+    if k_per_token:
+        kq = quantize_uniform(keys[:, :, :nk], k_bits, axis=3, group_size=G) if nk else None
+    else:
+        kq = quantize_uniform(padded_keys, k_bits, axis=2, group_size=G) if nk else None
     vq = quantize_uniform(values[:, :, :nv], v_bits, axis=3, group_size=Gv) if nv else None
     qg = torch.randn(b, kv, group * q, d, generator=gen) * d**-0.5
     valid = padding_mask(gen, b, kv, n, padding)
     args = (qg, n, *((kq.packed, kq.scale, kq.zero) if kq is not None else (None,) * 3), k_bits, G,
             *((vq.packed, vq.scale, vq.zero) if vq is not None else (None,) * 3), v_bits, Gv, valid)
     tails_kw = {"k_tail": keys[:, :, nk:] if rk else None, "v_tail": values[:, :, nv:].half() if rv else None}
+    if k_per_token:
+        tails_kw["k_per_token"] = True
     ref_k = torch.cat([kq.dequantize()[:, :, :nk] if nk else keys[:, :, :0], keys[:, :, nk:]], 2)
     ref_v = torch.cat([vq.dequantize() if nv else values[:, :, :0], values[:, :, nv:]], 2)
     return args, tails_kw, (ref_k, ref_v)
@@ -157,6 +163,48 @@ def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, 
 
 
 @st.composite
+def per_token_key_layouts(draw):
+    """(k_bits, v_bits, d, Gk, Gv): keys quantized per token in groups of ``Gk`` channels, both groups dividing ``d``
+    and never splitting a packing unit of their codes."""
+    k_bits, v_bits = draw(st.sampled_from([1, 2, 3, 4, 8])), draw(st.sampled_from([2, 3, 4]))
+    d = draw(st.sampled_from([8, 16, 24, 64, 128]))
+
+    def group(bits):
+        per = 8 // bits if 8 % bits == 0 else 8
+        return draw(st.sampled_from([g for g in range(per, d + 1, per) if d % g == 0]))
+
+    return k_bits, v_bits, d, group(k_bits), group(v_bits)
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=per_token_key_layouts(),
+    n=st.integers(1, 90),  # the kernel's token blocks are 32: crossed, not always filled
+    tails=st.tuples(st.integers(0, 90), st.integers(0, 90)),
+    b=st.integers(1, 2),
+    kv=st.integers(1, 3),
+    group=st.sampled_from([1, 3, 4]),
+    q=st.integers(1, 3),
+    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+    parallel=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_per_token_keys_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel,
+                                                            seed):
+    """Keys quantized per token (LogQuant's ``key_axis="token"``): the same contract and tolerance as per-channel keys,
+    over bits, channel groups of the keys and values, float tails, batch, GQA, padding, serial and threaded."""
+    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed, k_per_token=True)
+    before = kernels.MIN_PARALLEL_WORK
+    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
+    try:
+        acc, m, l = kernels.kivi_attention(*args, **tails_kw)
+    finally:
+        kernels.MIN_PARALLEL_WORK = before
+    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
+
+
+@st.composite
 def triton_layouts(draw):
     """(k_bits, v_bits, d, G, Gv): 2/3/4 bits (1 and 8 too, rarely), any ``Gv`` dividing ``d`` (the Triton kernel
     gathers a scale per channel: a byte of codes may span two value groups)."""
@@ -192,6 +240,30 @@ def test_triton_equals_dequantize_then_attend(layout, n, tails, b, heads, q, pad
     acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
     assert acc.shape == (b, kv, group * q, layout[2]) and m.shape == l.shape == (b, kv, group * q)
     check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
+
+
+@needs_triton
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=per_token_key_layouts(),
+    n=st.integers(1, 150),
+    tails=st.tuples(st.integers(0, 150), st.integers(0, 150)),
+    b=st.integers(1, 2),
+    heads=st.sampled_from([(2, 1), (3, 3), (1, 4)]),
+    padding=st.sampled_from(["none", "shared", "per-head"]),
+    splits=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_triton_per_token_keys_equals_dequantize_then_attend(layout, n, tails, b, heads, padding, splits, seed):
+    """The Triton kernel with keys quantized per token: same contract and tolerance."""
+    gpu = triton_kernel()
+    kv, group = heads
+    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, 1, padding, seed, k_per_token=True)
+    dev_args = [to_device(a, TRITON_DEVICE) for a in args]
+    dev_tails = {k: to_device(v, TRITON_DEVICE) for k, v in tails_kw.items()}
+    acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
+    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
+
 
 
 @needs_numba
@@ -348,6 +420,7 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
 @pytest.mark.parametrize("method,options", [
     ("kivi", {"bits": 2, "group_size": 8, "residual": 16}),
     ("logquant", {"bits": 2, "window": 8, "group_size": 8}),  # per-channel keys in blocks of W: KIVI's layout
+    ("logquant", {"bits": 2, "window": 8, "group_size": 8, "key_axis": "token"}),  # keys per token, like the values
 ])
 @torch.no_grad()
 def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch, method, options):

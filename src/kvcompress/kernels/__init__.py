@@ -2,7 +2,7 @@
 
 A quantized store exposes such a kernel as ``KVPart.fused`` (see :mod:`kvcompress.attention.parts`); the attention
 path merges it with the other parts by log-sum-exp. Today: KIVI's layout (keys per channel in groups of ``G`` tokens,
-values per token in groups of ``Gv`` channels, fp16 scale/zero, codes of 1..8 bits packed by
+or per token like the values, values per token in groups of ``Gv`` channels, fp16 scale/zero, codes of 1..8 bits packed by
 :func:`kvcompress.quant.pack_bits`), with one backend per device (:func:`backend`): CPU tensors with numba
 (:mod:`.cpu`), CUDA tensors with Triton (:mod:`.gpu`; tested only in Triton's interpreter so far).
 
@@ -99,15 +99,22 @@ def backend(device: torch.device) -> str | None:
     return None
 
 
-def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, head_dim: int, value_group: int) -> bool:
-    """Whether :func:`kivi_attention` serves a KIVI part on ``device``: a backend for the device (:func:`backend`),
-    codes of 1..8 bits, value groups dividing ``head_dim`` and, for numba, never splitting a packing unit
-    (:func:`kvcompress.kernels.cpu.value_layout_ok`; KIVI's own groups of ``G`` channels always qualify for 2/4/8 bits
-    with an even ``G``)."""
+def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, head_dim: int, value_group: int,
+                       key_token_group: int | None = None) -> bool:
+    """Whether :func:`kivi_attention` serves a KIVI-layout part on ``device``: a backend for the device
+    (:func:`backend`), codes of 1..8 bits, value groups dividing ``head_dim`` and, for numba, never splitting a packing
+    unit (:func:`kvcompress.kernels.cpu.value_layout_ok`; KIVI's own groups of ``G`` channels always qualify for 2/4/8
+    bits with an even ``G``). ``key_token_group``: the keys are quantized per token in groups of that many channels
+    (LogQuant's ``key_axis="token"``), held to the same rules as the values; None: per channel."""
     which = backend(device)
     if which is None or not (1 <= key_bits <= 8 and 1 <= value_bits <= 8) or head_dim % value_group:
         return False
-    return which == "triton" or _cpu.value_layout_ok(value_bits, head_dim, value_group)
+    if key_token_group is not None and (key_token_group < 1 or head_dim % key_token_group):
+        return False
+    if which == "triton":
+        return True
+    keys_ok = key_token_group is None or _cpu.value_layout_ok(key_bits, head_dim, key_token_group)
+    return keys_ok and _cpu.value_layout_ok(value_bits, head_dim, value_group)
 
 
 @lru_cache(maxsize=64)
@@ -168,7 +175,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
                    k_zero: torch.Tensor | None, k_bits: int, k_group: int, v_packed: torch.Tensor | None,
                    v_scale: torch.Tensor | None, v_zero: torch.Tensor | None, v_bits: int, v_group: int,
                    valid: torch.Tensor | None = None, k_tail: torch.Tensor | None = None,
-                   v_tail: torch.Tensor | None = None):
+                   v_tail: torch.Tensor | None = None, k_per_token: bool = False):
     """Attention partials of ``qg`` over ``n`` tokens held as KIVI codes, then floats (the ``KVPart.fused`` contract).
 
     ``qg (b, kv_heads, rows, d)`` fp32, already scaled. Keys: the first ``nk = n - len(k_tail)`` tokens from
@@ -177,7 +184,8 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     (floats: a residual; None = none). Values: the first ``nv = n - len(v_tail)`` from ``v_packed (b, kv_heads, >= nv,
     ceil(d*v_bits/8))`` with ``v_scale``/``v_zero (b, kv_heads, >= nv, d // v_group)`` fp16 (per token, groups of
     ``v_group`` channels), then ``v_tail``. Codes may be None when no token uses them. ``valid (b, kv_heads | 1, n)``
-    bool or None.
+    bool or None. ``k_per_token``: the keys are quantized like the values instead (per token, ``k_scale``/``k_zero
+    (b, kv_heads, >= nk, d // k_group)``: groups of ``k_group`` channels; LogQuant's ``key_axis="token"``).
 
     Returns fp32 ``acc (b, kv_heads, rows, d) = sum_j exp(s_j - m) v_j``, ``m (b, kv_heads, rows)`` (-inf where no
     token is visible), ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``, with ``s_j = qg . key_j`` over the dequantized
@@ -189,7 +197,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
         from . import gpu
 
         return gpu.kivi_attention(qg, n, k_packed, k_scale, k_zero, k_bits, k_group, v_packed, v_scale, v_zero,
-                                  v_bits, v_group, valid, k_tail, v_tail)
+                                  v_bits, v_group, valid, k_tail, v_tail, k_per_token=k_per_token)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kr, vr = _tail(k_tail, qg), _tail(v_tail, qg)
@@ -204,10 +212,12 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     vs, vz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (v_scale, v_zero))
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
 
-    def args(splits):  # tokens per range: a multiple of the key group
-        span = _ceil(_ceil(n, splits), k_group) * k_group
-        return (q, kp, ks, kz, k_bits, k_group, kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan, nv, vr, vmask, n,
-                span, acc, m, l)
+    block = _cpu.TOKEN_BLOCK if k_per_token else k_group
+
+    def args(splits):  # tokens per range: a multiple of the kernel's token block (the key group for per-channel keys)
+        span = _ceil(_ceil(n, splits), block) * block
+        return (q, kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan,
+                nv, vr, vmask, n, span, acc, m, l)
 
     _run_layer(_cpu.kivi_layer_serial, _cpu.kivi_layer_parallel, args, b * h, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)

@@ -7,6 +7,10 @@ channel. Nothing is dequantized to memory:
 * **keys** (per channel): ``s_r(t) = q_r . (code_t * ks_g + kz_g) = (q_r * ks_g) . code_t + q_r . kz_g``. The scaled
   query ``q_r * ks_g`` and the bias ``q_r . kz_g`` are formed once per group (``rows * d`` operations per ``G``
   tokens), so a token costs one unpack plus one dot product per query row.
+* **keys per token** (``kpt``: LogQuant's ``key_axis="token"``, scale/zero per token and group of channels, like the
+  values): ``s_r(t) = sum_j ks_tj (q_r . code_tj) + sum_j kz_tj * Q_rj`` with ``Q_rj`` the query summed over key group
+  ``j`` (once per range): the codes are unpacked times their scale, as values are, and the zeros add one small dot
+  product per token; blocks are :data:`TOKEN_BLOCK` tokens.
 * **values** (per token, ``v = code * scale + zero`` per group of ``Gv`` channels): a token's codes are unpacked
   times their scale once and added with the softmax weight to every query row; the zero points are summed per
   (row, value group) on the side (``sum_t w_t * zero_t``) and added at the end, so ``v`` is never formed.
@@ -83,6 +87,8 @@ def value_layout_ok(bits: int, d: int, group: int) -> bool:
 #   an inlined helper, which cost more than the arithmetic; so helpers take a whole block.
 
 _0, _1, _2, _3, _4 = (np.uint64(i) for i in range(5))
+#: tokens per block when the keys are quantized per token (per-channel keys: one key group per block)
+TOKEN_BLOCK = 32
 _64, _128 = np.uint64(64), np.uint64(128)
 
 
@@ -291,13 +297,15 @@ def _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, scale):
 
 
 @njit(cache=True, fastmath=_FM)
-def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-                  t0, t1, acc_out, m_out, l_out):
-    """Attention of ``q (rows, d)`` over tokens ``[t0, t1)`` (``t0`` a multiple of ``kgroup``) of one (batch, KV head).
+def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                  valid, t0, t1, acc_out, m_out, l_out):
+    """Attention of ``q (rows, d)`` over tokens ``[t0, t1)`` (``t0`` a multiple of the token block: ``kgroup``, or
+    :data:`TOKEN_BLOCK` with ``kpt``) of one (batch, KV head).
 
     Keys: tokens ``< nk`` from codes ``kp (>= nk, kbytes)`` uint8 with per-channel statistics ``ks``/``kz (n_groups *
-    d,)`` uint16 (fp16 bits, groups of ``kgroup`` tokens, flattened), the rest from ``kr (*, d)`` float32 (token
-    ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with per-token statistics
+    d,)`` uint16 (fp16 bits, groups of ``kgroup`` tokens, flattened) -- or, with ``kpt`` (keys per token, like the
+    values), per-token statistics ``(>= nk * d / kgroup,)`` for groups of ``kgroup`` channels -- the rest from ``kr
+    (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with per-token statistics
     ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr`` (``vr[t - nv]``).
     ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty (all valid).
     Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
@@ -305,16 +313,21 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
     pk, pv = uint64(kchan.shape[0]), uint64(vchan.shape[0])
-    kunits = pk // uint64(8 // kbits if 8 % kbits == 0 else 8)
+    kper = uint64(8 // kbits if 8 % kbits == 0 else 8)
+    kunits = pk // kper
     vper = uint64(8 // vbits if 8 % vbits == 0 else 8)
     vunits = pv // vper
     gv = uint64(vgroup)
     ngv = d // gv
     vug = gv // vper  # units per value group
-    grp, start, stop = uint64(kgroup), uint64(t0), uint64(t1)
+    tblock = TOKEN_BLOCK if kpt else kgroup
+    grp, start, stop = uint64(tblock), uint64(t0), uint64(t1)
     kcodes, vcodes = uint64(nk), uint64(nv)
     has_valid = valid.shape[0] > 0
-    width = min(kgroup, t1 - t0)
+    width = min(tblock, t1 - t0)
+    # keys per token: groups of kgroup channels, kug packing units each
+    ngk = d // uint64(kgroup) if kpt else _1
+    kug = uint64(kgroup) // kper if kpt else _1
 
     qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' plane order
     for r in range(rows):
@@ -336,7 +349,18 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
     nvs = width * (nd // vgroup)
-    hbits = np.empty(max(nd, nvs), np.uint32)
+    nks = width * (nd // kgroup) if kpt else 0
+    hbits = np.empty(max(nd, nvs, nks), np.uint32)
+    ksc = np.empty(nks, np.float32)  # per-token keys: the block's scales and zeros, (token, key group) flattened
+    kze = np.empty(nks, np.float32)
+    ku = np.empty((width if kpt else 0, kunits), np.float32)  # the key scale of each unit of each token
+    qsum = np.zeros((nrows, nd // kgroup if kpt else 0), np.float32)  # per-token keys: q summed per key group
+    if kpt:
+        for r in range(rows):
+            for c in range(d):
+                qsum[r, c // uint64(kgroup)] += q[r, c]
+        for r in range(rows):
+            bias[r] = 0.0
     hfloat = hbits.view(np.float32)
     vsc = np.empty(nvs, np.float32)
     vze = np.empty(nvs, np.float32)
@@ -359,7 +383,28 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits
             continue
         # keys: the block's coded tokens [0, ik), then those held as floats [ik, nt)
         ik = min(max(kcodes, ta), tb) - ta
-        if ik > 0:  # scaled query and bias of this group, then the scores of every row
+        if ik > 0 and kpt:  # q . (code * scale + zero) = (q . code * scale) + sum_j zero_j * (q summed over group j)
+            _halves(ks, ta * ngk, ik * ngk, hbits, hfloat, ksc)
+            _halves(kz, ta * ngk, ik * ngk, hbits, hfloat, kze)
+            for i in range(ik):
+                for j in range(ngk):
+                    s_ = ksc[i * ngk + j]
+                    for u in range(j * kug, j * kug + kug):
+                        ku[i, u] = s_
+            _unpack_block(kp, ta, _0, ik, kbits, kunits, ku, kf)
+            if pk == _64:
+                _scores_block(qp, bias, kf, _0, ik, sc, _64)
+            elif pk == _128:
+                _scores_block(qp, bias, kf, _0, ik, sc, _128)
+            else:
+                _scores_block(qp, bias, kf, _0, ik, sc, pk)
+            for i in range(ik):
+                for r in range(rows):
+                    zs = np.float32(0.0)
+                    for j in range(ngk):
+                        zs += qsum[r, j] * kze[i * ngk + j]
+                    sc[r, i] += zs
+        elif ik > 0:  # scaled query and bias of this group, then the scores of every row
             _halves(ks, g * d, d, hbits, hfloat, kstat)
             _halves(kz, g * d, d, hbits, hfloat, kzero)
             for p in range(pk):
@@ -420,8 +465,8 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits
 
 
 @njit(cache=True, fastmath=_FM)
-def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-              n, span, pacc, pm, pl):
+def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+              valid, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of (batch, KV head) ``item // splits`` into ``pacc[item]``, ``pm``, ``pl``."""
     h = qg.shape[1]
     splits = pm.shape[0] // (qg.shape[0] * h)
@@ -429,7 +474,7 @@ def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vb
     bi, hi = bh // h, bh % h
     t0, t1 = si * span, min((si + 1) * span, n)
     vmask = valid[bi, hi if valid.shape[1] > 1 else 0] if valid.shape[2] > 0 else valid[0, 0]
-    _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kchan, nk, kr[bi, hi], vp[bi, hi],
+    _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kpt, kchan, nk, kr[bi, hi], vp[bi, hi],
                   vs[bi, hi], vz[bi, hi], vbits, vgroup, vchan, nv, vr[bi, hi], vmask, t0, t1, pacc[item], pm[item],
                   pl[item])
 
@@ -461,36 +506,37 @@ def _merge(bh, pacc, pm, pl, acc, m, l):
 
 
 @njit(cache=True, parallel=True)
-def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-                        n, span, acc, m, l):
+def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                        valid, n, span, acc, m, l):
     """Every (batch, KV head, token range) item under ``prange``, then the merge per (batch, KV head).
 
     ``qg (b, h, rows, d)`` fp32; codes ``kp``/``vp (b, h, >= nk | nv, nbytes)`` uint8; ``ks``/``kz``/``vs``/``vz (b,
     h, *)`` uint16, the flattened fp16 statistics; ``kr``/``vr (b, h, >= n - nk | n - nv, d)`` float32, the tokens
     after the codes; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``span``: tokens per range (a multiple
-    of ``kgroup``); results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
+    of the token block); ``kpt``: keys per token (statistics ``(b, h, >= nk, d / kgroup)`` flattened, groups of
+    ``kgroup`` channels); results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
     """
     b, h, rows, d = qg.shape
     items = b * h * ((n + span - 1) // span)
     pacc = np.empty((items, rows, d), np.float32)
     pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
     for item in prange(items):
-        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-                  n, span, pacc, pm, pl)
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                  valid, n, span, pacc, pm, pl)
     for bh in prange(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)
 
 
 @njit(cache=True)
-def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-                      n, span, acc, m, l):
+def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                      valid, n, span, acc, m, l):
     """:func:`kivi_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
     items = b * h * ((n + span - 1) // span)
     pacc = np.empty((items, rows, d), np.float32)
     pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
     for item in range(items):
-        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr, valid,
-                  n, span, pacc, pm, pl)
+        _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                  valid, n, span, pacc, pm, pl)
     for bh in range(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)

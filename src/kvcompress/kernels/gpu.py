@@ -54,7 +54,7 @@ def online_softmax(s, visible, m_i, l_i):
 def _kivi_partials(
     Q, sq_b, sq_h, sq_r,  # (b, h, rows, d) fp32, already scaled
     KP, skp_b, skp_h, skp_t,  # (b, h, >= nk, kbytes) uint8 key codes
-    KS, sks_b, sks_h, sks_g,  # (b, h, >= ceil(nk / G), d) fp16 key scales
+    KS, sks_b, sks_h, sks_g,  # (b, h, >= ceil(nk / G), d) fp16 key scales; KEY_PER_TOKEN: (b, h, >= nk, d // G)
     KZ, skz_b, skz_h, skz_g,  # same, zeros
     KT, skt_b, skt_h, skt_t,  # (b, h, n - nk, d) float key tail
     VP, svp_b, svp_h, svp_t,  # (b, h, >= nv, vbytes) uint8 value codes
@@ -64,7 +64,7 @@ def _kivi_partials(
     VALID, sva_b, sva_h,  # (b, h | 1, n) uint8 (head stride 0 when shared), unused without HAS_VALID
     PACC, PM, PL,  # partials (b * h, splits, rows, d), (b * h, splits, rows) fp32
     H, ROWS, D, N, NK, NV, SPAN,  # runtime sizes: KV heads, query rows, head_dim, tokens, coded keys / values, range
-    KBITS: tl.constexpr, KBYTES: tl.constexpr, KGROUP: tl.constexpr,
+    KBITS: tl.constexpr, KBYTES: tl.constexpr, KGROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr,
     VBITS: tl.constexpr, VBYTES: tl.constexpr, VGROUP: tl.constexpr,
     HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -91,6 +91,7 @@ def _kivi_partials(
     vbyte = vbit // 8
     vshift = vbit % 8
     vgrp = c // VGROUP
+    kgrp = c // KGROUP  # keys per token: the channel's group
 
     t_start = pid_s * SPAN
     t_end = tl.minimum(t_start + SPAN, N)
@@ -121,9 +122,13 @@ def _kivi_partials(
             hb = tl.load(kp_row + t64[:, None] * skp_t + (kbyte + 1)[None, :], mask=hi_ok, other=0).to(tl.int32)
             lo = lo | (hb << 8)
         kcode = ((lo >> kshift[None, :]) & ((1 << KBITS) - 1)).to(tl.float32)
-        g = (t // KGROUP).to(tl.int64)
-        kscale = tl.load(ks_row + g[:, None] * sks_g + c[None, :], mask=km, other=0.0).to(tl.float32)
-        kzero = tl.load(kz_row + g[:, None] * skz_g + c[None, :], mask=km, other=0.0).to(tl.float32)
+        if KEY_PER_TOKEN:  # one scale/zero per token and group of KGROUP channels, like the values
+            kscale = tl.load(ks_row + t64[:, None] * sks_g + kgrp[None, :], mask=km, other=0.0).to(tl.float32)
+            kzero = tl.load(kz_row + t64[:, None] * skz_g + kgrp[None, :], mask=km, other=0.0).to(tl.float32)
+        else:  # one per channel and group of KGROUP tokens
+            g = (t // KGROUP).to(tl.int64)
+            kscale = tl.load(ks_row + g[:, None] * sks_g + c[None, :], mask=km, other=0.0).to(tl.float32)
+            kzero = tl.load(kz_row + g[:, None] * skz_g + c[None, :], mask=km, other=0.0).to(tl.float32)
         ktm = (tin & (t >= NK))[:, None] & cmask[None, :]
         ktail = tl.load(kt_row + (t64 - NK)[:, None] * skt_t + c[None, :], mask=ktm, other=0.0).to(tl.float32)
         keys = tl.where(kcoded[:, None], kcode * kscale + kzero, ktail)
@@ -217,7 +222,7 @@ def launch_layout(dev, b: int, h: int, rows: int, d: int, n: int, splits, block_
 def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: int, k_group: int, v_packed,
                    v_scale, v_zero, v_bits: int, v_group: int, valid: torch.Tensor | None = None,
                    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None, splits: int | None = None,
-                   precision: str = "ieee"):
+                   precision: str = "ieee", k_per_token: bool = False):
     """Same arguments and results as :func:`kvcompress.kernels.kivi_attention` (shapes there): ``qg (b, kv_heads,
     rows, d)`` fp32 scaled queries; key codes ``(b, kv_heads, >= nk, ceil(d*k_bits/8))`` uint8 with fp16
     ``k_scale``/``k_zero (b, kv_heads, >= ceil(nk/k_group), d)``; value codes ``(b, kv_heads, >= nv,
@@ -226,6 +231,8 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
     kv_heads, rows, d)``, ``m``, ``l (b, kv_heads, rows)``.
 
     Any code width 1..8 and any ``v_group`` dividing ``d`` (no packing-unit constraint, unlike the CPU kernel).
+    ``k_per_token``: keys quantized per token like the values (``k_scale``/``k_zero (b, kv_heads, >= nk, d //
+    k_group)``).
     ``splits``: token ranges per (batch, KV head) (None: :func:`default_splits`); ``precision``: ``tl.dot``'s input
     precision for fp32 ("ieee"; "tf32" trades ~1e-3 relative error in the scores for tensor cores).
     """
@@ -244,8 +251,9 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
     dummy16 = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=dev)
     dummyf = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
     kp, *skp = _strides(k_packed if k_packed is not None and nk else dummy8, kbytes)
-    ks, *sks = _strides(k_scale if k_scale is not None and nk else dummy16, d)
-    kz, *skz = _strides(k_zero if k_zero is not None and nk else dummy16, d)
+    kstat = d // k_group if k_per_token else d
+    ks, *sks = _strides(k_scale if k_scale is not None and nk else dummy16, kstat)
+    kz, *skz = _strides(k_zero if k_zero is not None and nk else dummy16, kstat)
     kt, *skt = _strides(k_tail if k_tail is not None and n - nk else dummyf, d)
     vp, *svp = _strides(v_packed if v_packed is not None and nv else dummy8, vbytes)
     vs, *svs = _strides(v_scale if v_scale is not None and nv else dummy16, d // v_group)
@@ -261,7 +269,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
         va, *sva,
         pacc, pm, pl,
         h, rows, d, n, nk, nv, span,
-        KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
+        KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, KEY_PER_TOKEN=bool(k_per_token), VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
         HAS_VALID=valid is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N, PRECISION=precision,
     )
     pacc, pm, pl = pacc.view(b, h, splits, rows, d), pm.view(b, h, splits, rows), pl.view(b, h, splits, rows)

@@ -275,13 +275,16 @@ class LogQuantLayer(KVLayer):
     def fused(self) -> bool:
         """Whether each quantized run is attended by the fused KIVI-layout kernel straight from its codes
         (:func:`kvcompress.kernels.kivi_attention`): keys per channel in blocks of W tokens and values per token are
-        exactly KIVI's layout (``key_axis="token"`` is not: chunked), and a kernel applies on the device."""
+        exactly KIVI's layout; keys per token (``key_axis="token"``) are read like the values; and a kernel applies on
+        the device."""
         from .. import kernels
 
-        if not self.kq.length or self.kq.axis != -2:
+        if not self.kq.length:
             return False
         device = self.kq.runs.runs[0][0].device
-        return kernels.kivi_fused_applies(device, self.kq.bits, self.vq.bits, self.geometry.head_dim, self.vq.group)
+        key_token_group = self.kq.group if self.kq.axis == -1 else None
+        return kernels.kivi_fused_applies(device, self.kq.bits, self.vq.bits, self.geometry.head_dim, self.vq.group,
+                                          key_token_group=key_token_group)
 
     def _fused_run(self, n: int, read, chunk: int, k_run, v_run, tail=None):
         """``KVPart.fused`` of one quantized run: ``k_run``/``v_run`` = (packed, scale, zero); ``n`` tokens in all,
@@ -295,7 +298,7 @@ class LogQuantLayer(KVLayer):
             if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: BLAS on dequantized chunks is faster
                 return kernels.chunked_partials(qg, read, n, chunk, valid)
             return kernels.kivi_attention(qg, n, *k_run, kq.bits, kq.group, *v_run, vq.bits, vq.group, valid,
-                                          k_tail=k_tail, v_tail=v_tail)
+                                          k_tail=k_tail, v_tail=v_tail, k_per_token=kq.axis == -1)
 
         return attend
 
@@ -487,8 +490,8 @@ class LogQuantSlidingLayer(LogQuantLayer):
 @register("logquant")
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
-    attention = ("kvcompress: quantized runs through the fused KIVI-layout kernel (key_axis=channel; chunked for "
-                 "key_axis=token or without a kernel), then the full-precision block")
+    attention = ("kvcompress: quantized runs through the fused KIVI-layout kernel (keys per channel or per token; "
+                 "chunked without a kernel), then the full-precision block")
     sliding = ("LogQuant too: quantized flush blocks + log-spaced fp16 inside the window, blocks leave whole, window "
                "masked (quantize_sliding=False: plain fp16 window)")
     Config = LogQuantConfig
