@@ -2,8 +2,8 @@
 
 A quantized store exposes such a kernel as ``KVPart.fused`` (see :mod:`kvcompress.attention.parts`); the attention
 path merges it with the other parts by log-sum-exp. Today: KIVI's layout (keys per channel in groups of ``G`` tokens,
-or per token like the values, values per token in groups of ``Gv`` channels, fp16 scale/zero, codes of 1..8 bits packed by
-:func:`kvcompress.quant.pack_bits`), with one backend per device (:func:`backend`): CPU tensors with numba
+or per token like the values; values per token in groups of ``Gv`` channels; fp16 scale/zero; codes of 1..8 bits
+packed by :func:`kvcompress.quant.pack_bits`), with one backend per device (:func:`backend`): CPU tensors with numba
 (:mod:`.cpu`), CUDA tensors with Triton (:mod:`.gpu`; tested only in Triton's interpreter so far).
 
 Where no kernel applies -- the JIT of the tensors' device missing (numba for CPU, triton for CUDA), another device, the
