@@ -305,11 +305,10 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     Keys: tokens ``< nk`` from codes ``kp (>= nk, kbytes)`` uint8 with per-channel statistics ``ks``/``kz (n_groups *
     d,)`` uint16 (fp16 bits, groups of ``kgroup`` tokens, flattened) -- or, with ``kpt`` (keys per token, like the
     values), per-token statistics ``(>= nk * d / kgroup,)`` for groups of ``kgroup`` channels -- the rest from ``kr
-    (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with per-token statistics
-    ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr`` (``vr[t - nv]``).
-    ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty (all valid).
-    Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
-    """
+    (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with
+    per-token statistics ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr``
+    (``vr[t - nv]``). ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty
+    (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``. """
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
     pk, pv = uint64(kchan.shape[0]), uint64(vchan.shape[0])

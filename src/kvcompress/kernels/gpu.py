@@ -269,7 +269,8 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
         va, *sva,
         pacc, pm, pl,
         h, rows, d, n, nk, nv, span,
-        KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, KEY_PER_TOKEN=bool(k_per_token), VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
+        KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, KEY_PER_TOKEN=bool(k_per_token),
+        VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
         HAS_VALID=valid is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N, PRECISION=precision,
     )
     pacc, pm, pl = pacc.view(b, h, splits, rows, d), pm.view(b, h, splits, rows), pl.view(b, h, splits, rows)
