@@ -308,7 +308,8 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with
     per-token statistics ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr``
     (``vr[t - nv]``). ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty
-    (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``. """
+    (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
+    """
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
     pk, pv = uint64(kchan.shape[0]), uint64(vchan.shape[0])
