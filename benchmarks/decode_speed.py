@@ -6,7 +6,9 @@ per context), each continuing where its previous burst stopped; the median ratio
 printed (> 1 = the method decodes faster). Also: the attention path each layer takes (self-attending over stored
 parts, or dense K/V handed to transformers), the peak transient bytes of the method's cache while decoding, and the
 TTFT ratio: the median of ``--ttft-rounds`` interleaved pairs of prefills (a DynamicCache one, then the method's, each
-building its own cache), after the method's first prefill warmed it up.
+building its own cache), after the method's first prefill warmed it up. With ``--chunked-too``, each round also times
+a burst of the method's cache with the fused kernels switched off (``kernels.fused(False)``: the chunked path over the
+same stored codes) and prints ``chunked_time / method_time`` (> 1 = the kernel path is faster).
 
     python benchmarks/decode_speed.py --contexts 1024 4096 8192 --threads 1 > benchmarks/results/decode-speed/results.md
 
@@ -24,7 +26,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from kvcompress import load_model
+from kvcompress import kernels, load_model
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ttft-rounds", type=int, default=3,
                    help="interleaved pairs of prefills (DynamicCache, the method) per method; the median ratio")
+    p.add_argument("--chunked-too", action="store_true",
+                   help="also time the method with the fused kernels off (the chunked path), interleaved")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,16 +88,17 @@ def main(argv=None) -> int:
     print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
     print(f"model {args.model} ({next(model.parameters()).dtype}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.steps} decode steps, median of {args.rounds} interleaved bursts after one prefill\n")
+    extra = " fused vs chunked (kernels off) |" if args.chunked_too else ""
     print("| method | context | decode ratio vs DynamicCache | method tok/s | DynamicCache tok/s | TTFT ratio (median "
-          f"of {args.ttft_rounds} interleaved prefill pairs) | path | peak transient (decode) |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+          f"of {args.ttft_rounds} interleaved prefill pairs) | path | peak transient (decode) |{extra}")
+    print("|---|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if args.chunked_too else ""))
     for length in args.contexts:
         ids = text_ids[:length].view(1, -1)
         dynamic = prefill(model, DynamicCache, ids)
         for label in args.methods:
             spec = parse_spec(label)
             try:
-                ratios, ours, theirs = [], [], []
+                ratios, ours, theirs, off = [], [], [], []
                 mine = list(prefill(model, lambda: spec.make(model), ids))  # also warms up the method's kernels
                 ttft = statistics.median(ttft_ratio(model, lambda: spec.make(model), ids)
                                          for _ in range(args.ttft_rounds))
@@ -106,6 +111,9 @@ def main(argv=None) -> int:
                     t_ref = decode_burst(model, reference, args.steps)
                     t_m = decode_burst(model, mine, args.steps)
                     ratios.append(t_ref / t_m)
+                    if args.chunked_too:
+                        with kernels.fused(False):
+                            off.append(decode_burst(model, mine, args.steps) / t_m)
                     ours.append(args.steps / t_m)
                     theirs.append(args.steps / t_ref)
                 if hasattr(cache, "close"):
@@ -115,8 +123,9 @@ def main(argv=None) -> int:
                 continue
             path = "self-attending" if all(getattr(layer, "attends", False) for layer in cache.layers if not getattr(layer, "is_sliding", False)) else "dense K/V to transformers"
             peak = cache.memory_report().peak_transient_bytes / 2**20
+            chunked = f" {statistics.median(off):.2f}x |" if off else ""
             print(f"| `{label}` | {length} | {statistics.median(ratios):.2f}x | {statistics.median(ours):.1f} | "
-                  f"{statistics.median(theirs):.1f} | {ttft:.2f}x | {path} | {peak:.2f} MiB |", flush=True)
+                  f"{statistics.median(theirs):.1f} | {ttft:.2f}x | {path} | {peak:.2f} MiB |{chunked}", flush=True)
     return 0
 
 
