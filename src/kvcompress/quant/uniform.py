@@ -120,8 +120,7 @@ def quantize_uniform(
     qmax = (1 << bits) - 1
 
     xg = x.float().reshape(grouped)
-    mn = xg.amin(dim=a + 1)
-    mx = xg.amax(dim=a + 1)
+    mn, mx = torch.aminmax(xg, dim=a + 1)  # one pass for both
     zero16 = _fp16_round_down(mn)
     scale32 = (mx - zero16.float()) / qmax
     scale16 = _fp16_round_up(scale32)
@@ -130,7 +129,8 @@ def quantize_uniform(
     s = scale16.float().unsqueeze(a + 1)
     z = zero16.float().unsqueeze(a + 1)
     safe_s = torch.where(s > 0, s, torch.ones_like(s))
-    codes = torch.round((xg - z) / safe_s).clamp_(0, qmax).to(torch.uint8).reshape(shape)
+    # the same operations as round((x - z) / s), in place on one temporary (a prompt's prefill quantizes every layer)
+    codes = torch.sub(xg, z).div_(safe_s).round_().clamp_(0, qmax).to(torch.uint8).reshape(shape)
     packed = pack_bits(codes, bits, validate=False)
     return UniformQuantized(
         packed=packed,
