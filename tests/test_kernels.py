@@ -416,6 +416,21 @@ def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
     assert kinds(bits=4, group_size=8, residual=16) == ["kivi"]
 
 
+def test_per_token_keys_take_the_kernel_only_where_their_groups_fit(monkeypatch):
+    """Keys per token (LogQuant's ``key_axis="token"``) are held to the values' rules on the CPU: channel groups that
+    divide head_dim and never split a byte of codes; the Triton kernel takes any group that divides head_dim."""
+    cpu_dev = torch.device("cpu")
+    if kernels.AVAILABLE:
+        assert kernels.kivi_fused_applies(cpu_dev, 2, 2, 64, 64, key_token_group=64)
+        assert kernels.kivi_fused_applies(cpu_dev, 4, 2, 64, 32, key_token_group=16)
+    assert not kernels.kivi_fused_applies(cpu_dev, 2, 2, 12, 12, key_token_group=6)  # a 2-bit byte spans two groups
+    assert not kernels.kivi_fused_applies(cpu_dev, 2, 2, 64, 64, key_token_group=24)  # does not divide head_dim
+    monkeypatch.setattr(kernels, "triton_status", lambda: (True, "test"))
+    with kernels.fused(True, backend="triton"):
+        assert kernels.kivi_fused_applies(cpu_dev, 2, 2, 12, 12, key_token_group=6)
+        assert not kernels.kivi_fused_applies(cpu_dev, 2, 2, 64, 64, key_token_group=24)
+
+
 @needs_numba
 @pytest.mark.parametrize("method,options", [
     ("kivi", {"bits": 2, "group_size": 8, "residual": 16}),
