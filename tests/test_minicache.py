@@ -485,6 +485,55 @@ def test_any_range_of_a_segment_reads_back_what_the_whole_read_back_holds(storag
                 assert torch.equal(got, want[:, :, start:stop])
 
 
+@pytest.mark.parametrize("storage", ["fp16", "kivi"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_merged_segment_attends_from_its_directions_like_its_read_back(storage, kernel):
+    """The attention partials a merged segment gives without rebuilding ``|x_j| * e`` (:meth:`Segment.fused`: the
+    direction store's parts with the magnitudes as per-token multipliers -- the KIVI kernel's codes or fp16 chunks --,
+    the retained entries masked out there and attended exactly apart) equal softmax attention over the segment's
+    read-back (:meth:`Segment.reader`), for both layers of the pair, batch 2 with padding, GQA rows and a long query
+    chunk; with the kernels on and off. Tolerance: fp32 rounding (1e-5 relative to the largest value / score)."""
+    from kvcompress import kernels
+
+    gen = torch.Generator().manual_seed(11)
+    g = kvcompress.ModelGeometry(4, 4, 3, 16, ("full_attention",) * 4, None, None, "x", torch.float32)
+    opts = {"bits": 2, "group_size": 8, "residual": 8} if storage == "kivi" else {}
+    seg = Segment(lambda: make_storage(storage, g, **opts), 0, torch.float16)
+    cfg = MiniCacheConfig(gamma=0.3)
+    for n in (40, 1, 1, 7, 1, 13, 1):
+        seg.add(*(torch.randn(2, 3, n, 16, generator=gen) for _ in range(4)), cfg)
+    n = seg.length
+    assert seg.retained_entries() > 0 and len(seg.kept_idx.runs) > 1
+    valid = torch.rand(2, 1, n, generator=gen) > 0.2
+    for side in (0, 1):
+        for rows in (4, 160):  # one decode step of 4 query heads per KV head; a prefill chunk (chunked fallback)
+            qg = torch.randn(2, 3, rows, 16, generator=gen) * 0.5
+            with kernels.fused(kernel):
+                acc, m, l = seg.fused(side)(qg, valid)
+            k, v = seg.reader(side)(0, n, torch.float32)
+            want = torch.softmax(torch.einsum("bhrd,bhnd->bhrn", qg.double(), k.double())
+                                 .masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1) @ v.double()
+            got = acc.double() / l.double()[..., None]
+            assert (got - want).abs().max().item() <= 1e-5 * (1 + v.abs().max().item())
+            lse = torch.logsumexp(torch.einsum("bhrd,bhnd->bhrn", qg.double(), k.double())
+                                  .masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1)
+            assert (m.double() + l.double().log() - lse).abs().max().item() <= 1e-5 * (1 + lse.abs().max().item())
+
+
+def test_merged_pairs_say_which_path_they_take(tiny_model):
+    """memory_report(): merged pairs over KIVI codes take the kernel ("fused-numba"; "chunked" with it switched
+    off: every merged pair rebuilds ``|x| * e`` a chunk at a time then), over fp16 directions the dense torch path."""
+    from kvcompress import kernels
+
+    ids = _ids(1, 80, seed=4)
+    for storage, opts, want in (("fp16", {}, "dense"),
+                                ("kivi", {"bits": 4, "group_size": 8, "residual": 16}, "fused-numba")):
+        cache = _prefill(tiny_model, ids, start_layer=1, storage=storage, **opts)
+        assert cache.memory_report().attention == {want if kernels.AVAILABLE else "chunked": 4}
+        with kernels.fused(False):
+            assert cache.memory_report().attention == {"chunked": 4}
+
+
 def test_long_context_merged_past_is_read_a_chunk_at_a_time(tiny_model, monkeypatch):
     """Past the attention chunk (2048 tokens), the merged layers rebuild their past a chunk at a time: the logits
     equal those of a cache whose pairs read their whole past back densely (the old path), and the peak transient of
@@ -508,7 +557,7 @@ def test_long_context_merged_past_is_read_a_chunk_at_a_time(tiny_model, monkeypa
     chunk_bytes = 2 * b * h * CHUNK * d * 4  # K and V of one fp32 chunk
     assert all(layer.peak_transient_bytes <= chunk_bytes < 2 * b * h * n * d * 4 for layer in cache.layers
                if isinstance(layer, MergedLayer))
-    assert cache.memory_report().attention.get("chunked") == 4
+    assert cache.memory_report().attention.get("dense") == 4  # fp16 directions: torch over them, chunk by chunk
     monkeypatch.setattr(LayerPair, "parts", lambda self, side: [KVPart.dense(*self.past(side, torch.float32))]
                         if self.segments or self.pending[side] is not None else [])
     want, _ = run()

@@ -157,6 +157,7 @@ def _halves(t: torch.Tensor) -> np.ndarray:
 
 
 _ALL_VALID = np.ones((1, 1, 0), np.bool_)
+_NO_MULT = np.ones((1, 1, 2, 0), np.float32)
 
 
 def _tail(t: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
@@ -175,7 +176,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
                    k_zero: torch.Tensor | None, k_bits: int, k_group: int, v_packed: torch.Tensor | None,
                    v_scale: torch.Tensor | None, v_zero: torch.Tensor | None, v_bits: int, v_group: int,
                    valid: torch.Tensor | None = None, k_tail: torch.Tensor | None = None,
-                   v_tail: torch.Tensor | None = None, k_per_token: bool = False):
+                   v_tail: torch.Tensor | None = None, k_per_token: bool = False, mult: torch.Tensor | None = None):
     """Attention partials of ``qg`` over ``n`` tokens held as KIVI codes, then floats (the ``KVPart.fused`` contract).
 
     ``qg (b, kv_heads, rows, d)`` fp32, already scaled. Keys: the first ``nk = n - len(k_tail)`` tokens from
@@ -186,6 +187,8 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     ``v_group`` channels), then ``v_tail``. Codes may be None when no token uses them. ``valid (b, kv_heads | 1, n)``
     bool or None. ``k_per_token``: the keys are quantized like the values instead (per token, ``k_scale``/``k_zero
     (b, kv_heads, >= nk, d // k_group)``: groups of ``k_group`` channels; LogQuant's ``key_axis="token"``).
+    ``mult (b, kv_heads, 2, n)`` float or None: token ``j``'s key counts as ``mult[:, :, 0, j]`` times the stored one
+    and its value as ``mult[:, :, 1, j]`` times (MiniCache's per-layer magnitudes over a shared stored direction).
 
     Returns fp32 ``acc (b, kv_heads, rows, d) = sum_j exp(s_j - m) v_j``, ``m (b, kv_heads, rows)`` (-inf where no
     token is visible), ``l (b, kv_heads, rows) = sum_j exp(s_j - m)``, with ``s_j = qg . key_j`` over the dequantized
@@ -197,7 +200,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
         from . import gpu
 
         return gpu.kivi_attention(qg, n, k_packed, k_scale, k_zero, k_bits, k_group, v_packed, v_scale, v_zero,
-                                  v_bits, v_group, valid, k_tail, v_tail, k_per_token=k_per_token)
+                                  v_bits, v_group, valid, k_tail, v_tail, k_per_token=k_per_token, mult=mult)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
     kr, vr = _tail(k_tail, qg), _tail(v_tail, qg)
@@ -211,13 +214,14 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     ks, kz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (k_scale, k_zero))
     vs, vz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (v_scale, v_zero))
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
+    mu = _NO_MULT if mult is None else _np(mult.float())
 
     block = _cpu.TOKEN_BLOCK if k_per_token else k_group
 
     def args(splits):  # tokens per range: a multiple of the kernel's token block (the key group for per-channel keys)
         span = _ceil(_ceil(n, splits), block) * block
         return (q, kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan, nk, kr, vp, vs, vz, v_bits, v_group, vchan,
-                nv, vr, vmask, n, span, acc, m, l)
+                nv, vr, vmask, mu, n, span, acc, m, l)
 
     _run_layer(_cpu.kivi_layer_serial, _cpu.kivi_layer_parallel, args, b * h, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
@@ -260,11 +264,12 @@ def _with_dense(qg: torch.Tensor, partials, keys: torch.Tensor, values: torch.Te
     return _fold(qg, *partials, keys.float(), values.float())
 
 
-def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None):
+def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None,
+                     mult: torch.Tensor | None = None):
     """The ``KVPart.fused`` contract computed by dequantizing ``chunk`` tokens at a time and two matmuls per chunk:
     ``read(start, stop, torch.float32) -> (keys, values)`` each ``(b, kv_heads, stop - start, d)``; ``qg``, ``valid``
-    and the returned ``(acc, m, l)`` as in :func:`kivi_attention`. What a fused part falls back to for many query rows
-    (a long prefill chunk), where BLAS beats the kernel."""
+    ``mult`` and the returned ``(acc, m, l)`` as in :func:`kivi_attention`. What a fused part falls back to for many
+    query rows (a long prefill chunk), where BLAS beats the kernel."""
     b, h, rows, d = qg.shape
     acc = qg.new_zeros(b, h, rows, d)
     m = qg.new_full((b, h, rows), float("-inf"))
@@ -272,6 +277,8 @@ def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Te
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         k, v = read(start, stop, torch.float32)
+        if mult is not None:
+            k, v = k * mult[:, :, 0, start:stop, None], v * mult[:, :, 1, start:stop, None]
         acc, m, l = _fold(qg, acc, m, l, k, v, None if valid is None else valid[:, :, start:stop])
     return acc, m, l
 

@@ -14,6 +14,9 @@ channel. Nothing is dequantized to memory:
 * **values** (per token, ``v = code * scale + zero`` per group of ``Gv`` channels): a token's codes are unpacked
   times their scale once and added with the softmax weight to every query row; the zero points are summed per
   (row, value group) on the side (``sum_t w_t * zero_t``) and added at the end, so ``v`` is never formed.
+* **per-token multipliers** (optional, MiniCache's merged layers: a token's key and value are magnitudes times a
+  stored direction): the block's scores are multiplied by the key multipliers before the softmax and its weights by
+  the value multipliers after it (the row sums ``l`` take the weights before that).
 * **one pass serves every query row** of the KV group (GQA/MQA heads and multi-token queries folded into ``rows``).
 * **the residual**: keys and values leave KIVI's fp16 residual at different times; the kernel takes the first ``nk``
   keys and ``nv`` values from codes and the rest from float tails, so one call covers a whole layer.
@@ -298,7 +301,7 @@ def _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, scale):
 
 @njit(cache=True, fastmath=_FM)
 def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                  valid, t0, t1, acc_out, m_out, l_out):
+                  valid, mult, t0, t1, acc_out, m_out, l_out):
     """Attention of ``q (rows, d)`` over tokens ``[t0, t1)`` (``t0`` a multiple of the token block: ``kgroup``, or
     :data:`TOKEN_BLOCK` with ``kpt``) of one (batch, KV head).
 
@@ -308,7 +311,9 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with
     per-token statistics ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr``
     (``vr[t - nv]``). ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty
-    (all valid). Writes ``acc_out (rows, d)``, ``m_out``, ``l_out (rows,)``.
+    (all valid); ``mult (2, n)`` float32 or ``(2, 0)`` (none): token ``t``'s key is ``mult[0, t]`` times the stored
+    one and its value ``mult[1, t]`` times (MiniCache's magnitudes over its stored directions). Writes ``acc_out
+    (rows, d)``, ``m_out``, ``l_out (rows,)``.
     """
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
@@ -324,6 +329,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     grp, start, stop = uint64(tblock), uint64(t0), uint64(t1)
     kcodes, vcodes = uint64(nk), uint64(nv)
     has_valid = valid.shape[0] > 0
+    has_mult = mult.shape[1] > 0
     width = min(tblock, t1 - t0)
     # keys per token: groups of kgroup channels, kug packing units each
     ngk = d // uint64(kgroup) if kpt else _1
@@ -426,7 +432,15 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
                 _scores_block(qs, bias, kf, _0, ik, sc, pk)
         if ik < nt:
             _dense_scores(q, kr, ta + ik - kcodes, ik, nt, sc)
+        if has_mult:  # key multipliers scale the scores
+            for r in range(rows):
+                for i in range(nt):
+                    sc[r, i] *= mult[0, ta + i]
         _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, escale)
+        if has_mult:  # value multipliers scale the weights the values are added with (l is summed already)
+            for r in range(rows):
+                for i in range(nt):
+                    sc[r, i] *= mult[1, ta + i]
         # values: v = code * scale + zero; the scaled codes go to acc, the zeros to zacc per value group
         iv = min(max(vcodes, ta), tb) - ta
         if iv > 0:
@@ -466,7 +480,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
 
 @njit(cache=True, fastmath=_FM)
 def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-              valid, n, span, pacc, pm, pl):
+              valid, mult, n, span, pacc, pm, pl):
     """Token range ``item % splits`` of (batch, KV head) ``item // splits`` into ``pacc[item]``, ``pm``, ``pl``."""
     h = qg.shape[1]
     splits = pm.shape[0] // (qg.shape[0] * h)
@@ -474,8 +488,9 @@ def _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, v
     bi, hi = bh // h, bh % h
     t0, t1 = si * span, min((si + 1) * span, n)
     vmask = valid[bi, hi if valid.shape[1] > 1 else 0] if valid.shape[2] > 0 else valid[0, 0]
+    mu = mult[bi, hi] if mult.shape[3] > 0 else mult[0, 0]
     _attend_range(qg[bi, hi], kp[bi, hi], ks[bi, hi], kz[bi, hi], kbits, kgroup, kpt, kchan, nk, kr[bi, hi], vp[bi, hi],
-                  vs[bi, hi], vz[bi, hi], vbits, vgroup, vchan, nv, vr[bi, hi], vmask, t0, t1, pacc[item], pm[item],
+                  vs[bi, hi], vz[bi, hi], vbits, vgroup, vchan, nv, vr[bi, hi], vmask, mu, t0, t1, pacc[item], pm[item],
                   pl[item])
 
 
@@ -507,12 +522,13 @@ def _merge(bh, pacc, pm, pl, acc, m, l):
 
 @njit(cache=True, parallel=True)
 def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                        valid, n, span, acc, m, l):
+                        valid, mult, n, span, acc, m, l):
     """Every (batch, KV head, token range) item under ``prange``, then the merge per (batch, KV head).
 
     ``qg (b, h, rows, d)`` fp32; codes ``kp``/``vp (b, h, >= nk | nv, nbytes)`` uint8; ``ks``/``kz``/``vs``/``vz (b,
     h, *)`` uint16, the flattened fp16 statistics; ``kr``/``vr (b, h, >= n - nk | n - nv, d)`` float32, the tokens
-    after the codes; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``span``: tokens per range (a multiple
+    after the codes; ``valid (b, h | 1, n)`` bool or ``(1, 1, 0)`` (all valid); ``mult (b, h, 2, n)`` float32 key /
+    value multipliers per token or ``(1, 1, 2, 0)`` (none); ``span``: tokens per range (a multiple
     of the token block); ``kpt``: keys per token (statistics ``(b, h, >= nk, d / kgroup)`` flattened, groups of
     ``kgroup`` channels); results into ``acc (b, h, rows, d)``, ``m``/``l (b, h, rows)``.
     """
@@ -522,14 +538,14 @@ def kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, v
     pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
     for item in prange(items):
         _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                  valid, n, span, pacc, pm, pl)
+                  valid, mult, n, span, pacc, pm, pl)
     for bh in prange(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)
 
 
 @njit(cache=True)
 def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                      valid, n, span, acc, m, l):
+                      valid, mult, n, span, acc, m, l):
     """:func:`kivi_layer_parallel` on the calling thread."""
     b, h, rows, d = qg.shape
     items = b * h * ((n + span - 1) // span)
@@ -537,6 +553,6 @@ def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs,
     pm, pl = np.empty((items, rows), np.float32), np.empty((items, rows), np.float32)
     for item in range(items):
         _run_item(item, qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                  valid, n, span, pacc, pm, pl)
+                  valid, mult, n, span, pacc, pm, pl)
     for bh in range(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)

@@ -62,11 +62,12 @@ def _kivi_partials(
     VZ, svz_b, svz_h, svz_t,  # same, zeros
     VT, svt_b, svt_h, svt_t,  # (b, h, n - nv, d) float value tail
     VALID, sva_b, sva_h,  # (b, h | 1, n) uint8 (head stride 0 when shared), unused without HAS_VALID
+    MULT, smu_b, smu_h, smu_k,  # (b, h, 2, n) fp32 key / value multipliers per token, unused without HAS_MULT
     PACC, PM, PL,  # partials (b * h, splits, rows, d), (b * h, splits, rows) fp32
     H, ROWS, D, N, NK, NV, SPAN,  # runtime sizes: KV heads, query rows, head_dim, tokens, coded keys / values, range
     KBITS: tl.constexpr, KBYTES: tl.constexpr, KGROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr,
     VBITS: tl.constexpr, VBYTES: tl.constexpr, VGROUP: tl.constexpr,
-    HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_MULT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -107,6 +108,7 @@ def _kivi_partials(
     vs_row = VS + bi * svs_b + hi * svs_h
     vz_row = VZ + bi * svz_b + hi * svz_h
     vt_row = VT + bi * svt_b + hi * svt_h
+    mu_row = MULT + bi * smu_b + hi * smu_h
 
     for t0 in range(t_start, t_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
@@ -134,6 +136,8 @@ def _kivi_partials(
         keys = tl.where(kcoded[:, None], kcode * kscale + kzero, ktail)
 
         s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)  # (BLOCK_R, BLOCK_N)
+        if HAS_MULT:  # token t's key is MULT[.., 0, t] times the stored one
+            s = s * tl.load(mu_row + t64, mask=tin, other=0.0)[None, :]
         visible = tin
         if HAS_VALID:
             ok = tl.load(VALID + bi * sva_b + hi * sva_h + t64, mask=tin, other=0)
@@ -154,6 +158,8 @@ def _kivi_partials(
         vtm = (tin & (t >= NV))[:, None] & cmask[None, :]
         vtail = tl.load(vt_row + (t64 - NV)[:, None] * svt_t + c[None, :], mask=vtm, other=0.0).to(tl.float32)
         values = tl.where(vcoded[:, None], vcode * vscale + vzero, vtail)
+        if HAS_MULT:  # and its value MULT[.., 1, t] times
+            values = values * tl.load(mu_row + smu_k + t64, mask=tin, other=0.0)[:, None]
 
         acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=PRECISION)
         m_i = m_new
@@ -222,7 +228,7 @@ def launch_layout(dev, b: int, h: int, rows: int, d: int, n: int, splits, block_
 def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: int, k_group: int, v_packed,
                    v_scale, v_zero, v_bits: int, v_group: int, valid: torch.Tensor | None = None,
                    k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None, splits: int | None = None,
-                   precision: str = "ieee", k_per_token: bool = False):
+                   precision: str = "ieee", k_per_token: bool = False, mult: torch.Tensor | None = None):
     """Same arguments and results as :func:`kvcompress.kernels.kivi_attention` (shapes there): ``qg (b, kv_heads,
     rows, d)`` fp32 scaled queries; key codes ``(b, kv_heads, >= nk, ceil(d*k_bits/8))`` uint8 with fp16
     ``k_scale``/``k_zero (b, kv_heads, >= ceil(nk/k_group), d)``; value codes ``(b, kv_heads, >= nv,
@@ -232,7 +238,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
 
     Any code width 1..8 and any ``v_group`` dividing ``d`` (no packing-unit constraint, unlike the CPU kernel).
     ``k_per_token``: keys quantized per token like the values (``k_scale``/``k_zero (b, kv_heads, >= nk, d //
-    k_group)``).
+    k_group)``). ``mult (b, kv_heads, 2, n)`` or None: per-token key / value multipliers.
     ``splits``: token ranges per (batch, KV head) (None: :func:`default_splits`); ``precision``: ``tl.dot``'s input
     precision for fp32 ("ieee"; "tf32" trades ~1e-3 relative error in the scores for tensor cores).
     """
@@ -260,6 +266,9 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
     vz, *svz = _strides(v_zero if v_zero is not None and nv else dummy16, d // v_group)
     vt, *svt = _strides(v_tail if v_tail is not None and n - nv else dummyf, d)
     va, sva = valid_arg(valid, dummy8)
+    mu = dummyf if mult is None else mult.float()
+    if mu.stride(-1) != 1:
+        mu = mu.contiguous()
     block_r, span, pacc, pm, pl, grid = launch_layout(dev, b, h, rows, d, n, splits, BLOCK_N, MAX_BLOCK_R)
     splits = grid[1]
     _kivi_partials[grid](
@@ -267,11 +276,12 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
         kp, *skp, ks, *sks, kz, *skz, kt, *skt,
         vp, *svp, vs, *svs, vz, *svz, vt, *svt,
         va, *sva,
+        mu, mu.stride(0), mu.stride(1), mu.stride(2),
         pacc, pm, pl,
         h, rows, d, n, nk, nv, span,
         KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, KEY_PER_TOKEN=bool(k_per_token),
         VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
-        HAS_VALID=valid is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N, PRECISION=precision,
+        HAS_VALID=valid is not None, HAS_MULT=mult is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N, PRECISION=precision,
     )
     pacc, pm, pl = pacc.view(b, h, splits, rows, d), pm.view(b, h, splits, rows), pl.view(b, h, splits, rows)
     if splits == 1:

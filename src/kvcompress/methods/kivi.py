@@ -363,7 +363,8 @@ class KiviStore(TokenStorage):
     def parts(self, fused: bool | None = None):
         """The stored tokens as attention parts. With :meth:`fused`, one ``kind="kivi-fused"`` part whose ``fused``
         kernel attends straight from the codes and the residual in one pass (keys and values leave the residual at
-        different times; the kernel takes each from where it is); its ``read`` still serves callers that ask for
+        different times; the kernel takes each from where it is; ``fused(qg, valid, mult=None)`` also takes per-token
+        key / value multipliers ``(b, kv_heads, 2, n)``, see :func:`kvcompress.kernels.kivi_attention`); its ``read`` still serves callers that ask for
         probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk. Chunks fall on key-group edges.
         ``fused``: what :meth:`fused` says now, when the caller just asked it (None: ask)."""
         from .. import kernels
@@ -379,11 +380,11 @@ class KiviStore(TokenStorage):
         k_codes, v_codes = (kq.packed, kq.scale, kq.zero), (vq.packed, vq.scale, vq.zero)
         k_res, v_res = self.k_res, self.v_res
 
-        def fused(qg, valid):
+        def fused(qg, valid, mult=None):  # mult: per-token key / value multipliers (MiniCache's merged directions)
             if qg.shape[2] > kernels.MAX_FUSED_ROWS:  # a long prefill chunk: BLAS on dequantized chunks is faster
-                return kernels.chunked_partials(qg, self.read_range, n, chunk, valid)
+                return kernels.chunked_partials(qg, self.read_range, n, chunk, valid, mult)
             return kernels.kivi_attention(qg, n, *k_codes, kq.bits, kq.group, *v_codes, vq.bits, vq.group, valid,
-                                          k_tail=k_res, v_tail=v_res)
+                                          k_tail=k_res, v_tail=v_res, mult=mult)
 
         return [KVPart(n, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=k_res.shape[1])]
 

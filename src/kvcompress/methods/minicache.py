@@ -32,8 +32,14 @@ arXiv 2405.14366).
   indices are ``TokenRuns`` (a token is copied O(log n) times over its life, not once per step), the padding flags
   a buffer with counted spare capacity.
 * **Attention** (full-attention pairs): each layer attends by itself over its past as attention parts: the merged
-  positions rebuilt a chunk at a time (``|x_j| * e`` with the retained entries put back, only the chunk's range:
-  :meth:`Segment.reader`), then the exact buffer, then the new tokens; the transient is a chunk, not the past.
+  positions, then the exact buffer, then the new tokens. The merged positions are never rebuilt: their scores are
+  ``|k_j| (q . e_k)`` and their values ``|v_j| e_v``, so the direction store is attended with the magnitudes as
+  per-token multipliers (KIVI codes: the fused kernel, :func:`kvcompress.kernels.kivi_attention` with ``mult``;
+  fp16 directions: torch, a chunk at a time), the retained entries masked out there and attended exactly as a small
+  dense part (:meth:`Segment.fused`). Where probabilities are asked for, or with the kernels switched off, the
+  merged positions are rebuilt a chunk at a time instead (``|x_j| * e`` with the retained entries put back, only the
+  chunk's range: :meth:`Segment.reader`). Either way the transient is a chunk, not the past. ``e`` is the direction
+  as stored (a quantizing store's dequantized one, not renormalized).
 * **When**: a forward that brings several tokens (prefill) merges them at once, after layer l stored them (layer
   l-1 already attended to its exact K/V in that forward; later steps see the merged version). Decoded tokens stay
   exact (2-byte) in a per-layer buffer until it holds ``block`` tokens, then merge (block = 1, the default:
@@ -238,15 +244,15 @@ class Segment:
 
     def reader(self, side: int):
         """``read(start, stop, dtype)`` of layer ``side`` (0 = l-1, 1 = l), for an attention part: positions
-        ``[start, stop)`` read back as ``|x| * e`` with the retained entries put back, ``(b, h, stop - start, d)``
-        each; only that range is rebuilt (a transient of the chunk)."""
+        ``[start, stop)`` read back as ``|x| * e`` (``e`` the direction as stored: a quantizing store's dequantized
+        one, not renormalized, so that a kernel can take the magnitudes as per-token multipliers) with the retained
+        entries put back, ``(b, h, stop - start, d)`` each; only that range is rebuilt (a transient of the chunk)."""
         dirs, kept = _range_reader(self.dirs), _range_reader(self.kept[side])
 
         def read(start: int, stop: int, dtype: torch.dtype):
             out = []
             mags = _runs_slice(self.mags[side], start, stop)[0]  # (2, b, h, n)
             for j, e in enumerate(dirs(start, stop, torch.float32)):
-                e = unit(e)[1]  # a quantizing store returns nearly-unit directions
                 out.append(mags[j].float().unsqueeze(-1) * e)
             lo, hi = self._kept_range(start * self.rows, stop * self.rows)
             if hi > lo:
@@ -258,6 +264,53 @@ class Segment:
             return out[0].to(dtype), out[1].to(dtype)
 
         return read
+
+    def fused(self, side: int):
+        """The ``KVPart.fused`` contract over this segment as layer ``side`` reads it (same values as
+        :meth:`reader`), without rebuilding ``|x| * e``: each part of the direction store is attended with the
+        magnitudes as per-token key / value multipliers (a quantizing store's kernel where it has one,
+        :func:`kvcompress.kernels.kivi_attention`; else its chunks in torch), with the retained entries masked out;
+        those are attended exactly as one small dense part per (batch, head), and the partials merged. Everything is
+        taken now (a later append makes new tensors), so the function stays consistent with this segment as of now."""
+        from .. import kernels
+        from ..attention.parts import _merge_partials
+
+        n, rows = self.length, self.rows
+        dir_parts = self.dirs.parts()
+        mags = self.mags[side].joined()[0]  # (2, b, h, n) 2-byte
+        kept_idx = self.kept_idx.joined()
+        retained = None if kept_idx is None else (kept_idx[0], self.kept[side].read(torch.float32))
+
+        def fused(qg, valid):
+            b, h = qg.shape[0], qg.shape[1]
+            mult = mags.permute(1, 2, 0, 3).float()  # (b, h, 2, n)
+            visible = valid
+            if retained is not None:  # the retained entries are attended exactly below, not as |x| * e
+                flat = torch.ones(n * rows, dtype=torch.bool, device=qg.device)
+                flat[retained[0].long()] = False
+                visible = flat.view(n, b, h).permute(1, 2, 0)
+                if valid is not None:
+                    visible = visible & valid.to(torch.bool)
+            partials, offset = [], 0
+            for part in dir_parts:
+                cut = slice(offset, offset + part.length)
+                va = None if visible is None else visible[:, :, cut]
+                if part.fused is not None and part.kind == "kivi-fused":
+                    partials.append(part.fused(qg, va, mult=mult[:, :, :, cut]))
+                else:
+                    partials.append(kernels.chunked_partials(qg, part.read, part.length, max(part.chunk_tokens, 1),
+                                                             va, mult[:, :, :, cut]))
+                offset += part.length
+            if retained is not None:
+                seen = None  # padding is never retained, but the contract masks whatever ``valid`` says
+                if valid is not None:
+                    seen = valid.to(torch.bool).expand(b, h, n).permute(2, 0, 1).reshape(-1)[retained[0].long()]
+                keys, values, ok = _retained_rows(retained[0], *retained[1], b, h, seen)
+                partials.append(kernels.chunked_partials(qg, lambda a, z, dt: (keys[:, :, a:z], values[:, :, a:z]),
+                                                         keys.shape[2], max(keys.shape[2], 1), ok))
+            return _merge_partials(partials)
+
+        return fused
 
     def _kept_range(self, first: int, end: int) -> tuple[int, int]:
         """Ordinals ``[lo, hi)`` of the retained entries whose flat index lies in ``[first, end)`` (the indices
@@ -280,6 +333,28 @@ class Segment:
         return own + ([*self.dirs.held_tensors(), *self.kept_idx.tensors()] if side == 1 else [])
 
 
+def _retained_rows(idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int, h: int,
+                   seen: torch.Tensor | None = None):
+    """Retained entries (flat indices ``idx (r,)`` = position * b * h + row, vectors ``keys``/``values (1, 1, r, d)``,
+    ``seen (r,)`` bool or None: whether each is visible) laid out per (batch, head) row: ``(keys, values)`` each ``(b,
+    h, r_max, d)`` fp32 and their validity ``(b, h, r_max)`` bool (False = an empty slot of a row with fewer entries,
+    or an entry not seen). Attention ignores positions, so the order within a row does not matter."""
+    d = keys.shape[-1]
+    row = idx.long() % (b * h)
+    counts = torch.bincount(row, minlength=b * h)
+    width = int(counts.max()) if row.numel() else 0
+    order = torch.argsort(row, stable=True)
+    row = row[order]
+    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+    out_k = keys.new_zeros(b * h, width, d, dtype=torch.float32)
+    out_v = out_k.clone()
+    ok = torch.zeros(b * h, width, dtype=torch.bool, device=keys.device)
+    out_k[row, slot] = keys[0, 0][order].float()
+    out_v[row, slot] = values[0, 0][order].float()
+    ok[row, slot] = True if seen is None else seen[order]
+    return out_k.view(b, h, width, d), out_v.view(b, h, width, d), ok.view(b, h, width)
+
+
 class LayerPair:
     """The state shared by the two layer objects of a merged pair: merged segments + an exact buffer per layer of
     the tokens not merged yet. Layer l-1's update runs first in a forward, then layer l's, which merges."""
@@ -287,6 +362,7 @@ class LayerPair:
     def __init__(self, method: "MiniCache", first: int, second: int):
         g = method.geometry
         self.cfg, self.layers, self.new_storage = method.config, (first, second), method.new_storage
+        self.kv_heads = g.num_kv_heads
         self.dtype = g.storage_dtype
         self.window = g.sliding_window - 1 if g.is_sliding(first) else None  # past tokens a sliding layer keeps
         self.seg_len = max(1, min(SLIDING_SEGMENT, (g.sliding_window or 0) // 8))  # sliding pairs' segment size
@@ -298,11 +374,16 @@ class LayerPair:
 
     def parts(self, side: int) -> list:
         """The past of layer ``side`` of a full-attention pair as attention parts, in token order: each merged
-        segment rebuilt a chunk at a time (:meth:`Segment.reader`), then the exact buffer of tokens not merged yet
-        (``(b, h, p, d)``, 2-byte)."""
+        segment attended from its stored directions with the magnitudes as multipliers (:meth:`Segment.fused`; read
+        back a chunk at a time by :meth:`Segment.reader` where that is not used: probabilities asked for, or
+        ``kernels.fused(False)``, the path before), then the exact buffer of tokens not merged yet (``(b, h, p, d)``,
+        2-byte)."""
+        from .. import kernels
         from ..attention import KVPart
 
-        parts = [KVPart(seg.length, seg.reader(side), kind="minicache-merged") for seg in self.segments if seg.length]
+        on = kernels.enabled()
+        parts = [KVPart(seg.length, seg.reader(side), kind="minicache-merged", fused=seg.fused(side) if on else None,
+                        kv_heads=self.kv_heads) for seg in self.segments if seg.length]
         if self.pending[side] is not None:
             parts.append(KVPart.dense(*self.pending[side], kind="minicache-exact"))
         return parts
@@ -437,9 +518,18 @@ class MergedLayer(KVLayer):
         return result.output, result.transient_bytes
 
     def attention_path(self) -> str:
-        """``"chunked"``: a full-attention pair rebuilds its merged past a chunk at a time (:mod:`kvcompress.memory`);
-        sliding pairs hand transformers the dense window (``"dense"``, decided before asking the layer)."""
-        return "chunked"
+        """How a full-attention pair's merged past is read (:mod:`kvcompress.memory`): as its direction store's codes
+        are (``"fused-numba"``/``"fused-triton"``: the kernel with the magnitudes as multipliers, ``"chunked"``:
+        dequantized a chunk at a time), ``"dense"`` for 2-byte directions (and before anything merged); ``"chunked"``
+        with the kernels switched off (``|x| * e`` rebuilt a chunk at a time). Sliding pairs hand transformers the
+        dense window (``"dense"``, decided before asking the layer)."""
+        from .. import kernels
+
+        if not kernels.enabled():
+            return "chunked"
+        segments = [seg for seg in self.pair.segments if seg.length]
+        path = getattr(segments[0].dirs, "attention_path", None) if segments else None
+        return path() if callable(path) else "dense"
 
     def dense_step(self, key_states, value_states):
         """``(b, h, q, d)`` new K/V -> ``[read-back past | new tokens at 2-byte precision]``."""
