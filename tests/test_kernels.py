@@ -132,6 +132,16 @@ def to_device(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+def with_multipliers(args, tails_kw, ref, seed):
+    """A case's kernel arguments with per-token key / value multipliers ``mult (b, kv, 2, n)`` (MiniCache's magnitudes:
+    positive, fp16-rounded, 0.05-4) added, and the reference's keys and values multiplied by them."""
+    ref_k, ref_v = ref
+    b, kv, n, _ = ref_k.shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    mult = (0.05 + 3.95 * torch.rand(b, kv, 2, n, generator=gen)).half().float()
+    return args, dict(tails_kw, mult=mult), (ref_k * mult[:, :, 0, :, None], ref_v * mult[:, :, 1, :, None])
+
+
 @needs_numba
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -144,13 +154,16 @@ def to_device(x, device):
     q=st.integers(1, 5),
     padding=st.sampled_from(["none", "shared", "per-head", "all"]),
     parallel=st.booleans(),
+    mult=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel, seed):
+def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel, mult, seed):
     """Any bits (1-8), token counts that are not a multiple of the key group, keys and values leaving the float tail
     at different points (none, some, all tokens coded), batch, GQA ratios (1, 3, MHA/MQA), one or several queries,
-    padding (shared by the KV heads, per head, a whole row), serial and threaded."""
-    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    padding (shared by the KV heads, per head, a whole row), serial and threaded; with and without per-token key /
+    value multipliers (``mult``)."""
+    case = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, seed) if mult else case
     qg, valid = args[0], args[-1]
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
@@ -188,58 +201,15 @@ def per_token_key_layouts(draw):
     q=st.integers(1, 3),
     padding=st.sampled_from(["none", "shared", "per-head", "all"]),
     parallel=st.booleans(),
+    mult=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_fused_per_token_keys_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, parallel,
-                                                            seed):
+                                                            mult, seed):
     """Keys quantized per token (LogQuant's ``key_axis="token"``): the same contract and tolerance as per-channel keys,
     over bits, channel groups of the keys and values, float tails, batch, GQA, padding, serial and threaded."""
-    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed, k_per_token=True)
-    before = kernels.MIN_PARALLEL_WORK
-    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
-    try:
-        acc, m, l = kernels.kivi_attention(*args, **tails_kw)
-    finally:
-        kernels.MIN_PARALLEL_WORK = before
-    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
-
-
-def with_multipliers(args, tails_kw, ref, seed):
-    """A case's kernel arguments with per-token key / value multipliers ``mult (b, kv, 2, n)`` (MiniCache's magnitudes:
-    positive, fp16-rounded, 0.05-4) added, and the reference's keys and values multiplied by them."""
-    ref_k, ref_v = ref
-    b, kv, n, _ = ref_k.shape
-    gen = torch.Generator().manual_seed(seed + 1)
-    mult = (0.05 + 3.95 * torch.rand(b, kv, 2, n, generator=gen)).half().float()
-    return args, dict(tails_kw, mult=mult), (ref_k * mult[:, :, 0, :, None], ref_v * mult[:, :, 1, :, None])
-
-
-@needs_numba
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    layout=layouts(),
-    n=st.integers(1, 90),
-    tails=st.tuples(st.integers(0, 90), st.integers(0, 90)),
-    b=st.integers(1, 2),
-    kv=st.integers(1, 3),
-    group=st.sampled_from([1, 3]),
-    q=st.integers(1, 3),
-    padding=st.sampled_from(["none", "shared", "per-head", "all"]),
-    per_token=st.booleans(),
-    parallel=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
-def test_fused_with_multipliers_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, padding, per_token,
-                                                               parallel, seed):
-    """Per-token key / value multipliers (``mult``: MiniCache's magnitudes over a stored direction) on coded and float
-    tokens alike, keys per channel or per token: the same contract and tolerance against the reference over the
-    multiplied keys and values."""
-    k_bits, v_bits, d, G, Gv = layout
-    if per_token:  # per-token keys need groups of channels that never split a packing unit of their codes
-        per = 8 // k_bits if 8 % k_bits == 0 else 8
-        G = next(g for g in range(per, d + 1, per) if d % g == 0)
-    case = kivi_case((k_bits, v_bits, d, G, Gv), n, tails, b, kv, group, q, padding, seed, k_per_token=per_token)
-    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, seed)
+    case = kivi_case(layout, n, tails, b, kv, group, q, padding, seed, k_per_token=True)
+    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, seed) if mult else case
     before = kernels.MIN_PARALLEL_WORK
     kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
     try:
@@ -270,16 +240,18 @@ def triton_layouts(draw):
     q=st.integers(1, 3),
     padding=st.sampled_from(["none", "shared", "per-head", "all"]),
     splits=st.sampled_from([1, 2, 3]),
+    mult=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_triton_equals_dequantize_then_attend(layout, n, tails, b, heads, q, padding, splits, seed):
+def test_triton_equals_dequantize_then_attend(layout, n, tails, b, heads, q, padding, splits, mult, seed):
     """The Triton kernel over the same cases as the CPU kernel: 2/3/4 bits (and 1/8), lengths that are not a multiple
     of the key group or of the kernel's block, float tails of every size (empty, some, all tokens), batch, padding,
-    MHA/GQA/MQA, one or several query tokens, the context split into ranges merged by log-sum-exp. Interpreted on the
-    CPU when there is no GPU."""
+    MHA/GQA/MQA, one or several query tokens, the context split into ranges merged by log-sum-exp, with and without
+    per-token key / value multipliers. Interpreted on the CPU when there is no GPU."""
     gpu = triton_kernel()
     kv, group = heads
-    args, tails_kw, (ref_k, ref_v) = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    case = kivi_case(layout, n, tails, b, kv, group, q, padding, seed)
+    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, seed) if mult else case
     dev_args = [to_device(a, TRITON_DEVICE) for a in args]
     dev_tails = {k: to_device(v, TRITON_DEVICE) for k, v in tails_kw.items()}
     acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
@@ -309,30 +281,6 @@ def test_triton_per_token_keys_equals_dequantize_then_attend(layout, n, tails, b
     acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
     check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
 
-
-
-@needs_triton
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    layout=triton_layouts(),
-    n=st.integers(1, 150),
-    tails=st.tuples(st.integers(0, 150), st.integers(0, 150)),
-    b=st.integers(1, 2),
-    heads=st.sampled_from([(2, 1), (3, 3), (1, 4)]),
-    padding=st.sampled_from(["none", "shared", "per-head"]),
-    splits=st.sampled_from([1, 2]),
-    seed=st.integers(0, 10_000),
-)
-def test_triton_with_multipliers_equals_dequantize_then_attend(layout, n, tails, b, heads, padding, splits, seed):
-    """The Triton kernel with per-token key / value multipliers: same contract and tolerance."""
-    gpu = triton_kernel()
-    kv, group = heads
-    case = kivi_case(layout, n, tails, b, kv, group, 1, padding, seed)
-    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, seed)
-    dev_args = [to_device(a, TRITON_DEVICE) for a in args]
-    dev_tails = {k: to_device(v, TRITON_DEVICE) for k, v in tails_kw.items()}
-    acc, m, l = (t.cpu() for t in gpu.kivi_attention(*dev_args, **dev_tails, splits=splits))
-    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
 
 
 @needs_numba
