@@ -67,8 +67,8 @@ def _kivi_partials(
     H, ROWS, D, N, NK, NV, SPAN,  # runtime sizes: KV heads, query rows, head_dim, tokens, coded keys / values, range
     KBITS: tl.constexpr, KBYTES: tl.constexpr, KGROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr,
     VBITS: tl.constexpr, VBYTES: tl.constexpr, VGROUP: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_MULT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_MULT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -266,9 +266,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
     vz, *svz = _strides(v_zero if v_zero is not None and nv else dummy16, d // v_group)
     vt, *svt = _strides(v_tail if v_tail is not None and n - nv else dummyf, d)
     va, sva = valid_arg(valid, dummy8)
-    mu = dummyf if mult is None else mult.float()
-    if mu.stride(-1) != 1:
-        mu = mu.contiguous()
+    mu, *smu = _strides(dummyf if mult is None else mult.float(), n)
     block_r, span, pacc, pm, pl, grid = launch_layout(dev, b, h, rows, d, n, splits, BLOCK_N, MAX_BLOCK_R)
     splits = grid[1]
     _kivi_partials[grid](
@@ -276,12 +274,13 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed, k_scale, k_zero, k_bits: 
         kp, *skp, ks, *sks, kz, *skz, kt, *skt,
         vp, *svp, vs, *svs, vz, *svz, vt, *svt,
         va, *sva,
-        mu, mu.stride(0), mu.stride(1), mu.stride(2),
+        mu, *smu,
         pacc, pm, pl,
         h, rows, d, n, nk, nv, span,
         KBITS=k_bits, KBYTES=kbytes, KGROUP=k_group, KEY_PER_TOKEN=bool(k_per_token),
         VBITS=v_bits, VBYTES=vbytes, VGROUP=v_group,
-        HAS_VALID=valid is not None, HAS_MULT=mult is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N, PRECISION=precision,
+        HAS_VALID=valid is not None, HAS_MULT=mult is not None, BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_N=BLOCK_N,
+        PRECISION=precision,
     )
     pacc, pm, pl = pacc.view(b, h, splits, rows, d), pm.view(b, h, splits, rows), pl.view(b, h, splits, rows)
     if splits == 1:

@@ -365,8 +365,9 @@ class KiviStore(TokenStorage):
         kernel attends straight from the codes and the residual in one pass (keys and values leave the residual at
         different times; the kernel takes each from where it is; ``fused(qg, valid, mult=None)`` also takes per-token
         key / value multipliers ``(b, kv_heads, 2, n)``, see :func:`kvcompress.kernels.kivi_attention`); its ``read``
-        still serves callers that ask for probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk. Chunks fall on key-group edges.
-        ``fused``: what :meth:`fused` says now, when the caller just asked it (None: ask)."""
+        still serves callers that ask for probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk.
+        Chunks fall on key-group edges. ``fused``: what :meth:`fused` says now, when the caller just asked it (None:
+        ask)."""
         from .. import kernels
         from ..attention import CHUNK, KVPart
 
