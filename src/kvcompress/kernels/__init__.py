@@ -118,8 +118,8 @@ def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, hea
 
 
 @lru_cache(maxsize=64)
-def _layout(k_bits: int, v_bits: int, d: int, v_group: int):
-    return _cpu.plane_channels(k_bits, d), _cpu.plane_channels(v_bits, d)
+def _layout(k_bits: int, v_bits: int, d: int):
+    return _cpu.unpacked_channels(k_bits, d), _cpu.unpacked_channels(v_bits, d)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -208,7 +208,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
     acc = np.empty((b, h, rows, d), np.float32)
     m = np.empty((b, h, rows), np.float32)
     l = np.empty((b, h, rows), np.float32)
-    kchan, vchan = _layout(k_bits, v_bits, d, v_group)
+    kchan, vchan = _layout(k_bits, v_bits, d)
     kbytes, vbytes = (d * k_bits + 7) // 8, (d * v_bits + 7) // 8
     kp, vp = _codes(k_packed, b, h, kbytes, np.uint8), _codes(v_packed, b, h, vbytes, np.uint8)
     ks, kz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (k_scale, k_zero))

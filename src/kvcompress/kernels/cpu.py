@@ -24,7 +24,9 @@ channel. Nothing is dequantized to memory:
   (``per = 8 // bits``); plane ``k`` takes bits ``[k*bits, (k+1)*bits)`` of every byte, so each plane is one
   contiguous, vectorizable loop over the row's bytes that reads each byte once (3/5/6/7 bits: ``bits`` bytes form a
   word of 8 codes, plane ``k`` = code ``k`` of every word). The query and the statistics are permuted into the same
-  plane order once per group, so no code is ever moved.
+  plane order once per group, so no code is ever moved. 2 bits: a row of 64 channels is only 16 bytes, too short a
+  loop for LLVM's vectorized body, so each byte is looked up in a 256-entry table of its four codes instead (one
+  16-byte copy, channel order; the value scale is applied per group afterwards).
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -72,6 +74,16 @@ def plane_channels(bits: int, d: int) -> np.ndarray:
     return np.where(chan < d, chan, -1).astype(np.int32)
 
 
+def unpacked_channels(bits: int, d: int) -> np.ndarray:
+    """``(positions,)`` int32: the channel at each position of a row of ``d`` codes as the kernel unpacks it, -1 for
+    padding. 2 bits: channel order (:func:`_unpack_2bit`, a table lookup per byte: byte ``u`` holds channels ``4u ..
+    4u+3``); other widths: plane order (:func:`plane_channels`)."""
+    if bits == 2:
+        pos = np.arange(4 * plane_layout(2, d)[1])
+        return np.where(pos < d, pos, -1).astype(np.int32)
+    return plane_channels(bits, d)
+
+
 def value_layout_ok(bits: int, d: int, group: int) -> bool:
     """True when every unit of a value row lies inside one value group (``group`` a multiple of the codes per unit,
     ``d`` a multiple of ``group``), so a unit's codes share one scale: what the kernel needs for values."""
@@ -99,7 +111,8 @@ _64, _128 = np.uint64(64), np.uint64(128)
 def _unpack_block(src, ta, i0, i1, bits, units, su, out):
     """``out[i] (per * units,)`` = the codes of packed row ``src[ta + i]`` (``src (n, nbytes) uint8``) for ``i0 <= i <
     i1``, plane-major (code ``k`` of unit ``u`` at ``k * units + u``), each times ``su[i, u]`` (the value scale of the
-    unit; ones for keys). 3/5/6/7 bits (``bits`` bytes = a word of 8 codes) and 1 bit take scalar loops."""
+    unit; ones for keys). 3/5/6/7 bits (``bits`` bytes = a word of 8 codes) and 1 bit take scalar loops; 2 bits go
+    through :func:`_unpack_2bit` instead."""
     if bits == 4:
         for i in range(i0, i1):
             t = ta + i
@@ -107,18 +120,6 @@ def _unpack_block(src, ta, i0, i1, bits, units, su, out):
                 out[i, u] = np.float32(np.int32(src[t, u]) & 15) * su[i, u]
             for u in range(units):
                 out[i, units + u] = np.float32(np.int32(src[t, u]) >> 4) * su[i, u]
-    elif bits == 2:
-        u2, u3 = _2 * units, _3 * units
-        for i in range(i0, i1):
-            t = ta + i
-            for u in range(units):
-                out[i, u] = np.float32(np.int32(src[t, u]) & 3) * su[i, u]
-            for u in range(units):
-                out[i, units + u] = np.float32((np.int32(src[t, u]) >> 2) & 3) * su[i, u]
-            for u in range(units):
-                out[i, u2 + u] = np.float32((np.int32(src[t, u]) >> 4) & 3) * su[i, u]
-            for u in range(units):
-                out[i, u3 + u] = np.float32(np.int32(src[t, u]) >> 6) * su[i, u]
     elif bits == 8:
         for i in range(i0, i1):
             t = ta + i
@@ -143,6 +144,29 @@ def _unpack_block(src, ta, i0, i1, bits, units, su, out):
                 f = su[i, u]
                 for k in range(8):
                     out[i, uint64(k) * units + u] = np.float32((w >> (k * bits)) & mask) * f
+
+
+#: byte -> its four 2-bit codes as float32, in bit order, each row read as one 16-byte complex128 (a single copy)
+_LUT2 = np.array([[(b >> s) & 3 for s in (0, 2, 4, 6)] for b in range(256)], np.float32).view(np.complex128)[:, 0]
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out):
+    """``out[i, 4u .. 4u+3]`` = the four 2-bit codes of byte ``u`` of packed row ``src[ta + i]`` for ``i < nt``, in
+    channel order (:func:`key_channels`, :func:`value_channels`), one 16-byte table copy per byte; with ``ngroups >
+    0`` (values) each group of ``group`` channels is then multiplied by its scale ``scales[i * ngroups + j]``. ``out``
+    float32 ``(>= nt, 4 * units)``. Why not planes (:func:`_unpack_block`): a 2-bit row of 64 channels is 16 bytes,
+    and a 16-iteration plane loop is too short for LLVM's vectorized loop body, so the four plane loops ran scalar
+    (about 2x slower for keys, measured in isolation)."""
+    oc = out.view(np.complex128)
+    for i in range(nt):
+        t = ta + i
+        for u in range(units):
+            oc[i, u] = _LUT2[src[t, u]]
+        for j in range(ngroups):
+            s_ = scales[i * ngroups + j]
+            for c in range(j * group, j * group + group):
+                out[i, c] *= s_
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -310,7 +334,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     values), per-token statistics ``(>= nk * d / kgroup,)`` for groups of ``kgroup`` channels -- the rest from ``kr
     (*, d)`` float32 (token ``t`` at ``kr[t - nk]``). Values: tokens ``< nv`` from codes ``vp (>= nv, vbytes)`` with
     per-token statistics ``vs``/``vz (* d / vgroup,)`` (groups of ``vgroup`` channels, flattened), the rest from ``vr``
-    (``vr[t - nv]``). ``kchan``/``vchan``: :func:`plane_channels` of the key / value bits; ``valid (n,)`` bool or empty
+    (``vr[t - nv]``). ``kchan``/``vchan``: :func:`unpacked_channels` of the key / value bits; ``valid (n,)`` bool or empty
     (all valid); ``mult (2, n)`` float32 or ``(2, 0)`` (none): token ``t``'s key is ``mult[0, t]`` times the stored
     one and its value ``mult[1, t]`` times (MiniCache's magnitudes over its stored directions). Writes ``acc_out
     (rows, d)``, ``m_out``, ``l_out (rows,)``.
@@ -392,12 +416,15 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if ik > 0 and kpt:  # q . (code * scale + zero) = (q . code * scale) + sum_j zero_j * (q summed over group j)
             _halves(ks, ta * ngk, ik * ngk, hbits, hfloat, ksc)
             _halves(kz, ta * ngk, ik * ngk, hbits, hfloat, kze)
-            for i in range(ik):
-                for j in range(ngk):
-                    s_ = ksc[i * ngk + j]
-                    for u in range(j * kug, j * kug + kug):
-                        ku[i, u] = s_
-            _unpack_block(kp, ta, _0, ik, kbits, kunits, ku, kf)
+            if kbits == 2:
+                _unpack_2bit(kp, ta, ik, kunits, ksc, ngk, uint64(kgroup), kf)
+            else:
+                for i in range(ik):
+                    for j in range(ngk):
+                        s_ = ksc[i * ngk + j]
+                        for u in range(j * kug, j * kug + kug):
+                            ku[i, u] = s_
+                _unpack_block(kp, ta, _0, ik, kbits, kunits, ku, kf)
             if pk == _64:
                 _scores_block(qp, bias, kf, _0, ik, sc, _64)
             elif pk == _128:
@@ -423,7 +450,10 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
                 bias[r] = sb
                 for p in range(pk):
                     qs[r, p] = qp[r, p] * kscale_p[p]
-            _unpack_block(kp, ta, _0, ik, kbits, kunits, kones, kf)
+            if kbits == 2:
+                _unpack_2bit(kp, ta, ik, kunits, kscale_p, _0, _0, kf)
+            else:
+                _unpack_block(kp, ta, _0, ik, kbits, kunits, kones, kf)
             if pk == _64:  # a constant trip count lets LLVM drop the loop's runtime checks (measured ~10 %)
                 _scores_block(qs, bias, kf, _0, ik, sc, _64)
             elif pk == _128:
@@ -446,12 +476,15 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if iv > 0:
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
-            for i in range(iv):
-                for j in range(ngv):
-                    s_ = vsc[i * ngv + j]
-                    for u in range(j * vug, j * vug + vug):
-                        su[i, u] = s_
-            _unpack_block(vp, ta, _0, iv, vbits, vunits, su, vf)
+            if vbits == 2:
+                _unpack_2bit(vp, ta, iv, vunits, vsc, ngv, gv, vf)
+            else:
+                for i in range(iv):
+                    for j in range(ngv):
+                        s_ = vsc[i * ngv + j]
+                        for u in range(j * vug, j * vug + vug):
+                            su[i, u] = s_
+                _unpack_block(vp, ta, _0, iv, vbits, vunits, su, vf)
             if pv == _64:
                 _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, _64)
             elif pv == _128:
