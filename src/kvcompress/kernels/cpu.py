@@ -170,6 +170,23 @@ def _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
+def _unpack_per_token(src, ta, nt, bits, units, scales, ngroups, group, unit_scales, out):
+    """Rows ``ta .. ta + nt`` of codes quantized per token (values; keys with ``kpt``), each group of ``group``
+    channels times its scale ``scales[i * ngroups + j]``: 2 bits by :func:`_unpack_2bit` (channel order), other widths
+    by filling ``unit_scales (>= nt, units)`` with each packing unit's scale and :func:`_unpack_block` (plane order)."""
+    if bits == 2:
+        _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out)
+    else:
+        ug = group // uint64(8 // bits if 8 % bits == 0 else 8)  # packing units per group
+        for i in range(nt):
+            for j in range(ngroups):
+                s_ = scales[i * ngroups + j]
+                for u in range(j * ug, j * ug + ug):
+                    unit_scales[i, u] = s_
+        _unpack_block(src, ta, _0, nt, bits, units, unit_scales, out)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
 def _scores_block(qs, bias, kf, i0, i1, sc, pk):
     """``sc[r, i] = bias[r] + qs[r] . kf[i, :pk]`` for ``i0 <= i < i1``: one pass over a token's unpacked key serves
     up to four rows (independent accumulators, no serial reduction chain)."""
@@ -348,18 +365,15 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     vunits = pv // vper
     gv = uint64(vgroup)
     ngv = d // gv
-    vug = gv // vper  # units per value group
     tblock = TOKEN_BLOCK if kpt else kgroup
     grp, start, stop = uint64(tblock), uint64(t0), uint64(t1)
     kcodes, vcodes = uint64(nk), uint64(nv)
     has_valid = valid.shape[0] > 0
     has_mult = mult.shape[1] > 0
     width = min(tblock, t1 - t0)
-    # keys per token: groups of kgroup channels, kug packing units each
-    ngk = d // uint64(kgroup) if kpt else _1
-    kug = uint64(kgroup) // kper if kpt else _1
+    ngk = d // uint64(kgroup) if kpt else _1  # keys per token: groups of kgroup channels
 
-    qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' plane order
+    qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' unpacked order
     for r in range(rows):
         for p in range(pk):
             c = kchan[p]
@@ -416,15 +430,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if ik > 0 and kpt:  # q . (code * scale + zero) = (q . code * scale) + sum_j zero_j * (q summed over group j)
             _halves(ks, ta * ngk, ik * ngk, hbits, hfloat, ksc)
             _halves(kz, ta * ngk, ik * ngk, hbits, hfloat, kze)
-            if kbits == 2:
-                _unpack_2bit(kp, ta, ik, kunits, ksc, ngk, uint64(kgroup), kf)
-            else:
-                for i in range(ik):
-                    for j in range(ngk):
-                        s_ = ksc[i * ngk + j]
-                        for u in range(j * kug, j * kug + kug):
-                            ku[i, u] = s_
-                _unpack_block(kp, ta, _0, ik, kbits, kunits, ku, kf)
+            _unpack_per_token(kp, ta, ik, kbits, kunits, ksc, ngk, uint64(kgroup), ku, kf)
             if pk == _64:
                 _scores_block(qp, bias, kf, _0, ik, sc, _64)
             elif pk == _128:
@@ -476,15 +482,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if iv > 0:
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
-            if vbits == 2:
-                _unpack_2bit(vp, ta, iv, vunits, vsc, ngv, gv, vf)
-            else:
-                for i in range(iv):
-                    for j in range(ngv):
-                        s_ = vsc[i * ngv + j]
-                        for u in range(j * vug, j * vug + vug):
-                            su[i, u] = s_
-                _unpack_block(vp, ta, _0, iv, vbits, vunits, su, vf)
+            _unpack_per_token(vp, ta, iv, vbits, vunits, vsc, ngv, gv, su, vf)
             if pv == _64:
                 _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, _64)
             elif pv == _128:
