@@ -172,10 +172,20 @@ def _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out):
 @njit(cache=True, fastmath=_FM, inline="always")
 def _unpack_per_token(src, ta, nt, bits, units, scales, ngroups, group, unit_scales, out):
     """Rows ``ta .. ta + nt`` of codes quantized per token (values; keys with ``kpt``), each group of ``group``
-    channels times its scale ``scales[i * ngroups + j]``: 2 bits by :func:`_unpack_2bit` (channel order), other widths
-    by filling ``unit_scales (>= nt, units)`` with each packing unit's scale and :func:`_unpack_block` (plane order)."""
+    channels times its scale ``scales[i * ngroups + j]``: 2 bits by :func:`_unpack_2bit` (channel order); 4 bits in two
+    groups with the scale chosen per byte in the plane loops; other widths by filling ``unit_scales (>= nt, units)``
+    with each packing unit's scale and :func:`_unpack_block` (plane order)."""
     if bits == 2:
         _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out)
+    elif bits == 4 and ngroups == 2:  # d = 2 * group (SmolLM2: 64 = 2 x 32): the scale is a select inside the planes
+        ug = group // _2  # bytes per group; filling the unit scales took loops of ug = 16 stores, left scalar
+        for i in range(nt):
+            t = ta + i
+            a, b = scales[_2 * i], scales[_2 * i + _1]
+            for u in range(units):
+                out[i, u] = np.float32(np.int32(src[t, u]) & 15) * (a if u < ug else b)
+            for u in range(units):
+                out[i, units + u] = np.float32(np.int32(src[t, u]) >> 4) * (a if u < ug else b)
     else:
         ug = group // uint64(8 // bits if 8 % bits == 0 else 8)  # packing units per group
         for i in range(nt):
