@@ -146,6 +146,13 @@ def _unpack_block(src, ta, i0, i1, bits, units, su, out):
                     out[i, uint64(k) * units + u] = np.float32((w >> (k * bits)) & mask) * f
 
 
+@njit(cache=True, inline="always")
+def _codes_per_unit(bits):
+    """Codes per packing unit (uint64): a byte's ``8 // bits`` for 1/2/4/8 bits, a word of 8 codes otherwise (the
+    kernel-side twin of :func:`plane_layout`'s ``per``)."""
+    return uint64(8 // bits if 8 % bits == 0 else 8)
+
+
 #: byte -> its four 2-bit codes as float32, in bit order, each row read as one 16-byte complex128 (a single copy)
 _LUT2 = np.array([[(b >> s) & 3 for s in (0, 2, 4, 6)] for b in range(256)], np.float32).view(np.complex128)[:, 0]
 
@@ -187,7 +194,7 @@ def _unpack_per_token(src, ta, nt, bits, units, scales, ngroups, group, unit_sca
             for u in range(units):
                 out[i, units + u] = np.float32(np.int32(src[t, u]) >> 4) * (a if u < ug else b)
     else:
-        ug = group // uint64(8 // bits if 8 % bits == 0 else 8)  # packing units per group
+        ug = group // _codes_per_unit(bits)  # packing units per group
         for i in range(nt):
             for j in range(ngroups):
                 s_ = scales[i * ngroups + j]
@@ -369,9 +376,9 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     nrows, nd = q.shape
     rows, d = uint64(nrows), uint64(nd)
     pk, pv = uint64(kchan.shape[0]), uint64(vchan.shape[0])
-    kper = uint64(8 // kbits if 8 % kbits == 0 else 8)
+    kper = _codes_per_unit(kbits)
     kunits = pk // kper
-    vper = uint64(8 // vbits if 8 % vbits == 0 else 8)
+    vper = _codes_per_unit(vbits)
     vunits = pv // vper
     gv = uint64(vgroup)
     ngv = d // gv
