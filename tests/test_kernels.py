@@ -413,6 +413,61 @@ def test_kivi_parts_attend_like_the_dense_read_triton(bits, G, blocks, appends, 
 
 
 @needs_numba
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 4, 8]), G=st.sampled_from([2, 4, 8]), blocks=st.integers(1, 3),
+       appends=st.lists(st.integers(1, 40), min_size=1, max_size=4), b=st.integers(1, 2), group=st.sampled_from([1, 3]),
+       seed=st.integers(0, 10_000))
+def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b, group, seed):
+    """KIVI's decode fast path (:meth:`KiviStore.decode_step`: one :func:`kernels.kivi_decode` call from the held
+    buffers, their spare capacity included) gives what :func:`attend_parts` over the store's fused part gives, bit for
+    bit: the same kernel over the same codes and tails, the same normalization."""
+    gen = torch.Generator().manual_seed(seed)
+    kv, d = 2, 16
+    store = make_storage("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
+    for n in appends:
+        store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
+    store.stage(fp16_randn(gen, b, kv, 1, d), fp16_randn(gen, b, kv, 1, d))
+    query = torch.randn(b, kv * group, 1, d, generator=gen)
+    if not store.fused():  # no value quantized yet, or 2-bit values in groups of 2 (a byte spans two groups)
+        return
+    want = attend_parts(query, store.parts(fused=True), d**-0.5).output
+    assert torch.equal(store.decode_step(query, d**-0.5), want)
+
+
+@needs_numba
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 4]), window=st.sampled_from([4, 8]), key_axis=st.sampled_from(["channel", "token"]),
+       appends=st.lists(st.integers(1, 50), min_size=1, max_size=4), b=st.integers(1, 2), group=st.sampled_from([1, 3]),
+       seed=st.integers(0, 10_000))
+def test_logquant_one_call_decode_step_is_the_fused_part(bits, window, key_axis, appends, b, group, seed):
+    """LogQuant's decode fast path (one :func:`kernels.kivi_decode` call over ``[quantized run | full-precision
+    block | new token]``) gives what the fused part through :func:`attend_parts` gives (the layer's path for a
+    backend other than numba, here with the numba kernel under it), bit for bit, and leaves the same state."""
+    import copy
+
+    from kvcompress.methods.logquant import LogQuantConfig, LogQuantLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    kv, d = 2, 16
+    layer = LogQuantLayer(geometry(d, kv), 0, LogQuantConfig(bits=bits, window=window, group_size=8,
+                                                             key_axis=key_axis))
+    for n in appends:
+        layer._append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
+    if not layer.fused():
+        return
+    other = copy.deepcopy(layer)
+    query = torch.randn(b, kv * group, 1, d, generator=gen)
+    new_k, new_v = fp16_randn(gen, b, kv, 1, d), fp16_randn(gen, b, kv, 1, d)
+    got, _ = layer._attend_one_fused(query, new_k, new_v, d**-0.5, 8 * window)
+    with pytest.MonkeyPatch.context() as patch:  # not "numba": the layer's other branch, the numba kernel under it
+        patch.setattr(kernels, "backend", lambda device: "numba, through the parts")
+        want, _ = other._attend_one_fused(query, new_k, new_v, d**-0.5, 8 * window)
+    assert torch.equal(got, want)
+    assert torch.equal(layer.fp_k, other.fp_k) and torch.equal(layer.kq.read(torch.float32),
+                                                                 other.kq.read(torch.float32))
+
+
+@needs_numba
 def test_kivi_falls_back_to_chunks_where_no_kernel_applies(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x = fp16_randn(gen, 1, 2, 70, 16)
@@ -459,10 +514,11 @@ def test_per_token_keys_take_the_kernel_only_where_their_groups_fit(monkeypatch)
 @torch.no_grad()
 def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch, method, options):
     """Greedy generation (batch 2, and a left-padded batch whose rows run alone) gives the same tokens, and
-    teacher-forced logits agree to fp32 rounding; the fused kernel really ran (for LogQuant once per quantized run)."""
+    teacher-forced logits agree to fp32 rounding; the fused kernel really ran (its numba half, which the parts'
+    kernel and the one-call decode step share)."""
     calls = []
-    real = kernels.kivi_attention
-    monkeypatch.setattr(kernels, "kivi_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels._kivi_numba
+    monkeypatch.setattr(kernels, "_kivi_numba", lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 128, (2, 60), generator=gen)
     padded_mask = torch.ones_like(ids)

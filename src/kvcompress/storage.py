@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .registry import KVCompressError
@@ -130,6 +131,7 @@ class GrowingTokens:
     def __init__(self, min_grow: int = 16):
         self.buffer: torch.Tensor | None = None
         self._array = None  # the buffer as numpy (made when asked for)
+        self._bits = None  # a 2-byte float buffer's bits as flat uint16 numpy (made when asked for)
         self.length = 0
         self.min_grow = min_grow
         self.limit: int | None = None  # grow no further than this many entries unless one append needs more
@@ -168,8 +170,16 @@ class GrowingTokens:
             self._array = self.buffer.numpy()
         return self._array
 
+    def bits_array(self):
+        """A buffer of 2-byte floats ``(b, h, capacity, w)`` as its bits, flattened per (batch, head): uint16 numpy
+        ``(b, h, capacity * w)``, the same memory, made once per buffer (how the kernels read fp16 statistics)."""
+        if self._bits is None:
+            a = self.buffer.view(torch.int16).numpy().view(np.uint16)
+            self._bits = a.reshape(a.shape[0], a.shape[1], -1)
+        return self._bits
+
     def _hold(self, buffer: torch.Tensor) -> None:
-        self.buffer, self._array = buffer, None
+        self.buffer, self._array, self._bits = buffer, None, None
 
     def _make_room(self, need: int) -> bool:
         if need <= self.buffer.shape[2]:

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where numba is m
     AVAILABLE, UNAVAILABLE_REASON = False, f"numba could not be imported ({exc})"
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CodebookCodes", "RotaryPositions", "backend", "chunked_partials",
-           "enabled", "fused", "kivi_attention", "kivi_fused_applies", "kvquant_attention", "kvquant_fused_applies",
+           "enabled", "fused", "kivi_attention", "kivi_decode", "kivi_fused_applies", "kvquant_attention", "kvquant_fused_applies",
            "triton_status"]
 
 _state = {"enabled": True, "backend": None}
@@ -107,7 +107,15 @@ def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, hea
     bits with an even ``G``). ``key_token_group``: the keys are quantized per token in groups of that many channels
     (LogQuant's ``key_axis="token"``), held to the same rules as the values; None: per channel."""
     which = backend(device)
-    if which is None or not (1 <= key_bits <= 8 and 1 <= value_bits <= 8) or head_dim % value_group:
+    return which is not None and _kivi_layout_ok(which, key_bits, value_bits, head_dim, value_group, key_token_group)
+
+
+@lru_cache(maxsize=256)
+def _kivi_layout_ok(which: str, key_bits: int, value_bits: int, head_dim: int, value_group: int,
+                    key_token_group: int | None) -> bool:
+    """The layout half of :func:`kivi_fused_applies` for backend ``which`` (asked once per layout: every decode step
+    of every layer asks)."""
+    if not (1 <= key_bits <= 8 and 1 <= value_bits <= 8) or head_dim % value_group:
         return False
     if key_token_group is not None and (key_token_group < 1 or head_dim % key_token_group):
         return False
@@ -201,21 +209,36 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
 
         return gpu.kivi_attention(qg, n, k_packed, k_scale, k_zero, k_bits, k_group, v_packed, v_scale, v_zero,
                                   v_bits, v_group, valid, k_tail, v_tail, k_per_token=k_per_token, mult=mult)
-    b, h, rows, d = qg.shape
+    b, h, _, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
-    kr, vr = _tail(k_tail, qg), _tail(v_tail, qg)
+    kp = _codes(k_packed, b, h, (d * k_bits + 7) // 8, np.uint8)
+    vp = _codes(v_packed, b, h, (d * v_bits + 7) // 8, np.uint8)
+    ks, kz = (_halves(t) if t is not None else _no_stats(b, h) for t in (k_scale, k_zero))
+    vs, vz = (_halves(t) if t is not None else _no_stats(b, h) for t in (v_scale, v_zero))
+    vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
+    mu = _NO_MULT if mult is None else _np(mult.float())
+    acc, m, l = _kivi_numba(q, n, (kp, ks, kz), k_bits, k_group, (vp, vs, vz), v_bits, v_group, _tail(k_tail, qg),
+                            _tail(v_tail, qg), k_per_token, vmask, mu)
+    return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+
+
+def _no_stats(b: int, h: int) -> np.ndarray:
+    return np.zeros((b, h, 0), np.uint16)
+
+
+def _kivi_numba(q: np.ndarray, n: int, k_arrays, k_bits: int, k_group: int, v_arrays, v_bits: int, v_group: int,
+                kr: np.ndarray, vr: np.ndarray, k_per_token: bool, vmask: np.ndarray = _ALL_VALID,
+                mu: np.ndarray = _NO_MULT):
+    """The numba half of :func:`kivi_attention`, on numpy arrays: ``q (b, h, rows, d)`` float32; ``k_arrays`` /
+    ``v_arrays``: ``(codes (b, h, >= nk, bytes) uint8, scale, zero (b, h, *) uint16 fp16 bits)``; ``kr``/``vr (b, h,
+    r, d)`` float32 tails. Returns numpy ``(acc, m, l)``."""
+    b, h, rows, d = q.shape
     nk, nv = n - kr.shape[2], n - vr.shape[2]
     acc = np.empty((b, h, rows, d), np.float32)
     m = np.empty((b, h, rows), np.float32)
     l = np.empty((b, h, rows), np.float32)
     kchan, vchan = _layout(k_bits, v_bits, d)
-    kbytes, vbytes = (d * k_bits + 7) // 8, (d * v_bits + 7) // 8
-    kp, vp = _codes(k_packed, b, h, kbytes, np.uint8), _codes(v_packed, b, h, vbytes, np.uint8)
-    ks, kz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (k_scale, k_zero))
-    vs, vz = (_halves(t) if t is not None else np.zeros((b, h, 0), np.uint16) for t in (v_scale, v_zero))
-    vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
-    mu = _NO_MULT if mult is None else _np(mult.float())
-
+    (kp, ks, kz), (vp, vs, vz) = k_arrays, v_arrays
     block = _cpu.TOKEN_BLOCK if k_per_token else k_group
 
     def args(splits):  # tokens per range: a multiple of the kernel's token block (the key group for per-channel keys)
@@ -224,7 +247,36 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
                 nv, vr, vmask, mu, n, span, acc, m, l)
 
     _run_layer(_cpu.kivi_layer_serial, _cpu.kivi_layer_parallel, args, b * h, b * h * n)
-    return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+    return acc, m, l
+
+
+def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: int, k_group: int, v_arrays,
+                v_bits: int, v_group: int, k_tail: torch.Tensor, v_tail: torch.Tensor,
+                k_per_token: bool = False) -> torch.Tensor:
+    """A whole one-query decode step over ``n`` tokens held as one run of KIVI codes then floats, with the numba kernel
+    (where :func:`backend` says ``"numba"``): what :func:`kvcompress.attention.attend_parts` computes over the one
+    fused part (the same operations, so the same output bit for bit) without building parts, torch partials or a
+    merge -- a store's fast path, where the per-call overhead is a sizeable share of a short context's step.
+
+    ``query (b, heads, 1, d)``; ``k_arrays``/``v_arrays``: ``(codes (b, h, >= nk, bytes) uint8, scale bits, zero bits
+    (b, h, *) uint16)`` numpy views of the held buffers (capacity included: read in place,
+    :meth:`kvcompress.storage.GrowingTokens.array`, ``bits_array``), ``None`` for a stream with no codes yet;
+    ``k_tail``/``v_tail (b, h, r, d)``: the tokens after the codes (2-byte floats: residual and the step's own);
+    other arguments as :func:`kivi_attention`. Returns the output ``(b, 1, heads, d)`` in the query's dtype."""
+    b, heads, _, d = query.shape
+    h = k_tail.shape[1]
+    q = _np(query if query.dtype == torch.float32 else query.float()).reshape(b, h, heads // h, d) * np.float32(scaling)
+    if k_arrays is None:
+        k_arrays = (_codes(None, b, h, (d * k_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
+    if v_arrays is None:
+        v_arrays = (_codes(None, b, h, (d * v_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
+    acc, _, l = _kivi_numba(q, n, k_arrays, k_bits, k_group, v_arrays, v_bits, v_group, _tail(k_tail, query),
+                            _tail(v_tail, query), k_per_token)
+    acc /= np.maximum(l, _TINY)[..., None]  # as attend_parts: acc / l.clamp_min(tiny), in float32
+    return torch.from_numpy(acc).view(b, 1, heads, d).to(query.dtype)
+
+
+_TINY = np.finfo(np.float32).tiny
 
 
 def _run_layer(serial, parallel, args, units: int, work: int) -> None:

@@ -171,6 +171,15 @@ class _Quantized:
                              self.group)
         return q.dequantize(dtype)
 
+    def arrays(self):
+        """The held buffers as the numba kernel reads them (:func:`kvcompress.kernels.kivi_decode`): ``(codes (b, h,
+        capacity, bytes) uint8, scale bits, zero bits (b, h, *) uint16)`` numpy views made once per buffer (a grown
+        buffer gets new ones; nothing is copied), None when no token is quantized yet."""
+        self._settle()
+        if not self._length:
+            return None
+        return self.codes.array(), self.scales.bits_array(), self.zeros.bits_array()
+
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel keys: ``n`` a multiple of the group); what stays keeps its codes
         (moved once, so the dropped bytes are really freed)."""
@@ -389,6 +398,17 @@ class KiviStore(TokenStorage):
 
         return [KVPart(n, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=k_res.shape[1])]
 
+    def decode_step(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The attention output ``(b, 1, heads, d)`` of a one-token ``query (b, heads, 1, d)`` over every stored token
+        (the step's own token already :meth:`stage` d), by one numba kernel call straight from the held buffers
+        (:func:`kvcompress.kernels.kivi_decode`): the fused part of :meth:`parts` without its per-step setup. Only when
+        :meth:`fused` and the backend is numba."""
+        from .. import kernels
+
+        kq, vq = self.kq, self.vq
+        return kernels.kivi_decode(query, scaling, len(self), kq.arrays(), kq.bits, kq.group, vq.arrays(), vq.bits,
+                                   vq.group, self.k_res, self.v_res)
+
     def __len__(self) -> int:
         return 0 if self.k_res is None else self.kq.length + self.k_res.shape[2]
 
@@ -429,14 +449,19 @@ class KiviLayer(StorageLayer):
         one kernel call covers ``[codes | residual | new token]`` (the token the query sees as itself is the 2-byte
         value that ends the residual, exactly the last part of the general path), then the residual is flushed.
         Anything else (several tokens, padding, no kernel): :meth:`StorageLayer.attend_step`."""
+        from .. import kernels
         from ..attention import attend_parts
 
         if keys.shape[2] != 1 or new_valid is not None or self.valid is not None or not self.kv.fused():
             return super().attend_step(query, keys, values, new_valid, scaling)
         self.kv.stage(keys, values)
-        result = attend_parts(query, self.kv.parts(fused=True), scaling)
+        if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
+            output, transient = self.kv.decode_step(query, scaling), 0
+        else:
+            result = attend_parts(query, self.kv.parts(fused=True), scaling)
+            output, transient = result.output, result.transient_bytes
         self.kv.flush(defer=True)
-        return result.output, result.transient_bytes
+        return output, transient
 
 
 class KiviSlidingLayer(KiviLayer):

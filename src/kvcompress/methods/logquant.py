@@ -34,7 +34,7 @@ from ..cache import KVLayer, Method, ModelGeometry
 from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
-from ..storage import TokenRuns
+from ..storage import GrowingTokens
 
 KEY_AXES = ("token", "channel")
 
@@ -98,27 +98,47 @@ def log_schedule(call_lengths: Sequence[int], window: int) -> tuple[list[int], l
 
 
 class _QuantBlock:
-    """Append-only quantized tokens ``(batch, kv_heads, n, head_dim)``: packed codes + fp16 stats in
-    :class:`kvcompress.storage.TokenRuns` (a flush never copies the whole quantized past). ``axis=-1``: per-token
-    groups of ``group`` along head_dim; ``axis=-2``: per channel over each block of ``group`` consecutive tokens
-    (one flush), so runs and reads fall on block edges."""
+    """Append-only quantized tokens ``(batch, kv_heads, n, head_dim)``: packed codes ``(b, h, n, d*bits/8)`` uint8 and
+    fp16 stats, each one buffer (:class:`kvcompress.storage.GrowingTokens`) held at its exact size: a flush (W tokens,
+    every ~W steps) moves the quantized past once into a buffer W tokens longer -- ``n / W`` tokens' codes copied per
+    step amortized, no spare capacity held (a growth share of 1/32 would cost ~2 % of the compression ratio in
+    decode). One run of codes, so a decode step is one kernel call. ``axis=-1``: per-token groups of ``group`` along head_dim (stats ``(b,
+    h, n, d/group)``); ``axis=-2``: per channel over each block of ``group`` consecutive tokens (one flush; stats ``(b,
+    h, n/group, d)``), so reads fall on block edges."""
 
     def __init__(self, bits: int, axis: int, group: int):
         self.bits, self.axis, self.group = bits, axis, group
-        self.runs = TokenRuns()  # (packed (b, h, n, d*bits/8) uint8, scale, zero (b, h, n, d/group) | (b, h, n/group, d))
+        self.codes, self.scales, self.zeros = GrowingTokens(1), GrowingTokens(1), GrowingTokens(1)
+        for buffer in (self.codes, self.scales, self.zeros):
+            buffer.limit = 0  # exact-sized: every flush grows the buffer by its own tokens only
         self.length = 0
         self.bhd: tuple[int, int, int] = (0, 0, 0)
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize ``x (b, h, m, head_dim)`` (for per-channel: ``m`` a multiple of the block) and append it."""
         q = quantize_uniform(x, self.bits, axis=self.axis, group_size=self.group)
-        self.runs.append(q.packed, q.scale, q.zero)
+        self.codes.append(q.packed)
+        self.scales.append(q.scale)
+        self.zeros.append(q.zero)
         self.length += x.shape[-2]
         self.bhd = (x.shape[0], x.shape[1], x.shape[-1])
 
-    def _read_run(self, run, a: int, z: int, dtype: torch.dtype) -> torch.Tensor:
-        """Tokens ``[a, z)`` of one run (per channel: ``a`` on a block edge), dequantized ``(b, h, z - a, d)``."""
-        packed, scale, zero = run
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(packed, scale, zero)``: views of the held codes and stats (as of now: a later append writes past them or
+        grows new buffers)."""
+        return self.codes.view(), self.scales.view(), self.zeros.view()
+
+    def arrays(self):
+        """The held buffers as the numba kernel reads them (:func:`kvcompress.kernels.kivi_decode`): ``(codes, scale
+        bits, zero bits)`` numpy views made once per buffer, None when nothing is quantized."""
+        if not self.length:
+            return None
+        return self.codes.array(), self.scales.bits_array(), self.zeros.bits_array()
+
+    def read_range(self, a: int, z: int, dtype: torch.dtype, run=None) -> torch.Tensor:
+        """Tokens ``[a, z)`` (per channel: ``a`` on a block edge), dequantized ``(b, h, z - a, d)``; ``run``: the
+        :meth:`run` to read (None: now)."""
+        packed, scale, zero = self.run() if run is None else run
         b, h, d = self.bhd
         if self.axis == -2:
             g0, g1 = a // self.group, -(-z // self.group)
@@ -130,16 +150,10 @@ class _QuantBlock:
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized copy ``(b, h, n, head_dim)`` of every token (transient)."""
-        pieces = [self._read_run(run, 0, self.runs.run_length(run), dtype) for run in self.runs.runs]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
-
-    def run_readers(self) -> list[tuple[int, object]]:
-        """``(length, read(start, stop, dtype))`` per run, oldest first (the tensors as of now)."""
-        return [(self.runs.run_length(run), lambda a, z, dt, run=run: self._read_run(run, a, z, dt))
-                for run in self.runs.runs]
+        return self.read_range(0, self.length, dtype)
 
     def tensors(self) -> list[torch.Tensor | None]:
-        return self.runs.tensors()
+        return [*self.codes.tensors(), *self.scales.tensors(), *self.zeros.tensors()]
 
 
 class LogQuantLayer(KVLayer):
@@ -147,8 +161,8 @@ class LogQuantLayer(KVLayer):
 
     The full-precision block ``(batch, kv_heads, n_fp <= 3W, head_dim)`` in the 2-byte storage dtype is
     ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush.
-    Attention (:meth:`attend_step`) reads the quantized runs a chunk at a time, then the full-precision block, then
-    the new tokens; :meth:`dense_step` is the same computation as one dense ``[past | new]`` copy (a reference)."""
+    Attention (:meth:`attend_step`) reads the quantized run (by the fused kernel, or a chunk at a time), then the
+    full-precision block, then the new tokens; :meth:`dense_step` is the same computation as one dense ``[past | new]`` copy (a reference)."""
 
     attends = True
     split_rows_on_padding = True  # quantization blocks and the log schedule are per row: a padded row runs alone
@@ -174,12 +188,10 @@ class LogQuantLayer(KVLayer):
         if fused and keys.shape[2] == 1 and new_valid is None:
             return self._attend_one_fused(query, keys, values, scaling, chunk)
         parts = []
-        for (n, read_k), (_, read_v), k_run, v_run in zip(self.kq.run_readers(), self.vq.run_readers(),
-                                                          self.kq.runs.runs, self.vq.runs.runs):
-            read = lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt))  # noqa: E731
+        if self.kq.length:
+            n, read = self.kq.length, self._run_reader()
             parts.append(KVPart(n, read, kind="logquant-fused" if fused else "logquant", chunk_tokens=chunk,
-                                kv_heads=keys.shape[1], fused=self._fused_run(n, read, chunk, k_run, v_run) if fused
-                                else None))
+                                kv_heads=keys.shape[1], fused=self._fused_run(n, read, chunk) if fused else None))
         if self.fp_k is not None:
             parts.append(KVPart.dense(self.fp_k, self.fp_v, kind="fp16"))
         nv = None if new_valid is None else new_valid[:, None, :]
@@ -188,35 +200,40 @@ class LogQuantLayer(KVLayer):
         self._append(keys, values)
         return result.output, result.transient_bytes
 
+    def _run_reader(self):
+        """``read(start, stop, dtype) -> (keys, values)`` over the quantized tokens as held now."""
+        k_run, v_run = self.kq.run(), self.vq.run()
+        return lambda a, z, dt: (self.kq.read_range(a, z, dt, k_run), self.vq.read_range(a, z, dt, v_run))
+
     def _attend_one_fused(self, query, keys, values, scaling, chunk):
         """A one-token step with the fused kernel: the new token joins the full-precision block first (as
-        :meth:`_append` does), and that block is the float tail of the last quantized run's kernel call, so the step is
-        one kernel call per run and one merge; then the merge loop runs (:meth:`_flush`). Same keys and values as
-        the general path: ``[runs | full precision | new token (2-byte)]``, attended in one softmax."""
+        :meth:`_append` does), and that block is the float tail of the quantized run in one kernel call (numba:
+        :func:`kvcompress.kernels.kivi_decode`, straight from the held buffers; otherwise the fused part through
+        :func:`kvcompress.attention.attend_parts`); then the merge loop runs (:meth:`_flush`). Same keys and values
+        as the general path: ``[quantized | full precision | new token (2-byte)]``, attended in one softmax."""
+        from .. import kernels
         from ..attention import KVPart, attend_parts
 
         sd = self.geometry.storage_dtype
         k, v = keys.to(sd), values.to(sd)
         self.fp_k = k if self.fp_k is None else torch.cat([self.fp_k, k], dim=-2)
         self.fp_v = v if self.fp_v is None else torch.cat([self.fp_v, v], dim=-2)
-        runs = list(zip(self.kq.run_readers(), self.vq.run_readers(), self.kq.runs.runs, self.vq.runs.runs))
-        parts = []
-        for i, ((n, read_k), (_, read_v), k_run, v_run) in enumerate(runs):
-            tail = (self.fp_k, self.fp_v) if i == len(runs) - 1 else None
-            read = lambda a, z, dt, rk=read_k, rv=read_v: (rk(a, z, dt), rv(a, z, dt))  # noqa: E731
-            if tail is not None:  # the part spans the run and the full-precision block after it
-                read = self._run_and_tail_reader(n, read, *tail)
-                n_part = n + tail[0].shape[-2]
-            else:
-                n_part = n
-            parts.append(KVPart(n_part, read, kind="logquant-fused", chunk_tokens=chunk, kv_heads=keys.shape[1],
-                                fused=self._fused_run(n_part, read, chunk, k_run, v_run, tail)))
-        result = attend_parts(query, parts, scaling)
+        n = self.kq.length + self.fp_k.shape[-2]
         # the kernel reads the full-precision block (+ the new token) as an fp32 copy: the transient the dense part
         # of the general path reported
-        transient = max(result.transient_bytes, 2 * self.fp_k.numel() * 4)
+        transient = 2 * self.fp_k.numel() * 4
+        kq, vq = self.kq, self.vq
+        if kernels.backend(keys.device) == "numba":
+            output = kernels.kivi_decode(query, scaling, n, kq.arrays(), kq.bits, kq.group, vq.arrays(), vq.bits,
+                                         vq.group, self.fp_k, self.fp_v, k_per_token=kq.axis == -1)
+        else:
+            read = self._run_and_tail_reader(kq.length, self._run_reader(), self.fp_k, self.fp_v)
+            part = KVPart(n, read, kind="logquant-fused", chunk_tokens=chunk, kv_heads=keys.shape[1],
+                          fused=self._fused_run(n, read, chunk, (self.fp_k, self.fp_v)))
+            result = attend_parts(query, [part], scaling)
+            output, transient = result.output, max(result.transient_bytes, transient)
         self._flush()
-        return result.output, transient
+        return output, transient
 
     @staticmethod
     def _run_and_tail_reader(n: int, read, fp_k, fp_v):
@@ -273,7 +290,7 @@ class LogQuantLayer(KVLayer):
         return [self.fp_k, self.fp_v, *self.kq.tensors(), *self.vq.tensors()]
 
     def fused(self) -> bool:
-        """Whether each quantized run is attended by the fused KIVI-layout kernel straight from its codes
+        """Whether the quantized run is attended by the fused KIVI-layout kernel straight from its codes
         (:func:`kvcompress.kernels.kivi_attention`): keys per channel in blocks of W tokens and values per token are
         exactly KIVI's layout; keys per token (``key_axis="token"``) are read like the values; and a kernel applies on
         the device."""
@@ -281,17 +298,17 @@ class LogQuantLayer(KVLayer):
 
         if not self.kq.length:
             return False
-        device = self.kq.runs.runs[0][0].device
         key_token_group = self.kq.group if self.kq.axis == -1 else None
-        return kernels.kivi_fused_applies(device, self.kq.bits, self.vq.bits, self.geometry.head_dim, self.vq.group,
-                                          key_token_group=key_token_group)
+        return kernels.kivi_fused_applies(self.kq.codes.buffer.device, self.kq.bits, self.vq.bits,
+                                          self.geometry.head_dim, self.vq.group, key_token_group=key_token_group)
 
-    def _fused_run(self, n: int, read, chunk: int, k_run, v_run, tail=None):
-        """``KVPart.fused`` of one quantized run: ``k_run``/``v_run`` = (packed, scale, zero); ``n`` tokens in all,
-        the last ones from ``tail = (keys, values)`` (2-byte floats after the run) when given."""
+    def _fused_run(self, n: int, read, chunk: int, tail=None):
+        """``KVPart.fused`` of the quantized run as held now, ``n`` tokens in all, the last ones from ``tail = (keys,
+        values)`` (2-byte floats after the run) when given."""
         from .. import kernels
 
         kq, vq = self.kq, self.vq
+        k_run, v_run = kq.run(), vq.run()
         k_tail, v_tail = (None, None) if tail is None else tail
 
         def attend(qg, valid):
@@ -309,7 +326,7 @@ class LogQuantLayer(KVLayer):
 
         if not self.kq.length:
             return "dense"
-        return f"fused-{kernels.backend(self.kq.runs.runs[0][0].device)}" if self.fused() else "chunked"
+        return f"fused-{kernels.backend(self.kq.codes.buffer.device)}" if self.fused() else "chunked"
 
     def new_row_layer(self):
         return LogQuantLayer(self.geometry, self.layer_idx, self.config)
@@ -490,7 +507,7 @@ class LogQuantSlidingLayer(LogQuantLayer):
 @register("logquant")
 class LogQuant(Method):
     summary = "LogQuant: log-spaced full-precision tokens (<= 3W), the rest 2/4-bit, position-agnostic layout"
-    attention = ("kvcompress: quantized runs through the fused KIVI-layout kernel (keys per channel or per token; "
+    attention = ("kvcompress: the quantized run through the fused KIVI-layout kernel (keys per channel or per token; "
                  "chunked without a kernel), then the full-precision block")
     sliding = ("LogQuant too: quantized flush blocks + log-spaced fp16 inside the window, blocks leave whole, window "
                "masked (quantize_sliding=False: plain fp16 window)")
