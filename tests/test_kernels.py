@@ -416,14 +416,17 @@ def test_kivi_parts_attend_like_the_dense_read_triton(bits, G, blocks, appends, 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([2, 4, 8]), G=st.sampled_from([2, 4, 8]), blocks=st.integers(1, 3),
        appends=st.lists(st.integers(1, 40), min_size=1, max_size=4), b=st.integers(1, 2), group=st.sampled_from([1, 3]),
-       seed=st.integers(0, 10_000))
-def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b, group, seed):
+       model_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 10_000))
+def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b, group, model_dtype, seed):
     """KIVI's decode fast path (:meth:`KiviStore.decode_step`: one :func:`kernels.kivi_decode` call from the held
-    buffers, their spare capacity included) gives what :func:`attend_parts` over the store's fused part gives, bit for
-    bit: the same kernel over the same codes and tails, the same normalization."""
+    buffers, their spare capacity included, the 2-byte residual (fp16, or bfloat16 for a bfloat16 model) decoded in
+    the kernel) gives what :func:`attend_parts` over the store's fused part gives, bit for bit: the same kernel over
+    the same codes and tails, the same scaling and normalization."""
     gen = torch.Generator().manual_seed(seed)
     kv, d = 2, 16
-    store = make_storage("kivi", geometry(d, kv), bits=bits, group_size=G, residual=G * blocks)
+    geo = ModelGeometry(num_layers=1, num_heads=kv, num_kv_heads=kv, head_dim=d, layer_types=("full_attention",),
+                        sliding_window=None, max_positions=None, model_id="test", dtype=model_dtype)
+    store = make_storage("kivi", geo, bits=bits, group_size=G, residual=G * blocks)
     for n in appends:
         store.append(fp16_randn(gen, b, kv, n, d), fp16_randn(gen, b, kv, n, d))
     store.stage(fp16_randn(gen, b, kv, 1, d), fp16_randn(gen, b, kv, 1, d))
@@ -514,11 +517,12 @@ def test_per_token_keys_take_the_kernel_only_where_their_groups_fit(monkeypatch)
 @torch.no_grad()
 def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monkeypatch, method, options):
     """Greedy generation (batch 2, and a left-padded batch whose rows run alone) gives the same tokens, and
-    teacher-forced logits agree to fp32 rounding; the fused kernel really ran (its numba half, which the parts'
-    kernel and the one-call decode step share)."""
+    teacher-forced logits agree to fp32 rounding; the fused kernel really ran (the parts' kernel, or the one-call
+    decode step)."""
     calls = []
-    real = kernels._kivi_numba
-    monkeypatch.setattr(kernels, "_kivi_numba", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for owner, name in ((kernels, "_kivi_numba"), (cpu, "kivi_decode_serial")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 128, (2, 60), generator=gen)
     padded_mask = torch.ones_like(ids)

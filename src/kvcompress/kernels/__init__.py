@@ -265,15 +265,38 @@ def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: i
     other arguments as :func:`kivi_attention`. Returns the output ``(b, 1, heads, d)`` in the query's dtype."""
     b, heads, _, d = query.shape
     h = k_tail.shape[1]
-    q = _np(query if query.dtype == torch.float32 else query.float()).reshape(b, h, heads // h, d) * np.float32(scaling)
     if k_arrays is None:
         k_arrays = (_codes(None, b, h, (d * k_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
     if v_arrays is None:
         v_arrays = (_codes(None, b, h, (d * v_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
+    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    two_byte = k_tail.dtype in _TWO_BYTE and v_tail.dtype == k_tail.dtype
+    if two_byte and not (threads > 1 and b * h * n >= MIN_PARALLEL_WORK):
+        # one numba call for everything (each torch / numpy call between the model's matmuls runs with cold caches:
+        # ~0.1 ms apiece inside a forward, measured)
+        (kp, ks, kz), (vp, vs, vz) = k_arrays, v_arrays
+        kres, vres = _bits16(k_tail), _bits16(v_tail)
+        kchan, vchan = _layout(k_bits, v_bits, d)
+        block = _cpu.TOKEN_BLOCK if k_per_token else k_group
+        out = np.empty((b, heads, d), np.float32)
+        _cpu.kivi_decode_serial(_np(query if query.dtype == torch.float32 else query.float()).reshape(b, heads, d),
+                                float(scaling), kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan,
+                                n - kres.shape[2], kres, vp, vs, vz, v_bits, v_group, vchan, n - vres.shape[2], vres,
+                                k_tail.dtype == torch.bfloat16, n, _ceil(n, block) * block, out)
+        return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
+    q = _np(query if query.dtype == torch.float32 else query.float()).reshape(b, h, heads // h, d) * np.float32(scaling)
     acc, _, l = _kivi_numba(q, n, k_arrays, k_bits, k_group, v_arrays, v_bits, v_group, _tail(k_tail, query),
                             _tail(v_tail, query), k_per_token)
     acc /= np.maximum(l, _TINY)[..., None]  # as attend_parts: acc / l.clamp_min(tiny), in float32
     return torch.from_numpy(acc).view(b, 1, heads, d).to(query.dtype)
+
+
+_TWO_BYTE = (torch.float16, torch.bfloat16)
+
+
+def _bits16(t: torch.Tensor) -> np.ndarray:
+    """A 2-byte float tensor's bits as uint16 numpy (C-contiguous; a copy only if ``t`` is not contiguous)."""
+    return (t if t.is_contiguous() else t.contiguous()).view(torch.int16).numpy().view(np.uint16)
 
 
 _TINY = np.finfo(np.float32).tiny

@@ -604,3 +604,59 @@ def kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs,
                   valid, mult, n, span, pacc, pm, pl)
     for bh in range(b * h):
         _merge(bh, pacc, pm, pl, acc, m, l)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A whole one-token decode step in one call
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _two_byte_floats(src, bf16, out):
+    """``out`` float32 = ``src`` uint16 bits read as fp16 (:func:`_halves`) or, with ``bf16``, as bfloat16 (the upper
+    half of a float32); both arrays ``(b, h, r, d)`` C-contiguous. Exact."""
+    flat, dst = src.reshape(-1), out.reshape(-1)
+    n = uint64(flat.shape[0])
+    if bf16:
+        bits = dst.view(np.uint32)
+        for i in range(n):
+            bits[i] = np.uint32(flat[i]) << np.uint32(16)
+    else:
+        scratch = np.empty(n, np.uint32)
+        _halves(flat, _0, n, scratch, scratch.view(np.float32), dst)
+
+
+@njit(cache=True)
+def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kres, vp, vs, vz, vbits, vgroup,
+                       vchan, nv, vres, bf16, n, span, out):
+    """One query token's attention output over ``n`` tokens, in one call: the query heads folded into their KV groups
+    and scaled, the 2-byte tails decoded, :func:`kivi_layer_serial`, then ``acc / max(l, tiny)``. No fast-math here:
+    the scaling and the division are the IEEE operations numpy/torch do, so the output equals theirs bit for bit.
+
+    ``query (b, heads, d)`` float32 (unscaled); ``kres``/``vres (b, h, r, d)`` uint16: the tokens after the codes as
+    fp16 bits (bfloat16 with ``bf16``); the other arguments as :func:`kivi_layer_parallel` (no validity, no
+    multipliers); ``out (b, heads, d)`` float32."""
+    b, heads, d = query.shape
+    h = kres.shape[1]
+    g = heads // h
+    s = np.float32(scaling)
+    qg = np.empty((b, h, g, d), np.float32)
+    for bi in range(b):
+        for hi in range(heads):
+            for c in range(d):
+                qg[bi, hi // g, hi % g, c] = query[bi, hi, c] * s
+    kr = np.empty(kres.shape, np.float32)
+    vr = np.empty(vres.shape, np.float32)
+    _two_byte_floats(kres, bf16, kr)
+    _two_byte_floats(vres, bf16, vr)
+    acc = np.empty((b, h, g, d), np.float32)
+    m = np.empty((b, h, g), np.float32)
+    l = np.empty((b, h, g), np.float32)
+    kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                      np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    for bi in range(b):
+        for hi in range(heads):
+            den = max(l[bi, hi // g, hi % g], tiny)
+            for c in range(d):
+                out[bi, hi, c] = acc[bi, hi // g, hi % g, c] / den
