@@ -2,23 +2,13 @@
 
     python benchmarks/results/decode-speed/session13/outside.py kivi:bits=4 1024 8 8
 """
-import sys, time, statistics, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
-from decode_speed import prefill, decode_burst
+import statistics
+
 from transformers import DynamicCache
 import transformers.models.llama.modeling_llama as ML
-from kvcompress import load_model
-from kvcompress.data import encode, load_text
-from kvcompress.evaluate.spec import parse_spec
-torch.set_num_threads(1)
-spec = parse_spec(sys.argv[1]); L = int(sys.argv[2]); rounds = int(sys.argv[3]); steps = int(sys.argv[4])
-model, tok = load_model("smollm2-135m", progress=False)
-ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[:L].view(1, -1)
-T = {}
-def timed(name, f):
-    def w(*a, **k):
-        t0 = time.perf_counter(); r = f(*a, **k); T[name] = T.get(name, 0.0) + time.perf_counter() - t0; return r
-    return w
+
+from timing_setup import L, T, ids, model, rounds, spec, steps, timed  # noqa: F401
+from decode_speed import decode_burst, prefill
 ML.create_causal_mask = timed("mask", ML.create_causal_mask)
 for i, layer in enumerate(model.model.layers):
     layer.self_attn.forward = timed("self_attn", layer.self_attn.forward)
