@@ -438,6 +438,22 @@ def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b
 
 
 @needs_numba
+@torch.no_grad()
+def test_kivi_one_call_decode_step_counts_its_scratch(tiny_model):
+    """The one-call step decodes the 2-byte residuals (and the new token) into fp32 scratch: each layer reports that
+    as its transient -- more than nothing, at most K and V of ``residual + 1`` tokens in fp32."""
+    cache = make_cache("kivi", tiny_model, bits=2, group_size=8, residual=16)
+    tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(tiny_model, cache))
+    for layer in cache.layers:
+        layer.peak_transient_bytes = 0
+    for t in range(5):
+        tiny_model(torch.tensor([[1 + t]]), **cache_kwargs(tiny_model, cache))
+    g = cache.geometry
+    bound = 2 * g.num_kv_heads * 17 * g.head_dim * 4
+    assert all(0 < layer.peak_transient_bytes <= bound for layer in cache.layers)
+
+
+@needs_numba
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([2, 4]), window=st.sampled_from([4, 8]), key_axis=st.sampled_from(["channel", "token"]),
        appends=st.lists(st.integers(1, 50), min_size=1, max_size=4), b=st.integers(1, 2), group=st.sampled_from([1, 3]),

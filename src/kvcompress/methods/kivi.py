@@ -456,7 +456,9 @@ class KiviLayer(StorageLayer):
             return super().attend_step(query, keys, values, new_valid, scaling)
         self.kv.stage(keys, values)
         if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
-            output, transient = self.kv.decode_step(query, scaling), 0
+            # the kernel decodes the 2-byte residuals (with the new token) into fp32 scratch: the step's transient
+            output = self.kv.decode_step(query, scaling)
+            transient = (self.kv.k_res.numel() + self.kv.v_res.numel()) * 4
         else:
             result = attend_parts(query, self.kv.parts(fused=True), scaling)
             output, transient = result.output, result.transient_bytes
