@@ -42,8 +42,8 @@ except ImportError as exc:  # pragma: no cover - exercised only where numba is m
     AVAILABLE, UNAVAILABLE_REASON = False, f"numba could not be imported ({exc})"
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CodebookCodes", "RotaryPositions", "backend", "chunked_partials",
-           "enabled", "fused", "kivi_attention", "kivi_decode", "kivi_fused_applies", "kvquant_attention", "kvquant_fused_applies",
-           "triton_status"]
+           "enabled", "fused", "kivi_attention", "kivi_decode", "kivi_fused_applies", "kvquant_attention",
+           "kvquant_fused_applies", "triton_status"]
 
 _state = {"enabled": True, "backend": None}
 #: numba's workqueue threading layer (its fallback without TBB or OpenMP) must not be entered by two Python threads at
@@ -226,6 +226,11 @@ def _no_stats(b: int, h: int) -> np.ndarray:
     return np.zeros((b, h, 0), np.uint16)
 
 
+def _no_stream(b: int, h: int, d: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes, scale bits, zero bits)`` of a stream with no token coded yet (what the kernel reads for none)."""
+    return _codes(None, b, h, (d * bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h)
+
+
 def _kivi_numba(q: np.ndarray, n: int, k_arrays, k_bits: int, k_group: int, v_arrays, v_bits: int, v_group: int,
                 kr: np.ndarray, vr: np.ndarray, k_per_token: bool, vmask: np.ndarray = _ALL_VALID,
                 mu: np.ndarray = _NO_MULT):
@@ -265,10 +270,8 @@ def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: i
     other arguments as :func:`kivi_attention`. Returns the output ``(b, 1, heads, d)`` in the query's dtype."""
     b, heads, _, d = query.shape
     h = k_tail.shape[1]
-    if k_arrays is None:
-        k_arrays = (_codes(None, b, h, (d * k_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
-    if v_arrays is None:
-        v_arrays = (_codes(None, b, h, (d * v_bits + 7) // 8, np.uint8), _no_stats(b, h), _no_stats(b, h))
+    k_arrays = k_arrays or _no_stream(b, h, d, k_bits)
+    v_arrays = v_arrays or _no_stream(b, h, d, v_bits)
     threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
     two_byte = k_tail.dtype in _TWO_BYTE and v_tail.dtype == k_tail.dtype
     if two_byte and not (threads > 1 and b * h * n >= MIN_PARALLEL_WORK):

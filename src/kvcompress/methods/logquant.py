@@ -102,9 +102,9 @@ class _QuantBlock:
     fp16 stats, each one buffer (:class:`kvcompress.storage.GrowingTokens`) held at its exact size: a flush (W tokens,
     every ~W steps) moves the quantized past once into a buffer W tokens longer -- ``n / W`` tokens' codes copied per
     step amortized, no spare capacity held (a growth share of 1/32 would cost ~2 % of the compression ratio in
-    decode). One run of codes, so a decode step is one kernel call. ``axis=-1``: per-token groups of ``group`` along head_dim (stats ``(b,
-    h, n, d/group)``); ``axis=-2``: per channel over each block of ``group`` consecutive tokens (one flush; stats ``(b,
-    h, n/group, d)``), so reads fall on block edges."""
+    decode). One run of codes, so a decode step is one kernel call. ``axis=-1``: per-token groups of ``group`` along
+    head_dim (stats ``(b, h, n, d/group)``); ``axis=-2``: per channel over each block of ``group`` consecutive tokens
+    (one flush; stats ``(b, h, n/group, d)``), so reads fall on block edges."""
 
     def __init__(self, bits: int, axis: int, group: int):
         self.bits, self.axis, self.group = bits, axis, group
@@ -162,7 +162,8 @@ class LogQuantLayer(KVLayer):
     The full-precision block ``(batch, kv_heads, n_fp <= 3W, head_dim)`` in the 2-byte storage dtype is
     ``[log-sparse list (n_sparse) | local window]``; the quantized blocks only ever grow, W tokens per flush.
     Attention (:meth:`attend_step`) reads the quantized run (by the fused kernel, or a chunk at a time), then the
-    full-precision block, then the new tokens; :meth:`dense_step` is the same computation as one dense ``[past | new]`` copy (a reference)."""
+    full-precision block, then the new tokens; :meth:`dense_step` is the same computation as one dense ``[past |
+    new]`` copy (a reference)."""
 
     attends = True
     split_rows_on_padding = True  # quantization blocks and the log schedule are per row: a padded row runs alone
