@@ -193,7 +193,8 @@ def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
         kv, d = 2, 16
         per_token = 2 * d * 2 + 4 + 1 + 1  # K and V fp16, int32 position, bool protected and held flags
         w = math.ceil(0.25 * 96)
-        assert cache.nbytes() == len(layers) * kv * w * per_token  # held exactly after the prompt
+        offsets = len(layers) * kv * 8  # the int64 first slot of each (row, KV head) region
+        assert cache.nbytes() == len(layers) * kv * w * per_token + offsets  # held exactly after the prompt
         for layer, ref in zip(layers, full.layers):
             assert layer.lengths == [w, w] and layer.k.shape == (kv * w, d) and layer.score is None
             # the last w tokens, as stored by full (fp16; later layers' inputs differ from full's by the summation
@@ -205,7 +206,7 @@ def test_memory_is_really_freed_and_equals_the_hand_formula(tiny_model):
         w = math.ceil(0.25 * 100)
         # the held tokens + the spare slots the buffers grew by (4 + held // 32 per head), nothing else
         assert all(layer.caps == [w + 4, w + 4] for layer in layers)
-        assert cache.nbytes() == len(layers) * kv * (w + 4) * per_token < cache.reference_nbytes()
+        assert cache.nbytes() == len(layers) * kv * (w + 4) * per_token + offsets < cache.reference_nbytes()
         assert sum(_slack_bytes(layer) for layer in layers) == len(layers) * kv * 4 * per_token
         assert all([p.tolist() for p in _by_position(layer, "pos")] == [list(range(100 - w, 100))] * kv for layer in layers)
 
@@ -229,7 +230,7 @@ def test_prompt_frequent_set_matches_received_attention(tiny_model):
     captured = {}
 
     with make_cache("full", tiny_model) as full:
-        obs = Observer(tiny_model, full)
+        obs = Observer(tiny_model, full, keep=True)  # read after the forward
         with torch.no_grad():
             tiny_model(ids, **cache_kwargs(None, full))
             captured = {i: obs.query_states(i) for i in range(4)}
@@ -268,7 +269,7 @@ def test_multi_token_steps_attend_to_exactly_the_kept_tokens(tiny_model):
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_gemma"])
 def test_recovery_one_reproduces_the_full_cache(request, which):
     """Nothing dropped: the logits of the full cache, up to the summation order of kvcompress's attention (fp32,
-    atol 1e-5), and the same bytes plus the spare slots FastGen's buffers grew by (counted)."""
+    atol 1e-5), and the same bytes plus the spare slots FastGen's buffers grew by and its region offsets (counted)."""
     model = request.getfixturevalue(which)
     ids = _prompt(1, 40, seed=4)
 
@@ -277,13 +278,15 @@ def test_recovery_one_reproduces_the_full_cache(request, which):
             out = [model(ids, **cache_kwargs(None, cache)).logits[:, -1]]
             after_prompt = cache.nbytes()
             out += [model(torch.tensor([[11 + t]]), **cache_kwargs(None, cache)).logits[:, -1] for t in range(4)]
-            slack = sum(_slack_bytes(layer) for layer in _fastgen_layers(cache))
-            return torch.stack(out), (after_prompt, cache.nbytes(), slack), cache.reference_nbytes()
+            layers = _fastgen_layers(cache)
+            slack = sum(_slack_bytes(layer) for layer in layers)
+            offsets = sum(layer.offsets.numel() * 8 for layer in layers)  # int64 first slot of each region
+            return torch.stack(out), (after_prompt - offsets, cache.nbytes() - offsets, slack), cache.reference_nbytes()
 
     got, (prompt_bytes, nbytes, slack), ref = run("fastgen", recovery=1.0)
     want, (full_prompt_bytes, full_bytes, _), _ = run("full")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert full_bytes == ref and prompt_bytes == full_prompt_bytes  # exact after the prompt
+    assert full_bytes == ref and prompt_bytes == full_prompt_bytes  # exact after the prompt (+ the region offsets)
     assert nbytes == ref + slack and 0 < slack <= ref / 8  # then the spare slots the buffers grew by, counted
 
 

@@ -10,6 +10,8 @@ Through the model (whose rotary module rounds the angle to float32), teacher-for
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -374,3 +376,85 @@ def test_a_tail_merged_in_torch_equals_attending_over_both():
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
     assert kernels._with_dense(qg, body, tk[:, :, :0], tv[:, :, :0]) is body
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The decode step in one call (session 14)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@needs_numba
+def test_fp16_bits_are_numpys_cast():
+    """``_f16_bits`` (the kernel's float32 -> fp16 rounding, written straight into held fp16 buffers) gives numpy's
+    bits for every class of input: normals, subnormals, ties between two fp16 numbers, the edge to inf, signed
+    zeros, inf and NaN."""
+    import numpy as np
+
+    from kvcompress.kernels import kvquant_cpu
+
+    gen = np.random.default_rng(0)
+    edges = [0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 6.1035156e-05, 6.1e-05, 5.96e-08, 2.98e-08, 2.99e-08,
+             1e-10, np.inf, -np.inf, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2049.0, 2051.0]
+    x = np.concatenate([
+        np.array(edges, np.float32),
+        (gen.standard_normal(20000) * 10.0 ** gen.uniform(-9, 5, 20000)).astype(np.float32),
+        (np.arange(-3000, 3000) * 2.0**-25).astype(np.float32),  # subnormal ties
+        gen.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern class
+    ])
+    scratch = np.empty(1, np.float32)
+    got = np.array([kvquant_cpu._f16_bits(v, scratch) for v in x], np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.all(np.isnan(got[nan].view(np.float16)))
+
+
+@needs_numba
+@pytest.mark.parametrize("options", [OPTIONS, {**OPTIONS, "recent": 3, "key_bits": 4},
+                                     {**OPTIONS, "per_channel_keys": False, "pre_rope": False, "bits": 2},
+                                     {**OPTIONS, "sink": 0, "outliers": 0.0}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_kvquant_decode_in_one_call_is_the_tail_path_bit_for_bit(tiny_model, monkeypatch, options, dtype):
+    """A decode step by one numba call (``kernels.kvquant_decode``: query folded and scaled, the held sink and recent
+    window decoded from their bits, the kernel, ``acc / l``) gives the output of the path it replaces (the kernel with
+    a float32 tail, the division in torch) bit for bit, at every step of a generation (fp32 and bf16 model, batch 2);
+    and the outlier/range writes straight into the held buffers leave the same bytes as the torch quantization."""
+    import kvcompress.kernels as K
+    import kvcompress.methods.kvquant_store as store
+
+    model = copy.deepcopy(tiny_model).to(dtype)  # the session's fixture keeps its fp32 weights
+
+    def held(cache):  # what each layer holds, spare capacity aside (uninitialized memory)
+        out = []
+        for layer in cache.layers:
+            out += [g.view() for s in (layer.k, layer.v) for g in s._buffers()]
+            out += [layer.head_k, layer.head_v, layer.rec_k, layer.rec_v]
+        return [t.clone() for t in out if t is not None]
+
+    calls = []
+    real = K.kvquant_decode
+    spy = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    one_fused = KVQuantLayer._attend_one_fused
+    ids = torch.randint(1, 128, (2, 60), generator=torch.Generator().manual_seed(7))
+    runs = {}
+    for way in ("one", "tail"):
+        calls.clear()
+        monkeypatch.setattr(K, "kvquant_decode", spy if way == "one" else lambda *a, **k: None)
+        cache = make_cache("kvquant", model, **options)
+        outs = []
+        monkeypatch.setattr(KVQuantLayer, "_attend_one_fused",
+                            lambda layer, *a: outs.append(r := one_fused(layer, *a)) or r)
+        model(ids[:, :30], **cache_kwargs(model, cache))
+        for t in range(30, ids.shape[1]):
+            model(ids[:, t : t + 1], **cache_kwargs(model, cache))
+        runs[way] = (outs, held(cache), len(calls), cache.nbytes())
+    (o1, h1, n1, b1), (o2, h2, _, b2) = runs["one"], runs["tail"]
+    assert n1 >= 30 * len(cache.layers) and len(o1) == len(o2) >= 30 * len(cache.layers)
+    for a, c in zip(o1, o2):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert a[0].dtype == c[0].dtype and torch.equal(a[0], c[0]) and a[1] == c[1]
+    assert b1 == b2 and len(h1) == len(h2)
+    assert all(a.dtype == c.dtype and torch.equal(a, c) for a, c in zip(h1, h2))

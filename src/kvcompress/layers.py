@@ -172,8 +172,11 @@ class KVLayer(CacheLayerMixin):
             k, v = keys[r : r + 1, :, idx], values[r : r + 1, :, idx]
             if not row.is_initialized:
                 row.lazy_initialization(k, v)
-            row.row_view = (r, idx)
-            out, t = row.attend_step(query[r : r + 1, :, idx], k, v, None, scaling)
+            row.row_view = (r, idx)  # this step's real tokens of the row (read inside the step only)
+            try:
+                out, t = row.attend_step(query[r : r + 1, :, idx], k, v, None, scaling)
+            finally:
+                row.row_view = None
             row.tokens_seen += idx.numel()
             output[r, idx] = out[0]
             transient += t
@@ -234,8 +237,8 @@ class KVLayer(CacheLayerMixin):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        if self._rows is not None:
-            return sum(row.nbytes() for row in self._rows)
+        if self._rows is not None:  # the rows' state, and what the layer itself still holds (e.g. its codebooks)
+            return sum(row.nbytes() for row in self._rows) + tensors_nbytes(self.held_tensors())
         return tensors_nbytes(self.held_tensors())
 
     def reference_nbytes(self) -> int:

@@ -46,10 +46,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 class Observer:
     """Captures the attention inputs of the forward passes that use ``cache``.
 
-    ``layers``: which layer indices to watch (default: all).
-    """
+    ``layers``: which layer indices to watch (default: all). ``keep``: keep a layer's inputs after its attention
+    module returns (until the next forward; for a caller that reads them after the forward, e.g. a profile). By
+    default they are dropped as the module returns: a cache must not hold the model's activations between steps
+    (after a prompt, one ``(batch, prompt, hidden)`` tensor per layer -- more than a compressed cache holds)."""
 
-    def __init__(self, model: nn.Module, cache, layers=None):
+    def __init__(self, model: nn.Module, cache, layers=None, keep: bool = False):
         self._cache_ref = weakref.ref(cache)
         self.modules = attention_modules(model)
         watch = sorted(self.modules) if layers is None else sorted(layers)
@@ -57,6 +59,18 @@ class Observer:
         self._handles = [
             self.modules[i].register_forward_pre_hook(partial(self._capture, i), with_kwargs=True) for i in watch
         ]
+        if not keep:
+            self._handles += [self.modules[i].register_forward_hook(partial(self._release, i), with_kwargs=True,
+                                                                     always_call=True) for i in watch]
+
+    def _release(self, layer_idx, module, args, kwargs, output):
+        """After the attention module of ``layer_idx`` (also when it raised): forget its inputs."""
+        if uses_cache(kwargs, self._cache_ref()):
+            self._forget(layer_idx)
+        return None
+
+    def _forget(self, layer_idx: int) -> None:
+        self._inputs.pop(layer_idx, None)
 
     def _capture(self, layer_idx, module, args, kwargs):
         if not uses_cache(kwargs, self._cache_ref()):

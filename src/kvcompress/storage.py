@@ -132,6 +132,7 @@ class GrowingTokens:
         self.buffer: torch.Tensor | None = None
         self._array = None  # the buffer as numpy (made when asked for)
         self._bits = None  # a 2-byte float buffer's bits as flat uint16 numpy (made when asked for)
+        self._bytes = None  # an integer buffer as its little-endian bytes (made when asked for)
         self.length = 0
         self.min_grow = min_grow
         self.limit: int | None = None  # grow no further than this many entries unless one append needs more
@@ -178,8 +179,16 @@ class GrowingTokens:
             self._bits = a.reshape(a.shape[0], a.shape[1], -1)
         return self._bits
 
+    def bytes_array(self):
+        """An integer buffer (uint8 / int16 / int32) as its little-endian bytes ``(*shape, itemsize)`` uint8 numpy, the
+        same memory, made once per buffer (how the kernels read and write small integers of any width in place)."""
+        if self._bytes is None:
+            a = self.array()
+            self._bytes = a.view(np.uint8).reshape(*a.shape, a.dtype.itemsize)
+        return self._bytes
+
     def _hold(self, buffer: torch.Tensor) -> None:
-        self.buffer, self._array, self._bits = buffer, None, None
+        self.buffer, self._array, self._bits, self._bytes = buffer, None, None, None
 
     def _make_room(self, need: int) -> bool:
         if need <= self.buffer.shape[2]:

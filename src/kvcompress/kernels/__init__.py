@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where numba is m
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CodebookCodes", "RotaryPositions", "backend", "chunked_partials",
            "enabled", "fused", "kivi_attention", "kivi_decode", "kivi_fused_applies", "kvquant_attention",
-           "kvquant_fused_applies", "triton_status"]
+           "kvquant_decode", "kvquant_fused_applies", "triton_status"]
 
 _state = {"enabled": True, "backend": None}
 #: numba's workqueue threading layer (its fallback without TBB or OpenMP) must not be entered by two Python threads at
@@ -487,6 +487,29 @@ def _stream_args(codes: CodebookCodes, n: int, b: int, h: int, d: int):
     return bits, p0, p1, w0, w1, lev, scale, offset, counts, cols, vals
 
 
+def _kvquant_code_args(n: int, keys: CodebookCodes, values: CodebookCodes, rope: RotaryPositions | None, b: int,
+                       h: int, d: int) -> tuple:
+    """The arguments of :func:`kvcompress.kernels.kvquant_cpu.kvquant_layer_serial` from ``kbits`` to ``positions``
+    except the column map: ``(streams, rotation)`` -- both streams' held buffers as numpy views
+    (:func:`_stream_args`), and the rotation."""
+    kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
+    if keys.per_channel:  # fp16 bits (1|b, h*d), decoded in the kernel
+        kcs, kco = kts, kto
+        kts = kto = np.zeros((b, 1, 0), np.uint16)
+    else:
+        kcs = kco = _NO_CHANNEL_RANGE
+    if rope is None:
+        inv_freq, rscale, start, positions = _NO_ROTATION, 1.0, 0, _NO_POSITIONS
+    else:
+        inv_freq, rscale = _np(rope.inv_freq.float()), float(rope.scaling)
+        if rope.positions is None:
+            start, positions = int(rope.start), _NO_POSITIONS
+        else:
+            start, positions = -1, _np(rope.positions[:, :n].long())
+    return ((kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+             *_stream_args(values, n, b, h, d)), (inv_freq, rscale, start, positions))
+
+
 def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: CodebookCodes,
                       rope: RotaryPositions | None = None, valid: torch.Tensor | None = None,
                       tail: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -505,21 +528,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
         return out if tail is None else _with_dense(qg, out, *tail)
     b, h, rows, d = qg.shape
     q = _np(qg if qg.dtype == torch.float32 else qg.float())
-    kbits, kp0, kp1, kw0, kw1, klev, kts, kto, kcounts, kcols, kvals = _stream_args(keys, n, b, h, d)
-    vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals = _stream_args(values, n, b, h, d)
-    if keys.per_channel:  # fp16 bits (1|b, h*d), decoded in the kernel
-        kcs, kco = kts, kto
-        kts = kto = np.zeros((b, 1, 0), np.uint16)
-    else:
-        kcs = kco = _NO_CHANNEL_RANGE
-    if rope is None:
-        inv_freq, rscale, start, positions = _NO_ROTATION, 1.0, 0, _NO_POSITIONS
-    else:
-        inv_freq, rscale = _np(rope.inv_freq.float()), float(rope.scaling)
-        if rope.positions is None:
-            start, positions = int(rope.start), _NO_POSITIONS
-        else:
-            start, positions = -1, _np(rope.positions[:, :n].long())
+    streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
     tk, tv = _NO_TAIL if tail is None else (_np(t.float()) for t in tail)
     acc = np.empty((b, h, rows, d), np.float32)
@@ -527,9 +536,53 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
     l = np.empty((b, h, rows), np.float32)
 
     def args(splits):
-        return (q, kbits, kp0, kp1, kw0, kw1, klev, keys.per_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-                vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, _column_map(d, h), inv_freq, rscale,
-                start, positions, vmask, n, _ceil(n, splits), tk, tv, acc, m, l)
+        return (q, *streams, _column_map(d, h), *rotation, vmask, n, _ceil(n, splits), tk, tv, acc, m, l)
 
     _run_layer(_kvq_cpu.kvquant_layer_serial, _kvq_cpu.kvquant_layer_parallel, args, b, b * h * n)
     return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+
+
+def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCodes, values: CodebookCodes,
+                   rope: RotaryPositions | None, held: tuple | None, new_k: torch.Tensor, new_v: torch.Tensor,
+                   memo: dict | None = None) -> torch.Tensor | None:
+    """A whole one-query decode step over ``n`` tokens of KVQuant codes followed by dense tokens, by one numba call
+    (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_serial`): what :func:`kvquant_attention` with the dense
+    tokens as its ``tail``, then ``acc / l``, computes -- bit for bit -- without the torch calls around it.
+
+    ``query (b, heads, 1, d)``; ``held``: the held 2-byte tokens that come first in the tail (the sink and the recent
+    window) as ``(key bits, value bits (b, h, r, d) uint16, bf16)`` (:func:`two_byte_bits`; fp16, or bfloat16 with
+    ``bf16``), or None; ``new_k``/``new_v (b, h, 1, d)`` the step's own tokens (any float dtype); the codes and the
+    rotation as :func:`kvquant_attention`; ``memo``: a dict the caller keeps for exactly these ``keys`` and
+    ``values`` objects (and drops with them: it holds views of their buffers), where their numpy views are kept from
+    step to step (with the ``rope`` object they were made for). Returns the output ``(b, 1, heads, d)`` in the query's dtype, or None where the serial call is not
+    the way (the threaded kernel would run: more than one thread on a large context; the caller takes the general
+    path)."""
+    b, heads, _, d = query.shape
+    h = new_k.shape[1]
+    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    if threads > 1 and b * h * n >= MIN_PARALLEL_WORK:
+        return None
+    kept = None if memo is None else memo.get("decode")
+    if kept is not None and kept[0] is rope:
+        streams, rotation = kept[1]
+    else:
+        streams, rotation = code_args = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
+        # kept only when nothing in it is a copy (stored positions are sliced to n, a 2-byte inv_freq made float32)
+        if memo is not None and (rope is None or (rope.positions is None and rope.inv_freq.dtype == torch.float32)):
+            memo["decode"] = (rope, code_args)
+    held_k, held_v, bf16 = (_NO_HELD, _NO_HELD, False) if held is None else held
+    out = np.empty((b, heads, d), np.float32)
+    _kvq_cpu.kvquant_decode_serial(_np(query if query.dtype == torch.float32 else query.float()).reshape(b, heads, d),
+                                   float(scaling), *streams, _column_map(d, h), *rotation, held_k, held_v, bf16,
+                                   _np(new_k if new_k.dtype == torch.float32 else new_k.float()),
+                                   _np(new_v if new_v.dtype == torch.float32 else new_v.float()), n, n, out)
+    return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
+
+
+def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """``(key bits, value bits, bf16)``: 2-byte float tensors (fp16 or bfloat16) ``(b, h, r, d)`` as their uint16 bits
+    (C-contiguous numpy; no copy when contiguous), as :func:`kvquant_decode` takes them."""
+    return _bits16(k), _bits16(v), k.dtype == torch.bfloat16
+
+
+_NO_HELD = np.zeros((1, 1, 0, 1), np.uint16)

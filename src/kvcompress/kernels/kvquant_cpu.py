@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import _FM, _merge, _scores_block, _softmax_block, _values_block
+from .cpu import _FM, _merge, _scores_block, _softmax_block, _two_byte_floats, _values_block
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -636,3 +636,137 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
                                 byte |= (codes[o + 8 * u + k] >> 2) << k
                             planes1[bi, hh, t0 + t, u] = byte
     return nnz, ok
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A whole decode step in as few calls as possible (each torch / numpy call inside a forward costs ~0.1 ms: the
+# model's matmuls have just flushed the caches)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _f16_bits(x, scratch):
+    """The bits (uint16) of float32 ``x`` rounded to fp16 as numpy's cast does: to nearest, ties to even, beyond fp16's
+    range inf, NaN kept a NaN, the sign of zero kept. ``scratch``: a float32 array of one element (read as uint32)."""
+    scratch[0] = x
+    u = scratch.view(np.uint32)[0]
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf, NaN
+        if a == np.uint32(0x7F800000):
+            return sign | np.uint16(0x7C00)
+        mant = np.uint16((a & np.uint32(0x7FFFFF)) >> np.uint32(13))
+        return sign | np.uint16(0x7C00) | (mant if mant else np.uint16(1))
+    if a >= np.uint32(0x477FF000):  # >= 65520: rounds to inf
+        return sign | np.uint16(0x7C00)
+    if a < np.uint32(0x38800000):  # below 2**-14: an fp16 subnormal, a multiple of 2**-24 (adding 0.5 rounds to it)
+        scratch.view(np.uint32)[0] = a
+        r = (scratch[0] + np.float32(0.5)) - np.float32(0.5)
+        return sign | np.uint16(np.int64(r * np.float32(16777216.0)))
+    r = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)  # 10 mantissa bits
+    return sign | np.uint16((((r >> np.uint32(23)) - np.uint32(112)) << np.uint32(10)) | ((r >> np.uint32(13)) & np.uint32(0x3FF)))
+
+
+@njit(cache=True, inline="always")
+def _put_small(raw, i, value):
+    """Entry ``i`` of a held array of small non-negative integers seen as its little-endian bytes ``raw (..., width)``
+    (:func:`_small`'s layout) set to ``value``."""
+    for k in range(raw.shape[-1]):
+        raw[i, k] = (value >> (8 * k)) & 255
+
+
+@njit(cache=True)
+def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, scale_bits,
+                  offset_bits, has_sparse, counts, cols, vals, e0, cos, sin):
+    """:func:`quantize_rows` of ``x (b, h, q, d)`` float32 (the model's layout; taken as token-major rows ``(q, b, w =
+    h*d)`` here) with everything written straight into the stream's buffers: codes
+    into ``planes0``/``planes1`` at tokens ``t0 .. t0 + q``; per-token ranges (not ``per_channel``) as fp16 bits into
+    ``scale_bits``/``offset_bits (b, 1, cap)``; with ``has_sparse`` the outlier count of each (token, batch row) into
+    ``counts (b, 1, cap, width)`` and, when they fit in the room after entry ``e0`` of ``cols (1, 1, cap, width)`` /
+    ``vals (1, 1, cap)`` (fp16 bits), the entries themselves (``counts``/``cols``: the held integers as bytes,
+    :func:`_small`). Returns ``(nnz, ok, in_place, cols (nnz,) int32, vals (nnz,) float32)``: the entries are also
+    returned for the caller to place when they did not fit (``in_place`` False; nothing written there); ``ok`` False
+    when a range is not finite in fp16 (then nothing is meant to be committed)."""
+    b, h, q, d = x.shape
+    w = h * d
+    rows = np.empty((q, b, w), np.float32)
+    for bi in range(b):
+        for hh in range(h):
+            for t in range(q):
+                for c in range(d):
+                    rows[t, bi, hh * d + c] = x[bi, hh, t, c]
+    ranges = np.empty((2, b, q), np.float32)
+    n_counts = np.empty((q, b) if has_sparse else (0, 0), np.int32)
+    n_cols = np.empty(q * b * w if has_sparse else 0, np.int32)
+    n_vals = np.empty(n_cols.shape[0], np.float32)
+    nnz, ok = quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges,
+                            n_counts, n_cols, n_vals, cos, sin)
+    in_place = False
+    if not ok:
+        return nnz, ok, in_place, n_cols[:nnz], n_vals[:nnz]
+    scratch = np.empty(1, np.float32)
+    if not per_channel:
+        for bi in range(b):
+            for t in range(q):
+                scale_bits[bi, 0, t0 + t] = _f16_bits(ranges[0, bi, t], scratch)
+                offset_bits[bi, 0, t0 + t] = _f16_bits(ranges[1, bi, t], scratch)
+    if has_sparse:
+        for t in range(q):
+            for bi in range(b):
+                _put_small(counts[bi, 0], t0 + t, n_counts[t, bi])
+        if nnz <= vals.shape[2] - e0:
+            for k in range(nnz):
+                _put_small(cols[0, 0], e0 + k, n_cols[k])
+                vals[0, 0, e0 + k] = _f16_bits(n_vals[k], scratch)
+            in_place = True
+    return nnz, ok, in_place, n_cols[:nnz], n_vals[:nnz]
+
+
+@njit(cache=True)
+def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
+                          kcols, kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
+                          inv_freq, rope_scale, pos_start, positions, held_k, held_v, bf16, new_k, new_v, n, span, out):
+    """One query token's attention output over ``n`` tokens of codes then dense tokens, in one call: the query heads
+    folded into their KV groups and scaled, the held 2-byte tokens (the sink and the recent window: ``held_k``/``held_v
+    (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
+    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l``. No fast-math here: the scaling,
+    the decoding and the division are the IEEE operations torch does on the general path, so the output is the same
+    bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
+    validity); ``out (b, heads, d)`` float32."""
+    b, heads, d = query.shape
+    h = new_k.shape[1]
+    g = heads // h
+    s = np.float32(scaling)
+    qg = np.empty((b, h, g, d), np.float32)
+    for bi in range(b):
+        for hi in range(heads):
+            for c in range(d):
+                qg[bi, hi // g, hi % g, c] = query[bi, hi, c] * s
+    r, nq = held_k.shape[2], new_k.shape[2]
+    hk = np.empty(held_k.shape, np.float32)
+    hv = np.empty(held_v.shape, np.float32)
+    _two_byte_floats(held_k, bf16, hk)
+    _two_byte_floats(held_v, bf16, hv)
+    tk = np.empty((b, h, r + nq, d), np.float32)
+    tv = np.empty((b, h, r + nq, d), np.float32)
+    for bi in range(b):
+        for hh in range(h):
+            for j in range(r + nq):
+                for c in range(d):
+                    if j < r:
+                        tk[bi, hh, j, c] = hk[min(bi, hk.shape[0] - 1), hh, j, c]
+                        tv[bi, hh, j, c] = hv[min(bi, hv.shape[0] - 1), hh, j, c]
+                    else:
+                        tk[bi, hh, j, c] = new_k[bi, hh, j - r, c]
+                        tv[bi, hh, j, c] = new_v[bi, hh, j - r, c]
+    acc = np.empty((b, h, g, d), np.float32)
+    m = np.empty((b, h, g), np.float32)
+    l = np.empty((b, h, g), np.float32)
+    kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
+                         vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
+                         pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m, l)
+    for bi in range(b):
+        for hi in range(heads):
+            den = l[bi, hi // g, hi % g]
+            for c in range(d):
+                out[bi, hi, c] = acc[bi, hi // g, hi % g, c] / den

@@ -455,7 +455,7 @@ class FastGenLayer(KVLayer):
         return max(self.lengths, default=0)
 
     def held_tensors(self):
-        return [self.k, self.v, self.pos, self.score, self.prot, self.alive, self.recoveries]
+        return [self.k, self.v, self.pos, self.score, self.prot, self.alive, self.recoveries, self.offsets]
 
     def head_policies(self) -> list[list[int]]:
         """Policy bit flags per batch row and KV head (after the prompt)."""

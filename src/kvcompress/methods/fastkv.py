@@ -349,5 +349,10 @@ class FastKV(Method):
         self.observer = TSPHooks(self, cache)
         return self.observer
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """The last reduced prefill's selected positions ``(batch, |TSP|)`` int64, kept for inspection: held, so
+        counted once per cache."""
+        return [] if self.tsp_index is None else [self.tsp_index]
+
     def describe(self) -> str:
         return super().describe().replace("tsp_layer=None", f"tsp_layer={self.tsp_layer}")

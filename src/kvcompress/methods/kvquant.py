@@ -167,6 +167,11 @@ class KVQuantLayer(KVLayer):
         self.pos = Positions()
         self.rec_k = self.rec_v = None  # recent window: (b, h, r, d) 2-byte floats, post-RoPE, r <= recent
         self.rec_pos = Positions()  # positions of the recent tokens (pre_rope: to un-rotate them when they leave)
+        self._held_bits = None  # (sink keys, their bits for the one-call step): views of the held sink, nothing new
+        self._rope = None  # (start, the RotaryPositions the kernel was given for it): the same object step after step
+        # (key codes, value codes, backend, kvquant_decode's memo, whether the kernel serves them): asked by every
+        # decode step; dropped as soon as a stream's buffers are replaced (_forget_stale_codes)
+        self._codes_memo = None
 
     def new_row_layer(self):
         return KVQuantLayer(self.method, self.layer_idx)
@@ -249,14 +254,16 @@ class KVQuantLayer(KVLayer):
         if freqs is None:
             return None
         if self.pos.explicit is None:
-            return RotaryPositions(freqs[0], freqs[1], start=self.pos.start)
+            if self._rope is None or self._rope[0] != self.pos.start or self._rope[1].inv_freq is not freqs[0]:
+                self._rope = (self.pos.start, RotaryPositions(freqs[0], freqs[1], start=self.pos.start))
+            return self._rope[1]
         return RotaryPositions(freqs[0], freqs[1], start=None, positions=self.pos.explicit)
 
     def _attend_one_fused(self, query, keys, values, scaling):
-        """A one-token step without padding by one kernel call: the body from its codes, and the sink, the recent
-        window and the new token folded into the same partials (``tail`` of
-        :func:`kvcompress.kernels.kvquant_attention`) -- the general path's dense softmax and log-sum-exp merge in
-        torch cost more than the kernel at 1k tokens. Same keys and values as the general path (within float
+        """A one-token step without padding by one kernel call (:func:`kvcompress.kernels.kvquant_decode`): the body
+        from its codes, and the sink, the recent window and the new token folded into the same partials -- the
+        general path's dense softmax and log-sum-exp merge in torch cost more than the kernel at 1k tokens, and each
+        torch call between the model's matmuls costs ~0.1 ms. Same keys and values as the general path (within float
         rounding); None where the kernel does not serve the body (the general path runs)."""
         from .. import kernels
 
@@ -264,19 +271,37 @@ class KVQuantLayer(KVLayer):
         if body is None or kernels.backend(query.device) != "numba":
             return None
         codes_k, codes_v, rope = body
-        b, heads, _, d = query.shape
-        kv = keys.shape[1]
-        qg = query.float().reshape(b, kv, heads // kv, d) * scaling
-        held = [(k, v) for k, v in ((self.head_k, self.head_v), (self.rec_k, self.rec_v)) if k is not None and k.shape[2]]
-        if held:
-            tk = torch.cat([*(k for k, _ in held), keys], dim=2).float()
-            tv = torch.cat([*(v for _, v in held), values], dim=2).float()
-        else:
-            tk, tv = keys.float(), values.float()
-        acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
-        output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
+        hk, hv, held_bits = self._held_tail()
+        output = kernels.kvquant_decode(query, scaling, len(self.v), codes_k, codes_v, rope, held_bits, keys, values,
+                                        memo=self._codes_memo[3])
+        if output is None:  # the threaded kernel: its tail merged after the ranges
+            b, heads, _, d = query.shape
+            kv = keys.shape[1]
+            qg = query.float().reshape(b, kv, heads // kv, d) * scaling
+            tk = keys.float() if hk is None else torch.cat([hk.float(), keys.float()], dim=2)
+            tv = values.float() if hv is None else torch.cat([hv.float(), values.float()], dim=2)
+            acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
+            output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
         self._append(keys, values)
-        return output, 2 * tk.numel() * tk.element_size()
+        n_tail = keys.shape[2] + (0 if hk is None else hk.shape[2])
+        return output, 2 * keys.shape[0] * keys.shape[1] * n_tail * keys.shape[3] * 4  # the fp32 tail, K and V
+
+    def _held_tail(self):
+        """The held 2-byte tokens a one-token step attends after the body: ``(keys, values, bits)`` -- the sink then the
+        recent window ``(b, h, r, d)`` and their bits for :func:`kvcompress.kernels.kvquant_decode` (made once while the
+        sink alone is held) -- or ``(None, None, None)``."""
+        from .. import kernels
+
+        held = [(k, v) for k, v in ((self.head_k, self.head_v), (self.rec_k, self.rec_v)) if k is not None and k.shape[2]]
+        if not held:
+            return None, None, None
+        if len(held) == 2:
+            hk, hv = (torch.cat(pair, dim=2) for pair in zip(*held))
+            return hk, hv, kernels.two_byte_bits(hk, hv)
+        hk, hv = held[0]
+        if self._held_bits is None or self._held_bits[0] is not hk:
+            self._held_bits = (hk, kernels.two_byte_bits(hk, hv))
+        return hk, hv, self._held_bits[1]
 
     def _body_codes(self):
         """``(key codes, value codes, rotation)`` the kernel reads the body from (the rotation None for keys stored
@@ -287,14 +312,24 @@ class KVQuantLayer(KVLayer):
         if not len(self.v) or self.pend_k is not None or len(self.k) != len(self.v):
             return None
         keys, values = self.k.codes(), self.v.codes()
-        if not kernels.kvquant_fused_applies(keys.planes[0].device, keys, values, self.geometry.head_dim):
-            return None
         rope = None
         if self.pre_rope:
             rope = self._rotary()
             if rope is None:
                 return None
-        return keys, values, rope
+        which = kernels.backend(keys.planes[0].device)
+        memo = self._codes_memo
+        if memo is None or memo[0] is not keys or memo[1] is not values or memo[2] != which:
+            ok = kernels.kvquant_fused_applies(keys.planes[0].device, keys, values, self.geometry.head_dim)
+            memo = self._codes_memo = (keys, values, which, {}, ok)
+        return (keys, values, rope) if memo[4] else None
+
+    def _forget_stale_codes(self):
+        """Drop what :meth:`_body_codes` kept for the streams' previous codes once a stream's buffers were replaced
+        (made or grown): its numpy views would keep the old buffers alive between steps, memory nothing counts."""
+        memo = self._codes_memo
+        if memo is not None and (memo[0] is not self.k._codes or memo[1] is not self.v._codes):
+            self._codes_memo = None
 
     def _fused_body(self):
         """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
@@ -349,7 +384,8 @@ class KVQuantLayer(KVLayer):
         q, sd = key_states.shape[2], self.geometry.storage_dtype
         n_sink = min(q, max(0, self.sink - self.tokens_seen))
         if n_sink:
-            hk, hv = key_states[:, :, :n_sink].to(sd), value_states[:, :, :n_sink].to(sd)
+            # copies: a view of the step's tensor would keep all of it alive (a 2-byte model's dtype is no cast)
+            hk, hv = key_states[:, :, :n_sink].to(sd, memory_format=torch.contiguous_format, copy=True), value_states[:, :, :n_sink].to(sd, memory_format=torch.contiguous_format, copy=True)
             self.head_k = hk if self.head_k is None else torch.cat([self.head_k, hk], dim=2)
             self.head_v = hv if self.head_v is None else torch.cat([self.head_v, hv], dim=2)
         if q > n_sink and self.recent:
@@ -365,14 +401,15 @@ class KVQuantLayer(KVLayer):
             self._append_body(k, v, unrotate)
         if self.is_sliding and self.attended_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.attended_length() - (self.window - 1))
+        self._forget_stale_codes()
 
     def _append_recent(self, k, v, pos):
         """Recent window: append post-RoPE ``k, v (b, h, q, d)`` (positions ``pos (b|1, q)`` when pre_rope) at
         2 bytes; the tokens beyond the last ``recent`` leave for the body, keys un-rotated with the model's rotary
         module at their positions (the cos/sin the step used were checked against it by :meth:`_step_rope`)."""
         sd = self.geometry.storage_dtype
-        self.rec_k = k.to(sd) if self.rec_k is None else torch.cat([self.rec_k, k.to(sd)], dim=2)
-        self.rec_v = v.to(sd) if self.rec_v is None else torch.cat([self.rec_v, v.to(sd)], dim=2)
+        self.rec_k = k.to(sd, memory_format=torch.contiguous_format, copy=True) if self.rec_k is None else torch.cat([self.rec_k, k.to(sd)], dim=2)
+        self.rec_v = v.to(sd, memory_format=torch.contiguous_format, copy=True) if self.rec_v is None else torch.cat([self.rec_v, v.to(sd)], dim=2)
         if pos is not None:
             self.rec_pos.append(pos)
         n = self.rec_k.shape[2] - self.recent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import numpy as np
 
@@ -36,6 +37,8 @@ GROW_TOKENS = 16
 GROW_OUTLIERS = 64
 _NO_PLANE = np.zeros((0, 0, 0, 0), np.uint8)
 _NO_RANGE = np.zeros((1, 0), np.uint16)
+_NO_BITS = np.zeros((1, 1, 0), np.uint16)
+_NO_BYTES = np.zeros((1, 1, 0, 1), np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ class PositionObserver(Observer):
     def position_ids(self, layer_idx: int):
         return self._positions.get(layer_idx)
 
+    def _forget(self, layer_idx: int) -> None:
+        super()._forget(layer_idx)
+        self._positions.pop(layer_idx, None)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Storage: sparse outlier rows, one quantized stream (K or V), positions
@@ -140,7 +147,7 @@ def _rotation_arrays(unrotate) -> tuple[np.ndarray, np.ndarray]:
     """``(cos, sin)`` ``(1|b, q, d)`` as float32 numpy arrays for ``quantize_rows`` (``(1, 0, 0)`` each: none)."""
     if unrotate is None:
         return _NO_ROTATION
-    return tuple(t.detach().float().contiguous().numpy() for t in unrotate)
+    return tuple(kernels._np(t if t.dtype == torch.float32 else t.float()) for t in unrotate)
 
 
 def to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -225,6 +232,7 @@ class QuantStream:
         self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
         cb = codebook.float()
         self._midpoints = (cb[:-1] + cb[1:]) / 2  # nearest level = bucket among the midpoints (held: counted)
+        self._midpoints_array = None  # the same as numpy (made once)
         self._channel_arrays = None  # per channel: the fp16 (offset, scale) as uint16 numpy views, for the quantizer
         self._codes = None  # the last codes() handed out, while the buffers it views stay the same
         if per_channel and lower is not None:
@@ -272,9 +280,9 @@ class QuantStream:
         if not q:
             return
         w = h * d
-        rows = to_rows(x.float())  # (q, b, w)
-        if q * b <= FAST_ROWS and self._append_with_kernel(rows, h, unrotate):
+        if q * b <= FAST_ROWS and self._append_with_kernel(x, unrotate):
             return
+        rows = to_rows(x.float())  # (q, b, w)
         if unrotate is not None:
             rows = to_rows(unapply_rope(x.float(), *unrotate))
         if self.per_channel:
@@ -315,55 +323,63 @@ class QuantStream:
                 self._codes = None  # a buffer made or grown: the last codes() must not keep the old one alive
         self.length += q
 
-    def _append_with_kernel(self, rows: torch.Tensor, h: int, unrotate=None) -> bool:
-        """:meth:`append` of token-major ``rows (q, b, w)`` by one numba call
-        (:func:`kvcompress.kernels.kvquant_cpu.quantize_rows`: the same arithmetic as the torch path) that writes the
-        codes straight into the buffers' room (:meth:`kvcompress.storage.GrowingTokens.reserve`); ranges and outliers
-        come back in small scratch arrays and are copied in (numpy casts: fp16 rounding as torch's). False where it
-        does not apply (no numba, not on the CPU, ranges per head). Nothing is held when it raises."""
-        if not kernels.AVAILABLE or rows.device.type != "cpu" or not (self.per_channel or self.token_range == "token"):
+    def _append_with_kernel(self, x: torch.Tensor, unrotate=None) -> bool:
+        """:meth:`append` of ``x (b, h, q, d)`` by one numba call
+        (:func:`kvcompress.kernels.kvquant_cpu.quantize_into`: the arithmetic of the torch path) that writes codes,
+        ranges, outlier counts and -- where they fit in the room already held -- the outliers themselves straight into
+        the buffers (:meth:`kvcompress.storage.GrowingTokens.reserve`, numpy views made once per buffer); outliers that
+        do not fit are placed after the buffer grew, as :meth:`append` grows it. One call per stream and step instead
+        of ~15 numpy/torch calls (each ~0.1 ms inside a forward). False where it does not apply (no numba, not on the
+        CPU, ranges per head). Nothing is committed when it raises."""
+        if not kernels.AVAILABLE or x.device.type != "cpu" or not (self.per_channel or self.token_range == "token") \
+                or sys.byteorder != "little":  # counts and columns are written as little-endian bytes
             return False
-        q, b, w = rows.shape
-        d, start = w // h, self.length
+        b, h, q, d = x.shape
+        w, start = h * d, self.length
         widths = [d * (4 if self.bits == 4 else 2) // 8, d // 8]
         replaced = False  # a buffer made or grown: the last codes() must go (it would keep the old one alive)
         for g, width in zip(self._planes, widths):
             replaced |= g.reserve(q, (b, h, q, width), torch.uint8)
         planes0 = self._planes[0].array()
         planes1 = self._planes[1].array() if self.bits == 3 else _NO_PLANE
-        ranges = np.empty((2, b, q), np.float32)
-        counts = np.empty((q, b) if self.has_sparse else (0, 0), np.int32)
-        cols = np.empty(q * b * w if self.has_sparse else 0, np.int32)
-        vals = np.empty(cols.shape[0], np.float32)
         m = -1
         if not self.per_channel and self.has_sparse:
             m = min(math.floor(w * self.fraction / 2 + 0.5 + 1e-9), (w - 1) // 2)
+        scale_bits = offset_bits = _NO_BITS
         if self.per_channel:
             if self._channel_arrays is None:  # the held fp16 range's bits (views of the same memory)
                 self._channel_arrays = tuple(kernels._half_bits(t) for t in (self.channel_offset, self.channel_scale))
             ch_off, ch_scale = self._channel_arrays
         else:
             ch_off = ch_scale = _NO_RANGE
-        nnz, ok = kernels._kvq_cpu.quantize_rows(rows.contiguous().numpy(), h, self.bits, self._midpoints.numpy(),
-                                                 self.per_channel, ch_off, ch_scale, m, planes0, planes1, start,
-                                                 ranges, counts, cols, vals, *_rotation_arrays(unrotate))
-        if not ok:
-            check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
-        if not self.per_channel:  # float32 values that fp16 holds exactly: the cast only changes the type
-            for g, r in zip(self._ranges, ranges):
+            for g in self._ranges:
                 replaced |= g.reserve(q, (b, 1, q, 1), torch.float16)
-                g.array()[:, 0, start : start + q, 0] = r
+            scale_bits, offset_bits = (g.bits_array() for g in self._ranges)
+        counts = cols = _NO_BYTES
+        vals, held_entries = _NO_BITS, 0
         if self.has_sparse:
             g_counts, g_cols, g_vals = self._sparse
             replaced |= g_counts.reserve(q, (b, 1, q), _small_int(w))
-            g_counts.array()[:, 0, start : start + q] = counts.T
-            for g, src, dtype in ((g_cols, cols, _small_int(w - 1)), (g_vals, vals, torch.float16)):
-                if not nnz:  # as append: nothing held for no entries
-                    break
-                replaced |= g.reserve(nnz, (1, 1, nnz), dtype)
-                with np.errstate(over="ignore"):  # fp16: rounded to nearest even, beyond its range inf, as torch
-                    g.array()[0, 0, g.length : g.length + nnz] = src[:nnz]
-                g.commit(nnz)
+            counts = g_counts.bytes_array()
+            if g_cols.buffer is not None:
+                cols, vals, held_entries = g_cols.bytes_array(), g_vals.bits_array(), g_cols.length
+        if self._midpoints_array is None:
+            self._midpoints_array = self._midpoints.numpy()
+        nnz, ok, in_place, new_cols, new_vals = kernels._kvq_cpu.quantize_into(
+            kernels._np(x if x.dtype == torch.float32 else x.float()), self.bits, self._midpoints_array,
+            self.per_channel, ch_off, ch_scale, m,
+            planes0, planes1, start, scale_bits, offset_bits, self.has_sparse, counts, cols, vals, held_entries,
+            *_rotation_arrays(unrotate))
+        if not ok:
+            check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
+        if nnz:
+            if not in_place:  # more outliers than the room held: grow as append would, then place them
+                for g, src, dtype in ((g_cols, new_cols, _small_int(w - 1)), (g_vals, new_vals, torch.float16)):
+                    replaced |= g.reserve(nnz, (1, 1, nnz), dtype)
+                    with np.errstate(over="ignore"):  # fp16: rounded to nearest even, beyond its range inf, as torch
+                        g.array()[0, 0, g.length : g.length + nnz] = src
+            g_cols.commit(nnz)
+            g_vals.commit(nnz)
         for g in (*self._planes, *self._ranges, *self._sparse[:1]):  # the per-token buffers (as drop_front)
             g.commit(q)
         self.length += q

@@ -43,7 +43,7 @@ def attention_of_last(model, input_ids: torch.Tensor, queries: int) -> list[torc
     """Prefill ``input_ids (1, n)``; per layer the probabilities of the last ``queries`` positions,
     ``(heads, queries, n)`` fp32 (causal; sliding-window layers are not masked to their window)."""
     cache = CompressedCache(model, KeepAll(model, KeepAll.Config()))
-    observer = Observer(model, cache)
+    observer = Observer(model, cache, keep=True)  # read after the forward, removed below
     try:
         model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         probs = []
