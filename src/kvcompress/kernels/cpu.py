@@ -626,6 +626,34 @@ def _two_byte_floats(src, bf16, out):
         _halves(flat, _0, n, scratch, scratch.view(np.float32), dst)
 
 
+@njit(cache=True, inline="always")
+def fold_query(query, scaling, h):
+    """``query (b, heads, d)`` float32 -> ``(b, h, heads // h, d)``: each query head in its KV group, times ``scaling``
+    (a float32 multiply, as torch's ``* scaling`` on a float32 tensor). Not fast-math."""
+    b, heads, d = query.shape
+    g = heads // h
+    s = np.float32(scaling)
+    qg = np.empty((b, h, g, d), np.float32)
+    for bi in range(b):
+        for hi in range(heads):
+            for c in range(d):
+                qg[bi, hi // g, hi % g, c] = query[bi, hi, c] * s
+    return qg
+
+
+@njit(cache=True, inline="always")
+def normalize_into(acc, l, out):
+    """``out (b, heads, d) = acc / max(l, tiny)`` from the partials ``acc (b, h, g, d)``, ``l (b, h, g)`` of the
+    folded query heads (IEEE division, as torch's)."""
+    b, h, g, d = acc.shape
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    for bi in range(b):
+        for hi in range(h * g):
+            den = max(l[bi, hi // g, hi % g], tiny)
+            for c in range(d):
+                out[bi, hi, c] = acc[bi, hi // g, hi % g, c] / den
+
+
 @njit(cache=True)
 def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kres, vp, vs, vz, vbits, vgroup,
                        vchan, nv, vres, bf16, n, span, out):
@@ -639,12 +667,7 @@ def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk
     b, heads, d = query.shape
     h = kres.shape[1]
     g = heads // h
-    s = np.float32(scaling)
-    qg = np.empty((b, h, g, d), np.float32)
-    for bi in range(b):
-        for hi in range(heads):
-            for c in range(d):
-                qg[bi, hi // g, hi % g, c] = query[bi, hi, c] * s
+    qg = fold_query(query, scaling, h)
     kr = np.empty(kres.shape, np.float32)
     vr = np.empty(vres.shape, np.float32)
     _two_byte_floats(kres, bf16, kr)
@@ -654,9 +677,4 @@ def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk
     l = np.empty((b, h, g), np.float32)
     kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
                       np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    for bi in range(b):
-        for hi in range(heads):
-            den = max(l[bi, hi // g, hi % g], tiny)
-            for c in range(d):
-                out[bi, hi, c] = acc[bi, hi // g, hi % g, c] / den
+    normalize_into(acc, l, out)

@@ -34,7 +34,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import _FM, _merge, _scores_block, _softmax_block, _two_byte_floats, _values_block
+from .cpu import (_FM, _merge, _scores_block, _softmax_block, _two_byte_floats, _values_block, fold_query,
+                  normalize_into)
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -729,19 +730,14 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
     """One query token's attention output over ``n`` tokens of codes then dense tokens, in one call: the query heads
     folded into their KV groups and scaled, the held 2-byte tokens (the sink and the recent window: ``held_k``/``held_v
     (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
-    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l``. No fast-math here: the scaling,
+    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l`` (:func:`normalize_into`). No fast-math here: the scaling,
     the decoding and the division are the IEEE operations torch does on the general path, so the output is the same
     bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
     validity); ``out (b, heads, d)`` float32."""
     b, heads, d = query.shape
     h = new_k.shape[1]
     g = heads // h
-    s = np.float32(scaling)
-    qg = np.empty((b, h, g, d), np.float32)
-    for bi in range(b):
-        for hi in range(heads):
-            for c in range(d):
-                qg[bi, hi // g, hi % g, c] = query[bi, hi, c] * s
+    qg = fold_query(query, scaling, h)
     r, nq = held_k.shape[2], new_k.shape[2]
     hk = np.empty(held_k.shape, np.float32)
     hv = np.empty(held_v.shape, np.float32)
@@ -765,8 +761,4 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
     kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
                          vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
                          pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m, l)
-    for bi in range(b):
-        for hi in range(heads):
-            den = l[bi, hi // g, hi % g]
-            for c in range(d):
-                out[bi, hi, c] = acc[bi, hi // g, hi % g, c] / den
+    normalize_into(acc, l, out)  # l >= 1 (the tail's newest token scores exp(0) or more): acc / l
