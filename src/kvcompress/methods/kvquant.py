@@ -198,9 +198,10 @@ class KVQuantLayer(KVLayer):
                 pos = pos[min(r, pos.shape[0] - 1)][None][:, idx.to(pos.device)]
         if pos is None:
             pos = torch.arange(self.tokens_seen, self.tokens_seen + q).unsqueeze(0)
-        pos = pos.to(cos.device)
+        if pos.device != cos.device:
+            pos = pos.to(cos.device)
         if not fresh:
-            return pos, cos.float(), sin.float()
+            return (pos, cos, sin) if cos.dtype == torch.float32 else (pos, cos.float(), sin.float())
         tc, ts = self.method.rope.cos_sin(pos, self.layer_type)
         if not (torch.allclose(tc, cos.float(), rtol=1e-4, atol=1e-5)
                 and torch.allclose(ts, sin.float(), rtol=1e-4, atol=1e-5)):
@@ -391,13 +392,13 @@ class KVQuantLayer(KVLayer):
         if q > n_sink and self.recent:
             self._append_recent(key_states[:, :, n_sink:], value_states[:, :, n_sink:],
                                 self._step_rope(q)[0][:, n_sink:] if self.pre_rope else None)
-        elif q > n_sink:
-            k, v = key_states[:, :, n_sink:].float(), value_states[:, :, n_sink:].float()
+        elif q > n_sink:  # (a decode step past the sink slices nothing: each torch call costs inside a forward)
+            k, v = (key_states, value_states) if not n_sink else (key_states[:, :, n_sink:], value_states[:, :, n_sink:])
             unrotate = None
             if self.pre_rope:
                 pos, cos, sin = self._step_rope(q)
-                unrotate = (cos[:, n_sink:], sin[:, n_sink:])
-                self.pos.append(pos[:, n_sink:])
+                unrotate = (cos, sin) if not n_sink else (cos[:, n_sink:], sin[:, n_sink:])
+                self.pos.append(pos if not n_sink else pos[:, n_sink:])
             self._append_body(k, v, unrotate)
         if self.is_sliding and self.attended_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.attended_length() - (self.window - 1))
@@ -426,12 +427,13 @@ class KVQuantLayer(KVLayer):
         self._append_body(lk, lv)
 
     def _append_body(self, k, v, unrotate=None):
-        """Quantize ``k``/``v (b, h, q, d)`` into the body; ``unrotate``: ``(cos, sin)`` the post-RoPE keys are
-        un-rotated with first (pre_rope), None: ``k`` as stored."""
+        """Quantize ``k``/``v (b, h, q, d)`` (any float dtype) into the body; ``unrotate``: ``(cos, sin)`` the post-RoPE
+        keys are un-rotated with first (pre_rope), None: ``k`` as stored."""
         self.v.append(v)
         if self.k.ready:
             self.k.append(k, unrotate)
             return
+        k = k.float()
         if unrotate is not None:
             k = unapply_rope(k, *unrotate)
         pend = k.to(self.geometry.storage_dtype)
