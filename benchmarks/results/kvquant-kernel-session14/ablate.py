@@ -4,6 +4,7 @@ kernels/kvquant_cpu.py with one piece switched off (a textual edit of the source
 Interleaved rounds, median ms per step over 30 layers.
 
     python benchmarks/results/kvquant-kernel-session14/ablate.py 8192 7
+    python benchmarks/results/kvquant-kernel-session14/ablate.py 8192 7 3 HEAD   # this kernel vs a committed one
 """
 import importlib.util
 import statistics
@@ -32,13 +33,23 @@ EDITS = {
                     ("        if vcounts.shape[2] > 0:\n            ve = _outliers", "        if False:\n            ve = _outliers")],
     "no key dequant": [("            _dequant_block(kbits, kp0[hh]", "            if False: _dequant_block(kbits, kp0[hh]")],
     "no value dequant": [("            _dequant_block(vbits, vp0[hh]", "            if False: _dequant_block(vbits, vp0[hh]")],
+    "outliers: no fp16 decode": [("                out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])\n            e += c",
+                                  "                out[posmap[0, col], i, posmap[1, col]] = np.float32(vals[k])\n            e += c")],
+    "outliers: no writes": [("                out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])\n            e += c",
+                             "                col = col\n            e += c")],
     "key levels only": [("    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out)\n    for i in range(nt):\n        if per_channel:",
                          "    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out)\n    for i in range(nt if not per_channel else 0):\n        if per_channel:")],
 }
+SOURCES = {name: (src, edits) for name, edits in EDITS.items()}
+if len(sys.argv) > 4:  # compare the working tree's kernel with a committed one: ... REV
+    import subprocess
+
+    old = subprocess.run(["git", "show", f"{sys.argv[4]}:src/kvcompress/kernels/kvquant_cpu.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    SOURCES = {"base": (src, []), sys.argv[4]: (old.replace("from .cpu import", "from kvcompress.kernels.cpu import"), [])}
 tmp = Path(tempfile.mkdtemp())
 mods = {}
-for name, edits in EDITS.items():
-    text = src
+for name, (text, edits) in SOURCES.items():
     for a, b in edits:
         assert a in text, (name, a)
         text = text.replace(a, b)
