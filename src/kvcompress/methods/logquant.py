@@ -470,6 +470,8 @@ class LogQuantSlidingLayer(LogQuantLayer):
         if dropped:
             idx = torch.tensor(kept, device=dev)
             k, v, pos = k.index_select(-2, idx), v.index_select(-2, idx), pos.index_select(0, idx)
+        elif out and pos.numel():  # the slices above would keep the tokens that left alive (uncounted): copies
+            k, v, pos = k.clone(), v.clone(), pos.clone()
         self.fp_k, self.fp_v, self.fp_pos = (k, v, pos) if pos.numel() else (None, None, None)
         self.blocks = [blk for blk in self.blocks if blk[3] > horizon]  # whole blocks, never re-quantized
 
