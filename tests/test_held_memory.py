@@ -1,14 +1,14 @@
 """Memory is counted from the tensors actually stored: after a prompt and decode steps (batch 2, then a left-padded
-batch; fp32 and bf16 tiny llama, and tiny Gemma-3 with its sliding-window layers), every tensor or numpy array reachable from a cache's objects lies inside a tensor the
-cache counts (``nbytes()``: the layers' ``held_tensors`` and the shared ones), and no counted tensor is a view that
-keeps a larger storage alive. Excluded: the model itself (its modules, parameters and buffers -- e.g. the rotary
-module's ``inv_freq`` a kernel reads in place) and a method's calibration file (per model, like the weights). What
-this caught when it was written: the observer kept every layer's attention inputs of the last forward (after a
-prompt, ``(batch, prompt, hidden)`` per layer); KVQuant's sink held as a strided copy whose contiguous bits were an
-uncounted copy; FastGen's region offsets and FastKV's selected positions were held and not counted; a padded batch's
-layer counted its rows but not its own codebooks, and each row kept its last step's token index; LogQuant's
-sliding-window layers held their full-precision run as a slice of a larger tensor (the tokens that had left the
-window stayed allocated)."""
+batch; fp32 and bf16 tiny llama, and tiny Gemma-3 with its sliding-window layers), every tensor or numpy array
+reachable from a cache's objects lies inside a tensor the cache counts (``nbytes()``: the layers' ``held_tensors``
+and the shared ones), and no counted tensor is a view that keeps a larger storage alive. Excluded: the model itself
+(its modules, parameters and buffers -- e.g. the rotary module's ``inv_freq`` a kernel reads in place) and a
+method's calibration file (per model, like the weights). What this caught when it was written: the observer kept
+every layer's attention inputs of the last forward (after a prompt, ``(batch, prompt, hidden)`` per layer);
+KVQuant's sink held as a strided copy whose contiguous bits were an uncounted copy; FastGen's region offsets and
+FastKV's selected positions were held and not counted; a padded batch's layer counted its rows but not its own
+codebooks, and each row kept its last step's token index; LogQuant's sliding-window layers held their full-precision
+run as a slice of a larger tensor (the tokens that had left the window stayed allocated)."""
 
 from __future__ import annotations
 

@@ -137,6 +137,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
+def _np32(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a float32 numpy array (:func:`_np`; a copy only when it is not float32 or not contiguous)."""
+    return _np(t if t.dtype == torch.float32 else t.float())
+
+
 def _rows_view(t: torch.Tensor) -> np.ndarray:
     """``t (b, h, n, w)`` whose rows ``(n, w)`` are contiguous as a C-contiguous numpy array ``(b, h, cap, w)`` with
     ``cap >= n`` (the capacity of a preallocated buffer ``t`` is a prefix of; never copied then), else a copy."""
@@ -210,7 +215,7 @@ def kivi_attention(qg: torch.Tensor, n: int, k_packed: torch.Tensor | None, k_sc
         return gpu.kivi_attention(qg, n, k_packed, k_scale, k_zero, k_bits, k_group, v_packed, v_scale, v_zero,
                                   v_bits, v_group, valid, k_tail, v_tail, k_per_token=k_per_token, mult=mult)
     b, h, _, d = qg.shape
-    q = _np(qg if qg.dtype == torch.float32 else qg.float())
+    q = _np32(qg)
     kp = _codes(k_packed, b, h, (d * k_bits + 7) // 8, np.uint8)
     vp = _codes(v_packed, b, h, (d * v_bits + 7) // 8, np.uint8)
     ks, kz = (_halves(t) if t is not None else _no_stats(b, h) for t in (k_scale, k_zero))
@@ -282,12 +287,12 @@ def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: i
         kchan, vchan = _layout(k_bits, v_bits, d)
         block = _cpu.TOKEN_BLOCK if k_per_token else k_group
         out = np.empty((b, heads, d), np.float32)
-        _cpu.kivi_decode_serial(_np(query if query.dtype == torch.float32 else query.float()).reshape(b, heads, d),
+        _cpu.kivi_decode_serial(_np32(query).reshape(b, heads, d),
                                 float(scaling), kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan,
                                 n - kres.shape[2], kres, vp, vs, vz, v_bits, v_group, vchan, n - vres.shape[2], vres,
                                 k_tail.dtype == torch.bfloat16, n, _ceil(n, block) * block, out)
         return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
-    q = _np(query if query.dtype == torch.float32 else query.float()).reshape(b, h, heads // h, d) * np.float32(scaling)
+    q = _np32(query).reshape(b, h, heads // h, d) * np.float32(scaling)
     acc, _, l = _kivi_numba(q, n, k_arrays, k_bits, k_group, v_arrays, v_bits, v_group, _tail(k_tail, query),
                             _tail(v_tail, query), k_per_token)
     acc /= np.maximum(l, _TINY)[..., None]  # as attend_parts: acc / l.clamp_min(tiny), in float32
@@ -527,7 +532,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
         out = kvquant_gpu.kvquant_attention(qg, n, keys, values, rope, valid)
         return out if tail is None else _with_dense(qg, out, *tail)
     b, h, rows, d = qg.shape
-    q = _np(qg if qg.dtype == torch.float32 else qg.float())
+    q = _np32(qg)
     streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)
     vmask = _ALL_VALID if valid is None else _np(valid if valid.dtype == torch.bool else valid.bool())
     tk, tv = _NO_TAIL if tail is None else (_np(t.float()) for t in tail)
@@ -554,9 +559,9 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     ``bf16``), or None; ``new_k``/``new_v (b, h, 1, d)`` the step's own tokens (any float dtype); the codes and the
     rotation as :func:`kvquant_attention`; ``memo``: a dict the caller keeps for exactly these ``keys`` and
     ``values`` objects (and drops with them: it holds views of their buffers), where their numpy views are kept from
-    step to step (with the ``rope`` object they were made for). Returns the output ``(b, 1, heads, d)`` in the query's dtype, or None where the serial call is not
-    the way (the threaded kernel would run: more than one thread on a large context; the caller takes the general
-    path)."""
+    step to step (with the ``rope`` object they were made for). Returns the output ``(b, 1, heads, d)`` in the query's
+    dtype, or None where the serial call is not the way (the threaded kernel would run: more than one thread on a
+    large context; the caller takes the general path)."""
     b, heads, _, d = query.shape
     h = new_k.shape[1]
     threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
@@ -572,10 +577,8 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
             memo["decode"] = (rope, code_args)
     held_k, held_v, bf16 = (_NO_HELD, _NO_HELD, False) if held is None else held
     out = np.empty((b, heads, d), np.float32)
-    _kvq_cpu.kvquant_decode_serial(_np(query if query.dtype == torch.float32 else query.float()).reshape(b, heads, d),
-                                   float(scaling), *streams, _column_map(d, h), *rotation, held_k, held_v, bf16,
-                                   _np(new_k if new_k.dtype == torch.float32 else new_k.float()),
-                                   _np(new_v if new_v.dtype == torch.float32 else new_v.float()), n, n, out)
+    _kvq_cpu.kvquant_decode_serial(_np32(query).reshape(b, heads, d), float(scaling), *streams, _column_map(d, h),
+                                   *rotation, held_k, held_v, bf16, _np32(new_k), _np32(new_v), n, n, out)
     return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
 
 

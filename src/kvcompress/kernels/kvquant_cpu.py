@@ -647,25 +647,24 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
 
 @njit(cache=True)
 def _f16_bits(x, scratch):
-    """The bits (uint16) of float32 ``x`` rounded to fp16 as numpy's cast does: to nearest, ties to even, beyond fp16's
-    range inf, NaN kept a NaN, the sign of zero kept. ``scratch``: a float32 array of one element (read as uint32)."""
+    """The bits (uint16) of float32 ``x`` rounded to fp16 as numpy's cast does (:func:`_round_half`: to nearest, ties
+    to even, beyond fp16's range inf; NaN kept a NaN, the sign of zero kept). ``scratch``: a float32 array of one
+    element (read as uint32)."""
+    bits = scratch.view(np.uint32)
     scratch[0] = x
-    u = scratch.view(np.uint32)[0]
-    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
-    a = u & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x7F800000):  # inf, NaN
-        if a == np.uint32(0x7F800000):
-            return sign | np.uint16(0x7C00)
-        mant = np.uint16((a & np.uint32(0x7FFFFF)) >> np.uint32(13))
-        return sign | np.uint16(0x7C00) | (mant if mant else np.uint16(1))
-    if a >= np.uint32(0x477FF000):  # >= 65520: rounds to inf
-        return sign | np.uint16(0x7C00)
-    if a < np.uint32(0x38800000):  # below 2**-14: an fp16 subnormal, a multiple of 2**-24 (adding 0.5 rounds to it)
-        scratch.view(np.uint32)[0] = a
-        r = (scratch[0] + np.float32(0.5)) - np.float32(0.5)
+    sign = np.uint16((bits[0] >> np.uint32(16)) & np.uint32(0x8000))
+    r = _round_half(abs(x), scratch)  # the magnitude, exactly an fp16 value (or inf, NaN)
+    scratch[0] = r
+    u = bits[0]
+    if u >= np.uint32(0x7F800000):  # inf, NaN (numpy keeps the top of a NaN's payload: a NaN stays a NaN)
+        mant = np.uint16((u & np.uint32(0x7FFFFF)) >> np.uint32(13))
+        if u > np.uint32(0x7F800000) and mant == 0:
+            mant = np.uint16(1)
+        return sign | np.uint16(0x7C00) | mant
+    if u < np.uint32(0x38800000):  # below 2**-14: zero or an fp16 subnormal, a multiple of 2**-24
         return sign | np.uint16(np.int64(r * np.float32(16777216.0)))
-    r = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)  # 10 mantissa bits
-    return sign | np.uint16((((r >> np.uint32(23)) - np.uint32(112)) << np.uint32(10)) | ((r >> np.uint32(13)) & np.uint32(0x3FF)))
+    return sign | np.uint16((((u >> np.uint32(23)) - np.uint32(112)) << np.uint32(10))
+                            | ((u >> np.uint32(13)) & np.uint32(0x3FF)))
 
 
 @njit(cache=True, inline="always")
@@ -730,9 +729,9 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
     """One query token's attention output over ``n`` tokens of codes then dense tokens, in one call: the query heads
     folded into their KV groups and scaled, the held 2-byte tokens (the sink and the recent window: ``held_k``/``held_v
     (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
-    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l`` (:func:`normalize_into`). No fast-math here: the scaling,
-    the decoding and the division are the IEEE operations torch does on the general path, so the output is the same
-    bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
+    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l`` (:func:`normalize_into`). No
+    fast-math here: the scaling, the decoding and the division are the IEEE operations torch does on the general
+    path, so the output is the same bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
     validity); ``out (b, heads, d)`` float32."""
     b, heads, d = query.shape
     h = new_k.shape[1]
@@ -750,8 +749,8 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
             for j in range(r + nq):
                 for c in range(d):
                     if j < r:
-                        tk[bi, hh, j, c] = hk[min(bi, hk.shape[0] - 1), hh, j, c]
-                        tv[bi, hh, j, c] = hv[min(bi, hv.shape[0] - 1), hh, j, c]
+                        tk[bi, hh, j, c] = hk[bi, hh, j, c]
+                        tv[bi, hh, j, c] = hv[bi, hh, j, c]
                     else:
                         tk[bi, hh, j, c] = new_k[bi, hh, j - r, c]
                         tv[bi, hh, j, c] = new_v[bi, hh, j - r, c]

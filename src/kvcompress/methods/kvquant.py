@@ -128,6 +128,13 @@ class KVQuantConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _own_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` as a new contiguous tensor of its own: a slice of the step's K/V kept as it is would keep all
+    of that tensor alive (and for a 2-byte model ``.to(dtype)`` is no copy)."""
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+
 class KVQuantLayer(KVLayer):
     """Stores ``[sink (fp16, post-RoPE) | body (quantized, keys pre-RoPE) | recent (fp16, post-RoPE; recent=R)]``
     and attends by itself: over the sink, the body (the fused kernel straight on the codes, keys rotated inside it:
@@ -385,15 +392,16 @@ class KVQuantLayer(KVLayer):
         q, sd = key_states.shape[2], self.geometry.storage_dtype
         n_sink = min(q, max(0, self.sink - self.tokens_seen))
         if n_sink:
-            # copies: a view of the step's tensor would keep all of it alive (a 2-byte model's dtype is no cast)
-            hk, hv = key_states[:, :, :n_sink].to(sd, memory_format=torch.contiguous_format, copy=True), value_states[:, :, :n_sink].to(sd, memory_format=torch.contiguous_format, copy=True)
+            hk, hv = _own_copy(key_states[:, :, :n_sink], sd), _own_copy(value_states[:, :, :n_sink], sd)
             self.head_k = hk if self.head_k is None else torch.cat([self.head_k, hk], dim=2)
             self.head_v = hv if self.head_v is None else torch.cat([self.head_v, hv], dim=2)
         if q > n_sink and self.recent:
             self._append_recent(key_states[:, :, n_sink:], value_states[:, :, n_sink:],
                                 self._step_rope(q)[0][:, n_sink:] if self.pre_rope else None)
         elif q > n_sink:  # (a decode step past the sink slices nothing: each torch call costs inside a forward)
-            k, v = (key_states, value_states) if not n_sink else (key_states[:, :, n_sink:], value_states[:, :, n_sink:])
+            k, v = key_states, value_states
+            if n_sink:
+                k, v = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
             unrotate = None
             if self.pre_rope:
                 pos, cos, sin = self._step_rope(q)
@@ -409,8 +417,8 @@ class KVQuantLayer(KVLayer):
         2 bytes; the tokens beyond the last ``recent`` leave for the body, keys un-rotated with the model's rotary
         module at their positions (the cos/sin the step used were checked against it by :meth:`_step_rope`)."""
         sd = self.geometry.storage_dtype
-        self.rec_k = k.to(sd, memory_format=torch.contiguous_format, copy=True) if self.rec_k is None else torch.cat([self.rec_k, k.to(sd)], dim=2)
-        self.rec_v = v.to(sd, memory_format=torch.contiguous_format, copy=True) if self.rec_v is None else torch.cat([self.rec_v, v.to(sd)], dim=2)
+        self.rec_k = _own_copy(k, sd) if self.rec_k is None else torch.cat([self.rec_k, k.to(sd)], dim=2)
+        self.rec_v = _own_copy(v, sd) if self.rec_v is None else torch.cat([self.rec_v, v.to(sd)], dim=2)
         if pos is not None:
             self.rec_pos.append(pos)
         n = self.rec_k.shape[2] - self.recent

@@ -147,7 +147,7 @@ def _rotation_arrays(unrotate) -> tuple[np.ndarray, np.ndarray]:
     """``(cos, sin)`` ``(1|b, q, d)`` as float32 numpy arrays for ``quantize_rows`` (``(1, 0, 0)`` each: none)."""
     if unrotate is None:
         return _NO_ROTATION
-    return tuple(kernels._np(t if t.dtype == torch.float32 else t.float()) for t in unrotate)
+    return tuple(kernels._np32(t) for t in unrotate)
 
 
 def to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -282,9 +282,7 @@ class QuantStream:
         w = h * d
         if q * b <= FAST_ROWS and self._append_with_kernel(x, unrotate):
             return
-        rows = to_rows(x.float())  # (q, b, w)
-        if unrotate is not None:
-            rows = to_rows(unapply_rope(x.float(), *unrotate))
+        rows = to_rows(x.float() if unrotate is None else unapply_rope(x.float(), *unrotate))  # (q, b, w)
         if self.per_channel:
             lo, hi = self._channel_bounds()
         elif self.fraction > 0:
@@ -366,7 +364,7 @@ class QuantStream:
         if self._midpoints_array is None:
             self._midpoints_array = self._midpoints.numpy()
         nnz, ok, in_place, new_cols, new_vals = kernels._kvq_cpu.quantize_into(
-            kernels._np(x if x.dtype == torch.float32 else x.float()), self.bits, self._midpoints_array,
+            kernels._np32(x), self.bits, self._midpoints_array,
             self.per_channel, ch_off, ch_scale, m,
             planes0, planes1, start, scale_bits, offset_bits, self.has_sparse, counts, cols, vals, held_entries,
             *_rotation_arrays(unrotate))

@@ -11,7 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcompress import kernels
 from kvcompress.layers import KVLayer
 
-from timing_setup import L, T, ids, model, rounds, spec, steps, timed  # noqa: F401
+from timing_setup import L, T, ids, model, print_interleaved_pieces, rounds, spec, steps, timed  # noqa: F401
 from decode_speed import decode_burst, prefill
 sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
 ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = timed("sdpa", sdpa)
@@ -22,14 +22,7 @@ kernels._cpu.kivi_layer_serial = timed("kernel", kernels._cpu.kivi_layer_serial)
 kernels._kvq_cpu.kvquant_layer_serial = timed("kernel", kernels._kvq_cpu.kvquant_layer_serial)
 dyn = list(prefill(model, DynamicCache, ids))
 a = list(prefill(model, lambda: spec.make(model), ids))
-res = {}
-for i in range(rounds):
-    T.clear(); td = decode_burst(model, dyn, steps); Td = dict(T)
-    T.clear(); ta = decode_burst(model, a, steps); Ta = dict(T)
-    for k, v in [("dyn total", td), ("ours total", ta)] + list(Td.items()) + list(Ta.items()):
-        res.setdefault(k, []).append(v / steps * 1e3)
-for k, v in res.items():
-    print(f"{k:14s} {statistics.median(v):7.2f} ms/step")
+print_interleaved_pieces(decode_burst, dyn, a)
 def report_method_pieces():
     """Median ms per step of every wrapped piece over ``rounds`` bursts of the method's cache."""
     res = {}

@@ -1,5 +1,7 @@
 """Shared setup of the session 13 timing scripts: argv ``SPEC CONTEXT ROUNDS STEPS``, SmolLM2 on one thread, the first
-CONTEXT tokens of WikiText-2, and ``timed(name, f)``: ``f`` wrapped to add its wall time to ``T[name]``."""
+CONTEXT tokens of WikiText-2, ``timed(name, f)``: ``f`` wrapped to add its wall time to ``T[name]``, and
+``print_interleaved_pieces``."""
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,3 +30,19 @@ def timed(name, f):
         return r
 
     return wrapper
+
+
+def print_interleaved_pieces(decode_burst, dyn: list, ours: list) -> None:
+    """``rounds`` interleaved bursts of ``steps`` decode steps, DynamicCache's state ``dyn`` then the method's
+    ``ours``; prints the median ms per step of each whole burst and of every ``timed`` piece."""
+    res = {}
+    for _ in range(rounds):
+        T.clear()
+        td = decode_burst(model, dyn, steps)
+        pieces_dyn = dict(T)
+        T.clear()
+        to = decode_burst(model, ours, steps)
+        for k, v in [("dyn total", td), ("ours total", to), *pieces_dyn.items(), *T.items()]:
+            res.setdefault(k, []).append(v / steps * 1e3)
+    for k, v in res.items():
+        print(f"{k:14s} {statistics.median(v):7.2f} ms/step")

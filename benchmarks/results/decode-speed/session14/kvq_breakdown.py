@@ -3,7 +3,6 @@ pieces; ms per step over all layers, median over rounds), against DynamicCache's
 
     python benchmarks/results/decode-speed/session14/kvq_breakdown.py kvquant:bits=3,nuq=False 1024 6 8
 """
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 from kvcompress import kernels  # noqa: E402
 from kvcompress.layers import KVLayer  # noqa: E402
 from kvcompress.methods import kvquant as KQ, kvquant_store as KS  # noqa: E402
-from timing_setup import T, ids, model, rounds, spec, steps, timed  # noqa: E402
+from timing_setup import ids, model, print_interleaved_pieces, spec, timed  # noqa: E402
 from decode_speed import decode_burst, prefill  # noqa: E402
 
 ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = timed("sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
@@ -36,14 +35,4 @@ kernels._kvq_cpu.kvquant_decode_serial = timed("kernel+tail", kernels._kvq_cpu.k
 
 dyn = list(prefill(model, DynamicCache, ids))
 ours = list(prefill(model, lambda: spec.make(model), ids))
-res = {}
-for _ in range(rounds):
-    T.clear()
-    td = decode_burst(model, dyn, steps)
-    Td = dict(T)
-    T.clear()
-    to = decode_burst(model, ours, steps)
-    for k, v in [("dyn total", td), ("ours total", to), *Td.items(), *T.items()]:
-        res.setdefault(k, []).append(v / steps * 1e3)
-for k, v in res.items():
-    print(f"{k:14s} {statistics.median(v):7.2f} ms/step")
+print_interleaved_pieces(decode_burst, dyn, ours)

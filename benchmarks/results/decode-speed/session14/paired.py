@@ -11,18 +11,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "session13"))
+from timing_setup import ids, model, rounds, spec, steps  # noqa: E402  (argv: SPEC CONTEXT ROUNDS STEPS)
 from decode_speed import decode_burst, prefill  # noqa: E402
 
-from kvcompress import kernels, load_model  # noqa: E402
-from kvcompress.data import encode, load_text  # noqa: E402
-from kvcompress.evaluate.spec import parse_spec  # noqa: E402
+from kvcompress import kernels  # noqa: E402
 
-torch.set_num_threads(1)
-spec = parse_spec(sys.argv[1])
-L, rounds, steps = (int(x) for x in sys.argv[2:5])
-model, tok = load_model("smollm2-135m", progress=False)
-ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[:L].view(1, -1)
 one_call = kernels.kvquant_decode
 with torch.inference_mode():
     dyn = list(prefill(model, DynamicCache, ids))
