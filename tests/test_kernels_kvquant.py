@@ -124,6 +124,26 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 
 
 @needs_numba
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("rope", ["start", "explicit"])
+def test_rotation_over_a_long_context_does_not_drift(parallel, rope):
+    """Pre-RoPE keys far into a sequence (positions up to ~500k) over ~2k tokens: the kernel advances its angles token
+    by token between exact cos/sin every ``EXACT_EVERY`` tokens (and after a jump in stored positions); the result
+    stays within the tolerance of the exact fp64 rotation (per-channel keys with a wide range, so an angle error shows
+    in the scores; an error of 1e-5 in the angle step fails it)."""
+    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((4, 4), 64, [1200, 917], 1, 2, 2, 1, True, 0.0, "token",
+                                                           rope, "none", 11, levels="uniform", max_start=500_000,
+                                                           max_step=3)
+    before = kernels.MIN_PARALLEL_WORK
+    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
+    try:
+        acc, m, l = kernels.kvquant_attention(qg * 4, n, kc, vc, spec, valid)
+    finally:
+        kernels.MIN_PARALLEL_WORK = before
+    check_partials(acc, m, l, qg * 4, ref_k, ref_v, valid)
+
+
+@needs_numba
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
 def test_kernel_reads_outlier_counts_and_columns_of_every_width(dtype):
     """The store keeps outlier counts and columns as uint8, int16 or int32 by the layer's width; the kernel reads them
