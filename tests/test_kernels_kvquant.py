@@ -124,6 +124,39 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 
 
 @needs_numba
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("portable", [False, True])
+def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
+    """The codebook lookup by ``vpermps`` (:mod:`kvcompress.kernels.lookup`; on a target without AVX2 its portable
+    lowering, forced here with ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read
+    as words, two words per token, codes of every value, levels with both signs."""
+    import numpy as np
+    from numba import njit
+
+    from kvcompress.kernels import kvquant_cpu, lookup
+
+    if not portable and not lookup.PERMUTE:
+        pytest.skip("numba's target has no AVX2")
+    monkeypatch.setattr(lookup, "PERMUTE", not portable)  # read when the wrapper below is compiled
+
+    @njit(cache=False)
+    def levels(bits, p0, p1, w0, w1, lev, n, out, permute):
+        kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out, permute)
+
+    rng = np.random.default_rng(bits)
+    n, d = 37, 128
+    p0 = rng.integers(0, 256, (n, d * (2 if bits != 4 else 4) // 8), dtype=np.uint8)
+    p1 = rng.integers(0, 256, (n, d // 8), dtype=np.uint8)
+    lev = np.zeros(16, np.float32)
+    lev[: 1 << bits] = np.sort(rng.standard_normal(1 << bits)).astype(np.float32)
+    want, got = np.full((n, d), np.nan, np.float32), np.full((n, d), np.nan, np.float32)
+    levels(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want, False)
+    levels(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, got, True)
+    assert np.array_equal(got, want)
+    assert len(np.unique(got)) == 1 << bits  # every code occurred
+
+
+@needs_numba
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("rope", ["start", "explicit"])
 def test_rotation_over_a_long_context_does_not_drift(parallel, rope):

@@ -25,7 +25,7 @@ from kvcompress import kernels  # noqa: E402
 torch.set_num_threads(1)
 n, rounds = int(sys.argv[1]), int(sys.argv[2])
 bits = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-src = (ROOT / "src/kvcompress/kernels/kvquant_cpu.py").read_text().replace("from .cpu import", "from kvcompress.kernels.cpu import")
+src = (ROOT / "src/kvcompress/kernels/kvquant_cpu.py").read_text().replace("from .cpu import", "from kvcompress.kernels.cpu import").replace("from .lookup import", "from kvcompress.kernels.lookup import")
 EDITS = {
     "base": [],
     "no rotation": [("        if rope:\n            for i in range(nt):", "        if False:\n            for i in range(nt):")],
@@ -46,7 +46,7 @@ if len(sys.argv) > 4:  # compare the working tree's kernel with a committed one:
 
     old = subprocess.run(["git", "show", f"{sys.argv[4]}:src/kvcompress/kernels/kvquant_cpu.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
-    SOURCES = {"base": (src, []), sys.argv[4]: (old.replace("from .cpu import", "from kvcompress.kernels.cpu import"), [])}
+    SOURCES = {"base": (src, []), sys.argv[4]: (old.replace("from .cpu import", "from kvcompress.kernels.cpu import").replace("from .lookup import", "from kvcompress.kernels.lookup import"), [])}
 tmp = Path(tempfile.mkdtemp())
 mods = {}
 for name, (text, edits) in SOURCES.items():

@@ -36,6 +36,7 @@ from numba import njit, prange, uint64
 
 from .cpu import (_FM, _merge, _scores_block, _softmax_block, _two_byte_floats, _values_block, fold_query,
                   normalize_into)
+from .lookup import PERMUTE, lookup2_word, lookup3_word, lookup4_word
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -95,14 +96,28 @@ def _entries_between(counts, a, z):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
+def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out, permute):
     """``out[i, c] = lev[code of channel c]`` for tokens ``ta + i`` (``i < nt``), channels in order. Codes: 2 or 4
     bits in plane ``p0``; 3 bits: the low 2 bits in ``p0``, the high bit in the 1-bit plane ``p1`` (rows ``(cap,
     bytes)`` uint8, :func:`kvcompress.quant.pack_bits`). When ``w0`` has words (``d`` a multiple of 64), the same
     planes read as little-endian 64-bit words (``w0``/``w1 (cap, words)`` uint64: channel ``c`` of a ``b``-bit plane
     at bits ``b*c`` of the row), one loop of 32 (16) codes per word with a variable shift: it vectorizes, where loops
     over bytes did not (measured 13 vs 80 ns per 3-bit row of 64); else byte by byte. ``lev`` padded to 16 levels; the
-    level is a tree of selects on the code's bits (a gather from the table measured 2x slower)."""
+    level is a tree of selects on the code's bits (a gather from the table measured 2x slower), or with ``permute``
+    (:data:`kvcompress.kernels.lookup.PERMUTE`: AVX2) one ``vpermps`` per 8 codes (:mod:`kvcompress.kernels.lookup`)."""
+    if permute and w0.shape[1] > 0:
+        nw = w0.shape[1]
+        for i in range(nt):
+            t = ta + i
+            row = out[i]
+            for k in range(nw):
+                if bits == 2:
+                    lookup2_word(lev, w0[t, k], 0, row, 32 * k)
+                elif bits == 3:
+                    lookup3_word(lev, w0[t, k], w1[t, k >> 1] >> uint64(32 * (k & 1)), row, 32 * k)
+                else:
+                    lookup4_word(lev, w0[t, k], 0, row, 16 * k)
+        return
     l0, l1, l2, l3, l4, l5, l6, l7 = lev[0], lev[1], lev[2], lev[3], lev[4], lev[5], lev[6], lev[7]
     l8, l9, l10, l11, l12, l13, l14, l15 = lev[8], lev[9], lev[10], lev[11], lev[12], lev[13], lev[14], lev[15]
     d = out.shape[1]
@@ -158,11 +173,11 @@ def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, nt, out):
+def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, nt, out, permute):
     """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized, outliers aside: ``lev[code]`` (:func:`_levels_block`)
     times the range plus the offset (``per_channel``: ``cs``/``co (d,)``; else ``ts``/``to (cap,)`` per token)."""
     d = uint64(out.shape[1])
-    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out)
+    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out, permute)
     for i in range(nt):
         if per_channel:
             for p in range(d):
@@ -290,7 +305,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             ksel = hh if kts.shape[0] > 1 else 0
             _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel, cs[hh * nd : hh * nd + nd],
-                           co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh])
+                           co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], PERMUTE)
         if kcounts.shape[2] > 0:
             ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, bi, ta, nt, kf)
         if rope:
@@ -330,7 +345,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
             _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
-                           vto[vsel], ta, nt, vf[hh])
+                           vto[vsel], ta, nt, vf[hh], PERMUTE)
         if vcounts.shape[2] > 0:
             ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, bi, ta, nt, vf)
         for hh in range(h):

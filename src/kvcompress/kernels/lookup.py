@@ -1,0 +1,116 @@
+"""Codebook lookup by a permute instruction: eight levels held in one vector register, eight codes looked up at once.
+
+KVQuant's levels are an arbitrary codebook, so a code cannot be turned into its level by arithmetic. In numba's own
+terms the fastest form is a tree of selects on the code's bits (:func:`kvcompress.kernels.kvquant_cpu._levels_block`;
+a gather measured 2x slower); AVX2's ``vpermps`` does the same for 8 codes in one instruction (a 3-bit row of 64
+channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below are
+numba ``@intrinsic``\\ s that write the LLVM IR of one 64-bit word of codes: broadcast the word, shift every lane to its
+code, permute the table by the codes, store 8 floats at a time. Where the target has no AVX2 (another architecture, or
+``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit a portable lowering (one
+load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
+
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_V8F, _V8I, _V8L = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I64, 8)
+
+
+def _target_has_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2 (its ``NUMBA_CPU_FEATURES``/``NUMBA_CPU_NAME`` override the host)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from numba.core import config
+        import llvmlite.binding as llvm
+
+        if config.CPU_FEATURES is not None:
+            features = config.CPU_FEATURES
+        elif config.CPU_NAME is not None:
+            return False  # a named CPU without its features: do not assume any
+        else:
+            features = llvm.get_host_cpu_features().flatten()
+    except Exception:  # noqa: BLE001 -- any doubt: the portable selects
+        return False
+    return "+avx2" in features.split(",")
+
+
+#: the kernels look levels up with ``vpermps`` (else by selects)
+PERMUTE = _target_has_avx2()
+
+
+def _permute(builder, table, idx):
+    """``table[idx]`` lane by lane: ``<8 x float>`` by ``<8 x i32>`` indices in 0..7."""
+    if PERMUTE:
+        mod = builder.module
+        fn = mod.globals.get("llvm.x86.avx2.permps") or ir.Function(
+            mod, ir.FunctionType(_V8F, [_V8F, _V8I]), "llvm.x86.avx2.permps")
+        return builder.call(fn, [table, idx])
+    out = ir.Constant(_V8F, None)
+    for lane in range(8):
+        i = builder.extract_element(idx, ir.Constant(_I32, lane))
+        out = builder.insert_element(out, builder.extract_element(table, i), ir.Constant(_I32, lane))
+    return out
+
+
+def _splat(builder, value, vtype):
+    one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_V8I, [0] * 8))
+
+
+def _lookup_word(bits):
+    """An intrinsic ``(lev, w, hw, out, off)``: ``out[off + c] = lev[code c]`` for the codes of one 64-bit word ``w``
+    of a ``bits``-bit plane (32, 32 or 16 codes, channel ``c`` at bits ``bits*c``; 3 bits: the 2-bit plane's word and
+    ``hw``, the 32 high bits of the same channels in its low half). ``lev`` float32, contiguous, >= 16 levels (padded);
+    ``out`` float32, contiguous, room for the codes at ``off``."""
+
+    @intrinsic
+    def lookup(typingctx, lev, w, hw, out, off):
+        sig = types.void(lev, w, hw, out, off)
+
+        def codegen(context, builder, signature, args):
+            lev_v, w_v, hw_v, out_v, off_v = args
+            w_v = context.cast(builder, w_v, signature.args[1], types.uint64)
+            hw_v = context.cast(builder, hw_v, signature.args[2], types.uint64)
+            off_v = context.cast(builder, off_v, signature.args[4], types.int64)
+            lev_data = make_array(signature.args[0])(context, builder, lev_v).data
+            out_data = make_array(signature.args[3])(context, builder, out_v).data
+            tables = [builder.load(builder.bitcast(builder.gep(lev_data, [ir.Constant(_I64, 8 * t)]),
+                                                   _V8F.as_pointer()), align=4) for t in range(2 if bits == 4 else 1)]
+            word = _splat(builder, w_v, _V8L)
+            high = _splat(builder, builder.trunc(hw_v, _I32), _V8I)
+            width = 4 if bits == 4 else 2
+            for g in range(64 // width // 8):
+                code = builder.lshr(word, ir.Constant(_V8L, [width * (8 * g + c) for c in range(8)]))
+                code = builder.trunc(builder.and_(code, ir.Constant(_V8L, [(1 << width) - 1] * 8)), _V8I)
+                if bits == 3:
+                    hb = builder.and_(builder.lshr(high, ir.Constant(_V8I, [8 * g + c for c in range(8)])),
+                                      ir.Constant(_V8I, [1] * 8))
+                    code = builder.or_(code, builder.shl(hb, ir.Constant(_V8I, [2] * 8)))
+                if bits == 4:
+                    low = builder.and_(code, ir.Constant(_V8I, [7] * 8))
+                    upper = builder.icmp_unsigned("!=", builder.and_(code, ir.Constant(_V8I, [8] * 8)),
+                                                  ir.Constant(_V8I, [0] * 8))
+                    value = builder.select(upper, _permute(builder, tables[1], low), _permute(builder, tables[0], low))
+                else:
+                    value = _permute(builder, tables[0], code)
+                ptr = builder.gep(out_data, [builder.add(off_v, ir.Constant(_I64, 8 * g))])
+                builder.store(value, builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lookup
+
+
+#: one word of 2-, 3- or 4-bit codes to their levels (see :func:`_lookup_word`)
+lookup2_word = _lookup_word(2)
+lookup3_word = _lookup_word(3)
+lookup4_word = _lookup_word(4)
