@@ -159,7 +159,7 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
 @needs_numba
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("rope", ["start", "explicit"])
-def test_rotation_over_a_long_context_does_not_drift(parallel, rope):
+def test_rotation_over_a_long_context_does_not_drift(parallel, rope, monkeypatch):
     """Pre-RoPE keys far into a sequence (positions up to ~500k) over ~2k tokens: the kernel advances its angles token
     by token between exact cos/sin every ``EXACT_EVERY`` tokens (and after a jump in stored positions); the result
     stays within the tolerance of the exact fp64 rotation (per-channel keys with a wide range, so an angle error shows
@@ -167,12 +167,8 @@ def test_rotation_over_a_long_context_does_not_drift(parallel, rope):
     qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((4, 4), 64, [1200, 917], 1, 2, 2, 1, True, 0.0, "token",
                                                            rope, "none", 11, levels="uniform", max_start=500_000,
                                                            max_step=3)
-    before = kernels.MIN_PARALLEL_WORK
-    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
-    try:
-        acc, m, l = kernels.kvquant_attention(qg * 4, n, kc, vc, spec, valid)
-    finally:
-        kernels.MIN_PARALLEL_WORK = before
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0 if parallel else 1 << 62)
+    acc, m, l = kernels.kvquant_attention(qg * 4, n, kc, vc, spec, valid)
     check_partials(acc, m, l, qg * 4, ref_k, ref_v, valid)
 
 

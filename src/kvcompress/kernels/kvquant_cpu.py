@@ -9,8 +9,9 @@ every KV head of the batch row in the same pass (a token's position, rotation an
 * **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: the bit planes are read as 64-bit words, one
   vectorized loop of 32 (16) codes per word (:func:`_levels_block`), the level looked up by ``vpermps`` 8 codes at a
   time where numba's target has AVX2 (:mod:`.lookup`), else a tree of selects on the code's bits (a gather from the
-  level table measured 2x slower), times the range plus the offset (per channel for keys, per token for values); then the row's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is
-  stored exactly, in place of its code);
+  level table measured 2x slower), times the range plus the offset (per channel for keys, per token for values); then
+  the row's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place
+  of its code);
 * **rotate** pre-RoPE keys to their positions inside the kernel: RoPE's pairs ``(j, j + d/2)`` are ``d/2`` apart, so
   the rotation is one contiguous loop. ``cos``/``sin`` of ``position * inv_freq`` are computed exactly
   (float64) at the first token of a range, after a jump in positions and every :data:`EXACT_EVERY` tokens, and advanced

@@ -85,7 +85,7 @@ def _lookup_word(bits):
             tables = [builder.load(builder.bitcast(builder.gep(lev_data, [ir.Constant(_I64, 8 * t)]),
                                                    _V8F.as_pointer()), align=4) for t in range(2 if bits == 4 else 1)]
             word = _splat(builder, w_v, _V8L)
-            high = _splat(builder, builder.trunc(hw_v, _I32), _V8I)
+            high = _splat(builder, builder.trunc(hw_v, _I32), _V8I) if bits == 3 else None
             width = 4 if bits == 4 else 2
             for g in range(64 // width // 8):
                 code = builder.lshr(word, ir.Constant(_V8L, [width * (8 * g + c) for c in range(8)]))
