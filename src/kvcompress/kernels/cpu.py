@@ -43,6 +43,8 @@ import numba
 import numpy as np
 from numba import njit, prange, uint64
 
+from .simd import add8, codes8, fma8, hsum8x8, load8, mul8, splat8, store8
+
 #: LLVM fast-math flags: reassociation lets dot products vectorize; no ``nnan``/``ninf`` (-inf marks empty rows)
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -76,12 +78,18 @@ def plane_channels(bits: int, d: int) -> np.ndarray:
 
 def unpacked_channels(bits: int, d: int) -> np.ndarray:
     """``(positions,)`` int32: the channel at each position of a row of ``d`` codes as the kernel unpacks it, -1 for
-    padding. 2 bits: channel order (:func:`_unpack_2bit`, a table lookup per byte: byte ``u`` holds channels ``4u ..
-    4u+3``); other widths: plane order (:func:`plane_channels`)."""
-    if bits == 2:
+    padding. Plane order (:func:`plane_channels`), except 2 bits on a row that :func:`vector_planes` does not take:
+    channel order there (:func:`_unpack_2bit`, a table lookup per byte: byte ``u`` holds channels ``4u .. 4u+3``)."""
+    if bits == 2 and not vector_planes(2, d):
         pos = np.arange(4 * plane_layout(2, d)[1])
         return np.where(pos < d, pos, -1).astype(np.int32)
     return plane_channels(bits, d)
+
+
+def vector_planes(bits: int, d: int) -> bool:
+    """Whether a row of ``d`` codes is unpacked eight bytes at a time in vector registers (:func:`_unpack_vec`): 2 or
+    4 bits and a whole number of 8-byte runs per row (``d`` a multiple of 32 / 16)."""
+    return bits in (2, 4) and plane_layout(bits, d)[1] % 8 == 0
 
 
 def value_layout_ok(bits: int, d: int, group: int) -> bool:
@@ -101,10 +109,11 @@ def value_layout_ok(bits: int, d: int, group: int) -> bool:
 # * no call with array arguments inside a per-token loop: numba increfs/decrefs (atomically) every array it hands to
 #   an inlined helper, which cost more than the arithmetic; so helpers take a whole block.
 
-_0, _1, _2, _3, _4 = (np.uint64(i) for i in range(5))
+_0, _1, _2, _3, _4, _5, _6, _7 = (np.uint64(i) for i in range(8))
 #: tokens per block when the keys are quantized per token (per-channel keys: one key group per block)
 TOKEN_BLOCK = 32
 _64, _128 = np.uint64(64), np.uint64(128)
+_8, _16, _24, _32, _40, _48, _56 = (np.uint64(i) for i in range(8, 64, 8))
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -125,6 +134,12 @@ def _unpack_block(src, ta, i0, i1, bits, units, su, out):
             t = ta + i
             for u in range(units):
                 out[i, u] = np.float32(src[t, u]) * su[i, u]
+    elif bits == 2:
+        for i in range(i0, i1):
+            t = ta + i
+            for k in range(4):
+                for u in range(units):
+                    out[i, uint64(k) * units + u] = np.float32((np.int32(src[t, u]) >> (2 * k)) & 3) * su[i, u]
     elif bits == 1:
         for i in range(i0, i1):
             t = ta + i
@@ -144,6 +159,45 @@ def _unpack_block(src, ta, i0, i1, bits, units, su, out):
                 f = su[i, u]
                 for k in range(8):
                     out[i, uint64(k) * units + u] = np.float32((w >> (k * bits)) & mask) * f
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _unpack_vec(src, ta, nt, bits, units, scales, zeros, ngroups, group, out):
+    """:func:`_unpack_block` for 2 or 4 bits with ``units`` a multiple of 8 (:func:`vector_planes`), eight bytes at a
+    time in vector registers (:mod:`.simd`): plane ``k`` of bytes ``a .. a+7`` of row ``src[ta + i]`` goes to ``out[i,
+    k * units + a ..]``. ``ngroups == 0``: the codes as they are (keys per channel); else (codes per token) the values
+    themselves, ``code * scales[i * ngroups + j] + zeros[i * ngroups + j]`` for each group ``j`` of ``group`` channels
+    (a multiple of ``8 * 8 // bits``). ~4x faster than the scalar plane loops on a 4-bit row (session 16)."""
+    per = _codes_per_unit(bits)
+    for i in range(nt):
+        t = ta + i
+        for a in range(_0, units, _8):
+            if ngroups == 0:
+                if bits == 4:
+                    store8(codes8(src, t, a, 0, 15), out, i, a)
+                    store8(codes8(src, t, a, 4, 15), out, i, units + a)
+                else:
+                    store8(codes8(src, t, a, 0, 3), out, i, a)
+                    store8(codes8(src, t, a, 2, 3), out, i, units + a)
+                    store8(codes8(src, t, a, 4, 3), out, i, _2 * units + a)
+                    store8(codes8(src, t, a, 6, 3), out, i, _3 * units + a)
+            else:
+                j = i * ngroups + a * per // group
+                sv, zv = splat8(scales[j]), splat8(zeros[j])
+                if bits == 4:
+                    store8(fma8(codes8(src, t, a, 0, 15), sv, zv), out, i, a)
+                    store8(fma8(codes8(src, t, a, 4, 15), sv, zv), out, i, units + a)
+                else:
+                    store8(fma8(codes8(src, t, a, 0, 3), sv, zv), out, i, a)
+                    store8(fma8(codes8(src, t, a, 2, 3), sv, zv), out, i, units + a)
+                    store8(fma8(codes8(src, t, a, 4, 3), sv, zv), out, i, _2 * units + a)
+                    store8(fma8(codes8(src, t, a, 6, 3), sv, zv), out, i, _3 * units + a)
+
+
+@njit(cache=True, inline="always")
+def _vector_planes(bits, units):
+    """Kernel-side twin of :func:`vector_planes` (``units``: packing units per row)."""
+    return (bits == 4 or bits == 2) and units % _8 == 0
 
 
 @njit(cache=True, inline="always")
@@ -182,7 +236,7 @@ def _unpack_per_token(src, ta, nt, bits, units, scales, ngroups, group, unit_sca
     channels times its scale ``scales[i * ngroups + j]``: 2 bits by :func:`_unpack_2bit` (channel order); 4 bits in two
     groups with the scale chosen per byte in the plane loops; other widths by filling ``unit_scales (>= nt, units)``
     with each packing unit's scale and :func:`_unpack_block` (plane order)."""
-    if bits == 2:
+    if bits == 2 and not _vector_planes(bits, units):
         _unpack_2bit(src, ta, nt, units, scales, ngroups, group, out)
     elif bits == 4 and ngroups == 2:  # d = 2 * group (SmolLM2: 64 = 2 x 32): the scale is a select inside the planes
         ug = group // _2  # bytes per group; filling the unit scales took loops of ug = 16 stores, left scalar
@@ -263,6 +317,72 @@ def _values_block(vf, i0, i1, sc, vze, ngv, acc, zacc, pv):
             for p in range(pv):
                 acc[r, p] += w0 * vf[i, p]
     for i in range(i0, i1):
+        for r in range(rows):
+            w = sc[r, i]
+            for j in range(ngv):
+                zacc[r, j] += w * vze[i * ngv + j]
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dot8(qs, r, kf, i, c):
+    """``qs[r, c:c+64] . kf[i, c:c+64]`` as one vector of partial sums (8 lanes)."""
+    s0 = fma8(load8(qs, r, c), load8(kf, i, c), mul8(load8(qs, r, c + _8), load8(kf, i, c + _8)))
+    s1 = fma8(load8(qs, r, c + _16), load8(kf, i, c + _16), mul8(load8(qs, r, c + _24), load8(kf, i, c + _24)))
+    s0 = fma8(load8(qs, r, c + _32), load8(kf, i, c + _32), fma8(load8(qs, r, c + _40), load8(kf, i, c + _40), s0))
+    s1 = fma8(load8(qs, r, c + _48), load8(kf, i, c + _48), fma8(load8(qs, r, c + _56), load8(kf, i, c + _56), s1))
+    return add8(s0, s1)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _scores_vec(qs, bias, kf, nt, sc, pk):
+    """:func:`_scores_block` for ``pk`` a multiple of 64, eight tokens at a time in vector registers (:mod:`.simd`):
+    per row, each token's dot product is a vector of partial sums, and the eight tokens' vectors are reduced together
+    into one vector of scores (:func:`hsum8x8`). The last ``nt % 8`` tokens take :func:`_scores_block`."""
+    rows = uint64(qs.shape[0])
+    n8 = nt - nt % _8
+    for r in range(rows):
+        b = splat8(bias[r])
+        for i in range(_0, n8, _8):
+            d0, d1, d2, d3 = _dot8(qs, r, kf, i, _0), _dot8(qs, r, kf, i + _1, _0), _dot8(qs, r, kf, i + _2, _0), \
+                _dot8(qs, r, kf, i + _3, _0)
+            d4, d5, d6, d7 = _dot8(qs, r, kf, i + _4, _0), _dot8(qs, r, kf, i + _5, _0), \
+                _dot8(qs, r, kf, i + _6, _0), _dot8(qs, r, kf, i + _7, _0)
+            for c in range(_64, pk, _64):
+                d0, d1 = add8(d0, _dot8(qs, r, kf, i, c)), add8(d1, _dot8(qs, r, kf, i + _1, c))
+                d2, d3 = add8(d2, _dot8(qs, r, kf, i + _2, c)), add8(d3, _dot8(qs, r, kf, i + _3, c))
+                d4, d5 = add8(d4, _dot8(qs, r, kf, i + _4, c)), add8(d5, _dot8(qs, r, kf, i + _5, c))
+                d6, d7 = add8(d6, _dot8(qs, r, kf, i + _6, c)), add8(d7, _dot8(qs, r, kf, i + _7, c))
+            store8(add8(hsum8x8(d0, d1, d2, d3, d4, d5, d6, d7), b), sc, r, i)
+    if n8 < nt:
+        _scores_block(qs, bias, kf, n8, nt, sc, pk)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _values_vec(vf, nt, sc, acc, pv):
+    """``acc[r, :pv] += sc[r, i] * vf[i, :pv]`` for ``i < nt``, ``pv`` a multiple of 64, in vector registers
+    (:mod:`.simd`): per row and 64 channels, eight accumulators stay in registers over the block's tokens (one load
+    and one store of ``acc`` per block instead of per token)."""
+    rows = uint64(acc.shape[0])
+    for r in range(rows):
+        for c in range(_0, pv, _64):
+            a0, a1, a2, a3 = load8(acc, r, c), load8(acc, r, c + _8), load8(acc, r, c + _16), load8(acc, r, c + _24)
+            a4, a5, a6, a7 = load8(acc, r, c + _32), load8(acc, r, c + _40), load8(acc, r, c + _48), load8(acc, r, c + _56)
+            for i in range(nt):
+                w = splat8(sc[r, i])
+                a0, a1 = fma8(w, load8(vf, i, c), a0), fma8(w, load8(vf, i, c + _8), a1)
+                a2, a3 = fma8(w, load8(vf, i, c + _16), a2), fma8(w, load8(vf, i, c + _24), a3)
+                a4, a5 = fma8(w, load8(vf, i, c + _32), a4), fma8(w, load8(vf, i, c + _40), a5)
+                a6, a7 = fma8(w, load8(vf, i, c + _48), a6), fma8(w, load8(vf, i, c + _56), a7)
+            store8(a0, acc, r, c), store8(a1, acc, r, c + _8), store8(a2, acc, r, c + _16), store8(a3, acc, r, c + _24)
+            store8(a4, acc, r, c + _32), store8(a5, acc, r, c + _40), store8(a6, acc, r, c + _48)
+            store8(a7, acc, r, c + _56)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _value_zeros(sc, nt, vze, ngv, zacc):
+    """``zacc[r, j] += sc[r, i] * vze[i * ngv + j]`` for ``i < nt``: the zero points' share, per row and value group."""
+    rows = uint64(zacc.shape[0])
+    for i in range(nt):
         for r in range(rows):
             w = sc[r, i]
             for j in range(ngv):
@@ -389,6 +509,9 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     has_mult = mult.shape[1] > 0
     width = min(tblock, t1 - t0)
     ngk = d // uint64(kgroup) if kpt else _1  # keys per token: groups of kgroup channels
+    # codes per token unpacked in vector registers come out as values (code * scale + zero): no zero-point sums
+    kvec = kpt and _vector_planes(kbits, kunits) and uint64(kgroup) % (_8 * kper) == 0
+    vvec = _vector_planes(vbits, vunits) and gv % (_8 * vper) == 0
 
     qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' unpacked order
     for r in range(rows):
@@ -447,19 +570,21 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if ik > 0 and kpt:  # q . (code * scale + zero) = (q . code * scale) + sum_j zero_j * (q summed over group j)
             _halves(ks, ta * ngk, ik * ngk, hbits, hfloat, ksc)
             _halves(kz, ta * ngk, ik * ngk, hbits, hfloat, kze)
-            _unpack_per_token(kp, ta, ik, kbits, kunits, ksc, ngk, uint64(kgroup), ku, kf)
-            if pk == _64:
-                _scores_block(qp, bias, kf, _0, ik, sc, _64)
-            elif pk == _128:
-                _scores_block(qp, bias, kf, _0, ik, sc, _128)
+            if kvec:
+                _unpack_vec(kp, ta, ik, kbits, kunits, ksc, kze, ngk, uint64(kgroup), kf)
+            else:
+                _unpack_per_token(kp, ta, ik, kbits, kunits, ksc, ngk, uint64(kgroup), ku, kf)
+            if pk % _64 == 0:
+                _scores_vec(qp, bias, kf, ik, sc, pk)
             else:
                 _scores_block(qp, bias, kf, _0, ik, sc, pk)
-            for i in range(ik):
-                for r in range(rows):
-                    zs = np.float32(0.0)
-                    for j in range(ngk):
-                        zs += qsum[r, j] * kze[i * ngk + j]
-                    sc[r, i] += zs
+            if not kvec:
+                for i in range(ik):
+                    for r in range(rows):
+                        zs = np.float32(0.0)
+                        for j in range(ngk):
+                            zs += qsum[r, j] * kze[i * ngk + j]
+                        sc[r, i] += zs
         elif ik > 0:  # scaled query and bias of this group, then the scores of every row
             _halves(ks, g * d, d, hbits, hfloat, kstat)
             _halves(kz, g * d, d, hbits, hfloat, kzero)
@@ -473,14 +598,14 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
                 bias[r] = sb
                 for p in range(pk):
                     qs[r, p] = qp[r, p] * kscale_p[p]
-            if kbits == 2:
+            if _vector_planes(kbits, kunits):
+                _unpack_vec(kp, ta, ik, kbits, kunits, kscale_p, kscale_p, _0, _1, kf)
+            elif kbits == 2:
                 _unpack_2bit(kp, ta, ik, kunits, kscale_p, _0, _0, kf)
             else:
                 _unpack_block(kp, ta, _0, ik, kbits, kunits, kones, kf)
-            if pk == _64:  # a constant trip count lets LLVM drop the loop's runtime checks (measured ~10 %)
-                _scores_block(qs, bias, kf, _0, ik, sc, _64)
-            elif pk == _128:
-                _scores_block(qs, bias, kf, _0, ik, sc, _128)
+            if pk % _64 == 0:
+                _scores_vec(qs, bias, kf, ik, sc, pk)
             else:
                 _scores_block(qs, bias, kf, _0, ik, sc, pk)
         if ik < nt:
@@ -494,18 +619,25 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
             for r in range(rows):
                 for i in range(nt):
                     sc[r, i] *= mult[1, ta + i]
-        # values: v = code * scale + zero; the scaled codes go to acc, the zeros to zacc per value group
+        # values: v = code * scale + zero; the scaled codes go to acc, the zeros to zacc per value group (or, unpacked
+        # in vector registers, the values themselves to acc)
         iv = min(max(vcodes, ta), tb) - ta
         if iv > 0:
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
-            _unpack_per_token(vp, ta, iv, vbits, vunits, vsc, ngv, gv, su, vf)
-            if pv == _64:
-                _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, _64)
-            elif pv == _128:
-                _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, _128)
+            if vvec:  # vf holds the values themselves
+                _unpack_vec(vp, ta, iv, vbits, vunits, vsc, vze, ngv, gv, vf)
+                if pv % _64 == 0:
+                    _values_vec(vf, iv, sc, acc, pv)
+                else:
+                    _values_block(vf, _0, iv, sc, vze, _0, acc, zacc, pv)
             else:
-                _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, pv)
+                _unpack_per_token(vp, ta, iv, vbits, vunits, vsc, ngv, gv, su, vf)
+                if pv % _64 == 0:
+                    _values_vec(vf, iv, sc, acc, pv)
+                    _value_zeros(sc, iv, vze, ngv, zacc)
+                else:
+                    _values_block(vf, _0, iv, sc, vze, ngv, acc, zacc, pv)
         if iv < nt:
             _dense_values(vr, ta + iv - vcodes, iv, nt, sc, accn)
         g += _1

@@ -1,0 +1,189 @@
+"""Eight float32 lanes as one numba value, so a kernel can keep its accumulators in vector registers.
+
+numba has no vector type, and LLVM's loop vectorizer (numba runs no SLP vectorizer) only widens innermost loops: a
+loop over 64 channels inside a loop over tokens loads and stores its accumulators at every token. :data:`f32x8` is a
+numba type whose LLVM representation is ``<8 x float>``; the ``@intrinsic``\\ s below load, store, splat, multiply-add
+and sum it. Values of this type live in numba locals, which LLVM promotes to registers, so a block's accumulators stay
+in registers across its tokens. The IR is generic (no target intrinsic): LLVM lowers it to AVX2/AVX-512 here, to two
+SSE or NEON halves elsewhere. Multiply-adds carry the ``contract``/``reassoc`` fast-math flags the kernels use.
+
+:func:`load8`/:func:`store8`/:func:`codes8` address 2-D arrays as ``(row, col)`` through the array's row stride; the
+last axis must be contiguous (every buffer the kernels pass is), and nothing is bounds-checked.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, models, register_model
+from numba.np.arrayobj import make_array
+
+_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+_V8F, _V8I, _V8B = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
+_FLAGS = ("contract", "reassoc", "nsz", "arcp")
+
+
+class F32x8(types.Type):
+    """numba type of eight float32 lanes (LLVM ``<8 x float>``)."""
+
+    def __init__(self):
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8()
+
+
+@register_model(F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8F)
+
+
+def _element_ptr(context, builder, sig, args, at):
+    """Pointer to ``arr[row, col]`` for the 2-D array ``args[at]`` and the indices ``args[at + 1]``, ``args[at + 2]``."""
+    arr = make_array(sig.args[at])(context, builder, args[at])
+    row = context.cast(builder, args[at + 1], sig.args[at + 1], types.int64)
+    col = context.cast(builder, args[at + 2], sig.args[at + 2], types.int64)
+    stride = builder.extract_value(arr.strides, 0)
+    row_start = builder.gep(builder.bitcast(arr.data, _I8.as_pointer()), [builder.mul(row, stride)], inbounds=True)
+    return builder.gep(builder.bitcast(row_start, arr.data.type), [col], inbounds=True)
+
+
+def _is_2d(arr, dtype) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == 2
+
+
+def _splat(builder, value, vtype):
+    one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_V8I, [0] * 8))
+
+
+@intrinsic
+def load8(typingctx, arr, row, col):
+    """``arr[row, col : col + 8]`` (2-D float32) as one vector."""
+    if not _is_2d(arr, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig, args, 0)
+        return builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+
+    return f32x8(arr, row, col), codegen
+
+
+@intrinsic
+def store8(typingctx, vec, arr, row, col):
+    """``arr[row, col : col + 8] = vec`` (``arr`` 2-D float32)."""
+    if not _is_2d(arr, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig, args, 1)
+        builder.store(args[0], builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(vec, arr, row, col), codegen
+
+
+@intrinsic
+def splat8(typingctx, x):
+    """``x`` (a float) in all eight lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V8F)
+
+    return f32x8(x), codegen
+
+
+@intrinsic
+def zero8(typingctx):
+    """Eight zeros."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8F, [0.0] * 8)
+
+    return f32x8(), codegen
+
+
+@intrinsic
+def fma8(typingctx, a, b, c):
+    """``a * b + c`` lane by lane (fused where the target has FMA)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
+
+    return f32x8(a, b, c), codegen
+
+
+@intrinsic
+def mul8(typingctx, a, b):
+    """``a * b`` lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1], flags=_FLAGS)
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def add8(typingctx, a, b):
+    """``a + b`` lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1], flags=_FLAGS)
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def hsum8(typingctx, vec):
+    """The sum of the eight lanes (a float32; pairwise: halves, then quarters, then the last two)."""
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        half = ir.VectorType(_I32, 4)
+        s = builder.fadd(builder.shuffle_vector(x, x, ir.Constant(half, [0, 1, 2, 3])),
+                         builder.shuffle_vector(x, x, ir.Constant(half, [4, 5, 6, 7])), flags=_FLAGS)
+        quarter = ir.VectorType(_I32, 2)
+        s = builder.fadd(builder.shuffle_vector(s, s, ir.Constant(quarter, [0, 1])),
+                         builder.shuffle_vector(s, s, ir.Constant(quarter, [2, 3])), flags=_FLAGS)
+        return builder.fadd(builder.extract_element(s, ir.Constant(_I32, 0)),
+                            builder.extract_element(s, ir.Constant(_I32, 1)), flags=_FLAGS)
+
+    return types.float32(vec), codegen
+
+
+@intrinsic
+def codes8(typingctx, arr, row, col, shift, mask):
+    """The eight bytes ``arr[row, col : col + 8]`` (2-D uint8) as ``float((byte >> shift) & mask)``: one plane of eight
+    packed codes (``shift``/``mask`` integers; constants at the call sites, so LLVM folds them)."""
+    if not _is_2d(arr, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig, args, 0)
+        word = builder.zext(builder.load(builder.bitcast(ptr, _V8B.as_pointer()), align=1), _V8I)
+        shift_v = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), _V8I)
+        mask_v = _splat(builder, context.cast(builder, args[4], sig.args[4], types.int32), _V8I)
+        return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), _V8F)
+
+    return f32x8(arr, row, col, shift, mask), codegen
+
+
+@intrinsic
+def hsum8x8(typingctx, s0, s1, s2, s3, s4, s5, s6, s7):
+    """One vector of eight sums: lane ``t`` = the sum of the lanes of ``st`` (three rounds of shuffles and adds, 7 adds
+    for 8 sums instead of 8 separate horizontal sums)."""
+
+    def codegen(context, builder, sig, args):
+        def fold(a, b, even, odd):
+            return builder.fadd(builder.shuffle_vector(a, b, ir.Constant(_V8I, even)),
+                                builder.shuffle_vector(a, b, ir.Constant(_V8I, odd)), flags=_FLAGS)
+
+        pairs = [fold(args[2 * k], args[2 * k + 1], [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15])
+                 for k in range(4)]  # (s0 01, s1 01, s0 23, s1 23, s0 45, s1 45, s0 67, s1 67)
+        quads = [fold(pairs[2 * k], pairs[2 * k + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+                 for k in range(2)]  # (s0..s3 over lanes 0-3, s0..s3 over lanes 4-7)
+        return fold(quads[0], quads[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+    return f32x8(s0, s1, s2, s3, s4, s5, s6, s7), codegen
