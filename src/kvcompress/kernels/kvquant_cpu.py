@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import (_FM, _merge, _scores_block, _softmax_block, _two_byte_floats, _values_block, fold_query,
-                  normalize_into)
+from .cpu import (_FM, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec,
+                  fold_query, normalize_into)
 from .lookup import PERMUTE, lookup2_word, lookup3_word, lookup4_word
 
 #: tokens dequantized at a time into the scratch
@@ -336,10 +336,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             if seen[hh] == 0:
                 continue
-            if d == 64:  # a constant trip count lets LLVM drop the loop's runtime checks
-                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], uint64(64))
-            elif d == 128:
-                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], uint64(128))
+            if d % 64 == 0:  # in vector registers (eight tokens' dot products reduced at once)
+                _scores_vec(q[hh], bias, kf[hh], uint64(nt), sc[hh], d)
             else:
                 _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
             _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
@@ -352,10 +350,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             if seen[hh] == 0:
                 continue
-            if d == 64:
-                _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, uint64(64))
-            elif d == 128:
-                _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, uint64(128))
+            if d % 64 == 0:  # accumulators in vector registers over the block
+                _values_vec(vf[hh], uint64(nt), sc[hh], acc[hh], d)
             else:
                 _values_block(vf[hh], uint64(0), uint64(nt), sc[hh], bias, uint64(0), acc[hh], empty, d)
         ta += nt
