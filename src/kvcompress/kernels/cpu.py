@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba import njit, prange, uint64
 
-from .simd import add8, codes8, fma8, hsum8x8, load8, mul8, splat8, store8
+from .simd import add8, codes8, fma8, hmax8, hsum8x8, load8, load8_1d, max8, mul8, splat8, store8, where8
 
 #: LLVM fast-math flags: reassociation lets dot products vectorize; no ``nnan``/``ninf`` (-inf marks empty rows)
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -327,35 +327,40 @@ def _values_block(vf, i0, i1, sc, vze, ngv, acc, zacc, pv):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dot8(qs, r, kf, i, c):
-    """``qs[r, c:c+64] . kf[i, c:c+64]`` as one vector of partial sums (8 lanes)."""
-    s0 = fma8(load8(qs, r, c), load8(kf, i, c), mul8(load8(qs, r, c + _8), load8(kf, i, c + _8)))
-    s1 = fma8(load8(qs, r, c + _16), load8(kf, i, c + _16), mul8(load8(qs, r, c + _24), load8(kf, i, c + _24)))
-    s0 = fma8(load8(qs, r, c + _32), load8(kf, i, c + _32), fma8(load8(qs, r, c + _40), load8(kf, i, c + _40), s0))
-    s1 = fma8(load8(qs, r, c + _48), load8(kf, i, c + _48), fma8(load8(qs, r, c + _56), load8(kf, i, c + _56), s1))
+def _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i, c):
+    """``q . kf[i, c:c+64]`` as one vector of partial sums (8 lanes), the 64 query values given as eight vectors."""
+    s0 = fma8(q0, load8(kf, i, c), mul8(q1, load8(kf, i, c + _8)))
+    s1 = fma8(q2, load8(kf, i, c + _16), mul8(q3, load8(kf, i, c + _24)))
+    s0 = fma8(q4, load8(kf, i, c + _32), fma8(q5, load8(kf, i, c + _40), s0))
+    s1 = fma8(q6, load8(kf, i, c + _48), fma8(q7, load8(kf, i, c + _56), s1))
     return add8(s0, s1)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
 def _scores_vec(qs, bias, kf, nt, sc, pk):
     """:func:`_scores_block` for ``pk`` a multiple of 64, eight tokens at a time in vector registers (:mod:`.simd`):
-    per row, each token's dot product is a vector of partial sums, and the eight tokens' vectors are reduced together
-    into one vector of scores (:func:`hsum8x8`). The last ``nt % 8`` tokens take :func:`_scores_block`."""
+    per row and 64 channels the query stays in eight registers, each token's dot product is a vector of partial sums,
+    and eight tokens' vectors are reduced together into one vector of scores (:func:`hsum8x8`). The last ``nt % 8``
+    tokens take :func:`_scores_block`."""
     rows = uint64(qs.shape[0])
     n8 = nt - nt % _8
     for r in range(rows):
-        b = splat8(bias[r])
-        for i in range(_0, n8, _8):
-            d0, d1, d2, d3 = _dot8(qs, r, kf, i, _0), _dot8(qs, r, kf, i + _1, _0), _dot8(qs, r, kf, i + _2, _0), \
-                _dot8(qs, r, kf, i + _3, _0)
-            d4, d5, d6, d7 = _dot8(qs, r, kf, i + _4, _0), _dot8(qs, r, kf, i + _5, _0), \
-                _dot8(qs, r, kf, i + _6, _0), _dot8(qs, r, kf, i + _7, _0)
-            for c in range(_64, pk, _64):
-                d0, d1 = add8(d0, _dot8(qs, r, kf, i, c)), add8(d1, _dot8(qs, r, kf, i + _1, c))
-                d2, d3 = add8(d2, _dot8(qs, r, kf, i + _2, c)), add8(d3, _dot8(qs, r, kf, i + _3, c))
-                d4, d5 = add8(d4, _dot8(qs, r, kf, i + _4, c)), add8(d5, _dot8(qs, r, kf, i + _5, c))
-                d6, d7 = add8(d6, _dot8(qs, r, kf, i + _6, c)), add8(d7, _dot8(qs, r, kf, i + _7, c))
-            store8(add8(hsum8x8(d0, d1, d2, d3, d4, d5, d6, d7), b), sc, r, i)
+        for c in range(_0, pk, _64):
+            q0, q1, q2, q3 = load8(qs, r, c), load8(qs, r, c + _8), load8(qs, r, c + _16), load8(qs, r, c + _24)
+            q4, q5, q6, q7 = load8(qs, r, c + _32), load8(qs, r, c + _40), load8(qs, r, c + _48), load8(qs, r, c + _56)
+            base = splat8(bias[r])
+            for i in range(_0, n8, _8):
+                if c > 0:
+                    base = load8(sc, r, i)
+                s = hsum8x8(_dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _1, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _2, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _3, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _4, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _5, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _6, c),
+                            _dot8(q0, q1, q2, q3, q4, q5, q6, q7, kf, i + _7, c))
+                store8(add8(s, base), sc, r, i)
     if n8 < nt:
         _scores_block(qs, bias, kf, n8, nt, sc, pk)
 
@@ -369,7 +374,8 @@ def _values_vec(vf, nt, sc, acc, pv):
     for r in range(rows):
         for c in range(_0, pv, _64):
             a0, a1, a2, a3 = load8(acc, r, c), load8(acc, r, c + _8), load8(acc, r, c + _16), load8(acc, r, c + _24)
-            a4, a5, a6, a7 = load8(acc, r, c + _32), load8(acc, r, c + _40), load8(acc, r, c + _48), load8(acc, r, c + _56)
+            a4, a5 = load8(acc, r, c + _32), load8(acc, r, c + _40)
+            a6, a7 = load8(acc, r, c + _48), load8(acc, r, c + _56)
             for i in range(nt):
                 w = splat8(sc[r, i])
                 a0, a1 = fma8(w, load8(vf, i, c), a0), fma8(w, load8(vf, i, c + _8), a1)
@@ -439,9 +445,14 @@ def _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, scale):
     2e-7; arguments are clamped to [-87, 0] (below -87: ~1e-38; a masked token's score may exceed the max: it gets
     exp(0) * 0)."""
     rows = uint64(sc.shape[0])
+    n8 = nt - nt % _8
+    ninf = splat8(np.float32(-np.inf))
     for r in range(rows):
-        bm = np.float32(-np.inf)
-        for i in range(nt):
+        bv = ninf  # the block max, eight lanes at a time (a scalar max under a condition does not vectorize)
+        for i in range(_0, n8, _8):
+            bv = max8(where8(load8_1d(ok, i), load8(sc, r, i), ninf), bv)
+        bm = hmax8(bv)
+        for i in range(n8, nt):
             if ok[i] != 0.0:
                 bm = max(bm, sc[r, i])
         if bm > m[r]:

@@ -2,10 +2,11 @@
 
 numba has no vector type, and LLVM's loop vectorizer (numba runs no SLP vectorizer) only widens innermost loops: a
 loop over 64 channels inside a loop over tokens loads and stores its accumulators at every token. :data:`f32x8` is a
-numba type whose LLVM representation is ``<8 x float>``; the ``@intrinsic``\\ s below load, store, splat, multiply-add
-and sum it. Values of this type live in numba locals, which LLVM promotes to registers, so a block's accumulators stay
-in registers across its tokens. The IR is generic (no target intrinsic): LLVM lowers it to AVX2/AVX-512 here, to two
-SSE or NEON halves elsewhere. Multiply-adds carry the ``contract``/``reassoc`` fast-math flags the kernels use.
+numba type whose LLVM representation is ``<8 x float>``; the ``@intrinsic``\\ s below load, store, splat,
+multiply-add, sum and compare it. Values of this type live in numba locals, which LLVM promotes to registers, so a
+block's accumulators stay in registers across its tokens. The IR is generic (no target intrinsic): LLVM lowers it to
+AVX2/AVX-512 here, to two SSE or NEON halves elsewhere. Arithmetic carries the fast-math flags the kernels use
+(``contract``, ``reassoc``, ``nsz``, ``arcp``; no ``nnan``/``ninf``: -inf marks masked scores).
 
 :func:`load8`/:func:`store8`/:func:`codes8` address 2-D arrays as ``(row, col)`` through the array's row stride; the
 last axis must be contiguous (every buffer the kernels pass is), and nothing is bounds-checked.
@@ -40,7 +41,7 @@ class _F32x8Model(models.PrimitiveModel):
 
 
 def _element_ptr(context, builder, sig, args, at):
-    """Pointer to ``arr[row, col]`` for the 2-D array ``args[at]`` and the indices ``args[at + 1]``, ``args[at + 2]``."""
+    """Pointer to ``arr[row, col]``: the 2-D array ``args[at]``, the indices ``args[at + 1]`` and ``args[at + 2]``."""
     arr = make_array(sig.args[at])(context, builder, args[at])
     row = context.cast(builder, args[at + 1], sig.args[at + 1], types.int64)
     col = context.cast(builder, args[at + 2], sig.args[at + 2], types.int64)
@@ -69,6 +70,20 @@ def load8(typingctx, arr, row, col):
         return builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
 
     return f32x8(arr, row, col), codegen
+
+
+@intrinsic
+def load8_1d(typingctx, arr, off):
+    """``arr[off : off + 8]`` (1-D float32, contiguous) as one vector."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
+        return builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+
+    return f32x8(arr, off), codegen
 
 
 @intrinsic
@@ -136,24 +151,6 @@ def add8(typingctx, a, b):
 
 
 @intrinsic
-def hsum8(typingctx, vec):
-    """The sum of the eight lanes (a float32; pairwise: halves, then quarters, then the last two)."""
-
-    def codegen(context, builder, sig, args):
-        x = args[0]
-        half = ir.VectorType(_I32, 4)
-        s = builder.fadd(builder.shuffle_vector(x, x, ir.Constant(half, [0, 1, 2, 3])),
-                         builder.shuffle_vector(x, x, ir.Constant(half, [4, 5, 6, 7])), flags=_FLAGS)
-        quarter = ir.VectorType(_I32, 2)
-        s = builder.fadd(builder.shuffle_vector(s, s, ir.Constant(quarter, [0, 1])),
-                         builder.shuffle_vector(s, s, ir.Constant(quarter, [2, 3])), flags=_FLAGS)
-        return builder.fadd(builder.extract_element(s, ir.Constant(_I32, 0)),
-                            builder.extract_element(s, ir.Constant(_I32, 1)), flags=_FLAGS)
-
-    return types.float32(vec), codegen
-
-
-@intrinsic
 def codes8(typingctx, arr, row, col, shift, mask):
     """The eight bytes ``arr[row, col : col + 8]`` (2-D uint8) as ``float((byte >> shift) & mask)``: one plane of eight
     packed codes (``shift``/``mask`` integers; constants at the call sites, so LLVM folds them)."""
@@ -187,3 +184,45 @@ def hsum8x8(typingctx, s0, s1, s2, s3, s4, s5, s6, s7):
         return fold(quads[0], quads[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
 
     return f32x8(s0, s1, s2, s3, s4, s5, s6, s7), codegen
+
+
+def _max(builder, a, b):
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def max8(typingctx, a, b):
+    """The larger of ``a`` and ``b`` lane by lane (``b`` where they compare unordered)."""
+
+    def codegen(context, builder, sig, args):
+        return _max(builder, args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def where8(typingctx, mask, a, b):
+    """``a`` in the lanes where ``mask`` is not 0.0, ``b`` elsewhere."""
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_unordered("!=", args[0], ir.Constant(_V8F, [0.0] * 8)), args[1], args[2])
+
+    return f32x8(mask, a, b), codegen
+
+
+@intrinsic
+def hmax8(typingctx, vec):
+    """The largest of the eight lanes (a float32)."""
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        half = ir.VectorType(_I32, 4)
+        s = _max(builder, builder.shuffle_vector(x, x, ir.Constant(half, [0, 1, 2, 3])),
+                 builder.shuffle_vector(x, x, ir.Constant(half, [4, 5, 6, 7])))
+        quarter = ir.VectorType(_I32, 2)
+        s = _max(builder, builder.shuffle_vector(s, s, ir.Constant(quarter, [0, 1])),
+                 builder.shuffle_vector(s, s, ir.Constant(quarter, [2, 3])))
+        return _max(builder, builder.extract_element(s, ir.Constant(_I32, 0)),
+                    builder.extract_element(s, ir.Constant(_I32, 1)))
+
+    return types.float32(vec), codegen

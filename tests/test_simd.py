@@ -1,0 +1,65 @@
+"""The vector-register intrinsics of :mod:`kvcompress.kernels.simd`, each against numpy on random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvcompress import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON)
+
+
+def _compiled():
+    from numba import njit
+
+    from kvcompress.kernels.simd import (add8, codes8, fma8, hmax8, hsum8x8, load8, load8_1d, max8, mul8, splat8,
+                                         store8, where8, zero8)
+
+    @njit
+    def arithmetic(a, b, c, out):  # a, b, c, out (8, 8) float32
+        x, y, z = load8(a, 0, 0), load8(b, 1, 0), load8(c, 2, 0)
+        store8(fma8(x, y, z), out, 0, 0)
+        store8(mul8(x, y), out, 1, 0)
+        store8(add8(x, zero8()), out, 2, 0)
+        store8(max8(x, y), out, 3, 0)
+        store8(where8(load8_1d(c[3], 0), x, splat8(np.float32(7.5))), out, 4, 0)
+        sums = hsum8x8(load8(a, 0, 0), load8(a, 1, 0), load8(a, 2, 0), load8(a, 3, 0), load8(a, 4, 0),
+                       load8(a, 5, 0), load8(a, 6, 0), load8(a, 7, 0))
+        store8(sums, out, 5, 0)
+        out[6, 0] = hmax8(x)
+
+    @njit
+    def unpack(codes, out):  # codes (2, 16) uint8 -> out (8, 8): the planes of bytes 3..10 of row 1
+        for s in range(4):
+            store8(codes8(codes, 1, 3, 2 * s, 3), out, s, 0)
+        store8(codes8(codes, 1, 3, 0, 15), out, 4, 0)
+        store8(codes8(codes, 1, 3, 4, 15), out, 5, 0)
+
+    return arithmetic, unpack
+
+
+def test_intrinsics_equal_numpy():
+    arithmetic, unpack = _compiled()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b, c = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
+        c[3] = np.where(rng.random(8) < 0.5, 0.0, c[3])  # the mask row: zeros and non-zeros
+        out = np.zeros((8, 8), np.float32)
+        arithmetic(a, b, c, out)
+        np.testing.assert_allclose(out[0], a[0] * b[1] + c[2], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(out[1], a[0] * b[1])
+        np.testing.assert_array_equal(out[2], a[0])
+        np.testing.assert_array_equal(out[3], np.maximum(a[0], b[1]))
+        np.testing.assert_array_equal(out[4], np.where(c[3] != 0, a[0], np.float32(7.5)))
+        np.testing.assert_allclose(out[5], a.sum(axis=1), rtol=1e-5, atol=1e-5)
+        assert out[6, 0] == a[0].max()
+
+        codes = rng.integers(0, 256, (2, 16), dtype=np.uint8)
+        planes = np.zeros((8, 8), np.float32)
+        unpack(codes, planes)
+        run = codes[1, 3:11].astype(np.int32)
+        for s in range(4):
+            np.testing.assert_array_equal(planes[s], (run >> (2 * s)) & 3)
+        np.testing.assert_array_equal(planes[4], run & 15)
+        np.testing.assert_array_equal(planes[5], run >> 4)
