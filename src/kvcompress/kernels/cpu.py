@@ -24,9 +24,14 @@ channel. Nothing is dequantized to memory:
   (``per = 8 // bits``); plane ``k`` takes bits ``[k*bits, (k+1)*bits)`` of every byte, so each plane is one
   contiguous, vectorizable loop over the row's bytes that reads each byte once (3/5/6/7 bits: ``bits`` bytes form a
   word of 8 codes, plane ``k`` = code ``k`` of every word). The query and the statistics are permuted into the same
-  plane order once per group, so no code is ever moved. 2 bits: a row of 64 channels is only 16 bytes, too short a
-  loop for LLVM's vectorized body, so each byte is looked up in a 256-entry table of its four codes instead (one
+  plane order once per group, so no code is ever moved. 2/4-bit rows of whole 8-byte runs (``d`` a multiple of
+  32 / 16) are unpacked eight bytes per instruction in vector registers (:mod:`.simd`, :func:`_unpack_vec`); codes
+  per token then come out as values (scale and zero applied), so no zero-point sums are kept. Other 2-bit rows are
+  too short for LLVM's vectorized loop body, so each byte is looked up in a 256-entry table of its four codes (one
   16-byte copy, channel order; the value scale is applied per group afterwards).
+* **registers**: the scores are reduced eight tokens at a time with the query held in registers, and a block's
+  value accumulators stay in registers over its tokens (64 channels at a time, :func:`_scores_vec`,
+  :func:`_values_vec`).
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -112,7 +117,7 @@ def value_layout_ok(bits: int, d: int, group: int) -> bool:
 _0, _1, _2, _3, _4, _5, _6, _7 = (np.uint64(i) for i in range(8))
 #: tokens per block when the keys are quantized per token (per-channel keys: one key group per block)
 TOKEN_BLOCK = 32
-_64, _128 = np.uint64(64), np.uint64(128)
+_64 = np.uint64(64)
 _8, _16, _24, _32, _40, _48, _56 = (np.uint64(i) for i in range(8, 64, 8))
 
 
@@ -120,8 +125,9 @@ _8, _16, _24, _32, _40, _48, _56 = (np.uint64(i) for i in range(8, 64, 8))
 def _unpack_block(src, ta, i0, i1, bits, units, su, out):
     """``out[i] (per * units,)`` = the codes of packed row ``src[ta + i]`` (``src (n, nbytes) uint8``) for ``i0 <= i <
     i1``, plane-major (code ``k`` of unit ``u`` at ``k * units + u``), each times ``su[i, u]`` (the value scale of the
-    unit; ones for keys). 3/5/6/7 bits (``bits`` bytes = a word of 8 codes) and 1 bit take scalar loops; 2 bits go
-    through :func:`_unpack_2bit` instead."""
+    unit; ones for keys), in scalar plane loops. 3/5/6/7 bits: ``bits`` bytes = a word of 8 codes. 2 bits here only
+    for rows in plane order (:func:`vector_planes`) whose value groups the vector unpack cannot take; other 2-bit rows
+    go through :func:`_unpack_2bit`."""
     if bits == 4:
         for i in range(i0, i1):
             t = ta + i
