@@ -14,14 +14,14 @@ def _compiled():
     from numba import njit
 
     from kvcompress.kernels.simd import (add8, codes8, fma8, hmax8, hsum8x8, load8, load8_1d, max8, mul8, splat8,
-                                         store8, where8, zero8)
+                                         store8, where8)
 
     @njit
     def arithmetic(a, b, c, out):  # a, b, c, out (8, 8) float32
         x, y, z = load8(a, 0, 0), load8(b, 1, 0), load8(c, 2, 0)
         store8(fma8(x, y, z), out, 0, 0)
         store8(mul8(x, y), out, 1, 0)
-        store8(add8(x, zero8()), out, 2, 0)
+        store8(add8(x, y), out, 2, 0)
         store8(max8(x, y), out, 3, 0)
         store8(where8(load8_1d(c[3], 0), x, splat8(np.float32(7.5))), out, 4, 0)
         sums = hsum8x8(load8(a, 0, 0), load8(a, 1, 0), load8(a, 2, 0), load8(a, 3, 0), load8(a, 4, 0),
@@ -49,7 +49,7 @@ def test_intrinsics_equal_numpy():
         arithmetic(a, b, c, out)
         np.testing.assert_allclose(out[0], a[0] * b[1] + c[2], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(out[1], a[0] * b[1])
-        np.testing.assert_array_equal(out[2], a[0])
+        np.testing.assert_array_equal(out[2], a[0] + b[1])
         np.testing.assert_array_equal(out[3], np.maximum(a[0], b[1]))
         np.testing.assert_array_equal(out[4], np.where(c[3] != 0, a[0], np.float32(7.5)))
         np.testing.assert_allclose(out[5], a.sum(axis=1), rtol=1e-5, atol=1e-5)

@@ -19,8 +19,6 @@ CHILD = r"""
 import sys, time, json, statistics
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 import torch; torch.set_num_threads(1)
-from kvcompress import kernels
-kernels.set_threads(1) if hasattr(kernels, "set_threads") else None
 import attention_microbench as mb
 layout, n, bits = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 L = (mb.KVQuantLayers if layout == "kvquant" else mb.Layers)(n, bits)

@@ -19,8 +19,10 @@ from numba import types
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
-_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-_V8F, _V8I, _V8L = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I64, 8)
+from .simd import _I32, _V8F, _V8I, _splat
+
+_I64 = ir.IntType(64)
+_V8L = ir.VectorType(_I64, 8)
 
 
 def _target_has_avx2() -> bool:
@@ -58,11 +60,6 @@ def _permute(builder, table, idx):
         i = builder.extract_element(idx, ir.Constant(_I32, lane))
         out = builder.insert_element(out, builder.extract_element(table, i), ir.Constant(_I32, lane))
     return out
-
-
-def _splat(builder, value, vtype):
-    one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_V8I, [0] * 8))
 
 
 def _lookup_word(bits):

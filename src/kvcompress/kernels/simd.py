@@ -19,7 +19,7 @@ from numba import types
 from numba.extending import intrinsic, models, register_model
 from numba.np.arrayobj import make_array
 
-_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+_F32, _I32, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
 _V8F, _V8I, _V8B = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
 _FLAGS = ("contract", "reassoc", "nsz", "arcp")
 
@@ -55,6 +55,7 @@ def _is_2d(arr, dtype) -> bool:
 
 
 def _splat(builder, value, vtype):
+    """``value`` in all eight lanes of a vector of type ``vtype`` (also used by :mod:`.lookup`)."""
     one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_V8I, [0] * 8))
 
@@ -108,16 +109,6 @@ def splat8(typingctx, x):
         return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V8F)
 
     return f32x8(x), codegen
-
-
-@intrinsic
-def zero8(typingctx):
-    """Eight zeros."""
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V8F, [0.0] * 8)
-
-    return f32x8(), codegen
 
 
 @intrinsic
