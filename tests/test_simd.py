@@ -14,7 +14,7 @@ def _compiled():
     from numba import njit
 
     from kvcompress.kernels.simd import (add8, codes8, fma8, hmax8, hsum8x8, load8, load8_1d, max8, mul8, splat8,
-                                         store8, where8)
+                                         store8, sub8, where8)
 
     @njit
     def arithmetic(a, b, c, out):  # a, b, c, out (8, 8) float32
@@ -28,6 +28,7 @@ def _compiled():
                        load8(a, 5, 0), load8(a, 6, 0), load8(a, 7, 0))
         store8(sums, out, 5, 0)
         out[6, 0] = hmax8(x)
+        store8(sub8(x, y), out, 7, 0)
 
     @njit
     def unpack(codes, out):  # codes (2, 16) uint8 -> out (8, 8): the planes of bytes 3..10 of row 1
@@ -54,6 +55,7 @@ def test_intrinsics_equal_numpy():
         np.testing.assert_array_equal(out[4], np.where(c[3] != 0, a[0], np.float32(7.5)))
         np.testing.assert_allclose(out[5], a.sum(axis=1), rtol=1e-5, atol=1e-5)
         assert out[6, 0] == a[0].max()
+        np.testing.assert_array_equal(out[7], a[0] - b[1])
 
         codes = rng.integers(0, 256, (2, 16), dtype=np.uint8)
         planes = np.zeros((8, 8), np.float32)

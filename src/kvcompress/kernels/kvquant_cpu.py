@@ -35,9 +35,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import (_FM, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec,
+from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec,
                   fold_query, normalize_into)
-from .lookup import PERMUTE, lookup2_word, lookup3_word, lookup4_word
+from .lookup import PERMUTE, levels2_vec, levels3_vec, levels4_vec, lookup2_word, lookup3_word, lookup4_word
+from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
 
 #: tokens dequantized at a time into the scratch
 BLOCK = 32
@@ -189,6 +190,61 @@ def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, n
                 out[i, p] = out[i, p] * s + o
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _put_levels(x, per_channel, cs, co, s, o, out, i, c):
+    """``out[i, c : c + 8]`` = the levels ``x`` times the range plus the offset: per channel from ``cs``/``co`` at
+    ``c``, else the token's ``s``/``o`` (vectors)."""
+    if per_channel:
+        store8(fma8(x, load8_1d(cs, c), load8_1d(co, c)), out, i, c)
+    else:
+        store8(fma8(x, s, o), out, i, c)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dequant_vec(bits, w0, w1, lo, hi, per_channel, cs, co, ts, to, ta, nt, out, hbuf, hf, tsf, tof):
+    """:func:`_dequant_block` in vector registers, for ``d`` a multiple of 64 where numba's target has AVX2: each word
+    of codes read once, its 8-code groups looked up by ``vpermps`` into a register (:mod:`.lookup`; ``lo``/``hi``
+    the levels 0-7 / 8-15), scaled and offset there, stored once. Per-token ranges are decoded for the block first
+    (:func:`kvcompress.kernels.cpu._halves`: branch-free; the stored ranges are finite) into ``tsf``/``tof
+    (>= nt,)`` float32 (``hbuf``/``hf``: uint32 scratch and its float32 view)."""
+    nw = w0.shape[1]
+    s = o = splat8(np.float32(0.0))
+    if not per_channel:
+        _halves(ts, uint64(ta), uint64(nt), hbuf, hf, tsf)
+        _halves(to, uint64(ta), uint64(nt), hbuf, hf, tof)
+    for i in range(nt):
+        t = ta + i
+        if not per_channel:
+            s, o = splat8(tsf[i]), splat8(tof[i])
+        if bits == 2:
+            for k in range(nw):
+                w = w0[t, k]
+                for g in range(4):
+                    _put_levels(levels2_vec(lo, hi, w, uint64(0), g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
+        elif bits == 3:
+            for k in range(nw):
+                w = w0[t, k]
+                hw = w1[t, k >> 1] >> uint64(32 * (k & 1))
+                for g in range(4):
+                    _put_levels(levels3_vec(lo, hi, w, hw, g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
+        else:
+            for k in range(nw):
+                w = w0[t, k]
+                for g in range(2):
+                    _put_levels(levels4_vec(lo, hi, w, uint64(0), g), per_channel, cs, co, s, o, out, i, 16 * k + 8 * g)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _rotate_vec(kf, i, use_c, use_s, half):
+    """Row ``i`` of ``kf (width, d)`` turned by RoPE in vector registers: pairs ``(j, j + half)``, ``half`` a multiple
+    of 8; ``use_c``/``use_s (half,)`` float32, the token's cos/sin."""
+    for j in range(0, half, 8):
+        a, b = load8(kf, i, j), load8(kf, i, j + half)
+        c, s = load8_1d(use_c, j), load8_1d(use_s, j)
+        store8(sub8(mul8(a, c), mul8(b, s)), kf, i, j)
+        store8(fma8(a, s, mul8(b, c)), kf, i, j + half)
+
+
 @njit(cache=True, inline="always")
 def _outliers_block(counts, rp, e, cols, vals, posmap, bi, ta, nt, out):
     """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
@@ -253,6 +309,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     klev16, vlev16 = np.zeros(16, np.float32), np.zeros(16, np.float32)  # the codebooks padded to 16 levels
     klev16[: klev.shape[0]] = klev
     vlev16[: vlev.shape[0]] = vlev
+    # d a multiple of 64 with vpermps: dequantization and rotation in vector registers
+    vec = PERMUTE and nd % 64 == 0 and kw0.shape[2] > 0 and vw0.shape[2] > 0
+    klo, khi, vlo, vhi = load8_1d(klev16, 0), load8_1d(klev16, 8), load8_1d(vlev16, 0), load8_1d(vlev16, 8)
     cs = np.zeros(h * nd, np.float32)  # the per-channel key range, decoded once
     co = np.zeros(h * nd, np.float32)
     if kper_channel:
@@ -268,6 +327,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     seen = np.zeros(h, np.int64)
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
+    hbuf = np.empty(width, np.uint32)  # the vector path's per-token ranges of a block, decoded (and scratch)
+    hf = hbuf.view(np.float32)
+    tsf, tof = np.empty(width, np.float32), np.empty(width, np.float32)
     bias = np.zeros(nrows, np.float32)
     empty = np.zeros((nrows, 0), np.float32)
     acc = np.zeros((h, nrows, nd), np.float32)
@@ -305,8 +367,13 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             continue
         for hh in range(h):
             ksel = hh if kts.shape[0] > 1 else 0
-            _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel, cs[hh * nd : hh * nd + nd],
-                           co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], PERMUTE)
+            if vec:
+                _dequant_vec(kbits, kw0[hh], kw1[hh], klo, khi, kper_channel, cs[hh * nd : hh * nd + nd],
+                             co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], hbuf, hf, tsf, tof)
+            else:
+                _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel,
+                               cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt,
+                               kf[hh], PERMUTE)
         if kcounts.shape[2] > 0:
             ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, bi, ta, nt, kf)
         if rope:
@@ -329,6 +396,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                     use_c[j] = np.float32(cur_c[j] * rope_scale)
                     use_s[j] = np.float32(cur_s[j] * rope_scale)
                 for hh in range(h):
+                    if vec:
+                        _rotate_vec(kf[hh], i, use_c, use_s, half)
+                        continue
                     for j in range(uhalf):
                         a, b = kf[hh, i, j], kf[hh, i, j + uhalf]
                         kf[hh, i, j] = a * use_c[j] - b * use_s[j]
@@ -343,8 +413,12 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
-            _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
-                           vto[vsel], ta, nt, vf[hh], PERMUTE)
+            if vec:
+                _dequant_vec(vbits, vw0[hh], vw1[hh], vlo, vhi, False, cs[:nd], co[:nd], vts[vsel], vto[vsel], ta, nt,
+                             vf[hh], hbuf, hf, tsf, tof)
+            else:
+                _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
+                               vto[vsel], ta, nt, vf[hh], PERMUTE)
         if vcounts.shape[2] > 0:
             ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, bi, ta, nt, vf)
         for hh in range(h):

@@ -19,7 +19,7 @@ from numba import types
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
-from .simd import _I32, _V8F, _V8I, _splat
+from .simd import _I32, _V8F, _V8I, _splat, f32x8
 
 _I64 = ir.IntType(64)
 _V8L = ir.VectorType(_I64, 8)
@@ -62,6 +62,56 @@ def _permute(builder, table, idx):
     return out
 
 
+def _codes_of_group(builder, bits, w_v, hw_v, g_v):
+    """``<8 x i32>`` codes ``8*g .. 8*g + 7`` of one 64-bit word ``w_v`` of a ``bits``-bit plane (3 bits: the high bits
+    from ``hw_v``'s low 32 bits); ``g_v`` an i64. The group's ``8*width`` bits are cut out of the word as one scalar
+    and broadcast to 32-bit lanes (64-bit lanes take twice the instructions)."""
+    width = 4 if bits == 4 else 2
+    part = builder.trunc(builder.lshr(w_v, builder.mul(g_v, ir.Constant(_I64, 8 * width))), _I32)
+    code = builder.lshr(_splat(builder, part, _V8I), ir.Constant(_V8I, [width * c for c in range(8)]))
+    code = builder.and_(code, ir.Constant(_V8I, [(1 << width) - 1] * 8))
+    if bits == 3:  # bit c of the high byte, moved to bit 2: (byte << 2) >> c, masked with 4
+        high = builder.trunc(builder.lshr(hw_v, builder.mul(g_v, ir.Constant(_I64, 8))), _I32)
+        high = builder.shl(builder.and_(high, ir.Constant(_I32, 255)), ir.Constant(_I32, 2))
+        hb = builder.and_(builder.lshr(_splat(builder, high, _V8I), ir.Constant(_V8I, list(range(8)))),
+                          ir.Constant(_V8I, [4] * 8))
+        code = builder.or_(code, hb)
+    return code
+
+
+def _table_lookup(builder, bits, lo, hi, code):
+    """The levels of ``<8 x i32>`` codes: ``lo[code]`` (levels 0-7), for 4 bits ``hi[code - 8]`` where ``code >= 8``."""
+    if bits != 4:
+        return _permute(builder, lo, code)
+    low = builder.and_(code, ir.Constant(_V8I, [7] * 8))
+    upper = builder.icmp_unsigned("!=", builder.and_(code, ir.Constant(_V8I, [8] * 8)), ir.Constant(_V8I, [0] * 8))
+    return builder.select(upper, _permute(builder, hi, low), _permute(builder, lo, low))
+
+
+def _levels_vec(bits):
+    """An intrinsic ``(table_lo, table_hi, w, hw, g) -> f32x8``: the levels of codes ``8*g .. 8*g + 7`` of one 64-bit
+    word ``w`` of a ``bits``-bit plane (``hw``: as in :func:`_lookup_word`), the codebook in two vectors (levels 0-7
+    and 8-15; the second is read for 4 bits only). Same lookup as :func:`_lookup_word`, but the result stays in a
+    register for the caller to scale and store."""
+
+    @intrinsic
+    def levels(typingctx, table_lo, table_hi, w, hw, g):
+        if table_lo != f32x8 or table_hi != f32x8:
+            return None
+        sig = f32x8(table_lo, table_hi, w, hw, g)
+
+        def codegen(context, builder, signature, args):
+            lo, hi, w_v, hw_v, g_v = args
+            w_v = context.cast(builder, w_v, signature.args[2], types.uint64)
+            hw_v = context.cast(builder, hw_v, signature.args[3], types.uint64)
+            g_v = context.cast(builder, g_v, signature.args[4], types.int64)
+            return _table_lookup(builder, bits, lo, hi, _codes_of_group(builder, bits, w_v, hw_v, g_v))
+
+        return sig, codegen
+
+    return levels
+
+
 def _lookup_word(bits):
     """An intrinsic ``(lev, w, hw, out, off)``: ``out[off + c] = lev[code c]`` for the codes of one 64-bit word ``w``
     of a ``bits``-bit plane (32, 32 or 16 codes, channel ``c`` at bits ``bits*c``; 3 bits: the 2-bit plane's word and
@@ -81,23 +131,9 @@ def _lookup_word(bits):
             out_data = make_array(signature.args[3])(context, builder, out_v).data
             tables = [builder.load(builder.bitcast(builder.gep(lev_data, [ir.Constant(_I64, 8 * t)]),
                                                    _V8F.as_pointer()), align=4) for t in range(2 if bits == 4 else 1)]
-            word = _splat(builder, w_v, _V8L)
-            high = _splat(builder, builder.trunc(hw_v, _I32), _V8I) if bits == 3 else None
-            width = 4 if bits == 4 else 2
-            for g in range(64 // width // 8):
-                code = builder.lshr(word, ir.Constant(_V8L, [width * (8 * g + c) for c in range(8)]))
-                code = builder.trunc(builder.and_(code, ir.Constant(_V8L, [(1 << width) - 1] * 8)), _V8I)
-                if bits == 3:
-                    hb = builder.and_(builder.lshr(high, ir.Constant(_V8I, [8 * g + c for c in range(8)])),
-                                      ir.Constant(_V8I, [1] * 8))
-                    code = builder.or_(code, builder.shl(hb, ir.Constant(_V8I, [2] * 8)))
-                if bits == 4:
-                    low = builder.and_(code, ir.Constant(_V8I, [7] * 8))
-                    upper = builder.icmp_unsigned("!=", builder.and_(code, ir.Constant(_V8I, [8] * 8)),
-                                                  ir.Constant(_V8I, [0] * 8))
-                    value = builder.select(upper, _permute(builder, tables[1], low), _permute(builder, tables[0], low))
-                else:
-                    value = _permute(builder, tables[0], code)
+            for g in range(64 // (4 if bits == 4 else 2) // 8):
+                code = _codes_of_group(builder, bits, w_v, hw_v, ir.Constant(_I64, g))
+                value = _table_lookup(builder, bits, tables[0], tables[-1], code)
                 ptr = builder.gep(out_data, [builder.add(off_v, ir.Constant(_I64, 8 * g))])
                 builder.store(value, builder.bitcast(ptr, _V8F.as_pointer()), align=4)
             return context.get_dummy_value()
@@ -111,3 +147,8 @@ def _lookup_word(bits):
 lookup2_word = _lookup_word(2)
 lookup3_word = _lookup_word(3)
 lookup4_word = _lookup_word(4)
+
+#: eight codes of a word to their levels, in a register (see :func:`_levels_vec`)
+levels2_vec = _levels_vec(2)
+levels3_vec = _levels_vec(3)
+levels4_vec = _levels_vec(4)

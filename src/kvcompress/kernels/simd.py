@@ -142,6 +142,16 @@ def add8(typingctx, a, b):
 
 
 @intrinsic
+def sub8(typingctx, a, b):
+    """``a - b`` lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1], flags=_FLAGS)
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
 def codes8(typingctx, arr, row, col, shift, mask):
     """The eight bytes ``arr[row, col : col + 8]`` (2-D uint8) as ``float((byte >> shift) & mask)``: one plane of eight
     packed codes (``shift``/``mask`` integers; constants at the call sites, so LLVM folds them)."""
