@@ -4,8 +4,10 @@ KVQuant's levels are an arbitrary codebook, so a code cannot be turned into its 
 terms the fastest form is a tree of selects on the code's bits (:func:`kvcompress.kernels.kvquant_cpu._levels_block`;
 a gather measured 2x slower); AVX2's ``vpermps`` does the same for 8 codes in one instruction (a 3-bit row of 64
 channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below are
-numba ``@intrinsic``\\ s that write the LLVM IR of one 64-bit word of codes: broadcast the word, shift every lane to its
-code, permute the table by the codes, store 8 floats at a time. Where the target has no AVX2 (another architecture, or
+numba ``@intrinsic``\\ s that write the LLVM IR for a 64-bit word of codes: cut 8 codes' bits out of the word,
+broadcast them to 32-bit lanes, shift every lane to its code, permute the table by the codes; then either store 8
+floats at a time (``lookup*_word``) or hand the 8 levels back in a register (``levels*_vec``, :mod:`.simd`'s
+``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
 ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit a portable lowering (one
 load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
 """
@@ -22,7 +24,6 @@ from numba.np.arrayobj import make_array
 from .simd import _I32, _V8F, _V8I, _splat, f32x8
 
 _I64 = ir.IntType(64)
-_V8L = ir.VectorType(_I64, 8)
 
 
 def _target_has_avx2() -> bool:
