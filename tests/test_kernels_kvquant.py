@@ -127,22 +127,38 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("portable", [False, True])
 def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
-    """The codebook lookup by ``vpermps`` (:mod:`kvcompress.kernels.lookup`; on a target without AVX2 its portable
-    lowering, forced here with ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read
-    as words, two words per token, codes of every value, levels with both signs; also the lookup into a register
-    (``levels*_vec``, every 8-code group of a word)."""
+    """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels*_vec``; on a
+    target without AVX2 its portable lowering, forced here with ``portable``) gives every level the select tree gives,
+    bit for bit: 2/3/4-bit planes read as words, two words per token, every 8-code group of a word, codes of every
+    value, levels with both signs."""
     import numpy as np
     from numba import njit
 
     from kvcompress.kernels import kvquant_cpu, lookup
+    from kvcompress.kernels.simd import load8_1d, store8
 
     if not portable and not lookup.PERMUTE:
         pytest.skip("numba's target has no AVX2")
     monkeypatch.setattr(lookup, "PERMUTE", not portable)  # read when the wrapper below is compiled
 
     @njit(cache=False)
-    def levels(bits, p0, p1, w0, w1, lev, n, out, permute):
-        kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out, permute)
+    def select_trees(bits, p0, p1, w0, w1, lev, n, out):
+        kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out)
+
+    @njit(cache=False)
+    def by_register(bits, w0, w1, lev, n, out):
+        lo, hi = load8_1d(lev, 0), load8_1d(lev, 8)
+        per = 16 if bits == 4 else 32
+        for t in range(n):
+            for c8 in range(out.shape[1] // 8):
+                k, g = (8 * c8) // per, ((8 * c8) % per) // 8
+                if bits == 2:
+                    x = lookup.levels2_vec(lo, hi, w0[t, k], np.uint64(0), g)
+                elif bits == 3:
+                    x = lookup.levels3_vec(lo, hi, w0[t, k], w1[t, k >> 1] >> np.uint64(32 * (k & 1)), g)
+                else:
+                    x = lookup.levels4_vec(lo, hi, w0[t, k], np.uint64(0), g)
+                store8(x, out, t, 8 * c8)
 
     rng = np.random.default_rng(bits)
     n, d = 37, 128
@@ -151,32 +167,10 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
     lev = np.zeros(16, np.float32)
     lev[: 1 << bits] = np.sort(rng.standard_normal(1 << bits)).astype(np.float32)
     want, got = np.full((n, d), np.nan, np.float32), np.full((n, d), np.nan, np.float32)
-    levels(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want, False)
-    levels(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, got, True)
+    select_trees(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want)
+    by_register(bits, p0.view(np.uint64), p1.view(np.uint64), lev, n, got)
     assert np.array_equal(got, want)
     assert len(np.unique(got)) == 1 << bits  # every code occurred
-    if not portable:  # the same lookup kept in a register, 8 codes at a time (the kernel's vector path)
-        from kvcompress.kernels.lookup import levels2_vec, levels3_vec, levels4_vec
-        from kvcompress.kernels.simd import load8_1d, store8
-
-        @njit(cache=False)
-        def by_register(bits, w0, w1, lev, n, out):
-            lo, hi = load8_1d(lev, 0), load8_1d(lev, 8)
-            per = 16 if bits == 4 else 32
-            for t in range(n):
-                for c8 in range(out.shape[1] // 8):
-                    k, g = (8 * c8) // per, ((8 * c8) % per) // 8
-                    if bits == 2:
-                        x = levels2_vec(lo, hi, w0[t, k], np.uint64(0), g)
-                    elif bits == 3:
-                        x = levels3_vec(lo, hi, w0[t, k], w1[t, k >> 1] >> np.uint64(32 * (k & 1)), g)
-                    else:
-                        x = levels4_vec(lo, hi, w0[t, k], np.uint64(0), g)
-                    store8(x, out, t, 8 * c8)
-
-        regs = np.full((n, d), np.nan, np.float32)
-        by_register(bits, p0.view(np.uint64), p1.view(np.uint64), lev, n, regs)
-        assert np.array_equal(regs, want)
 
 
 @needs_numba

@@ -8,8 +8,9 @@ every KV head of the batch row in the same pass (a token's position, rotation an
 
 * **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: the bit planes are read as 64-bit words, one
   vectorized loop of 32 (16) codes per word (:func:`_levels_block`), the level looked up by ``vpermps`` 8 codes at a
-  time where numba's target has AVX2 (:mod:`.lookup`), else a tree of selects on the code's bits (a gather from the
-  level table measured 2x slower), times the range plus the offset (per channel for keys, per token for values); then
+  time into a register and scaled there where numba's target has AVX2 (:mod:`.lookup`, :func:`_dequant_vec`), else a
+  tree of selects on the code's bits (a gather from the level table measured 2x slower), times the range plus the
+  offset (per channel for keys, per token for values); then
   the row's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place
   of its code);
 * **rotate** pre-RoPE keys to their positions inside the kernel: RoPE's pairs ``(j, j + d/2)`` are ``d/2`` apart, so
@@ -35,9 +36,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
-from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec,
-                  fold_query, normalize_into)
-from .lookup import PERMUTE, levels2_vec, levels3_vec, levels4_vec, lookup2_word, lookup3_word, lookup4_word
+from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
+                  _values_vec, fold_query, normalize_into)
+from .lookup import PERMUTE, levels2_vec, levels3_vec, levels4_vec
 from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
 
 #: tokens dequantized at a time into the scratch
@@ -98,28 +99,15 @@ def _entries_between(counts, a, z):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out, permute):
+def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out):
     """``out[i, c] = lev[code of channel c]`` for tokens ``ta + i`` (``i < nt``), channels in order. Codes: 2 or 4
     bits in plane ``p0``; 3 bits: the low 2 bits in ``p0``, the high bit in the 1-bit plane ``p1`` (rows ``(cap,
     bytes)`` uint8, :func:`kvcompress.quant.pack_bits`). When ``w0`` has words (``d`` a multiple of 64), the same
     planes read as little-endian 64-bit words (``w0``/``w1 (cap, words)`` uint64: channel ``c`` of a ``b``-bit plane
     at bits ``b*c`` of the row), one loop of 32 (16) codes per word with a variable shift: it vectorizes, where loops
     over bytes did not (measured 13 vs 80 ns per 3-bit row of 64); else byte by byte. ``lev`` padded to 16 levels; the
-    level is a tree of selects on the code's bits (a gather from the table measured 2x slower), or with ``permute``
-    (:data:`kvcompress.kernels.lookup.PERMUTE`: AVX2) one ``vpermps`` per 8 codes (:mod:`kvcompress.kernels.lookup`)."""
-    if permute and w0.shape[1] > 0:
-        nw = w0.shape[1]
-        for i in range(nt):
-            t = ta + i
-            row = out[i]
-            for k in range(nw):
-                if bits == 2:
-                    lookup2_word(lev, w0[t, k], 0, row, 32 * k)
-                elif bits == 3:
-                    lookup3_word(lev, w0[t, k], w1[t, k >> 1] >> uint64(32 * (k & 1)), row, 32 * k)
-                else:
-                    lookup4_word(lev, w0[t, k], 0, row, 16 * k)
-        return
+    level is a tree of selects on the code's bits (a gather from the table measured 2x slower). Where numba's target
+    has AVX2 and the planes have words, the kernel takes :func:`_dequant_vec` instead (``vpermps``)."""
     l0, l1, l2, l3, l4, l5, l6, l7 = lev[0], lev[1], lev[2], lev[3], lev[4], lev[5], lev[6], lev[7]
     l8, l9, l10, l11, l12, l13, l14, l15 = lev[8], lev[9], lev[10], lev[11], lev[12], lev[13], lev[14], lev[15]
     d = out.shape[1]
@@ -175,11 +163,11 @@ def _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out, permute):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, nt, out, permute):
+def _dequant_block(bits, p0, p1, w0, w1, lev, per_channel, cs, co, ts, to, ta, nt, out):
     """``out[i, :d]`` = token ``ta + i`` (``i < nt``) dequantized, outliers aside: ``lev[code]`` (:func:`_levels_block`)
     times the range plus the offset (``per_channel``: ``cs``/``co (d,)``; else ``ts``/``to (cap,)`` per token)."""
     d = uint64(out.shape[1])
-    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out, permute)
+    _levels_block(bits, p0, p1, w0, w1, lev, ta, nt, out)
     for i in range(nt):
         if per_channel:
             for p in range(d):
@@ -373,7 +361,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             else:
                 _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel,
                                cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt,
-                               kf[hh], PERMUTE)
+                               kf[hh])
         if kcounts.shape[2] > 0:
             ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, bi, ta, nt, kf)
         if rope:
@@ -418,7 +406,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                              vf[hh], hbuf, hf, tsf, tof)
             else:
                 _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
-                               vto[vsel], ta, nt, vf[hh], PERMUTE)
+                               vto[vsel], ta, nt, vf[hh])
         if vcounts.shape[2] > 0:
             ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, bi, ta, nt, vf)
         for hh in range(h):

@@ -4,10 +4,9 @@ KVQuant's levels are an arbitrary codebook, so a code cannot be turned into its 
 terms the fastest form is a tree of selects on the code's bits (:func:`kvcompress.kernels.kvquant_cpu._levels_block`;
 a gather measured 2x slower); AVX2's ``vpermps`` does the same for 8 codes in one instruction (a 3-bit row of 64
 channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below are
-numba ``@intrinsic``\\ s that write the LLVM IR for a 64-bit word of codes: cut 8 codes' bits out of the word,
-broadcast them to 32-bit lanes, shift every lane to its code, permute the table by the codes; then either store 8
-floats at a time (``lookup*_word``) or hand the 8 levels back in a register (``levels*_vec``, :mod:`.simd`'s
-``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
+numba ``@intrinsic``\\ s that write the LLVM IR for 8 codes of a 64-bit word: cut their bits out of the word,
+broadcast them to 32-bit lanes, shift every lane to its code, permute the table by the codes, and hand the 8 levels
+back in a register (:mod:`.simd`'s ``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
 ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit a portable lowering (one
 load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
 """
@@ -19,7 +18,6 @@ import platform
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
 from .simd import _I32, _V8F, _V8I, _splat, f32x8
 
@@ -91,9 +89,9 @@ def _table_lookup(builder, bits, lo, hi, code):
 
 def _levels_vec(bits):
     """An intrinsic ``(table_lo, table_hi, w, hw, g) -> f32x8``: the levels of codes ``8*g .. 8*g + 7`` of one 64-bit
-    word ``w`` of a ``bits``-bit plane (``hw``: as in :func:`_lookup_word`), the codebook in two vectors (levels 0-7
-    and 8-15; the second is read for 4 bits only). Same lookup as :func:`_lookup_word`, but the result stays in a
-    register for the caller to scale and store."""
+    word ``w`` of a ``bits``-bit plane (channel ``c`` at bits ``bits*c``; 3 bits: ``w`` from the 2-bit plane and ``hw``
+    the 32 high bits of the same channels in its low half), the codebook in two vectors (levels 0-7
+    and 8-15; the second is read for 4 bits only). The result stays in a register for the caller to scale and store."""
 
     @intrinsic
     def levels(typingctx, table_lo, table_hi, w, hw, g):
@@ -112,42 +110,6 @@ def _levels_vec(bits):
 
     return levels
 
-
-def _lookup_word(bits):
-    """An intrinsic ``(lev, w, hw, out, off)``: ``out[off + c] = lev[code c]`` for the codes of one 64-bit word ``w``
-    of a ``bits``-bit plane (32, 32 or 16 codes, channel ``c`` at bits ``bits*c``; 3 bits: the 2-bit plane's word and
-    ``hw``, the 32 high bits of the same channels in its low half). ``lev`` float32, contiguous, >= 16 levels (padded);
-    ``out`` float32, contiguous, room for the codes at ``off``."""
-
-    @intrinsic
-    def lookup(typingctx, lev, w, hw, out, off):
-        sig = types.void(lev, w, hw, out, off)
-
-        def codegen(context, builder, signature, args):
-            lev_v, w_v, hw_v, out_v, off_v = args
-            w_v = context.cast(builder, w_v, signature.args[1], types.uint64)
-            hw_v = context.cast(builder, hw_v, signature.args[2], types.uint64)
-            off_v = context.cast(builder, off_v, signature.args[4], types.int64)
-            lev_data = make_array(signature.args[0])(context, builder, lev_v).data
-            out_data = make_array(signature.args[3])(context, builder, out_v).data
-            tables = [builder.load(builder.bitcast(builder.gep(lev_data, [ir.Constant(_I64, 8 * t)]),
-                                                   _V8F.as_pointer()), align=4) for t in range(2 if bits == 4 else 1)]
-            for g in range(64 // (4 if bits == 4 else 2) // 8):
-                code = _codes_of_group(builder, bits, w_v, hw_v, ir.Constant(_I64, g))
-                value = _table_lookup(builder, bits, tables[0], tables[-1], code)
-                ptr = builder.gep(out_data, [builder.add(off_v, ir.Constant(_I64, 8 * g))])
-                builder.store(value, builder.bitcast(ptr, _V8F.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return lookup
-
-
-#: one word of 2-, 3- or 4-bit codes to their levels (see :func:`_lookup_word`)
-lookup2_word = _lookup_word(2)
-lookup3_word = _lookup_word(3)
-lookup4_word = _lookup_word(4)
 
 #: eight codes of a word to their levels, in a register (see :func:`_levels_vec`)
 levels2_vec = _levels_vec(2)
