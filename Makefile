@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY = $(VENV)/bin/python
 OUT ?= results/eval
 
-.PHONY: setup eval test test-fast bench-peers lock clean
+.PHONY: setup eval test test-fast bench-peers bench-peers-speed lock clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test-fast: setup
 
 bench-peers: setup
 	$(PY) benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
+
+# only the TTFT / decode columns of that table, re-measured the same way and put into its peers.json (~15 min)
+bench-peers-speed: setup
+	$(PY) benchmarks/peers.py --speed-only --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
 
 lock:
 	scripts/lock.sh $(PYTHON)

@@ -2,6 +2,7 @@
 same model (SmolLM2-135M), WikiText-2 windows and needle set, through kvcompress's own protocol.
 
     make bench-peers     # = python benchmarks/peers.py --jobs 2 --threads 1 --out benchmarks/results/peers --readme README.md
+    make bench-peers-speed   # the same, --speed-only: re-measure only the TTFT / decode columns (~15 min, not ~2 h)
     python benchmarks/peers.py --prompt-len 512 --cont-len 64 --windows 1 --needle 1024   # a quick look
 
 Full protocol by default: P = 1024, C = 256, 4 windows, needle at 1k/2k (3 depths, query-aware and -agnostic),
@@ -11,7 +12,9 @@ installed separately: a failed install is reported and that peer skipped); (2) w
 is missing; (3) run ``benchmarks/peers_runner.py`` in that venv, in ``--jobs`` processes that each measure every
 N-th row next to their own full reference (merged afterwards); (4) write ``peers.json``, ``peers.md`` and
 ``pareto.png`` under ``--out``, the Markdown to ``benchmarks/results/peers.md`` and, with ``--readme``, the
-headline block of the README.
+headline block of the README. ``--speed-only`` runs the runners with no perplexity windows and no needle tasks,
+then puts their TTFT / decode ratios into the ``peers.json`` already under ``--out`` (its quality columns kept; the
+speed run's command, versions and date recorded next to them) and re-renders.
 
 This file needs only the standard library (rendering runs under the venv's python, which has matplotlib).
 """
@@ -26,6 +29,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -105,6 +109,28 @@ def merge_shards(shards: list[dict]) -> dict:
     return merged
 
 
+def merge_speed(result: dict, speed: dict, date: str) -> dict:
+    """``result`` (a full run) with every row's ``speed`` taken from ``speed`` (a ``--speed-only`` run), rows matched
+    by their displayed spec. A row the speed run did not measure loses its old figures (two runs in one column
+    would mislead) and is named in ``speed_run["missing"]``; the speed run's own set-up goes to ``speed_run``."""
+    measured = {_short_spec(m["spec"]): m.get("speed") for m in speed["methods"] if not m.get("reference")}
+    merged = json.loads(json.dumps(result))
+    missing = []
+    for row in merged["methods"]:
+        if row.get("reference"):
+            continue
+        got = measured.get(_short_spec(row["spec"]))
+        if got:
+            row["speed"] = got
+        else:
+            row.pop("speed", None)
+            missing.append(row["spec"])
+    merged["config"]["speed"] = speed["config"]["speed"]
+    merged["speed_run"] = {"command": speed.get("command"), "date": date, "versions": speed["versions"],
+                           "jobs": speed["config"].get("jobs") or 1, "wall_s": speed["wall_s"], "missing": missing}
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # rendering (run under the venv's python: needs matplotlib)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,6 +171,14 @@ def markdown(result: dict) -> str:
     lines = []
     if result.get("command"):
         lines += ["```", result["command"], "```", ""]
+    run = result.get("speed_run")
+    if run:
+        rv = run["versions"]
+        lines += [f"TTFT / decode columns re-measured on {run['date']} by `{run['command']}` (torch {rv['torch']}, "
+                  f"transformers {rv['transformers']}, {rv['threads']} thread(s) x {run['jobs']} runner processes, "
+                  f"{run['wall_s']:.0f} s); the other columns are from the run above.", ""]
+        for spec in run.get("missing", []):
+            lines += [f"- speed not re-measured: `{_short_spec(spec)}`", ""]
     v = result["versions"]
     setup = [f"model {result['model']['name']} ({result['model']['dtype']})",
              f"data {_display_path(result['data']['source'])} (sha256 {result['data']['sha256'][:12]})"]
@@ -325,6 +359,9 @@ def main(argv=None) -> int:
                    help="KVQuant calibration file; written first (kvcompress calibrate kvquant, ~80 s) if missing; "
                         "'' = no kvquant rows")
     p.add_argument("--render-only", action="store_true", help="only re-render peers.json under --out")
+    p.add_argument("--speed-only", action="store_true",
+                   help="re-measure only the TTFT / decode columns (no perplexity, no needle) and put them into the "
+                        "peers.json already under --out, keeping its other columns")
     p.add_argument("--readme", default="", help="also rewrite the headline block of this README ('' = no)")
     args, passthrough = p.parse_known_args(argv)
     out = Path(args.out).resolve()
@@ -336,6 +373,9 @@ def main(argv=None) -> int:
     if args.render_only:
         render(out, results_md, readme)
         return 0
+    if args.speed_only and not (out / "peers.json").exists():
+        p.error(f"--speed-only puts new speed columns into {out / 'peers.json'}, which does not exist: run the full "
+                "protocol first")
 
     status = ensure_venv(args.reinstall)
     missing = [s for s in REQUIRED if not status.get(s, {}).get("ok")]
@@ -359,13 +399,16 @@ def main(argv=None) -> int:
         runner += ["--quant-backends", *backends]
     if calibration is not None:
         runner += ["--kvquant-calibration", str(calibration)]
+    if args.speed_only:
+        runner += ["--windows", "0", "--needle"]
+    run_dir = out / "speed-run" if args.speed_only else out
     if args.jobs == 1:
-        rc = subprocess.run(runner + ["--out", str(out)] + passthrough, cwd=REPO).returncode
+        rc = subprocess.run(runner + ["--out", str(run_dir)] + passthrough, cwd=REPO).returncode
         if rc != 0:
             print(f"[peers] the runner failed (exit {rc})", file=sys.stderr)
             return rc
     else:
-        shard_dirs = [out / f"shard-{k}" for k in range(args.jobs)]
+        shard_dirs = [run_dir / f"shard-{k}" for k in range(args.jobs)]
         procs = [subprocess.Popen(runner + ["--out", str(d), "--shard", f"{k}/{args.jobs}"] + passthrough, cwd=REPO)
                  for k, d in enumerate(shard_dirs)]
         codes = [pr.wait() for pr in procs]
@@ -374,7 +417,13 @@ def main(argv=None) -> int:
             return max(codes)
         merged = merge_shards([json.loads((d / "peers.json").read_text()) for d in shard_dirs])
         merged["command"] = command
-        out.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "peers.json").write_text(json.dumps(merged, indent=1) + "\n")
+    if args.speed_only:
+        speed = json.loads((run_dir / "peers.json").read_text())
+        speed["command"] = command
+        full = json.loads((out / "peers.json").read_text())
+        merged = merge_speed(full, speed, time.strftime("%Y-%m-%d"))
         (out / "peers.json").write_text(json.dumps(merged, indent=1) + "\n")
     return subprocess.run([str(venv_python()), __file__, "--render-only", "--out", str(out),
                            "--results-md", str(results_md or ""), "--readme", str(readme or "")]).returncode

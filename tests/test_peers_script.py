@@ -120,3 +120,34 @@ def test_failed_install_is_reported_and_the_rest_carries_on(peers, tmp_path, mon
     calls.clear()
     peers.ensure_venv()  # a second call retries only the failed step
     assert len(calls) == 1 and "hqq" in calls[0]
+
+
+def test_merge_speed_replaces_only_the_speed_and_drops_rows_it_did_not_measure(peers):
+    ref = _row("full", 0, 18.0, reference=True)
+    ref["speed"] = {"ttft_ratio": 1.0, "decode_ratio": 1.0, "reference": True}
+    kv = _row("kvquant:bits=3,calibration=/old/place/kv.safetensors", 1)
+    kv["speed"] = {"ttft_ratio": 0.5, "decode_ratio": 0.5}
+    gone = _row("hf-quant:hqq@4bit", 2)
+    gone["speed"] = {"ttft_ratio": 0.6, "decode_ratio": 0.6}
+    full = {"methods": [ref, kv, gone], "config": {"speed": {"context": 1024, "steps": 32, "repeats": 3}},
+            "versions": {"torch": "2.13.0", "transformers": "5.2.0"}, "command": "full-run"}
+    new_kv = {"spec": "kvquant:bits=3,calibration=/new/place/kv.safetensors", "family": "kvcompress",
+              "speed": {"ttft_ratio": 0.97, "decode_ratio": 1.04}}
+    speed = {"methods": [dict(ref, ppl=None), new_kv], "config": {"speed": {"context": 1024, "steps": 32, "repeats": 3},
+                                                                  "jobs": 2},
+             "versions": {"torch": "2.13.0", "transformers": "5.2.0", "threads": 1}, "wall_s": 900.0,
+             "command": "python benchmarks/peers.py --speed-only"}
+    merged = peers.merge_speed(full, speed, "2026-12-04")
+    kv_row, gone_row = merged["methods"][1], merged["methods"][2]
+    assert kv_row["speed"]["decode_ratio"] == 1.04 and kv_row["ppl"] == kv["ppl"]  # quality kept, speed replaced
+    assert "speed" not in gone_row and merged["speed_run"]["missing"] == ["hf-quant:hqq@4bit"]
+    assert merged["methods"][0]["speed"]["reference"] and full["methods"][1]["speed"]["decode_ratio"] == 0.5
+    assert merged["command"] == "full-run" and merged["speed_run"]["jobs"] == 2
+    md = peers.markdown(dict(merged, model={"name": "m", "dtype": "f32"}, peak_rss_bytes=1, wall_s=1, skipped=[],
+                             data={"source": "/x", "sha256": "0" * 64},
+                             config=dict(merged["config"], windows=1, prompt_len=8, cont_len=8),
+                             versions=dict(full["versions"], kvpress=None, hqq=None, threads=1,
+                                           **{"optimum-quanto": None})))
+    assert "re-measured on 2026-12-04 by `python benchmarks/peers.py --speed-only`" in md
+    assert "speed not re-measured: `hf-quant:hqq@4bit`" in md
+    assert "| 1.04x |" in md
