@@ -659,3 +659,40 @@ def test_memory_report_says_which_path_each_layer_takes(tiny_model, capsys):
     assert report("snapkv", budget=0.9).attention == {"dense": 4}
     assert main(["list"]) == 0
     assert f"CPU tensors -> numba {cpu.numba.__version__}" in capsys.readouterr().out
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), h=st.integers(1, 3), rows=st.integers(1, 4), n=st.integers(1, 40), share=st.floats(0, 1),
+       seen=st.sampled_from(["all", "some", "none"]), seed=st.integers(0, 10_000))
+def test_scattered_entries_attend_like_their_rows(b, h, rows, n, share, seen, seed):
+    """MiniCache's retained entries (one list, each entry tagged position * b*h + row): the numba partials equal the
+    dequantize-then-attend reference of each row's entries laid out densely, the torch layout path too, and the
+    mask that hides them from the merged part is True exactly elsewhere (and where ``valid`` allows)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 16
+    flat = torch.randperm(n * b * h, generator=gen)[: int(share * n * b * h)].sort().values.to(torch.int32)
+    r = flat.numel()
+    qg = torch.randn(b, h, rows, d, generator=gen)
+    keys, values = torch.randn(r, d, generator=gen), torch.randn(r, d, generator=gen)
+    vis = {"all": None, "some": torch.rand(r, generator=gen) < 0.5, "none": torch.zeros(r, dtype=torch.bool)}[seen]
+    # the reference: every row's entries as a dense (b, h, n, d) past, the others masked
+    dense_k, dense_v = torch.zeros(b * h, n, d), torch.zeros(b * h, n, d)
+    ok = torch.zeros(b * h, n, dtype=torch.bool)
+    row, pos = flat.long() % (b * h), flat.long() // (b * h)
+    dense_k[row, pos], dense_v[row, pos] = keys, values
+    ok[row, pos] = True if vis is None else vis
+    shape = (b, h, n, d)
+    for backend in ("numba", "torch"):
+        with kernels.fused(backend == "numba"):
+            acc, m, l = kernels.scattered_partials(qg, flat, keys, values, vis)
+        check_partials(acc, m, l, qg, dense_k.view(shape), dense_v.view(shape), ok.view(b, h, n))
+    valid = torch.rand(b, 1, n, generator=gen) < 0.7
+    for v in (None, valid):
+        want = torch.ones(b * h, n, dtype=torch.bool)
+        want[row, pos] = False
+        want = want.view(b, h, n) if v is None else want.view(b, h, n) & v
+        for on in (True, False):
+            with kernels.fused(on):
+                got = kernels.scattered_mask(flat, b, h, n, v)
+            assert got.is_contiguous() and torch.equal(got, want)

@@ -366,6 +366,56 @@ def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Te
     return acc, m, l
 
 
+def scattered_partials(qg: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       seen: torch.Tensor | None = None):
+    """The ``KVPart.fused`` partials of ``qg (b, h, rows, d)`` fp32 (scaled) over entries of several (batch, KV head)
+    rows held in one list (MiniCache's retained entries): entry ``e`` belongs to row ``idx[e] % (b * h)`` (``idx
+    (r,)`` int, in any order), with key ``keys[e]`` and value ``values[e]`` (``(r, d)`` float), visible where ``seen
+    (r,)`` bool (None: all). Returns ``(acc (b, h, rows, d), m, l (b, h, rows))`` fp32. One numba call on the CPU
+    (:func:`kvcompress.kernels.cpu.scattered_partials`); elsewhere the entries are laid out per row and attended in
+    torch."""
+    b, h, rows, d = qg.shape
+    if backend(qg.device) == "numba":
+        acc = np.empty((b, h, rows, d), np.float32)
+        m = np.empty((b, h, rows), np.float32)
+        l = np.empty((b, h, rows), np.float32)
+        _cpu.scattered_partials(_np32(qg), _np(idx.to(torch.int32)), _np32(keys), _np32(values),
+                                _NO_SEEN if seen is None else _np(seen.to(torch.bool)), acc, m, l)
+        return torch.from_numpy(acc), torch.from_numpy(m), torch.from_numpy(l)
+    row = idx.long() % (b * h)
+    counts = torch.bincount(row, minlength=b * h)
+    width = int(counts.max()) if row.numel() else 0
+    order = torch.argsort(row, stable=True)
+    row = row[order]
+    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+    laid_k = qg.new_zeros(b * h, width, d)
+    laid_v = laid_k.clone()
+    ok = torch.zeros(b * h, width, dtype=torch.bool, device=qg.device)
+    laid_k[row, slot] = keys[order].float()
+    laid_v[row, slot] = values[order].float()
+    ok[row, slot] = True if seen is None else seen[order]
+    laid_k, laid_v = laid_k.view(b, h, width, d), laid_v.view(b, h, width, d)
+    return chunked_partials(qg, lambda a, z, dt: (laid_k[:, :, a:z], laid_v[:, :, a:z]), width, max(width, 1),
+                            ok.view(b, h, width))
+
+
+def scattered_mask(idx: torch.Tensor, b: int, h: int, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(b, h, n)`` bool, contiguous: True except at the entries ``idx (r,)`` (position * b*h + row, positions below
+    ``n``) and where ``valid (b, 1|h, n)`` bool is False (None: nowhere)."""
+    if backend(idx.device) == "numba":
+        out = torch.empty(b, h, n, dtype=torch.bool)
+        _cpu.scattered_mask(_np(idx.to(torch.int32)), b, h, n,
+                            _ALL_VALID if valid is None else _np(valid.to(torch.bool)), _np(out))
+        return out
+    flat = torch.ones(n * b * h, dtype=torch.bool, device=idx.device)
+    flat[idx.long()] = False
+    out = flat.view(n, b, h).permute(1, 2, 0)
+    return (out if valid is None else out & valid.to(torch.bool)).contiguous()
+
+
+_NO_SEEN = np.ones(0, np.bool_)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # KVQuant's layout: codebook levels, per-channel or per-token ranges, CSR outliers, pre-RoPE keys
 # --------------------------------------------------------------------------------------------------------------------

@@ -846,3 +846,65 @@ def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk
     kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
                       np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
     normalize_into(acc, l, out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scattered tokens: entries of several (batch, KV head) rows held in one list (MiniCache's retained entries)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def scattered_partials(qg, idx, keys, values, seen, acc, m, l):
+    """Attention partials of ``qg (b, h, rows, d)`` float32 (scaled) over entries that each belong to one
+    (batch, KV head) row: entry ``e`` is row ``idx[e] % (b * h)`` (``idx (r,)`` int32, e.g. position * b*h + row; the
+    order does not matter), key ``keys[e]`` and value ``values[e]`` ``(r, d)`` float32, visible where ``seen[e]``
+    (``seen (r,)`` bool, or ``(0,)``: all). Writes ``acc (b, h, rows, d)``, ``m``, ``l (b, h, rows)`` as
+    :func:`kivi_layer_serial` does (a row no entry reaches: ``m = -inf``, ``l = 0``, ``acc = 0``). Exact exp."""
+    b, h, rows, d = qg.shape
+    nbh = b * h
+    for bi in range(b):
+        for hi in range(h):
+            for r in range(rows):
+                m[bi, hi, r] = -np.inf
+                l[bi, hi, r] = 0.0
+                for c in range(d):
+                    acc[bi, hi, r, c] = 0.0
+    has_seen = seen.shape[0] > 0
+    for e in range(idx.shape[0]):
+        if has_seen and not seen[e]:
+            continue
+        row = np.int64(idx[e]) % nbh
+        bi, hi = row // h, row % h
+        for r in range(rows):
+            s = np.float32(0.0)
+            for c in range(d):
+                s += qg[bi, hi, r, c] * keys[e, c]
+            mo = m[bi, hi, r]
+            if s > mo:  # a new maximum: what was summed so far shrinks by exp(old - new)
+                shrink = np.float32(np.exp(mo - s)) if mo > -np.inf else np.float32(0.0)
+                l[bi, hi, r] *= shrink
+                for c in range(d):
+                    acc[bi, hi, r, c] *= shrink
+                m[bi, hi, r] = s
+                mo = s
+            p = np.float32(np.exp(s - mo))
+            l[bi, hi, r] += p
+            for c in range(d):
+                acc[bi, hi, r, c] += p * values[e, c]
+
+
+@njit(cache=True)
+def scattered_mask(idx, b, h, n, valid, out):
+    """``out (b, h, n)`` bool: True except at the entries ``idx (r,)`` int32 (position * b*h + row, positions ``< n``)
+    and, with ``valid (b, 1|h, n)`` bool (or ``(1, 1, 0)``: none), where that is False."""
+    has_valid = valid.shape[2] > 0
+    per_head = valid.shape[1] > 1
+    for bi in range(b):
+        for hi in range(h):
+            vh = hi if per_head else 0
+            for t in range(n):
+                out[bi, hi, t] = valid[bi, vh, t] if has_valid else True
+    nbh = b * h
+    for e in range(idx.shape[0]):
+        row = np.int64(idx[e]) % nbh
+        out[row // h, row % h, np.int64(idx[e]) // nbh] = False

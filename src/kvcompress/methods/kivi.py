@@ -213,10 +213,11 @@ class _DeferredQuantization:
     ops (~0.1 ms), the same as quantizing all layers' tokens at once. Each layer hands its token here
     (:meth:`_Quantized.defer`); the first access to any deferred stream (the next step's attention, ``nbytes()``, a
     read) settles all of them with one :func:`quantize_uniform` over the tokens stacked along the batch axis, then
-    appends each layer's slice. Codes, scales and zeros are those of separate calls (statistics are per token and
-    group), so nothing observable changes. The settling runs in the inference / grad mode the tokens were deferred
-    in (a forward under ``torch.inference_mode()`` holds inference tensors, which only that mode may update in place).
-    One queue per cache (a cache is driven by one thread)."""
+    appends each layer's slice (tokens of another shape, bit width or mode form their own batch). Codes, scales and
+    zeros are those of separate calls (statistics are per token and group), so nothing observable changes. The
+    settling runs in the inference / grad mode the tokens were deferred in (a forward under ``torch.inference_mode()``
+    holds inference tensors, which only that mode may update in place). One queue per cache (a cache is driven by
+    one thread)."""
 
     def __init__(self):
         self.pending: list[tuple[_Quantized, torch.Tensor, tuple[bool, bool]]] = []
@@ -225,26 +226,39 @@ class _DeferredQuantization:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        for stream, _, _ in pending:
+        batches: dict[tuple, list[tuple[_Quantized, torch.Tensor]]] = {}
+        for stream, x, mode in pending:  # one stream has at most one token waiting (defer settles first)
             stream._queued = False
-        first_stream, first, mode = pending[0]
-        same = len({id(stream) for stream, _, _ in pending}) == len(pending) and all(
-            (stream.bits, stream.group) == (first_stream.bits, first_stream.group) and x.shape[1:] == first.shape[1:]
-            and x.dtype == first.dtype and x.device == first.device and m == mode for stream, x, m in pending)
-        if len(pending) == 1 or not same:
-            for stream, x, (inference, grad) in pending:
-                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                    stream.add(x)
-            return
-        with torch.inference_mode(mode[0]), torch.set_grad_enabled(mode[1]):
-            stacked = torch.cat([x for _, x, _ in pending], dim=0)
-            q = quantize_uniform(stacked, first_stream.bits, axis=3, group_size=first_stream.group)
-            row = 0
-            for stream, x, _ in pending:
-                b = x.shape[0]
-                stream._append(UniformQuantized(q.packed[row : row + b], q.scale[row : row + b],
-                                                q.zero[row : row + b], q.bits, tuple(x.shape), q.axis, q.group_size))
-                row += b
+            key = (stream.bits, stream.group, tuple(x.shape[1:]), x.dtype, x.device, mode)
+            batches.setdefault(key, []).append((stream, x))
+        for (bits, group, *_, (inference, grad)), members in batches.items():
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                if len(members) == 1:
+                    members[0][0].add(members[0][1])
+                    continue
+                stacked = torch.cat([x for _, x in members], dim=0)
+                q = quantize_uniform(stacked, bits, axis=3, group_size=group)
+                row = 0
+                for stream, x in members:
+                    b = x.shape[0]
+                    stream._append(UniformQuantized(q.packed[row : row + b], q.scale[row : row + b],
+                                                    q.zero[row : row + b], q.bits, tuple(x.shape), q.axis,
+                                                    q.group_size))
+                    row += b
+
+
+def value_queue() -> _DeferredQuantization:
+    """A new queue for :func:`share_value_queue` (one per cache)."""
+    return _DeferredQuantization()
+
+
+def share_value_queue(store: TokenStorage, queue: _DeferredQuantization) -> TokenStorage:
+    """Let a :class:`KiviStore`'s value tokens wait in ``queue`` (shared by the stores of one cache) and be quantized
+    with the other stores' at the next access (:class:`_DeferredQuantization`: the same codes). Other stores are left
+    as they are. Returns ``store``."""
+    if isinstance(store, KiviStore):
+        store.vq.queue = queue
+    return store
 
 
 @register_storage("kivi")
@@ -276,7 +290,7 @@ class KiviStore(TokenStorage):
         if keys.shape[2] == 0:
             return
         self.stage(keys, values)
-        self.flush()
+        self.flush(defer=True)  # values quantized at once, or with the step's others where a queue is shared
 
     def stage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """First half of :meth:`append`: the new tokens join the 2-byte residuals (nothing is quantized yet), so that
@@ -428,6 +442,31 @@ class KiviStore(TokenStorage):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def attend_one_token(layer: StorageLayer, query, keys, values, new_valid, scaling):
+    """A one-token step of a layer whose past is a fused :class:`KiviStore` (``layer.kv``; no padding held or new):
+    the new token joins the residual first (:meth:`KiviStore.stage`), so one kernel call covers ``[codes | residual |
+    new token]`` (the token the query sees as itself is the 2-byte value that ends the residual, exactly the last
+    part of the general path), then the residual is flushed (its value token deferred to the store's queue, if any).
+    Returns ``(output, transient bytes)`` as ``attend_step``, or None where this does not apply (several tokens,
+    padding, no kernel): the caller's general path runs. Used by KIVI's layers and MiniCache's unmerged ones."""
+    from .. import kernels
+    from ..attention import attend_parts
+
+    kv = layer.kv
+    if keys.shape[2] != 1 or new_valid is not None or layer.valid is not None or not kv.fused():
+        return None
+    kv.stage(keys, values)
+    if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
+        # the kernel decodes the 2-byte residuals (with the new token) into fp32 scratch: the step's transient
+        output = kv.decode_step(query, scaling)
+        transient = (kv.k_res.numel() + kv.v_res.numel()) * 4
+    else:
+        result = attend_parts(query, kv.parts(fused=True), scaling)
+        output, transient = result.output, result.transient_bytes
+    kv.flush(defer=True)
+    return output, transient
+
+
 class KiviLayer(StorageLayer):
     """A full-attention layer whose past K/V live in a :class:`KiviStore`; it attends over the quantized past chunk by
     chunk (never the whole dequantized past at once) and masks padding."""
@@ -445,25 +484,10 @@ class KiviLayer(StorageLayer):
         return KiviLayer(self.geometry, self.layer_idx, self.config)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        """A one-token step over a fused store: the new token joins the residual first (:meth:`KiviStore.stage`), so
-        one kernel call covers ``[codes | residual | new token]`` (the token the query sees as itself is the 2-byte
-        value that ends the residual, exactly the last part of the general path), then the residual is flushed.
-        Anything else (several tokens, padding, no kernel): :meth:`StorageLayer.attend_step`."""
-        from .. import kernels
-        from ..attention import attend_parts
-
-        if keys.shape[2] != 1 or new_valid is not None or self.valid is not None or not self.kv.fused():
-            return super().attend_step(query, keys, values, new_valid, scaling)
-        self.kv.stage(keys, values)
-        if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
-            # the kernel decodes the 2-byte residuals (with the new token) into fp32 scratch: the step's transient
-            output = self.kv.decode_step(query, scaling)
-            transient = (self.kv.k_res.numel() + self.kv.v_res.numel()) * 4
-        else:
-            result = attend_parts(query, self.kv.parts(fused=True), scaling)
-            output, transient = result.output, result.transient_bytes
-        self.kv.flush(defer=True)
-        return output, transient
+        """A one-token step by :func:`attend_one_token`; anything else (several tokens, padding, no kernel):
+        :meth:`StorageLayer.attend_step`."""
+        step = attend_one_token(self, query, keys, values, new_valid, scaling)
+        return step if step is not None else super().attend_step(query, keys, values, new_valid, scaling)
 
 
 class KiviSlidingLayer(KiviLayer):
@@ -534,7 +558,7 @@ class Kivi(Method):
         queue = _DeferredQuantization()  # one per cache: the decode step's value tokens quantized in one call
         for layer in layers:
             if type(layer) is KiviLayer:
-                layer.kv.vq.queue = queue
+                share_value_queue(layer.kv, queue)
         return layers
 
     def make_layer(self, layer_idx: int):

@@ -67,6 +67,7 @@ from ..cache import KVLayer, Method, StorageLayer
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
 from ..storage import FP16Store, TokenStorage, TokenRuns, make_storage
+from .kivi import KiviStore, attend_one_token, share_value_queue, value_queue
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
 __all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StorageLayer",
@@ -221,13 +222,15 @@ class Segment:
         self.start, self.length, self.dtype = start, 0, dtype
         self.rows = 0  # b * h, set by the first add
 
-    def add(self, ka, va, kb, vb, cfg: MiniCacheConfig, keep: torch.Tensor | None = None) -> None:
+    def add(self, ka, va, kb, vb, cfg: MiniCacheConfig, keep: torch.Tensor | None = None, merged=None) -> None:
         """Merge ``(b, h, n, d)`` states of layer l-1 (ka, va) and layer l (kb, vb) and append them. ``keep``:
-        bool ``(b, h, n)`` entries to retain (default: the retention rule over these n tokens)."""
+        bool ``(b, h, n)`` entries to retain (default: the retention rule over these n tokens); ``merged``: what
+        :func:`merge_states` returns for K and for V, when the caller has it already."""
         b, h, n, d = ka.shape
         self.rows = b * h
-        dk, mk, _ = merge_states(ka, kb, cfg.t, cfg.merge)
-        dv, mv, _ = merge_states(va, vb, cfg.t, cfg.merge)
+        if merged is None:
+            merged = merge_states(ka, kb, cfg.t, cfg.merge), merge_states(va, vb, cfg.t, cfg.merge)
+        (dk, mk, _), (dv, mv, _) = merged
         self.dirs.append(dk, dv)
         for side in (0, 1):
             self.mags[side].append(torch.stack([mk[side], mv[side]]).to(self.dtype))
@@ -269,13 +272,14 @@ class Segment:
         """The ``KVPart.fused`` contract over this segment as layer ``side`` reads it (same values as
         :meth:`reader`), without rebuilding ``|x| * e``: each part of the direction store is attended with the
         magnitudes as per-token key / value multipliers (a quantizing store's kernel where it has one,
-        :func:`kvcompress.kernels.kivi_attention`; else its chunks in torch), with the retained entries masked out;
-        those are attended exactly as one small dense part per (batch, head), and the partials merged. Everything is
+        :func:`kvcompress.kernels.kivi_attention`; else its chunks in torch), with the retained entries masked out
+        (:func:`kvcompress.kernels.scattered_mask`); those are attended exactly, straight from their list
+        (:func:`kvcompress.kernels.scattered_partials`), and the partials merged. Everything is
         taken now (a later append makes new tensors), so the function stays consistent with this segment as of now."""
         from .. import kernels
         from ..attention.parts import _merge_partials
 
-        n, rows = self.length, self.rows
+        n = self.length
         dir_parts = self.dirs.parts()
         mags = self.mags[side].joined()[0]  # (2, b, h, n) 2-byte
         kept_idx = self.kept_idx.joined()
@@ -286,11 +290,7 @@ class Segment:
             mult = mags.permute(1, 2, 0, 3).float()  # (b, h, 2, n)
             visible = valid
             if retained is not None:  # the retained entries are attended exactly below, not as |x| * e
-                flat = torch.ones(n * rows, dtype=torch.bool, device=qg.device)
-                flat[retained[0].long()] = False
-                visible = flat.view(n, b, h).permute(1, 2, 0)
-                if valid is not None:
-                    visible = visible & valid.to(torch.bool)
+                visible = kernels.scattered_mask(retained[0], b, h, n, valid)
             partials, offset = [], 0
             for part in dir_parts:
                 cut = slice(offset, offset + part.length)
@@ -305,9 +305,8 @@ class Segment:
                 seen = None  # padding is never retained, but the contract masks whatever ``valid`` says
                 if valid is not None:
                     seen = valid.to(torch.bool).expand(b, h, n).permute(2, 0, 1).reshape(-1)[retained[0].long()]
-                keys, values, ok = _retained_rows(retained[0], *retained[1], b, h, seen)
-                partials.append(kernels.chunked_partials(qg, lambda a, z, dt: (keys[:, :, a:z], values[:, :, a:z]),
-                                                         keys.shape[2], max(keys.shape[2], 1), ok))
+                keys, values = retained[1]  # (1, 1, r, d) each
+                partials.append(kernels.scattered_partials(qg, retained[0], keys[0, 0], values[0, 0], seen))
             return _merge_partials(partials)
 
         return fused
@@ -333,35 +332,14 @@ class Segment:
         return own + ([*self.dirs.held_tensors(), *self.kept_idx.tensors()] if side == 1 else [])
 
 
-def _retained_rows(idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b: int, h: int,
-                   seen: torch.Tensor | None = None):
-    """Retained entries (flat indices ``idx (r,)`` = position * b * h + row, vectors ``keys``/``values (1, 1, r, d)``,
-    ``seen (r,)`` bool or None: whether each is visible) laid out per (batch, head) row: ``(keys, values)`` each ``(b,
-    h, r_max, d)`` fp32 and their validity ``(b, h, r_max)`` bool (False = an empty slot of a row with fewer entries,
-    or an entry not seen). Attention ignores positions, so the order within a row does not matter."""
-    d = keys.shape[-1]
-    row = idx.long() % (b * h)
-    counts = torch.bincount(row, minlength=b * h)
-    width = int(counts.max()) if row.numel() else 0
-    order = torch.argsort(row, stable=True)
-    row = row[order]
-    slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
-    out_k = keys.new_zeros(b * h, width, d, dtype=torch.float32)
-    out_v = out_k.clone()
-    ok = torch.zeros(b * h, width, dtype=torch.bool, device=keys.device)
-    out_k[row, slot] = keys[0, 0][order].float()
-    out_v[row, slot] = values[0, 0][order].float()
-    ok[row, slot] = True if seen is None else seen[order]
-    return out_k.view(b, h, width, d), out_v.view(b, h, width, d), ok.view(b, h, width)
-
-
 class LayerPair:
     """The state shared by the two layer objects of a merged pair: merged segments + an exact buffer per layer of
     the tokens not merged yet. Layer l-1's update runs first in a forward, then layer l's, which merges."""
 
-    def __init__(self, method: "MiniCache", first: int, second: int):
+    def __init__(self, method: "MiniCache", first: int, second: int, new_storage=None):
         g = method.geometry
-        self.cfg, self.layers, self.new_storage = method.config, (first, second), method.new_storage
+        self.cfg, self.layers = method.config, (first, second)
+        self.new_storage = new_storage or method.new_storage  # the direction stores (and the retained ones)
         self.kv_heads = g.num_kv_heads
         self.dtype = g.storage_dtype
         self.window = g.sliding_window - 1 if g.is_sliding(first) else None  # past tokens a sliding layer keeps
@@ -424,10 +402,13 @@ class LayerPair:
             raise KVCompressError(f"minicache: layers {self.layers} received different token counts in one forward")
         end = self.start + ka.shape[2]
         if self.window is None:
-            keep, self.span = retention_mask(ka, va, kb, vb, self.cfg.gamma, self.span, self.pending_valid)
+            cfg = self.cfg
+            merged = merge_states(ka, kb, cfg.t, cfg.merge), merge_states(va, vb, cfg.t, cfg.merge)
+            keep, self.span = retention_mask(ka, va, kb, vb, cfg.gamma, self.span, self.pending_valid,
+                                             dist=torch.stack([merged[0][2], merged[1][2]]))
             if not self.segments:
                 self.segments.append(Segment(self.new_storage, 0, self.dtype))
-            self.segments[0].add(ka, va, kb, vb, self.cfg, keep)
+            self.segments[0].add(ka, va, kb, vb, cfg, keep, merged)
         else:  # keep positions inside the window only, in segments of seg_len; drop segments that left it
             pos = max(self.start, end - self.window)
             ka, va, kb, vb = (x[:, :, pos - self.start :] for x in (ka, va, kb, vb))
@@ -642,22 +623,37 @@ class MiniCache(Method):
 
     def build_layers(self, cache) -> list[KVLayer]:
         g = self.geometry
+        # one per cache: a decode step's value tokens of every KIVI store (unmerged layers, merged directions,
+        # retained entries) quantized at the next access, one call per shape
+        queue = value_queue()
+
+        def queued_storage():
+            return share_value_queue(self.new_storage(), queue)
+
         layers: list[KVLayer | None] = [None] * g.num_layers
         for a, b in self.pairs:
-            pair = LayerPair(self, a, b)
+            pair = LayerPair(self, a, b, queued_storage)
             layers[a], layers[b] = MergedLayer(g, a, pair, 0), MergedLayer(g, b, pair, 1)
         for i in range(g.num_layers):
             if layers[i] is None:
-                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else ExactLayer(g, i, self.new_storage())
+                layers[i] = self.sliding_layer(i) if g.is_sliding(i) else ExactLayer(g, i, queued_storage())
         return layers
 
 
 class ExactLayer(StorageLayer):
     """An unmerged full-attention layer: its tokens in the configured store, attended by kvcompress over the store's
     parts (fp16 runs read in place, a quantizing store chunk by chunk or by its fused kernel), padding masked by
-    validity -- never its whole past read back densely for transformers."""
+    validity -- never its whole past read back densely for transformers. Over KIVI storage a one-token step is one
+    kernel call, as in KIVI's own layers (:func:`kvcompress.methods.kivi.attend_one_token`)."""
 
     attends = True
+
+    def attend_step(self, query, keys, values, new_valid, scaling):
+        if isinstance(self.kv, KiviStore):
+            step = attend_one_token(self, query, keys, values, new_valid, scaling)
+            if step is not None:
+                return step
+        return super().attend_step(query, keys, values, new_valid, scaling)
 
 
 def retained_fractions(cache) -> dict[tuple[int, int], float]:

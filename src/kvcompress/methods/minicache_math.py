@@ -61,11 +61,15 @@ def retained(dist: torch.Tensor, gamma: float, lo=None, hi=None) -> torch.Tensor
     return norm >= 1 - gamma
 
 
-def retention_mask(ka, va, kb, vb, gamma: float, span: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+def retention_mask(ka, va, kb, vb, gamma: float, span: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                   dist: torch.Tensor | None = None):
     """Entries whose K or V states (``(b, h, n, d)``, layers l-1 and l) are retained: bool ``(b, h, n)``, and the
     distance range ``(2 [min, max], 2 [K, V], b, h)`` fp32 extended by these tokens (``span``: the range so far).
-    ``valid (b, n)`` bool: padding (False) neither extends the range nor is retained."""
-    dist = torch.stack([angular_distance(unit(xa.float())[1], unit(xb.float())[1]) for xa, xb in ((ka, kb), (va, vb))])
+    ``valid (b, n)`` bool: padding (False) neither extends the range nor is retained. ``dist (2 [K, V], b, h, n)``:
+    the angular distances of K and of V when the caller has them (:func:`merge_states`' third result)."""
+    if dist is None:
+        dist = torch.stack([angular_distance(unit(xa.float())[1], unit(xb.float())[1])
+                            for xa, xb in ((ka, kb), (va, vb))])
     if valid is None:
         new = torch.stack([dist.amin(-1), dist.amax(-1)])
     else:
