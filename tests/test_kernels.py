@@ -696,3 +696,28 @@ def test_scattered_entries_attend_like_their_rows(b, h, rows, n, share, seen, se
             with kernels.fused(on):
                 got = kernels.scattered_mask(flat, b, h, n, v)
             assert got.is_contiguous() and torch.equal(got, want)
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 2), h=st.integers(1, 3), rows=st.integers(1, 4), n=st.integers(1, 150),
+       chunk=st.sampled_from([1, 7, 32, 64, 2048]), padding=st.sampled_from(["none", "shared", "per-head", "all"]),
+       mult=st.booleans(), seed=st.integers(0, 10_000))
+def test_float_chunks_through_the_kernel_equal_the_reference(b, h, rows, n, chunk, padding, mult, seed):
+    """Tokens held as floats (MiniCache's fp16 directions), attended a chunk at a time by the kernel's float path with
+    per-token multipliers and padding: the dequantize-then-attend reference, as the torch chunks give it."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 64
+    qg = torch.randn(b, h, rows, d, generator=gen) * 0.3
+    keys, values = fp16_randn(gen, b, h, n, d), fp16_randn(gen, b, h, n, d)
+    valid = {"none": None, "shared": torch.rand(b, 1, n, generator=gen) < 0.7,
+             "per-head": torch.rand(b, h, n, generator=gen) < 0.7, "all": torch.zeros(b, 1, n, dtype=torch.bool)}[padding]
+    mu = (0.05 + 3.95 * torch.rand(b, h, 2, n, generator=gen)).half().float() if mult else None
+    read = lambda a, z, dt: (keys[:, :, a:z].to(dt), values[:, :, a:z].to(dt))  # noqa: E731
+    ref_k = keys if mu is None else keys * mu[:, :, 0, :, None]
+    ref_v = values if mu is None else values * mu[:, :, 1, :, None]
+    ok = None if valid is None else valid.expand(b, h, n)
+    for on in (True, False):
+        with kernels.fused(on):
+            acc, m, l = kernels.float_partials(qg, read, n, chunk, valid, mu)
+        check_partials(acc, m, l, qg, ref_k, ref_v, ok)

@@ -366,6 +366,32 @@ def chunked_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Te
     return acc, m, l
 
 
+def float_partials(qg: torch.Tensor, read, n: int, chunk: int, valid: torch.Tensor | None = None,
+                   mult: torch.Tensor | None = None):
+    """:func:`chunked_partials` (same arguments and result) where the numba kernel takes each chunk: the chunk read as
+    floats is the kernel's float tail (:func:`kivi_attention` with no codes), so scores, masking, the per-token
+    multipliers and the online softmax are one call instead of ~a dozen torch ops per chunk; the chunks' partials
+    merged by log-sum-exp. For 2-byte tokens attended with multipliers (MiniCache's fp16 directions)."""
+    if backend(qg.device) != "numba":
+        return chunked_partials(qg, read, n, chunk, valid, mult)
+    from ..attention.parts import _merge_partials
+
+    d = qg.shape[-1]
+    partials = []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        k, v = read(start, stop, torch.float32)
+        partials.append(kivi_attention(qg, stop - start, None, None, None, 8, _FLOAT_BLOCK, None, None, None, 8, d,
+                                       None if valid is None else valid[:, :, start:stop], k_tail=k, v_tail=v,
+                                       mult=None if mult is None else mult[:, :, :, start:stop]))
+    if not partials:
+        return chunked_partials(qg, read, 0, 1)
+    return _merge_partials(partials)
+
+
+_FLOAT_BLOCK = 32  # the kernel's token block over float tokens
+
+
 def scattered_partials(qg: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        seen: torch.Tensor | None = None):
     """The ``KVPart.fused`` partials of ``qg (b, h, rows, d)`` fp32 (scaled) over entries of several (batch, KV head)

@@ -298,8 +298,8 @@ class Segment:
                 if part.fused is not None and part.kind == "kivi-fused":
                     partials.append(part.fused(qg, va, mult=mult[:, :, :, cut]))
                 else:
-                    partials.append(kernels.chunked_partials(qg, part.read, part.length, max(part.chunk_tokens, 1),
-                                                             va, mult[:, :, :, cut]))
+                    partials.append(kernels.float_partials(qg, part.read, part.length, max(part.chunk_tokens, 1),
+                                                           va, mult[:, :, :, cut]))
                 offset += part.length
             if retained is not None:
                 seen = None  # padding is never retained, but the contract masks whatever ``valid`` says
