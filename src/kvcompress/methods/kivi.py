@@ -290,7 +290,9 @@ class KiviStore(TokenStorage):
         if keys.shape[2] == 0:
             return
         self.stage(keys, values)
-        self.flush(defer=True)  # values quantized at once, or with the step's others where a queue is shared
+        # a decode step's value token waits for the step's others where a queue is shared (a prompt's are quantized
+        # at once: deferred, their 2-byte copy would be held, uncounted, until the next access)
+        self.flush(defer=keys.shape[2] == 1)
 
     def stage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """First half of :meth:`append`: the new tokens join the 2-byte residuals (nothing is quantized yet), so that
