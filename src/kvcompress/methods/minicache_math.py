@@ -17,15 +17,21 @@ def unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return norm, x / norm.clamp_min(1e-30).unsqueeze(-1)
 
 
+def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The angle ``arccos(a . b)`` between unit vectors ``(..., d)`` -> ``(...)``."""
+    return torch.acos((a * b).sum(-1).clamp(-1.0, 1.0))
+
+
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``arccos(a . b) / pi`` in [0, 1] for unit vectors ``(..., d)`` -> ``(...)``."""
-    return torch.acos((a * b).sum(-1).clamp(-1.0, 1.0)) / math.pi
+    return _angle(a, b) / math.pi
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, omega: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical interpolation of unit vectors ``(..., d)``: t = 0 gives ``a``, t = 1 gives ``b``; unit norm.
-    Nearly parallel (or antipodal) pairs, where sin(omega) ~ 0, fall back to the normalized linear blend."""
-    omega = torch.acos((a * b).sum(-1).clamp(-1.0, 1.0))
+    Nearly parallel (or antipodal) pairs, where sin(omega) ~ 0, fall back to the normalized linear blend.
+    ``omega``: their angle when the caller has it."""
+    omega = _angle(a, b) if omega is None else omega
     sin = torch.sin(omega)
     ok = sin > 1e-6
     safe = torch.where(ok, sin, torch.ones_like(sin))
@@ -41,9 +47,10 @@ def merge_states(xa: torch.Tensor, xb: torch.Tensor, t: float, how: str = "slerp
     angular distance ``(b, h, n)`` of the two states."""
     na, ua = unit(xa.float())
     nb, ub = unit(xb.float())
-    dist = angular_distance(ua, ub)
+    omega = _angle(ua, ub)
+    dist = omega / math.pi
     if how == "slerp":
-        return slerp(ua, ub, t), torch.stack([na, nb]), dist
+        return slerp(ua, ub, t, omega), torch.stack([na, nb]), dist
     nm, um = unit((1 - t) * xa.float() + t * xb.float())
     return um, torch.stack([nm, nm]), dist
 
