@@ -334,6 +334,19 @@ class Segment:
         return own + ([*self.dirs.held_tensors(), *self.kept_idx.tensors()] if side == 1 else [])
 
 
+def _lazy_reader(seg: Segment, side: int):
+    """``seg.reader(side)``, made at the first read: a decode step through the kernel (:meth:`Segment.fused`) never
+    reads, and making the reader costs ~a dozen calls per layer and step. Used within the step it is made for."""
+    made = []
+
+    def read(start: int, stop: int, dtype: torch.dtype):
+        if not made:
+            made.append(seg.reader(side))
+        return made[0](start, stop, dtype)
+
+    return read
+
+
 class LayerPair:
     """The state shared by the two layer objects of a merged pair: merged segments + an exact buffer per layer of
     the tokens not merged yet. Layer l-1's update runs first in a forward, then layer l's, which merges."""
@@ -362,8 +375,9 @@ class LayerPair:
         from ..attention import KVPart
 
         on = kernels.enabled()
-        parts = [KVPart(seg.length, seg.reader(side), kind="minicache-merged", fused=seg.fused(side) if on else None,
-                        kv_heads=self.kv_heads) for seg in self.segments if seg.length]
+        parts = [KVPart(seg.length, _lazy_reader(seg, side), kind="minicache-merged",
+                        fused=seg.fused(side) if on else None, kv_heads=self.kv_heads)
+                 for seg in self.segments if seg.length]
         if self.pending[side] is not None:
             parts.append(KVPart.dense(*self.pending[side], kind="minicache-exact"))
         return parts
