@@ -562,3 +562,36 @@ def test_long_context_merged_past_is_read_a_chunk_at_a_time(tiny_model, monkeypa
                         if self.segments or self.pending[side] is not None else [])
     want, _ = run()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_call_merged_step_equals_the_parts_path(tiny_model, monkeypatch, batch):
+    """A merged layer's one-token step over KIVI storage (``MergedLayer._attend_one_fused``: one kernel call with the
+    step's token in the tail, one for the retained entries) gives the logits the general parts path gives, step after
+    step, and it is the path taken (retained entries present, values already quantized)."""
+    ids = _ids(batch, 96, seed=4)
+    opts = dict(start_layer=1, gamma=0.3, storage="kivi", bits=4, group_size=8, residual=16)
+    taken = []
+    one_call = MergedLayer._attend_one_fused
+
+    def counting(self, query, keys, *a):
+        out = one_call(self, query, keys, *a)
+        if keys.shape[2] == 1:  # a decode step (the prompt takes the parts path)
+            taken.append(out is not None)
+        return out
+
+    logits = {}
+    for mode in ("one-call", "parts"):
+        monkeypatch.setattr(MergedLayer, "_attend_one_fused",
+                            counting if mode == "one-call" else (lambda self, *a: None))
+        cache = _prefill(tiny_model, ids, **opts)
+        steps = []
+        with torch.no_grad():
+            for s in range(12):
+                steps.append(tiny_model(torch.full((batch, 1), 5 + s), **cache_kwargs(None, cache)).logits[:, -1])
+        logits[mode] = torch.stack(steps)
+        if mode == "one-call":
+            assert any(layer.pair.segments[0].retained_entries() for layer in cache.layers
+                       if isinstance(layer, MergedLayer))
+    assert taken and all(taken)
+    assert (logits["one-call"] - logits["parts"]).abs().max().item() < 1e-4

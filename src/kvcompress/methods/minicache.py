@@ -505,14 +505,56 @@ class MergedLayer(KVLayer):
         ``(b, h, q, d)`` tokens, then hand them to the pair (``new_valid (b, q)`` or None)."""
         from ..attention import KVPart, attend_parts, with_validity
 
-        sd = self.pair.dtype
-        parts = with_validity(self.pair.parts(self.side), self.valid.view())
-        nv = None if new_valid is None else new_valid[:, None, :]
-        parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
-        result = attend_parts(query, parts, scaling)
+        step = None if new_valid is not None or self.valid.view() is not None else \
+            self._attend_one_fused(query, keys, values, scaling)
+        if step is None:
+            sd = self.pair.dtype
+            parts = with_validity(self.pair.parts(self.side), self.valid.view())
+            nv = None if new_valid is None else new_valid[:, None, :]
+            parts.append(KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True))
+            result = attend_parts(query, parts, scaling)
+            step = result.output, result.transient_bytes
         self.valid.append(new_valid, self.tokens_seen, keys)
         self.pair.push(self.side, keys, values, new_valid)
-        return result.output, result.transient_bytes
+        return step
+
+    def _attend_one_fused(self, query, keys, values, scaling):
+        """A one-token step (no padding) of a full-attention pair over KIVI storage: one kernel call over the merged
+        directions' codes and residual with the magnitudes as multipliers, the step's own token last in the tail (its
+        multipliers 1), the retained positions masked (:func:`kvcompress.kernels.scattered_mask`); one more for the
+        retained entries (:func:`kvcompress.kernels.scattered_partials`); the two merged. What :meth:`Segment.fused`
+        and the new token's dense part give (within float rounding), without building attention parts. Returns
+        ``(output (b, 1, heads, d), transient bytes)``, or None where it does not apply (the general path runs)."""
+        from .. import kernels
+        from ..attention.parts import _TINY, _merge_partials
+
+        pair, side = self.pair, self.side
+        if (keys.shape[2] != 1 or pair.window is not None or len(pair.segments) != 1 or pair.pending[side] is not None
+                or kernels.backend(keys.device) != "numba"):
+            return None
+        seg = pair.segments[0]
+        store = seg.dirs
+        if not isinstance(store, KiviStore) or not store.fused() or len(store) != seg.length:
+            return None
+        b, heads, _, d = query.shape
+        h, n, sd = keys.shape[1], seg.length, pair.dtype
+        qg = query.float().reshape(b, h, heads // h, d) * scaling
+        mult = torch.ones(b, h, 2, n + 1, device=query.device)
+        mult[:, :, :, :n] = seg.mags[side].joined()[0].permute(1, 2, 0, 3)
+        kept_idx = seg.kept_idx.joined()
+        visible = None if kept_idx is None else kernels.scattered_mask(kept_idx[0], b, h, n + 1)
+        k_tail = torch.cat([store.k_res, keys.to(sd)], dim=2)
+        v_tail = torch.cat([store.v_res, values.to(sd)], dim=2)
+        kq, vq = store.kq, store.vq
+        partials = [kernels.kivi_attention(qg, n + 1, kq.packed, kq.scale, kq.zero, kq.bits, kq.group, vq.packed,
+                                           vq.scale, vq.zero, vq.bits, vq.group, visible, k_tail=k_tail,
+                                           v_tail=v_tail, mult=mult)]
+        if kept_idx is not None:
+            kept_k, kept_v = seg.kept[side].read(torch.float32)  # (1, 1, r, d)
+            partials.append(kernels.scattered_partials(qg, kept_idx[0], kept_k[0, 0], kept_v[0, 0]))
+        acc, _, l = _merge_partials(partials)
+        output = (acc / l.clamp_min(_TINY).unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2)
+        return output.to(query.dtype).contiguous(), (k_tail.numel() + v_tail.numel()) * 4
 
     def attention_path(self) -> str:
         """How a full-attention pair's merged past is read (:mod:`kvcompress.memory`): as its direction store's codes
