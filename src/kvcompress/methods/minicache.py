@@ -37,8 +37,10 @@ arXiv 2405.14366).
   per-token multipliers (KIVI codes: the fused kernel, :func:`kvcompress.kernels.kivi_attention` with ``mult``;
   fp16 directions: the same kernel's float path, a chunk at a time, :func:`kvcompress.kernels.float_partials`), the
   retained entries masked out there and attended exactly straight from their list
-  (:func:`kvcompress.kernels.scattered_partials`; :meth:`Segment.fused`). Unmerged layers over KIVI storage decode
-  by KIVI's one-call step, and one value-quantization queue per cache serves every KIVI store. Where probabilities are asked for, or with the kernels switched off, the
+  (:func:`kvcompress.kernels.scattered_partials`; :meth:`Segment.fused`). Over KIVI storage a one-token step without
+  padding skips the parts: one kernel call with the step's token as the last tail token, one for the retained
+  entries (:meth:`MergedLayer._attend_one_fused`); unmerged layers take KIVI's one-call step; one
+  value-quantization queue per cache serves every KIVI store. Where probabilities are asked for, or with the kernels switched off, the
   merged positions are rebuilt a chunk at a time instead (``|x_j| * e`` with the retained entries put back, only the
   chunk's range: :meth:`Segment.reader`). Either way the transient is a chunk, not the past. ``e`` is the direction
   as stored (a quantizing store's dequantized one, not renormalized).
