@@ -287,8 +287,15 @@ class StorageLayer(KVLayer):
         return new_k, new_v
 
     def attend_step(self, query, keys, values, new_valid, scaling):
+        """A one-token step without padding by the store's own fast path where it has one
+        (:meth:`kvcompress.storage.TokenStorage.attend_one_token`: KIVI's one kernel call); otherwise over the
+        store's parts and the new tokens, padding masked, then the new tokens appended."""
         from .attention import KVPart, attend_parts, grow_validity, with_validity
 
+        if keys.shape[2] == 1 and new_valid is None and self.valid is None:
+            step = self.kv.attend_one_token(query, keys, values, scaling)
+            if step is not None:
+                return step
         sd = self.kv.dtype
         nv = None if new_valid is None else new_valid[:, None, :]
         parts = with_validity(self.kv.parts(), self.valid)

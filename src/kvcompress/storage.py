@@ -62,6 +62,13 @@ class TokenStorage:
         k, v = self.read(torch.float32)
         return [KVPart.dense(k, v, kind=type(self).__name__)]
 
+    def attend_one_token(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
+        """A store's own fast path for a one-token step without padding: attend ``query (b, heads, 1, d)`` over the
+        stored tokens and the step's ``keys``/``values (b, h, 1, d)``, and append those. Returns ``(output (b, 1,
+        heads, d), transient bytes)``, or None (nothing appended, the default): the caller attends over :meth:`parts`
+        and appends."""
+        return None
+
     def __len__(self) -> int:
         raise NotImplementedError
 

@@ -180,12 +180,19 @@ def _attend_decode(query: torch.Tensor, parts: list[KVPart], scaling: float, kv_
         p = torch.exp(s - m.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1))
         partials.append((torch.matmul(p, v), m, p.sum(dim=-1)))
     acc, _, l = _merge_partials(partials)
-    output = acc / l.clamp_min(_TINY).unsqueeze(-1)
-    output = output.reshape(b, heads, q, d).transpose(1, 2)
-    return AttentionResult(output.to(query.dtype).contiguous(), None, transient)
+    return AttentionResult(normalized_output(acc, l, query), None, transient)
 
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+def normalized_output(acc: torch.Tensor, l: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``acc / l`` of the partials of ``query (b, heads, q, d)`` folded into its KV groups (``acc (b, kv_heads, heads
+    // kv_heads * q, d)``, ``l (b, kv_heads, rows)``; a row that saw nothing gives 0) in the layout transformers'
+    attention functions return: ``(b, q, heads, d)`` in the query's dtype."""
+    b, heads, q, d = query.shape
+    output = (acc / l.clamp_min(_TINY).unsqueeze(-1)).reshape(b, heads, q, d).transpose(1, 2)
+    return output.to(query.dtype).contiguous()
 
 
 def _decode_kv_heads(parts: list[KVPart]) -> int:

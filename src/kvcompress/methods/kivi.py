@@ -414,6 +414,28 @@ class KiviStore(TokenStorage):
 
         return [KVPart(n, self.read_range, kind="kivi-fused", chunk_tokens=chunk, fused=fused, kv_heads=k_res.shape[1])]
 
+    def attend_one_token(self, query, keys, values, scaling):
+        """A one-token step over a fused store (:meth:`kvcompress.storage.TokenStorage.attend_one_token`): the new token
+        joins the residual first (:meth:`stage`), so one kernel call covers ``[codes | residual | new token]`` (the
+        token the query sees as itself is the 2-byte value that ends the residual, exactly the last part of the
+        general path), then the residual is flushed (its value token deferred to the queue, if any). None where the
+        store is not fused (no kernel, or no value quantized yet)."""
+        from .. import kernels
+        from ..attention import attend_parts
+
+        if not self.fused():
+            return None
+        self.stage(keys, values)
+        if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
+            # the kernel decodes the 2-byte residuals (with the new token) into fp32 scratch: the step's transient
+            output = self.decode_step(query, scaling)
+            transient = (self.k_res.numel() + self.v_res.numel()) * 4
+        else:
+            result = attend_parts(query, self.parts(fused=True), scaling)
+            output, transient = result.output, result.transient_bytes
+        self.flush(defer=True)
+        return output, transient
+
     def decode_step(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """The attention output ``(b, 1, heads, d)`` of a one-token ``query (b, heads, 1, d)`` over every stored token
         (the step's own token already :meth:`stage` d), by one numba kernel call straight from the held buffers
@@ -444,31 +466,6 @@ class KiviStore(TokenStorage):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def attend_one_token(layer: StorageLayer, query, keys, values, new_valid, scaling):
-    """A one-token step of a layer whose past is a fused :class:`KiviStore` (``layer.kv``; no padding held or new):
-    the new token joins the residual first (:meth:`KiviStore.stage`), so one kernel call covers ``[codes | residual |
-    new token]`` (the token the query sees as itself is the 2-byte value that ends the residual, exactly the last
-    part of the general path), then the residual is flushed (its value token deferred to the store's queue, if any).
-    Returns ``(output, transient bytes)`` as ``attend_step``, or None where this does not apply (several tokens,
-    padding, no kernel): the caller's general path runs. Used by KIVI's layers and MiniCache's unmerged ones."""
-    from .. import kernels
-    from ..attention import attend_parts
-
-    kv = layer.kv
-    if keys.shape[2] != 1 or new_valid is not None or layer.valid is not None or not kv.fused():
-        return None
-    kv.stage(keys, values)
-    if kernels.backend(keys.device) == "numba":  # one kernel call from the held buffers, no parts to build
-        # the kernel decodes the 2-byte residuals (with the new token) into fp32 scratch: the step's transient
-        output = kv.decode_step(query, scaling)
-        transient = (kv.k_res.numel() + kv.v_res.numel()) * 4
-    else:
-        result = attend_parts(query, kv.parts(fused=True), scaling)
-        output, transient = result.output, result.transient_bytes
-    kv.flush(defer=True)
-    return output, transient
-
-
 class KiviLayer(StorageLayer):
     """A full-attention layer whose past K/V live in a :class:`KiviStore`; it attends over the quantized past chunk by
     chunk (never the whole dequantized past at once) and masks padding."""
@@ -484,12 +481,6 @@ class KiviLayer(StorageLayer):
 
     def new_row_layer(self):
         return KiviLayer(self.geometry, self.layer_idx, self.config)
-
-    def attend_step(self, query, keys, values, new_valid, scaling):
-        """A one-token step by :func:`attend_one_token`; anything else (several tokens, padding, no kernel):
-        :meth:`StorageLayer.attend_step`."""
-        step = attend_one_token(self, query, keys, values, new_valid, scaling)
-        return step if step is not None else super().attend_step(query, keys, values, new_valid, scaling)
 
 
 class KiviSlidingLayer(KiviLayer):
@@ -557,7 +548,7 @@ class Kivi(Method):
 
     def build_layers(self, cache):
         layers = super().build_layers(cache)
-        queue = _DeferredQuantization()  # one per cache: the decode step's value tokens quantized in one call
+        queue = value_queue()  # one per cache: the decode step's value tokens quantized in one call
         for layer in layers:
             if type(layer) is KiviLayer:
                 share_value_queue(layer.kv, queue)

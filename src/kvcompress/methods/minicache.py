@@ -40,8 +40,8 @@ arXiv 2405.14366).
   (:func:`kvcompress.kernels.scattered_partials`; :meth:`Segment.fused`). Over KIVI storage a one-token step without
   padding skips the parts: one kernel call with the step's token as the last tail token, one for the retained
   entries (:meth:`MergedLayer._attend_one_fused`); unmerged layers take KIVI's one-call step; one
-  value-quantization queue per cache serves every KIVI store. Where probabilities are asked for, or with the kernels switched off, the
-  merged positions are rebuilt a chunk at a time instead (``|x_j| * e`` with the retained entries put back, only the
+  value-quantization queue per cache serves every KIVI store. Where probabilities are asked for, or with the
+  kernels switched off, the merged positions are rebuilt a chunk at a time instead (``|x_j| * e`` with the retained entries put back, only the
   chunk's range: :meth:`Segment.reader`). Either way the transient is a chunk, not the past. ``e`` is the direction
   as stored (a quantizing store's dequantized one, not renormalized).
 * **When**: a forward that brings several tokens (prefill) merges them at once, after layer l stored them (layer
@@ -71,7 +71,7 @@ from ..cache import KVLayer, Method, StorageLayer
 from ..config import check_positive_int, check_ratio
 from ..registry import KVCompressError, register
 from ..storage import FP16Store, TokenStorage, TokenRuns, make_storage
-from .kivi import KiviStore, attend_one_token, share_value_queue, value_queue
+from .kivi import KiviStore, share_value_queue, value_queue
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
 
 __all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StorageLayer",
@@ -272,6 +272,15 @@ class Segment:
 
         return read
 
+    def retained(self, side: int):
+        """The retained entries as layer ``side`` holds them: ``(flat indices (r,) int32, keys, values (r, d) fp32)``
+        (indices as in ``kept_idx``; the vectors a transient read of the store), or None when none is retained."""
+        kept_idx = self.kept_idx.joined()
+        if kept_idx is None:
+            return None
+        keys, values = self.kept[side].read(torch.float32)  # (1, 1, r, d)
+        return kept_idx[0], keys[0, 0], values[0, 0]
+
     def fused(self, side: int):
         """The ``KVPart.fused`` contract over this segment as layer ``side`` reads it (same values as
         :meth:`reader`), without rebuilding ``|x| * e``: each part of the direction store is attended with the
@@ -286,8 +295,7 @@ class Segment:
         n = self.length
         dir_parts = self.dirs.parts()
         mags = self.mags[side].joined()[0]  # (2, b, h, n) 2-byte
-        kept_idx = self.kept_idx.joined()
-        retained = None if kept_idx is None else (kept_idx[0], self.kept[side].read(torch.float32))
+        retained = self.retained(side)
 
         def fused(qg, valid):
             b, h = qg.shape[0], qg.shape[1]
@@ -309,8 +317,7 @@ class Segment:
                 seen = None  # padding is never retained, but the contract masks whatever ``valid`` says
                 if valid is not None:
                     seen = valid.to(torch.bool).expand(b, h, n).permute(2, 0, 1).reshape(-1)[retained[0].long()]
-                keys, values = retained[1]  # (1, 1, r, d) each
-                partials.append(kernels.scattered_partials(qg, retained[0], keys[0, 0], values[0, 0], seen))
+                partials.append(kernels.scattered_partials(qg, *retained, seen))
             return _merge_partials(partials)
 
         return fused
@@ -528,7 +535,7 @@ class MergedLayer(KVLayer):
         and the new token's dense part give (within float rounding), without building attention parts. Returns
         ``(output (b, 1, heads, d), transient bytes)``, or None where it does not apply (the general path runs)."""
         from .. import kernels
-        from ..attention.parts import _TINY, _merge_partials
+        from ..attention.parts import _merge_partials, normalized_output
 
         pair, side = self.pair, self.side
         if (keys.shape[2] != 1 or pair.window is not None or len(pair.segments) != 1 or pair.pending[side] is not None
@@ -543,20 +550,18 @@ class MergedLayer(KVLayer):
         qg = query.float().reshape(b, h, heads // h, d) * scaling
         mult = torch.ones(b, h, 2, n + 1, device=query.device)
         mult[:, :, :, :n] = seg.mags[side].joined()[0].permute(1, 2, 0, 3)
-        kept_idx = seg.kept_idx.joined()
-        visible = None if kept_idx is None else kernels.scattered_mask(kept_idx[0], b, h, n + 1)
+        retained = seg.retained(side)
+        visible = None if retained is None else kernels.scattered_mask(retained[0], b, h, n + 1)
         k_tail = torch.cat([store.k_res, keys.to(sd)], dim=2)
         v_tail = torch.cat([store.v_res, values.to(sd)], dim=2)
         kq, vq = store.kq, store.vq
         partials = [kernels.kivi_attention(qg, n + 1, kq.packed, kq.scale, kq.zero, kq.bits, kq.group, vq.packed,
                                            vq.scale, vq.zero, vq.bits, vq.group, visible, k_tail=k_tail,
                                            v_tail=v_tail, mult=mult)]
-        if kept_idx is not None:
-            kept_k, kept_v = seg.kept[side].read(torch.float32)  # (1, 1, r, d)
-            partials.append(kernels.scattered_partials(qg, kept_idx[0], kept_k[0, 0], kept_v[0, 0]))
+        if retained is not None:
+            partials.append(kernels.scattered_partials(qg, *retained))
         acc, _, l = _merge_partials(partials)
-        output = (acc / l.clamp_min(_TINY).unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2)
-        return output.to(query.dtype).contiguous(), (k_tail.numel() + v_tail.numel()) * 4
+        return normalized_output(acc, l, query), (k_tail.numel() + v_tail.numel()) * 4
 
     def attention_path(self) -> str:
         """How a full-attention pair's merged past is read (:mod:`kvcompress.memory`): as its direction store's codes
@@ -704,16 +709,9 @@ class ExactLayer(StorageLayer):
     """An unmerged full-attention layer: its tokens in the configured store, attended by kvcompress over the store's
     parts (fp16 runs read in place, a quantizing store chunk by chunk or by its fused kernel), padding masked by
     validity -- never its whole past read back densely for transformers. Over KIVI storage a one-token step is one
-    kernel call, as in KIVI's own layers (:func:`kvcompress.methods.kivi.attend_one_token`)."""
+    kernel call, as in KIVI's own layers (:meth:`kvcompress.methods.kivi.KiviStore.attend_one_token`)."""
 
     attends = True
-
-    def attend_step(self, query, keys, values, new_valid, scaling):
-        if isinstance(self.kv, KiviStore):
-            step = attend_one_token(self, query, keys, values, new_valid, scaling)
-            if step is not None:
-                return step
-        return super().attend_step(query, keys, values, new_valid, scaling)
 
 
 def retained_fractions(cache) -> dict[tuple[int, int], float]:
