@@ -11,13 +11,16 @@ every KV head of the batch row in the same pass (a token's position, rotation an
   time into a register and scaled there where numba's target has AVX2 (:mod:`.lookup`, :func:`_dequant_vec`), else a
   tree of selects on the code's bits (a gather from the level table measured 2x slower), times the range plus the
   offset (per channel for keys, per token for values); then
-  the row's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is stored exactly, in place
-  of its code);
-* **rotate** pre-RoPE keys to their positions inside the kernel: RoPE's pairs ``(j, j + d/2)`` are ``d/2`` apart, so
-  the rotation is one contiguous loop. ``cos``/``sin`` of ``position * inv_freq`` are computed exactly
-  (float64) at the first token of a range, after a jump in positions and every :data:`EXACT_EVERY` tokens, and advanced
-  in between by one rotation per token (angle addition, float64): nothing is held between steps (no table of every
-  position), and the drift stays below 1e-12;
+  the block's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is stored exactly, in
+  place of its code) in one flat loop over its entries (:func:`_outliers_block`);
+* **rotate** pre-RoPE keys to their positions inside the kernel, a block at a time: RoPE's pairs ``(j, j + d/2)`` are
+  ``d/2`` apart, and a block of consecutive positions ``p0 .. p0 + BLOCK - 1`` is scored as ``(R(-p0) q) . (R(i) k)``:
+  the query rows are turned back to the block's first position once per block, and each key by its offset ``i`` in
+  the block from a table of ``BLOCK`` cos/sin rows made once per call (times the attention scaling). ``cos``/``sin``
+  of ``p0 * inv_freq`` are computed exactly (float64) at a range's first block, after a jump and every
+  :data:`EXACT_EVERY` tokens, and advanced in between by one rotation per block (angle addition, float64): nothing is
+  held between steps (no table of every position) and the drift stays below 1e-12. A block whose stored positions
+  are not consecutive turns each key to its own position (the same exact-then-advance scheme per token);
 * **scores** for every query row of the KV group in one pass over the block (GQA/MQA heads and query tokens folded into
   rows), online softmax per block, then the block's values dequantized the same way and accumulated.
 
@@ -41,10 +44,11 @@ from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_blo
 from .lookup import PERMUTE, levels2_vec, levels3_vec, levels4_vec
 from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
 
-#: tokens dequantized at a time into the scratch
-BLOCK = 32
+#: tokens dequantized at a time into the scratch (64: the per-block work -- the query turned, the softmax's max and
+#: rescale, the accumulators loaded and stored -- cost 5-7 % more of the whole at 32, session 19)
+BLOCK = 64
 #: pre-RoPE keys: cos/sin computed exactly at least every this many tokens (advanced by one rotation in between)
-EXACT_EVERY = 256
+EXACT_EVERY = 2048
 
 
 @njit(cache=True, inline="always")
@@ -223,33 +227,54 @@ def _dequant_vec(bits, w0, w1, lo, hi, per_channel, cs, co, ts, to, ta, nt, out,
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _rotate_vec(kf, i, use_c, use_s, half):
+def _rotate_vec(kf, i, tc, ts, row, half):
     """Row ``i`` of ``kf (width, d)`` turned by RoPE in vector registers: pairs ``(j, j + half)``, ``half`` a multiple
-    of 8; ``use_c``/``use_s (half,)`` float32, the token's cos/sin."""
+    of 8; ``tc[row]``/``ts[row] (half,)`` float32, the cos/sin to turn by (tables ``(*, half)``: no array is sliced in
+    the caller's per-token loop)."""
     for j in range(0, half, 8):
         a, b = load8(kf, i, j), load8(kf, i, j + half)
-        c, s = load8_1d(use_c, j), load8_1d(use_s, j)
+        c, s = load8(tc, row, j), load8(ts, row, j)
         store8(sub8(mul8(a, c), mul8(b, s)), kf, i, j)
         store8(fma8(a, s, mul8(b, c)), kf, i, j + half)
 
 
 @njit(cache=True, inline="always")
-def _outliers_block(counts, rp, e, cols, vals, posmap, bi, ta, nt, out):
+def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, outflat, tok, obits, of, oval):
     """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
     token-major, ``counts (nb, 1, >= n, width)`` entries each; ``cols (>= nnz, width)`` in ``[0, h*d)``, both read by
-    :func:`_small`; ``vals`` fp16 bits). Column ``col``
-    goes to KV head ``posmap[0, col]``, position ``posmap[1, col]`` (tables: no division per entry). One batch row:
-    ``e`` is the CSR offset of token ``ta``, carried from block to block (returned for ``ta + nt``), nothing made per
-    step; several: ``rp`` the row pointers (:func:`_row_pointers`)."""
+    :func:`_small`; ``vals`` fp16 bits). Column ``col`` goes to KV head ``posmap[0, col]``, position ``posmap[1,
+    col]`` (tables: no division per entry). Several batch rows: ``rp`` the row pointers (:func:`_row_pointers`).
+
+    One batch row: ``e`` is the CSR offset of token ``ta``, carried from block to block (returned for ``ta + nt``),
+    nothing made per step. The block's entries are written in one flat loop: each entry's token comes from ``tok``
+    (uint8 scratch of ``>= nt*h*d + 4``), filled without a branch per token (a loop over each token's few entries
+    mispredicts its exit at nearly every token); its values are decoded from fp16 for the whole block first
+    (:func:`kvcompress.kernels.cpu._halves` into ``oval``, with ``obits``/``of`` its scratch; one ``inf``/``NaN`` among
+    them and the block takes the exact :func:`_f16` per entry); and it lands at ``outflat[cflat[col] + token * d]``
+    (``outflat``: ``out`` flattened, ``cflat (h*d,)`` uint64 the offset of each column's head and channel)."""
     if counts.shape[0] == 1:
         row = counts[0, 0]
+        k = np.int64(0)
         for i in range(nt):
             c = _small(row, ta + i)
-            for k in range(e, e + c):
-                col = _small(cols, k)
-                out[posmap[0, col], i, posmap[1, col]] = _f16(vals[k])
-            e += c
-        return e
+            ti = np.uint8(i)
+            tok[k], tok[k + 1], tok[k + 2], tok[k + 3] = ti, ti, ti, ti  # the next token's overwrite the unused ones
+            if c > 4:
+                for j in range(k + 4, k + c):
+                    tok[j] = ti
+            k += c
+        special = np.uint16(0)
+        for j in range(k):
+            special |= np.uint16(0x7C00) if (vals[e + j] & np.uint16(0x7C00)) == np.uint16(0x7C00) else np.uint16(0)
+        if special:
+            for j in range(k):
+                oval[j] = _f16(vals[e + j])
+        else:
+            _halves(vals, uint64(e), uint64(k), obits, of, oval)
+        d = uint64(out.shape[2])
+        for j in range(k):
+            outflat[cflat[_small(cols, e + j)] + uint64(tok[j]) * d] = oval[j]
+        return e + k
     nb = counts.shape[0]
     for i in range(nt):
         row = (ta + i) * nb + bi
@@ -312,6 +337,15 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     vf = np.empty((h, width, nd), np.float32)
     sc = np.empty((h, nrows, width), np.float32)
     ok = np.ones((h, width), np.float32)
+    # a block's outlier entries: token, value (decoded; with its scratch), and where each column lands in kf / vf
+    tok = np.empty(width * h * nd + 4, np.uint8)
+    obits = np.empty(width * h * nd, np.uint32)
+    of = obits.view(np.float32)
+    oval = np.empty(width * h * nd, np.float32)
+    cflat = np.empty(h * nd, np.uint64)
+    for c in range(h * nd):
+        cflat[c] = uint64(colmap[0, c]) * uint64(width * nd) + uint64(colmap[1, c])
+    kflat, vflat = kf.reshape(h * width * nd), vf.reshape(h * width * nd)
     seen = np.zeros(h, np.int64)
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
@@ -330,7 +364,29 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     step_s = np.sin(inv64)
     use_c = np.empty(half, np.float32)
     use_s = np.empty(half, np.float32)
+    tok_c = np.empty((1, half), np.float32)  # one token's cos/sin times the scaling (a jump inside a block)
+    tok_s = np.empty((1, half), np.float32)
     prev, since = np.int64(-2), EXACT_EVERY
+    # the block path: cos/sin of a block's first position (float64), the jump to the next block's, the query turned
+    # there, and cos/sin of offsets 0 .. BLOCK-1 times the attention scaling (float32; one step at a time in float64)
+    base_c = np.empty(half, np.float64)
+    base_s = np.empty(half, np.float64)
+    jump_c = np.cos(inv64 * BLOCK)
+    jump_s = np.sin(inv64 * BLOCK)
+    prev0, blocks_since = np.int64(-(1 << 62)), 0
+    qturn = np.empty((h, nrows, nd), np.float32)
+    off_c = np.empty((BLOCK, half), np.float32)
+    off_s = np.empty((BLOCK, half), np.float32)
+    if rope:
+        for j in range(half):
+            cur_c[j], cur_s[j] = 1.0, 0.0
+        for i in range(BLOCK):
+            for j in range(half):
+                off_c[i, j] = np.float32(cur_c[j] * rope_scale)
+                off_s[i, j] = np.float32(cur_s[j] * rope_scale)
+                c, s = cur_c[j], cur_s[j]
+                cur_c[j] = c * step_c[j] - s * step_s[j]
+                cur_s[j] = s * step_c[j] + c * step_s[j]
     # CSR offsets of row (ta, 0): carried from block to block
     ke, ve = _entries_between(kcounts, 0, t0), _entries_between(vcounts, 0, t0)
 
@@ -363,41 +419,86 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                                cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt,
                                kf[hh])
         if kcounts.shape[2] > 0:
-            ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, bi, ta, nt, kf)
+            ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kf, kflat, tok, obits, of,
+                                oval)
+        qb = q
         if rope:
-            for i in range(nt):
-                pos = pos_start + ta + i if pos_start >= 0 else np.int64(positions[ta + i])
-                if pos == prev + 1 and since < EXACT_EVERY:
+            pos0 = pos_start + ta if pos_start >= 0 else np.int64(positions[ta])
+            steady = pos_start >= 0
+            if not steady:  # stored positions: the block path needs them consecutive
+                steady = True
+                for i in range(nt):
+                    steady = steady and np.int64(positions[ta + i]) == pos0 + i
+            if steady:
+                # score = (R(-pos0) q) . (R(i) k): the query turned once per block to its first position, each key
+                # by its offset i from the table
+                if pos0 == prev0 + BLOCK and blocks_since < EXACT_EVERY // BLOCK:
                     for j in range(half):
-                        c, s = cur_c[j], cur_s[j]
-                        cur_c[j] = c * step_c[j] - s * step_s[j]
-                        cur_s[j] = s * step_c[j] + c * step_s[j]
-                    since += 1
+                        c, s = base_c[j], base_s[j]
+                        base_c[j] = c * jump_c[j] - s * jump_s[j]
+                        base_s[j] = s * jump_c[j] + c * jump_s[j]
+                    blocks_since += 1
                 else:
                     for j in range(half):
-                        ang = np.float64(pos) * inv64[j]
-                        cur_c[j] = np.cos(ang)
-                        cur_s[j] = np.sin(ang)
-                    since = 0
-                prev = pos
+                        ang = np.float64(pos0) * inv64[j]
+                        base_c[j] = np.cos(ang)
+                        base_s[j] = np.sin(ang)
+                    blocks_since = 0
+                prev0 = pos0
                 for j in range(half):
-                    use_c[j] = np.float32(cur_c[j] * rope_scale)
-                    use_s[j] = np.float32(cur_s[j] * rope_scale)
+                    use_c[j] = np.float32(base_c[j])
+                    use_s[j] = np.float32(base_s[j])
                 for hh in range(h):
-                    if vec:
-                        _rotate_vec(kf[hh], i, use_c, use_s, half)
-                        continue
-                    for j in range(uhalf):
-                        a, b = kf[hh, i, j], kf[hh, i, j + uhalf]
-                        kf[hh, i, j] = a * use_c[j] - b * use_s[j]
-                        kf[hh, i, j + uhalf] = b * use_c[j] + a * use_s[j]
+                    for r in range(nrows):
+                        for j in range(uhalf):
+                            x, y = q[hh, r, j], q[hh, r, j + uhalf]
+                            qturn[hh, r, j] = x * use_c[j] + y * use_s[j]
+                            qturn[hh, r, j + uhalf] = y * use_c[j] - x * use_s[j]
+                qb = qturn
+                for i in range(nt):
+                    for hh in range(h):
+                        if vec:
+                            _rotate_vec(kf[hh], i, off_c, off_s, i, half)
+                            continue
+                        for j in range(uhalf):
+                            x, y = kf[hh, i, j], kf[hh, i, j + uhalf]
+                            kf[hh, i, j] = x * off_c[i, j] - y * off_s[i, j]
+                            kf[hh, i, j + uhalf] = y * off_c[i, j] + x * off_s[i, j]
+            else:  # a jump inside the block: every key turned to its own position (exact cos/sin, or one step on)
+                prev0 = np.int64(-(1 << 62))
+                for i in range(nt):
+                    pos = np.int64(positions[ta + i])
+                    if pos == prev + 1 and since < EXACT_EVERY:
+                        for j in range(half):
+                            c, s = cur_c[j], cur_s[j]
+                            cur_c[j] = c * step_c[j] - s * step_s[j]
+                            cur_s[j] = s * step_c[j] + c * step_s[j]
+                        since += 1
+                    else:
+                        for j in range(half):
+                            ang = np.float64(pos) * inv64[j]
+                            cur_c[j] = np.cos(ang)
+                            cur_s[j] = np.sin(ang)
+                        since = 0
+                    prev = pos
+                    for j in range(half):
+                        tok_c[0, j] = np.float32(cur_c[j] * rope_scale)
+                        tok_s[0, j] = np.float32(cur_s[j] * rope_scale)
+                    for hh in range(h):
+                        if vec:
+                            _rotate_vec(kf[hh], i, tok_c, tok_s, 0, half)
+                            continue
+                        for j in range(uhalf):
+                            x, y = kf[hh, i, j], kf[hh, i, j + uhalf]
+                            kf[hh, i, j] = x * tok_c[0, j] - y * tok_s[0, j]
+                            kf[hh, i, j + uhalf] = y * tok_c[0, j] + x * tok_s[0, j]
         for hh in range(h):
             if seen[hh] == 0:
                 continue
             if d % 64 == 0:  # in vector registers (eight tokens' dot products reduced at once)
-                _scores_vec(q[hh], bias, kf[hh], uint64(nt), sc[hh], d)
+                _scores_vec(qb[hh], bias, kf[hh], uint64(nt), sc[hh], d)
             else:
-                _scores_block(q[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
+                _scores_block(qb[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
             _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
@@ -408,7 +509,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
                                vto[vsel], ta, nt, vf[hh])
         if vcounts.shape[2] > 0:
-            ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, bi, ta, nt, vf)
+            ve = _outliers_block(vcounts, vrp, ve, vcols, vvals, colmap, cflat, bi, ta, nt, vf, vflat, tok, obits, of,
+                                oval)
         for hh in range(h):
             if seen[hh] == 0:
                 continue
