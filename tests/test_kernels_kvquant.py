@@ -46,8 +46,8 @@ def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token
                  levels="random", max_start=5000, max_step=4, positions_per_row=True):
     """One random KVQuant layer for the kernels: ``(qg, n, keys codes, values codes, rope spec, valid, reference keys,
     reference values)``. Tokens appended in steps ``appends`` to real ``QuantStream``s; keys rotated (``rope``:
-    "none", "start" from a position below ``max_start``, "explicit": increasing with gaps below ``max_step``, one row
-    per batch row or one for all) and the reference keys rotated the same way in fp64; ``padding`` as
+    "none", "start" from a position below ``max_start``, "explicit": increasing with gaps below ``max_step``, "runs":
+    stored but consecutive except one jump; one row of positions per batch row or one for all) and the reference keys rotated the same way in fp64; ``padding`` as
     :func:`test_kernels.padding_mask`."""
     gen = torch.Generator().manual_seed(seed)
     n = sum(appends)
@@ -68,9 +68,14 @@ def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token
         start = int(torch.randint(0, max_start, (1,), generator=gen))
         spec = kernels.RotaryPositions(inv_freq, 1.0, start=start)
         ref_k = rotate(ref_k, torch.arange(start, start + n)[None], inv_freq, 1.0)
-    elif rope == "explicit":  # increasing with gaps (left padding, a window that moved)
+    elif rope in ("explicit", "runs"):  # increasing with gaps (left padding, a window that moved)
         rows = b if positions_per_row else 1
-        pos = torch.cumsum(torch.randint(1, max_step, (rows, n), generator=gen), dim=1).to(torch.int32)
+        steps = torch.randint(1, max_step, (rows, n), generator=gen)
+        if rope == "runs":  # stored, consecutive but for one jump per row: whole blocks take the kernel's block path
+            steps = torch.ones(rows, n, dtype=torch.long)
+            at = torch.randint(0, n, (rows,), generator=gen)
+            steps[torch.arange(rows), at] = torch.randint(2, 200, (rows,), generator=gen)
+        pos = torch.cumsum(steps, dim=1).to(torch.int32) + int(torch.randint(0, max_start, (1,), generator=gen))
         spec = kernels.RotaryPositions(inv_freq, 0.9, start=None, positions=pos)
         ref_k = rotate(ref_k, pos, inv_freq, 0.9)
     valid = padding_mask(gen, b, kv, n, padding)
@@ -92,7 +97,7 @@ def kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers, token
     outliers=st.sampled_from([0.0, 0.02, 0.1]),
     token_range=st.sampled_from(["token", "head"]),
     levels=st.sampled_from(["uniform", "random"]),
-    rope=st.sampled_from(["none", "start", "explicit"]),
+    rope=st.sampled_from(["none", "start", "explicit", "runs"]),
     padding=st.sampled_from(["none", "shared", "per-head", "all"]),
     parallel=st.booleans(),
     tail=st.integers(0, 3),
@@ -103,7 +108,7 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
     """Key/value bits 2/3/4 (3: two planes), head dims 8-128, tokens appended in several steps (lengths not a multiple
     of the kernel's block), batch, GQA ratios, one or several queries, per-channel or per-token keys, value ranges per
     token or per head, no / 2 % / 10 % outliers, uniform or random levels, keys not rotated / rotated from a start
-    position / rotated at explicit positions (jumps included), padding (shared, per head, a whole row), serial and
+    position / rotated at explicit positions (jumps included; or consecutive but for one jump), padding (shared, per head, a whole row), serial and
     threaded, with 0-3 dense tail tokens every row sees (``tail=``)."""
     qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case(bits, d, appends, b, kv, group, q, per_channel, outliers,
                                                            token_range, rope, padding, seed, levels=levels)
@@ -175,7 +180,7 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
 
 @needs_numba
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("rope", ["start", "explicit"])
+@pytest.mark.parametrize("rope", ["start", "explicit", "runs"])
 def test_rotation_over_a_long_context_does_not_drift(parallel, rope, monkeypatch):
     """Pre-RoPE keys far into a sequence (positions up to ~500k) over ~2k tokens: the kernel advances its angles token
     by token between exact cos/sin every ``EXACT_EVERY`` tokens (and after a jump in stored positions); the result
