@@ -238,6 +238,36 @@ def _rotate_vec(kf, i, tc, ts, row, half):
         store8(fma8(a, s, mul8(b, c)), kf, i, j + half)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _turn_key(kf, i, tc, ts, row, half, vec):
+    """Row ``i`` of ``kf (width, d)`` turned by RoPE by ``tc[row]``/``ts[row] (half,)``: :func:`_rotate_vec` with
+    ``vec``, else a scalar loop."""
+    if vec:
+        _rotate_vec(kf, i, tc, ts, row, half)
+        return
+    uh = uint64(half)  # unsigned indices: no wrap-around check per element
+    for j in range(uh):
+        x, y = kf[i, j], kf[i, j + uh]
+        kf[i, j] = x * tc[row, j] - y * ts[row, j]
+        kf[i, j + uh] = y * tc[row, j] + x * ts[row, j]
+
+
+@njit(cache=True, inline="always")
+def _angles_at(cur_c, cur_s, step_c, step_s, inv64, pos, exact):
+    """``cur_c``/``cur_s (half,)`` float64 set to cos/sin of ``pos * inv64``: computed (``exact``), or advanced from
+    the angles they hold by one step of ``step_c``/``step_s`` (angle addition)."""
+    if exact:
+        for j in range(cur_c.shape[0]):
+            ang = np.float64(pos) * inv64[j]
+            cur_c[j] = np.cos(ang)
+            cur_s[j] = np.sin(ang)
+        return
+    for j in range(cur_c.shape[0]):
+        c, s = cur_c[j], cur_s[j]
+        cur_c[j] = c * step_c[j] - s * step_s[j]
+        cur_s[j] = s * step_c[j] + c * step_s[j]
+
+
 @njit(cache=True, inline="always")
 def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, outflat, tok, obits, of, oval):
     """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
@@ -378,15 +408,11 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     off_c = np.empty((BLOCK, half), np.float32)
     off_s = np.empty((BLOCK, half), np.float32)
     if rope:
-        for j in range(half):
-            cur_c[j], cur_s[j] = 1.0, 0.0
         for i in range(BLOCK):
+            _angles_at(cur_c, cur_s, step_c, step_s, inv64, 0, i == 0)
             for j in range(half):
                 off_c[i, j] = np.float32(cur_c[j] * rope_scale)
                 off_s[i, j] = np.float32(cur_s[j] * rope_scale)
-                c, s = cur_c[j], cur_s[j]
-                cur_c[j] = c * step_c[j] - s * step_s[j]
-                cur_s[j] = s * step_c[j] + c * step_s[j]
     # CSR offsets of row (ta, 0): carried from block to block
     ke, ve = _entries_between(kcounts, 0, t0), _entries_between(vcounts, 0, t0)
 
@@ -432,18 +458,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             if steady:
                 # score = (R(-pos0) q) . (R(i) k): the query turned once per block to its first position, each key
                 # by its offset i from the table
-                if pos0 == prev0 + BLOCK and blocks_since < EXACT_EVERY // BLOCK:
-                    for j in range(half):
-                        c, s = base_c[j], base_s[j]
-                        base_c[j] = c * jump_c[j] - s * jump_s[j]
-                        base_s[j] = s * jump_c[j] + c * jump_s[j]
-                    blocks_since += 1
-                else:
-                    for j in range(half):
-                        ang = np.float64(pos0) * inv64[j]
-                        base_c[j] = np.cos(ang)
-                        base_s[j] = np.sin(ang)
-                    blocks_since = 0
+                exact = not (pos0 == prev0 + BLOCK and blocks_since < EXACT_EVERY // BLOCK)
+                _angles_at(base_c, base_s, jump_c, jump_s, inv64, pos0, exact)
+                blocks_since = 0 if exact else blocks_since + 1
                 prev0 = pos0
                 for j in range(half):
                     use_c[j] = np.float32(base_c[j])
@@ -457,41 +474,20 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 qb = qturn
                 for i in range(nt):
                     for hh in range(h):
-                        if vec:
-                            _rotate_vec(kf[hh], i, off_c, off_s, i, half)
-                            continue
-                        for j in range(uhalf):
-                            x, y = kf[hh, i, j], kf[hh, i, j + uhalf]
-                            kf[hh, i, j] = x * off_c[i, j] - y * off_s[i, j]
-                            kf[hh, i, j + uhalf] = y * off_c[i, j] + x * off_s[i, j]
+                        _turn_key(kf[hh], i, off_c, off_s, i, half, vec)
             else:  # a jump inside the block: every key turned to its own position (exact cos/sin, or one step on)
                 prev0 = np.int64(-(1 << 62))
                 for i in range(nt):
                     pos = np.int64(positions[ta + i])
-                    if pos == prev + 1 and since < EXACT_EVERY:
-                        for j in range(half):
-                            c, s = cur_c[j], cur_s[j]
-                            cur_c[j] = c * step_c[j] - s * step_s[j]
-                            cur_s[j] = s * step_c[j] + c * step_s[j]
-                        since += 1
-                    else:
-                        for j in range(half):
-                            ang = np.float64(pos) * inv64[j]
-                            cur_c[j] = np.cos(ang)
-                            cur_s[j] = np.sin(ang)
-                        since = 0
+                    exact = not (pos == prev + 1 and since < EXACT_EVERY)
+                    _angles_at(cur_c, cur_s, step_c, step_s, inv64, pos, exact)
+                    since = 0 if exact else since + 1
                     prev = pos
                     for j in range(half):
                         tok_c[0, j] = np.float32(cur_c[j] * rope_scale)
                         tok_s[0, j] = np.float32(cur_s[j] * rope_scale)
                     for hh in range(h):
-                        if vec:
-                            _rotate_vec(kf[hh], i, tok_c, tok_s, 0, half)
-                            continue
-                        for j in range(uhalf):
-                            x, y = kf[hh, i, j], kf[hh, i, j + uhalf]
-                            kf[hh, i, j] = x * tok_c[0, j] - y * tok_s[0, j]
-                            kf[hh, i, j + uhalf] = y * tok_c[0, j] + x * tok_s[0, j]
+                        _turn_key(kf[hh], i, tok_c, tok_s, 0, half, vec)
         for hh in range(h):
             if seen[hh] == 0:
                 continue

@@ -1,0 +1,139 @@
+"""Where KVQuant's CPU kernel spends its time, and this tree's kernel against a committed one.
+
+Times ``kvquant_layer_serial`` alone over 30 layers x 3 KV heads of random codes (1 % outliers, pre-RoPE per-channel
+keys; :class:`attention_microbench.KVQuantLayers`) on one thread, in interleaved rounds, and prints the minimum per
+variant (this host's speed drifts by up to ~25 % within minutes; the minimum is the steadiest figure). Variants are
+copies of ``kernels/kvquant_cpu.py`` loaded as modules of their own:
+
+* ``--against REV``: the kernel as committed at ``REV`` (``git show``), next to this tree's;
+* ``--switch-off PIECE ...``: this tree's kernel with one piece switched off by a textual edit (timings only: the
+  results are wrong), so the saving is what the piece costs (pieces overlap: the savings do not add up);
+* ``--block N ...``: this tree's kernel with ``BLOCK = N``.
+
+    python benchmarks/kvquant_kernel_ablate.py --tokens 8192 --rounds 7 --against HEAD
+    python benchmarks/kvquant_kernel_ablate.py --tokens 8192 --rounds 5 --switch-off all
+    python benchmarks/kvquant_kernel_ablate.py --block 32 64 128
+
+Earlier sessions ran copies of this script kept in git (``results/kvquant-kernel-session14/ablate.py`` at 49f8f5c,
+``results/kvquant-kernel-session17/ablate.py`` at 257b720, ``results/kvquant-kernel-session19/ablate.py`` at 19a12f1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL = "src/kvcompress/kernels/kvquant_cpu.py"
+HEADS, DIM, ROWS, LAYERS = 3, 64, 3, 30
+
+#: piece -> (text in this tree's kernel, its replacement): the piece's call skipped
+PIECES = {
+    "rotation": [("        if rope:\n            pos0 = ", "        if False:\n            pos0 = ")],
+    "outliers": [("        if kcounts.shape[2] > 0:\n            ke = _outliers", "        if False:\n            ke = _outliers"),
+                 ("        if vcounts.shape[2] > 0:\n            ve = _outliers", "        if False:\n            ve = _outliers")],
+    "key dequantization": [("                _dequant_vec(kbits,", "                if False: _dequant_vec(kbits,")],
+    "value dequantization": [("                _dequant_vec(vbits,", "                if False: _dequant_vec(vbits,")],
+    "scores": [("                _scores_vec(qb[hh]", "                if False: _scores_vec(qb[hh]")],
+    "value accumulation": [("                _values_vec(vf[hh]", "                if False: _values_vec(vf[hh]")],
+}
+
+
+def absolute_imports(text: str) -> str:
+    """The kernel's source with its relative imports made absolute (it is loaded from a temporary file)."""
+    return re.sub(r"from \.(\w+) import", r"from kvcompress.kernels.\1 import", text)
+
+
+def load(text: str, name: str, where: Path):
+    """``text`` as a module of its own (its numba functions compiled apart from the package's)."""
+    path = where / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variants(args) -> dict[str, str]:
+    """Variant name -> kernel source."""
+    here = absolute_imports((ROOT / KERNEL).read_text())
+    out = {"this tree": here}
+    if args.against:
+        old = subprocess.run(["git", "show", f"{args.against}:{KERNEL}"], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout
+        out[args.against] = absolute_imports(old)
+    pieces = list(PIECES) if args.switch_off == ["all"] else args.switch_off
+    for piece in pieces:
+        text = here
+        for a, b in PIECES[piece]:
+            if a not in text:
+                raise SystemExit(f"the kernel no longer has the edit point of {piece!r}: {a!r}")
+            text = text.replace(a, b)
+        out[f"no {piece}"] = text
+    for block in args.block:
+        text, n = re.subn(r"\nBLOCK = \d+\n", f"\nBLOCK = {block}\n", here)
+        if n != 1:
+            raise SystemExit("the kernel no longer defines BLOCK on a line of its own")
+        out[f"BLOCK = {block}"] = text
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--bits", type=int, default=3, choices=[2, 3, 4])
+    ap.add_argument("--against", default=None, help="a git revision whose kernel runs next to this tree's")
+    ap.add_argument("--switch-off", nargs="*", default=[], choices=[*PIECES, "all"], metavar="PIECE",
+                    help=f"pieces to switch off one at a time ({', '.join(PIECES)}; or all)")
+    ap.add_argument("--block", nargs="*", type=int, default=[], help="BLOCK sizes to try")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from attention_microbench import KVQuantLayers
+
+    from kvcompress import kernels
+
+    torch.set_num_threads(1)
+    where = Path(tempfile.mkdtemp())
+    modules = {name: load(text, f"kvq_{i}", where) for i, (name, text) in enumerate(variants(args).items())}
+    n = args.tokens
+    layers = KVQuantLayers(n, args.bits)
+    calls = []
+    for q, (ks, vs) in zip(layers.q, layers.streams):
+        streams, rotation = kernels._kvquant_code_args(n, ks.codes(), vs.codes(), layers.rope, 1, HEADS, DIM)
+        qg = (q.reshape(1, HEADS, ROWS, DIM) * DIM**-0.5).numpy()
+        out = (np.empty((1, HEADS, ROWS, DIM), np.float32), np.empty((1, HEADS, ROWS), np.float32),
+               np.empty((1, HEADS, ROWS), np.float32))
+        calls.append((qg, *streams, kernels._column_map(DIM, HEADS), *rotation, kernels._ALL_VALID, n, n,
+                      *kernels._NO_TAIL, *out))
+    for module in modules.values():  # compile
+        module.kvquant_layer_serial(*calls[0])
+    times = {name: [] for name in modules}
+    for _ in range(args.rounds):
+        for name, module in modules.items():
+            t0 = time.perf_counter()
+            for call in calls:
+                module.kvquant_layer_serial(*call)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    base = min(times["this tree"])
+    per = LAYERS * n * HEADS
+    print(f"{n} tokens, {args.bits}-bit, {LAYERS} layers x {HEADS} KV heads, min of {args.rounds} interleaved rounds; "
+          f"ns per (token, KV head) = ms * 1e6 / {per}")
+    print("| variant | ms | ns per (token, KV head) | vs this tree |\n|---|---:|---:|---:|")
+    for name, t in times.items():
+        best = min(t)
+        print(f"| {name} | {best:.1f} | {best * 1e6 / per:.1f} | {best / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
