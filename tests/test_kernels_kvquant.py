@@ -212,6 +212,44 @@ def test_kernel_reads_outlier_counts_and_columns_of_every_width(dtype):
 
 
 @needs_numba
+@pytest.mark.parametrize("special", [False, True])
+def test_a_blocks_outliers_land_where_their_columns_say(special):
+    """The flat per-block outlier loop (one batch row): every entry lands at its token, KV head and channel with its
+    fp16 value exactly, tokens with 0 to 7 entries (the fill writes four slots whatever the count); a block holding an
+    fp16 inf or NaN decodes them as such (the branch-free decode would not)."""
+    import numpy as np
+
+    from kvcompress.kernels import kvquant_cpu as kc
+
+    gen = np.random.default_rng(3)
+    h, d, nt, ta = 3, 16, 20, 5
+    counts_per_token = gen.integers(0, 8, ta + nt)
+    nnz = int(counts_per_token.sum())
+    cols = np.concatenate([gen.choice(h * d, c, replace=False) for c in counts_per_token]).astype(np.uint8)
+    vals = gen.standard_normal(nnz).astype(np.float16)
+    if special:
+        vals[-1], vals[-2] = np.float16(np.inf), np.float16(np.nan)
+    counts = counts_per_token.astype(np.uint8).reshape(1, 1, -1, 1)
+    colmap = kernels._column_map(d, h)
+    cflat = (colmap[0] * (kc.BLOCK * d) + colmap[1]).astype(np.uint64)
+    out = np.zeros((h, kc.BLOCK, d), np.float32)
+    tok = np.empty(kc.BLOCK * h * d + 4, np.uint8)
+    obits = np.empty(kc.BLOCK * h * d, np.uint32)
+    e0 = int(counts_per_token[:ta].sum())
+    e1 = kc._outliers_block(counts, np.zeros(0, np.int64), e0, cols.reshape(-1, 1), vals.view(np.uint16), colmap,
+                            cflat, 0, ta, nt, out, out.reshape(-1), tok, obits, obits.view(np.float32),
+                            np.empty(kc.BLOCK * h * d, np.float32))
+    assert e1 == nnz
+    want = np.zeros_like(out)
+    at = e0
+    for i in range(nt):
+        for k in range(at, at + counts_per_token[ta + i]):
+            want[cols[k] // d, i, cols[k] % d] = np.float32(vals[k])
+        at += counts_per_token[ta + i]
+    np.testing.assert_array_equal(out, want)  # NaN where NaN, inf where inf
+
+
+@needs_numba
 def test_outliers_change_the_kernels_result():
     """The kernel reads the outliers: dropping them (counts zeroed) moves the output (a guard against a test that
     cannot fail)."""
