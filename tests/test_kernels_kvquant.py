@@ -542,9 +542,9 @@ def test_kvquant_decode_in_one_call_is_the_tail_path_bit_for_bit(tiny_model, mon
             out += [layer.head_k, layer.head_v, layer.rec_k, layer.rec_v]
         return [t.clone() for t in out if t is not None]
 
-    calls = []
+    calls, appended = [], []
     real = K.kvquant_decode
-    spy = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    spy = lambda *a, **k: calls.append(1) or appended.append(k.get("append") is not None) or real(*a, **k)  # noqa: E731
     one_fused = KVQuantLayer._attend_one_fused
     ids = torch.randint(1, 128, (2, 60), generator=torch.Generator().manual_seed(7))
     runs = {}
@@ -559,6 +559,8 @@ def test_kvquant_decode_in_one_call_is_the_tail_path_bit_for_bit(tiny_model, mon
         for t in range(30, ids.shape[1]):
             model(ids[:, t : t + 1], **cache_kwargs(model, cache))
         runs[way] = (outs, held(cache), len(calls), cache.nbytes())
+        if way == "one":  # past the sink with no recent window, the step's tokens are quantized in the same call
+            assert any(appended) == (not options.get("recent"))
     (o1, h1, n1, b1), (o2, h2, _, b2) = runs["one"], runs["tail"]
     assert n1 >= 30 * len(cache.layers) and len(o1) == len(o2) >= 30 * len(cache.layers)
     for a, c in zip(o1, o2):
@@ -567,3 +569,35 @@ def test_kvquant_decode_in_one_call_is_the_tail_path_bit_for_bit(tiny_model, mon
             assert a[0].dtype == c[0].dtype and torch.equal(a[0], c[0]) and a[1] == c[1]
     assert b1 == b2 and len(h1) == len(h2)
     assert all(a.dtype == c.dtype and torch.equal(a, c) for a, c in zip(h1, h2))
+
+
+@needs_numba
+@torch.no_grad()
+def test_a_decode_step_beyond_fp16_raises_and_holds_nothing(tiny_model):
+    """The one-call decode step (attention and both quantizations in one numba call) meets a value range beyond fp16:
+    the torch path's error, and neither stream, the positions nor the held bytes change (the attention's output is
+    not handed out)."""
+    from kvcompress.kernels import kvquant_cpu
+    from kvcompress.registry import KVCompressError
+
+    cache = make_cache("kvquant", tiny_model, **{**OPTIONS, "pre_rope": False})  # (no model forward to hook into)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    tiny_model(ids[:, :39], **cache_kwargs(tiny_model, cache))
+    tiny_model(ids[:, 39:], **cache_kwargs(tiny_model, cache))  # a decode step: the layers' one-call state is ready
+    layer = cache.layers[0]
+    g = layer.geometry
+    calls = []
+    real = kvquant_cpu.kvquant_decode_append
+    kvquant_cpu.kvquant_decode_append = lambda *a: calls.append(1) or real(*a)
+    try:
+        before = (len(layer.k), len(layer.v), layer.pos.n, layer.tokens_seen, cache.nbytes())
+        gen = torch.Generator().manual_seed(4)
+        query = torch.randn(1, g.num_heads, 1, g.head_dim, generator=gen)
+        keys = torch.randn(1, g.num_kv_heads, 1, g.head_dim, generator=gen)
+        values = torch.full_like(keys, 1e6)
+        with pytest.raises(KVCompressError, match="not finite in fp16"):
+            layer.attend_step(query, keys, values, None, 0.125)
+        assert calls  # the one-call path was the one that met it
+        assert (len(layer.k), len(layer.v), layer.pos.n, layer.tokens_seen, cache.nbytes()) == before
+    finally:
+        kvquant_cpu.kvquant_decode_append = real

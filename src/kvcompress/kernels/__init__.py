@@ -99,6 +99,11 @@ def backend(device: torch.device) -> str | None:
     return None
 
 
+def numba_serves_cpu() -> bool:
+    """``backend(cpu) == "numba"``, asked the short way (every decode step of every layer asks)."""
+    return _state["enabled"] and AVAILABLE and _state["backend"] in (None, "numba")
+
+
 def kivi_fused_applies(device: torch.device, key_bits: int, value_bits: int, head_dim: int, value_group: int,
                        key_token_group: int | None = None) -> bool:
     """Whether :func:`kivi_attention` serves a KIVI-layout part on ``device``: a backend for the device
@@ -625,7 +630,7 @@ def kvquant_attention(qg: torch.Tensor, n: int, keys: CodebookCodes, values: Cod
 
 def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCodes, values: CodebookCodes,
                    rope: RotaryPositions | None, held: tuple | None, new_k: torch.Tensor, new_v: torch.Tensor,
-                   memo: dict | None = None) -> torch.Tensor | None:
+                   memo: dict | None = None, append: tuple | None = None):
     """A whole one-query decode step over ``n`` tokens of KVQuant codes followed by dense tokens, by one numba call
     (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_serial`): what :func:`kvquant_attention` with the dense
     tokens as its ``tail``, then ``acc / l``, computes -- bit for bit -- without the torch calls around it.
@@ -637,25 +642,37 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     ``values`` objects (and drops with them: it holds views of their buffers), where their numpy views are kept from
     step to step (with the ``rope`` object they were made for). Returns the output ``(b, 1, heads, d)`` in the query's
     dtype, or None where the serial call is not the way (the threaded kernel would run: more than one thread on a
-    large context; the caller takes the general path)."""
+    large context; the caller takes the general path).
+
+    ``append``: ``(key arguments, value arguments, (cos, sin))`` -- each stream's
+    :meth:`kvcompress.methods.kvquant_store.QuantStream.kernel_append_args` and the keys' un-rotation as float32 numpy
+    (``(1, 0, 0)`` each: none) --: the same call also quantizes ``new_k``/``new_v`` into the streams' buffers
+    (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_append`); returns ``(output, key result, value result)``
+    then, the results for :meth:`~kvcompress.methods.kvquant_store.QuantStream.commit_kernel_append` (nothing is
+    committed here)."""
     b, heads, _, d = query.shape
     h = new_k.shape[1]
     threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
     if threads > 1 and b * h * n >= MIN_PARALLEL_WORK:
         return None
     kept = None if memo is None else memo.get("decode")
-    if kept is not None and kept[0] is rope:
-        streams, rotation = kept[1]
-    else:
-        streams, rotation = code_args = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
+    if kept is None or kept[0] is not rope:
+        streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
+        kept = (rope, streams, rotation)
         # kept only when nothing in it is a copy (stored positions are sliced to n, a 2-byte inv_freq made float32)
         if memo is not None and (rope is None or (rope.positions is None and rope.inv_freq.dtype == torch.float32)):
-            memo["decode"] = (rope, code_args)
-    held_k, held_v, bf16 = (_NO_HELD, _NO_HELD, False) if held is None else held
-    out = np.empty((b, heads, d), np.float32)
-    _kvq_cpu.kvquant_decode_serial(_np32(query).reshape(b, heads, d), float(scaling), *streams, _column_map(d, h),
-                                   *rotation, held_k, held_v, bf16, _np32(new_k), _np32(new_v), n, n, out)
-    return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
+            memo["decode"] = kept
+    out = torch.empty((b, 1, heads, d))
+    q, o = _np32(query).reshape(b, heads, d), out.numpy().reshape(b, heads, d)
+    held = _NO_HELD_BITS if held is None else held
+    if append is None:
+        _kvq_cpu.kvquant_decode_serial(q, float(scaling), *kept[1], _column_map(d, h), *kept[2], *held, _np32(new_k),
+                                       _np32(new_v), n, n, o)
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
+    results = _kvq_cpu.kvquant_decode_append(q, float(scaling), kept[1], _column_map(d, h), kept[2], held,
+                                             _np32(new_k), _np32(new_v), n, o, append[0], append[1], append[2],
+                                             _NO_UNROTATE)
+    return (out if query.dtype == torch.float32 else out.to(query.dtype)), *results
 
 
 def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:
@@ -665,3 +682,5 @@ def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:
 
 
 _NO_HELD = np.zeros((1, 1, 0, 1), np.uint16)
+_NO_HELD_BITS = (_NO_HELD, _NO_HELD, False)
+_NO_UNROTATE = (np.zeros((1, 0, 0), np.float32),) * 2

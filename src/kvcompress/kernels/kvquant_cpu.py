@@ -933,3 +933,21 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
                          vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
                          pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m, l)
     normalize_into(acc, l, out)  # l >= 1 (the tail's newest token scores exp(0) or more): acc / l
+
+
+@njit(cache=True)
+def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, out, kquant, vquant,
+                          unrotate, plain):
+    """:func:`kvquant_decode_serial` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
+    held-token arguments as tuples, in its order), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into
+    the streams' buffers by :func:`quantize_into` -- ``kquant``/``vquant``: ``(its arguments from bits to planes1,
+    t0, from scale_bits to vals, e0)``; the keys un-rotated with ``unrotate (cos, sin)``, the values with ``plain``
+    (empty: none) -- in one call (each call from Python between the model's matmuls costs microseconds). The attention
+    reads tokens ``[0, n)`` only, so the new tokens written after them change nothing it sees. Returns the two
+    :func:`quantize_into` results (keys, values); nothing is committed here."""
+    kvquant_decode_serial(query, scaling, *streams, colmap, *rotation, *held, new_k, new_v, n, n, out)
+    khead, kt0, ktail, ke0 = kquant
+    vhead, vt0, vtail, ve0 = vquant
+    kres = quantize_into(new_k, *khead, kt0, *ktail, ke0, unrotate[0], unrotate[1])
+    vres = quantize_into(new_v, *vhead, vt0, *vtail, ve0, plain[0], plain[1])
+    return kres, vres

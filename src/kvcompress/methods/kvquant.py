@@ -44,6 +44,8 @@ import torch
 
 from ..cache import KVLayer, Method
 from ..config import check_bits
+from ..kernels import _NO_UNROTATE, _np32
+from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError, register
 from ..rope import apply_rope, unapply_rope
 from .kvquant_store import Positions, QuantStream, RopeTable, PositionObserver
@@ -179,6 +181,9 @@ class KVQuantLayer(KVLayer):
         # (key codes, value codes, backend, kvquant_decode's memo, whether the kernel serves them): asked by every
         # decode step; dropped as soon as a stream's buffers are replaced (_forget_stale_codes)
         self._codes_memo = None
+        # what _attend_one_fused reuses while the codes stay: (key codes, value codes, rotation, held sink keys, values,
+        # their bits, kvquant_decode's memo) -- views of held tensors, nothing of its own
+        self._decode_memo = None
 
     def new_row_layer(self):
         return KVQuantLayer(self.method, self.layer_idx)
@@ -196,7 +201,7 @@ class KVQuantLayer(KVLayer):
         # the model computes cos/sin once per forward for all layers: check that tensor once per layer type and row
         key = (self.layer_type, None if self.row_view is None else self.row_view[0])
         checked = self.method.rope_checked.get(key)
-        fresh = checked is None or checked() is not cos
+        fresh = checked is None or checked[0]() is not cos
         given = cos
         if self.row_view is not None:
             r, idx = self.row_view
@@ -216,8 +221,28 @@ class KVQuantLayer(KVLayer):
                 f"kvquant: layer {self.layer_idx}: the model's rotary module does not reproduce the cos/sin this "
                 "step used (dynamic or non-standard RoPE?); use pre_rope=False"
             )
-        self.method.rope_checked[key] = weakref.ref(given)  # a weak reference: nothing is held between steps
+        shared = None  # a one-token step's position when every row has the same one (:meth:`_decode_rope`)
+        if q == 1:
+            flat = pos.reshape(-1).tolist()
+            shared = flat[0] if all(p == flat[0] for p in flat) else None
+        # a weak reference and an int: nothing is held between steps
+        self.method.rope_checked[key] = (weakref.ref(given), shared)
         return pos, cos.float(), sin.float()
+
+    def _decode_rope(self):
+        """``(position, cos, sin)`` of a one-token step whose rows share one position (an int; cos/sin ``(b, 1, d)``
+        as the model gave them), or None (a single-row layer of a padded batch, rows at different positions): what
+        :meth:`_step_rope` gives, checked by the first layer of the forward and of its type, then read from its
+        memo by the others (each Python operation between the model's matmuls costs ~1 us)."""
+        obs = self.method.observer
+        if obs is None or self.row_view is not None:
+            return None
+        cos, sin = obs.rope(self.layer_idx)
+        checked = self.method.rope_checked.get((self.layer_type, None))
+        if checked is None or checked[0]() is not cos:
+            self._step_rope(1)
+            checked = self.method.rope_checked[(self.layer_type, None)]
+        return None if checked[1] is None else (checked[1], cos, sin)
 
     # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
     def attend_step(self, query, keys, values, new_valid, scaling):
@@ -275,14 +300,30 @@ class KVQuantLayer(KVLayer):
         rounding); None where the kernel does not serve the body (the general path runs)."""
         from .. import kernels
 
-        body = self._body_codes()
-        if body is None or kernels.backend(query.device) != "numba":
+        step = self._decode_memo
+        if step is None or self.recent or self.pos.explicit is not None:
+            body = self._body_codes()
+            if body is None or kernels.backend(query.device) != "numba":
+                return None
+            step = (*body, *self._held_tail(), self._codes_memo[3])
+            if not self.recent and self.pos.explicit is None:  # the same until the codes change (_forget_stale_codes)
+                self._decode_memo = step
+        elif not kernels.numba_serves_cpu():  # switched off since (kernels.fused)
             return None
-        codes_k, codes_v, rope = body
-        hk, hv, held_bits = self._held_tail()
+        codes_k, codes_v, rope, hk, hv, held_bits, memo = step
+        append = self._one_token_append(keys)  # (may grow the buffers: the step's codes still read the same tokens)
         output = kernels.kvquant_decode(query, scaling, len(self.v), codes_k, codes_v, rope, held_bits, keys, values,
-                                        memo=self._codes_memo[3])
-        if output is None:  # the threaded kernel: its tail merged after the ranges
+                                        memo=memo, append=None if append is None else append[1:])
+        if output is not None and append is not None:  # the step's tokens were quantized in the same call
+            output, k_result, v_result = output
+            if not (k_result[1] and v_result[1]):  # a range not finite in fp16: the torch path's error, nothing held
+                check_fp16_finite(torch.tensor([float("inf")]))
+            self.k.commit_kernel_append(1, k_result)
+            self.v.commit_kernel_append(1, v_result)
+            if append[0] is not None:
+                self.pos.append_next(append[0])
+            self._forget_stale_codes()
+        elif output is None:  # the threaded kernel: its tail merged after the ranges
             b, heads, _, d = query.shape
             kv = keys.shape[1]
             qg = query.float().reshape(b, kv, heads // kv, d) * scaling
@@ -290,7 +331,9 @@ class KVQuantLayer(KVLayer):
             tv = values.float() if hv is None else torch.cat([hv.float(), values.float()], dim=2)
             acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
             output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
-        self._append(keys, values)
+            self._append_one(keys, values)
+        else:
+            self._append_one(keys, values)
         n_tail = keys.shape[2] + (0 if hk is None else hk.shape[2])
         return output, 2 * keys.shape[0] * keys.shape[1] * n_tail * keys.shape[3] * 4  # the fp32 tail, K and V
 
@@ -337,7 +380,7 @@ class KVQuantLayer(KVLayer):
         (made or grown): its numpy views would keep the old buffers alive between steps, memory nothing counts."""
         memo = self._codes_memo
         if memo is not None and (memo[0] is not self.k._codes or memo[1] is not self.v._codes):
-            self._codes_memo = None
+            self._codes_memo = self._decode_memo = None
 
     def _fused_body(self):
         """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
@@ -410,6 +453,38 @@ class KVQuantLayer(KVLayer):
             self._append_body(k, v, unrotate)
         if self.is_sliding and self.attended_length() >= self.window - 1 + self.slide_block:  # leave by whole blocks
             self._drop_front(self.attended_length() - (self.window - 1))
+        self._forget_stale_codes()
+
+    def _one_token_append(self, keys):
+        """What :func:`kvcompress.kernels.kvquant_decode` needs to quantize a one-token step's ``keys`` and values into
+        the body in its own call: ``(position or None, key arguments, value arguments, (cos, sin) float32 numpy)``
+        (room made in the buffers), or None where the token does not go straight into the body that way (then
+        :meth:`_append_one`)."""
+        if self.recent or self.tokens_seen < self.sink or self.pend_k is not None or not self.k.ready:
+            return None
+        position, unrotate = None, _NO_UNROTATE
+        if self.pre_rope:
+            step = self._decode_rope()
+            if step is None or not self.pos.is_next(step[0]):
+                return None
+            position, unrotate = step[0], (_np32(step[1]), _np32(step[2]))
+        k_args = self.k.kernel_append_args(keys.shape)
+        v_args = None if k_args is None else self.v.kernel_append_args(keys.shape)
+        return None if v_args is None else (position, k_args, v_args, unrotate)
+
+    def _append_one(self, key_states, value_states):
+        """:meth:`_append` of a one-token step ``(b, h, 1, d)`` without its general bookkeeping where the token goes
+        straight into the body (past the sink, no recent window, key ranges fixed, rows at one position)."""
+        if self.recent or self.tokens_seen < self.sink or self.pend_k is not None or not self.k.ready:
+            return self._append(key_states, value_states)
+        unrotate = None
+        if self.pre_rope:
+            step = self._decode_rope()
+            if step is None or not self.pos.append_next(step[0]):
+                return self._append(key_states, value_states)
+            unrotate = step[1:]
+        self.v.append(value_states)
+        self.k.append(key_states, unrotate)
         self._forget_stale_codes()
 
     def _append_recent(self, k, v, pos):
@@ -523,7 +598,8 @@ class KVQuant(Method):
     def prepare(self) -> None:
         cfg, g = self.config, self.geometry
         self.observer = None
-        self.rope_checked: dict = {}  # (layer type, row) -> weak reference to the cos tensor last checked
+        # (layer type, row) -> (weak reference to the cos tensor last checked, its one-token step's shared position)
+        self.rope_checked: dict = {}
         self.calibration = None
         if cfg.calibration is not None:
             from ..calibration.kvquant import auto_calibration, load_calibration

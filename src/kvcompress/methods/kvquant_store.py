@@ -229,12 +229,16 @@ class QuantStream:
         self._ranges = [] if per_channel else [GrowingTokens(GROW_TOKENS), GrowingTokens(GROW_TOKENS)]
         self._sparse = [GrowingTokens(GROW_TOKENS), GrowingTokens(GROW_OUTLIERS), GrowingTokens(GROW_OUTLIERS)] \
             if self.has_sparse else []
+        self._per_token = [*self._planes, *self._ranges, *self._sparse[:1]]  # one entry per token (the others: outliers)
         self.channel_scale = self.channel_offset = None  # per channel: (1|b, width) fp16
         cb = codebook.float()
         self._midpoints = (cb[:-1] + cb[1:]) / 2  # nearest level = bucket among the midpoints (held: counted)
         self._midpoints_array = None  # the same as numpy (made once)
         self._channel_arrays = None  # per channel: the fp16 (offset, scale) as uint16 numpy views, for the quantizer
         self._codes = None  # the last codes() handed out, while the buffers it views stay the same
+        self._kernel_args, self._room = None, 0  # quantize_into's buffer arguments, and the room they have (in tokens)
+        # counts and columns are written as little-endian bytes; ranges per head have no kernel
+        self._kernel_serves = kernels.AVAILABLE and sys.byteorder == "little" and (per_channel or token_range == "token")
         if per_channel and lower is not None:
             self._set_range(lower, upper)
 
@@ -250,7 +254,8 @@ class QuantStream:
         w = self.h * self.d
         self.channel_offset = ((upper.float() + lower.float()) / 2).half().reshape(-1, w)  # (1|b, width)
         self.channel_scale = ((upper.float() - lower.float()) / 2).half().reshape(-1, w)
-        self._channel_arrays = self._codes = None
+        self._channel_arrays = None
+        self._buffers_replaced()
 
     def fix_range(self, x: torch.Tensor) -> None:
         """Per-channel range from ``x (b, h, n, d)``: outlier thresholds along tokens (min/max if none)."""
@@ -317,8 +322,8 @@ class QuantStream:
             xn = from_rows(xn, h)
         codes = torch.bucketize(xn.contiguous(), self._midpoints).to(torch.uint8)
         for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
-            if buf.append(t):
-                self._codes = None  # a buffer made or grown: the last codes() must not keep the old one alive
+            buf.append(t)
+        self._buffers_replaced()  # (grown or not: the kernel path's room is no longer known)
         self.length += q
 
     def _append_with_kernel(self, x: torch.Tensor, unrotate=None) -> bool:
@@ -327,13 +332,39 @@ class QuantStream:
         ranges, outlier counts and -- where they fit in the room already held -- the outliers themselves straight into
         the buffers (:meth:`kvcompress.storage.GrowingTokens.reserve`, numpy views made once per buffer); outliers that
         do not fit are placed after the buffer grew, as :meth:`append` grows it. One call per stream and step instead
-        of ~15 numpy/torch calls (each ~0.1 ms inside a forward). False where it does not apply (no numba, not on the
-        CPU, ranges per head). Nothing is committed when it raises."""
-        if not kernels.AVAILABLE or x.device.type != "cpu" or not (self.per_channel or self.token_range == "token") \
-                or sys.byteorder != "little":  # counts and columns are written as little-endian bytes
+        of ~15 numpy/torch calls (each ~0.1 ms inside a forward); the buffers' arguments are kept from step to step
+        while the buffers stay and have room (:meth:`_kernel_buffers`). False where it does not apply (no numba, not on
+        the CPU, ranges per head). Nothing is committed when it raises."""
+        if x.device.type != "cpu":
             return False
-        b, h, q, d = x.shape
-        w, start = h * d, self.length
+        args = self.kernel_append_args(x.shape)
+        if args is None:
+            return False
+        head, t0, tail, e0 = args
+        result = kernels._kvq_cpu.quantize_into(kernels._np32(x), *head, t0, *tail, e0, *_rotation_arrays(unrotate))
+        self.commit_kernel_append(x.shape[2], result)
+        return True
+
+    def kernel_append_args(self, shape: tuple) -> tuple | None:
+        """:func:`quantize_into`'s arguments for appending ``shape = (b, h, q, d)`` tokens on the CPU (room made for
+        them): ``(bits .. planes1, t0, scale_bits .. vals, e0)`` as four items, or None where the kernel path does not
+        apply (no numba, ranges per head, a big-endian machine). Then :meth:`commit_kernel_append`."""
+        if not self._kernel_serves:
+            return None
+        args = self._kernel_args if self._room >= shape[2] else None
+        if args is None:
+            args = self._kernel_buffers(shape)
+        g_cols = self._sparse[1] if self.has_sparse else None
+        held_entries = g_cols.length if g_cols is not None and g_cols.buffer is not None else 0
+        return args[0], self.length, args[1], held_entries
+
+    def _kernel_buffers(self, shape: tuple) -> tuple[tuple, tuple]:
+        """Room for ``shape[2]`` more tokens in every per-token buffer, and :func:`quantize_into`'s arguments before and
+        after the first token's index (``t0``) up to the outliers' buffers: ``(bits .. planes1, scale_bits .. vals)``,
+        numpy views of the buffers as they are now, kept (``_kernel_args``) with the tokens every per-token buffer can
+        still take in place (``_room``) until a buffer is replaced (:meth:`_buffers_replaced`)."""
+        b, h, q, d = shape
+        w = h * d
         widths = [d * (4 if self.bits == 4 else 2) // 8, d // 8]
         replaced = False  # a buffer made or grown: the last codes() must go (it would keep the old one alive)
         for g, width in zip(self._planes, widths):
@@ -354,36 +385,50 @@ class QuantStream:
                 replaced |= g.reserve(q, (b, 1, q, 1), torch.float16)
             scale_bits, offset_bits = (g.bits_array() for g in self._ranges)
         counts = cols = _NO_BYTES
-        vals, held_entries = _NO_BITS, 0
+        vals = _NO_BITS
         if self.has_sparse:
             g_counts, g_cols, g_vals = self._sparse
             replaced |= g_counts.reserve(q, (b, 1, q), _small_int(w))
             counts = g_counts.bytes_array()
             if g_cols.buffer is not None:
-                cols, vals, held_entries = g_cols.bytes_array(), g_vals.bits_array(), g_cols.length
+                cols, vals = g_cols.bytes_array(), g_vals.bits_array()
         if self._midpoints_array is None:
             self._midpoints_array = self._midpoints.numpy()
-        nnz, ok, in_place, new_cols, new_vals = kernels._kvq_cpu.quantize_into(
-            kernels._np32(x), self.bits, self._midpoints_array,
-            self.per_channel, ch_off, ch_scale, m,
-            planes0, planes1, start, scale_bits, offset_bits, self.has_sparse, counts, cols, vals, held_entries,
-            *_rotation_arrays(unrotate))
+        if replaced:
+            self._codes = None
+        self._kernel_args = ((self.bits, self._midpoints_array, self.per_channel, ch_off, ch_scale, m, planes0, planes1),
+                             (scale_bits, offset_bits, self.has_sparse, counts, cols, vals))
+        self._room = min(g.buffer.shape[2] - g.length for g in self._per_token)
+        return self._kernel_args
+
+    def commit_kernel_append(self, q: int, result: tuple) -> None:
+        """After :func:`quantize_into` wrote ``q`` tokens (``result``: what it returned): raise where a range was not
+        finite (nothing committed), place the outliers that did not fit (growing their buffers as :meth:`append`
+        would), hold the tokens."""
+        nnz, ok, in_place, new_cols, new_vals = result
         if not ok:
             check_fp16_finite(torch.tensor([float("inf")]))  # the torch path's error, word for word
         if nnz:
+            g_cols, g_vals = self._sparse[1:]
             if not in_place:  # more outliers than the room held: grow as append would, then place them
+                w = self.h * self.d
                 for g, src, dtype in ((g_cols, new_cols, _small_int(w - 1)), (g_vals, new_vals, torch.float16)):
-                    replaced |= g.reserve(nnz, (1, 1, nnz), dtype)
+                    g.reserve(nnz, (1, 1, nnz), dtype)
                     with np.errstate(over="ignore"):  # fp16: rounded to nearest even, beyond its range inf, as torch
                         g.array()[0, 0, g.length : g.length + nnz] = src
+                self._buffers_replaced()
             g_cols.commit(nnz)
             g_vals.commit(nnz)
-        for g in (*self._planes, *self._ranges, *self._sparse[:1]):  # the per-token buffers (as drop_front)
-            g.commit(q)
+        for g in self._per_token:  # (as drop_front)
+            g.length += q
         self.length += q
-        if replaced:
-            self._codes = None
-        return True
+        self._room -= q
+
+    def _buffers_replaced(self) -> None:
+        """A buffer was made, grown, cut or refilled outside the kernel path: what was kept of the old ones goes (the
+        last codes() and the kernel's arguments would keep them alive, and the room is no longer known)."""
+        self._codes = self._kernel_args = None
+        self._room = 0
 
     def _channel_bounds(self):
         """Per-channel thresholds ``(lower, upper)`` as float32 ``(1, 1|b, width)`` (transient)."""
@@ -426,10 +471,10 @@ class QuantStream:
             nnz = self._sparse_span(0, k)[1]
             for g in self._sparse[1:]:
                 g.drop_front(nnz)
-        for g in (*self._planes, *self._ranges, *self._sparse[:1]):
+        for g in self._per_token:
             g.drop_front(k)
         self.length -= k
-        self._codes = None
+        self._buffers_replaced()
 
     def codes(self):
         """The held tokens in the fused kernels' contract (:class:`kvcompress.kernels.CodebookCodes`): the buffers
@@ -511,6 +556,18 @@ class Positions:
         rows = max(self.explicit.shape[0], pos.shape[0])
         self.explicit = torch.cat([self.explicit.expand(rows, -1), pos.to(torch.int32).expand(rows, -1)], dim=1)
         self.n += q
+
+    def is_next(self, p: int) -> bool:
+        """Whether a token at position ``p`` (every row) is the next implicit one (:meth:`append_next` takes it)."""
+        return self.explicit is None and self.start is not None and p == self.start + self.n
+
+    def append_next(self, p: int) -> bool:
+        """Append one token at position ``p`` (every row) when it is the next implicit one; False (nothing done)
+        otherwise (then :meth:`append`)."""
+        if self.explicit is None and self.start is not None and p == self.start + self.n:
+            self.n += 1
+            return True
+        return False
 
     def get(self) -> torch.Tensor:
         """``(b|1, n)`` long."""
