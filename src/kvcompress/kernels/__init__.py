@@ -652,8 +652,7 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     committed here)."""
     b, heads, _, d = query.shape
     h = new_k.shape[1]
-    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
-    if threads > 1 and b * h * n >= MIN_PARALLEL_WORK:
+    if b * h * n >= MIN_PARALLEL_WORK and min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS) > 1:
         return None
     kept = None if memo is None else memo.get("decode")
     if kept is None or kept[0] is not rope:
