@@ -44,6 +44,7 @@ import torch
 
 from ..cache import KVLayer, Method
 from ..config import check_bits
+from .. import kernels
 from ..kernels import _NO_UNROTATE, _np32
 from ..quant._common import check_fp16_finite
 from ..registry import KVCompressError, register
@@ -246,12 +247,13 @@ class KVQuantLayer(KVLayer):
 
     # -- attending over the stored parts (full-attention layers) -----------------------------------------------------
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts, sliding_view, with_validity
-
         if keys.shape[2] == 1 and new_valid is None and not self.is_sliding:
             done = self._attend_one_fused(query, keys, values, scaling)
             if done is not None:
                 return done
+        from ..attention import KVPart, attend_parts, sliding_view, with_validity  # (not on the one-token path: a
+        # from-import of a package runs Python code, microseconds inside a forward)
+
         past, window = self._past_parts(), None
         if self.is_sliding:  # mask exactly the window: the held tokens end at position seen - 1
             visible, window = sliding_view(self.attended_length(), self.tokens_seen, self.window, keys.shape[2], keys.shape[0],
@@ -298,8 +300,6 @@ class KVQuantLayer(KVLayer):
         general path's dense softmax and log-sum-exp merge in torch cost more than the kernel at 1k tokens, and each
         torch call between the model's matmuls costs ~0.1 ms. Same keys and values as the general path (within float
         rounding); None where the kernel does not serve the body (the general path runs)."""
-        from .. import kernels
-
         step = self._decode_memo
         if step is None or self.recent or self.pos.explicit is not None:
             body = self._body_codes()
@@ -341,8 +341,6 @@ class KVQuantLayer(KVLayer):
         """The held 2-byte tokens a one-token step attends after the body: ``(keys, values, bits)`` -- the sink then the
         recent window ``(b, h, r, d)`` and their bits for :func:`kvcompress.kernels.kvquant_decode` (made once while the
         sink alone is held) -- or ``(None, None, None)``."""
-        from .. import kernels
-
         held = [(k, v) for k, v in ((self.head_k, self.head_v), (self.rec_k, self.rec_v)) if k is not None and k.shape[2]]
         if not held:
             return None, None, None
@@ -358,8 +356,6 @@ class KVQuantLayer(KVLayer):
         """``(key codes, value codes, rotation)`` the kernel reads the body from (the rotation None for keys stored
         post-RoPE), or None where it does not apply: an empty body, no kernel for the device, keys still waiting
         for their range, a rotary module the kernel cannot reproduce."""
-        from .. import kernels
-
         if not len(self.v) or self.pend_k is not None or len(self.k) != len(self.v):
             return None
         keys, values = self.k.codes(), self.v.codes()
@@ -385,7 +381,6 @@ class KVQuantLayer(KVLayer):
     def _fused_body(self):
         """``KVPart.fused`` of the body: the kernel straight on the codes (:func:`kvcompress.kernels.kvquant_attention`),
         or None where it does not apply (:meth:`_body_codes`): the body is then read a chunk at a time."""
-        from .. import kernels
         from ..attention import CHUNK
 
         body = self._body_codes()
@@ -555,8 +550,6 @@ class KVQuantLayer(KVLayer):
     def attention_path(self) -> str:
         """Once the body holds codes: ``"fused-numba"``/``"fused-triton"`` (the kernel on the codes) or ``"chunked"``
         (read a chunk at a time); ``"dense"`` before (:mod:`kvcompress.memory`)."""
-        from .. import kernels
-
         if not len(self.v):
             return "dense"
         return f"fused-{kernels.backend(self.v.planes[0].device)}" if self._fused_body() is not None else "chunked"
