@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .attention import KVPart, attend_parts, grow_validity, with_validity
 from .attention.interface import LAYER_MARK
 from .geometry import ModelGeometry
 from .registry import KVCompressError
@@ -133,8 +134,6 @@ class KVLayer(CacheLayerMixin):
 
         Default (layers that implement :meth:`dense_step`): attend over the dense ``[past | new]`` that :meth:`dense_step` returns
         (the new tokens causal, their padding masked)."""
-        from .attention import KVPart, attend_parts
-
         q = keys.shape[2]
         k, v = self.dense_step(keys, values)
         past = k.shape[2] - q
@@ -290,8 +289,6 @@ class StorageLayer(KVLayer):
         """A one-token step without padding by the store's own fast path where it has one
         (:meth:`kvcompress.storage.TokenStorage.attend_one_token`: KIVI's one kernel call); otherwise over the
         store's parts and the new tokens, padding masked, then the new tokens appended."""
-        from .attention import KVPart, attend_parts, grow_validity, with_validity
-
         if keys.shape[2] == 1 and new_valid is None and self.valid is None:
             step = self.kv.attend_one_token(query, keys, values, scaling)
             if step is not None:

@@ -31,6 +31,9 @@ from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
 from ..storage import GrowingTokens, TokenStorage, register_storage
+from .. import kernels
+from .. import attention as _attention  # (CHUNK read at call time: it can be tuned)
+from ..attention import KVPart, attend_parts, grow_validity, sliding_view, with_validity
 
 #: code widths accepted for keys and values (the paper's 2 and 4; 8 as a near-lossless check)
 SUPPORTED_BITS = (2, 4, 8)
@@ -371,16 +374,12 @@ class KiviStore(TokenStorage):
         only 2-byte tokens, attended as before) and a kernel applies (:func:`kvcompress.kernels.kivi_fused_applies`:
         switched on, numba for CPU tensors or triton for CUDA tensors, on the CPU value groups that never split a byte
         of codes)."""
-        from .. import kernels
-
         return bool(self.vq.length) and kernels.kivi_fused_applies(self.k_res.device, self.kq.bits, self.vq.bits,
                                                                    self.head_dim, self.value_group)
 
     def attention_path(self) -> str:
         """How :meth:`parts` is attended now: ``"fused-numba"``/``"fused-triton"`` (:meth:`fused`), ``"chunked"``
         (codes dequantized a chunk at a time), ``"dense"`` (no codes yet: only the 2-byte residual)."""
-        from .. import kernels
-
         if not self.vq.length:
             return "dense"
         return f"fused-{kernels.backend(self.vq.packed.device)}" if self.fused() else "chunked"
@@ -393,12 +392,9 @@ class KiviStore(TokenStorage):
         still serves callers that ask for probabilities. Otherwise one ``kind="kivi"`` part read chunk by chunk.
         Chunks fall on key-group edges. ``fused``: what :meth:`fused` says now, when the caller just asked it (None:
         ask)."""
-        from .. import kernels
-        from ..attention import CHUNK, KVPart
-
         if not len(self):
             return []
-        chunk = max(self.group_size, CHUNK - CHUNK % self.group_size)
+        chunk = max(self.group_size, _attention.CHUNK - _attention.CHUNK % self.group_size)
         if not (self.fused() if fused is None else fused):
             return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
         n, kq, vq = len(self), self.kq, self.vq
@@ -420,9 +416,6 @@ class KiviStore(TokenStorage):
         token the query sees as itself is the 2-byte value that ends the residual, exactly the last part of the
         general path), then the residual is flushed (its value token deferred to the queue, if any). None where the
         store is not fused (no kernel, or no value quantized yet)."""
-        from .. import kernels
-        from ..attention import attend_parts
-
         if not self.fused():
             return None
         self.stage(keys, values)
@@ -441,8 +434,6 @@ class KiviStore(TokenStorage):
         (the step's own token already :meth:`stage` d), by one numba kernel call straight from the held buffers
         (:func:`kvcompress.kernels.kivi_decode`): the fused part of :meth:`parts` without its per-step setup. Only when
         :meth:`fused` and the backend is numba."""
-        from .. import kernels
-
         kq, vq = self.kq, self.vq
         return kernels.kivi_decode(query, scaling, len(self), kq.arrays(), kq.bits, kq.group, vq.arrays(), vq.bits,
                                    vq.group, self.k_res, self.v_res)
@@ -504,8 +495,6 @@ class KiviSlidingLayer(KiviLayer):
         return KiviSlidingLayer(self.geometry, self.layer_idx, self.config)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import KVPart, attend_parts, grow_validity, sliding_view, with_validity
-
         sd, q = self.kv.dtype, keys.shape[2]
         held = len(self.kv)
         first = self.tokens_seen - held  # position (cache index) of the first held token

@@ -35,6 +35,9 @@ from ..config import check_bits, check_positive_int
 from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
 from ..storage import GrowingTokens
+from .. import kernels
+from .. import attention as _attention  # (CHUNK read at call time: it can be tuned)
+from ..attention import KVPart, attend_parts, sliding_view
 
 KEY_AXES = ("token", "channel")
 
@@ -181,10 +184,8 @@ class LogQuantLayer(KVLayer):
         self.n_sparse = 0
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import CHUNK, KVPart, attend_parts
-
         sd = self.geometry.storage_dtype
-        chunk = max(self.window, CHUNK - CHUNK % self.window)  # per-channel key blocks are W tokens
+        chunk = max(self.window, _attention.CHUNK - _attention.CHUNK % self.window)  # per-channel key blocks are W tokens
         fused = self.fused()
         if fused and keys.shape[2] == 1 and new_valid is None:
             return self._attend_one_fused(query, keys, values, scaling, chunk)
@@ -212,9 +213,6 @@ class LogQuantLayer(KVLayer):
         :func:`kvcompress.kernels.kivi_decode`, straight from the held buffers; otherwise the fused part through
         :func:`kvcompress.attention.attend_parts`); then the merge loop runs (:meth:`_flush`). Same keys and values
         as the general path: ``[quantized | full precision | new token (2-byte)]``, attended in one softmax."""
-        from .. import kernels
-        from ..attention import KVPart, attend_parts
-
         sd = self.geometry.storage_dtype
         k, v = keys.to(sd), values.to(sd)
         self.fp_k = k if self.fp_k is None else torch.cat([self.fp_k, k], dim=-2)
@@ -295,8 +293,6 @@ class LogQuantLayer(KVLayer):
         (:func:`kvcompress.kernels.kivi_attention`): keys per channel in blocks of W tokens and values per token are
         exactly KIVI's layout; keys per token (``key_axis="token"``) are read like the values; and a kernel applies on
         the device."""
-        from .. import kernels
-
         if not self.kq.length:
             return False
         key_token_group = self.kq.group if self.kq.axis == -1 else None
@@ -306,8 +302,6 @@ class LogQuantLayer(KVLayer):
     def _fused_run(self, n: int, read, chunk: int, tail=None):
         """``KVPart.fused`` of the quantized run as held now, ``n`` tokens in all, the last ones from ``tail = (keys,
         values)`` (2-byte floats after the run) when given."""
-        from .. import kernels
-
         kq, vq = self.kq, self.vq
         k_run, v_run = kq.run(), vq.run()
         k_tail, v_tail = (None, None) if tail is None else tail
@@ -323,8 +317,6 @@ class LogQuantLayer(KVLayer):
     def attention_path(self) -> str:
         """``"fused-numba"``/``"fused-triton"`` (:meth:`fused`), ``"chunked"`` once tokens were quantized (read a chunk
         at a time), else ``"dense"`` (:mod:`kvcompress.memory`)."""
-        from .. import kernels
-
         if not self.kq.length:
             return "dense"
         return f"fused-{kernels.backend(self.kq.codes.buffer.device)}" if self.fused() else "chunked"
@@ -404,8 +396,6 @@ class LogQuantSlidingLayer(LogQuantLayer):
         return k.index_select(-2, order), v.index_select(-2, order)
 
     def attend_step(self, query, keys, values, new_valid, scaling):
-        from ..attention import CHUNK, KVPart, attend_parts, sliding_view
-
         sd, q = self.geometry.storage_dtype, keys.shape[2]
         nv = None if new_valid is None else new_valid[:, None, :]
         new = KVPart.dense(keys.to(sd), values.to(sd), nv, causal=True)
@@ -414,7 +404,7 @@ class LogQuantSlidingLayer(LogQuantLayer):
             visible = self._held_positions().to(keys.device) > self.tokens_seen - self.size
             n_q = len(self.blocks) * self.window
             if n_q:
-                chunk = max(self.window, CHUNK - CHUNK % self.window)
+                chunk = max(self.window, _attention.CHUNK - _attention.CHUNK % self.window)
                 parts.append(KVPart(n_q, self._read_blocks, kind="logquant", chunk_tokens=chunk,
                                     kv_heads=keys.shape[1]))
                 if not bool(visible[:n_q].all()):

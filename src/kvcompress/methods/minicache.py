@@ -73,6 +73,9 @@ from ..registry import KVCompressError, register
 from ..storage import FP16Store, TokenStorage, TokenRuns, make_storage
 from .kivi import KiviStore, share_value_queue, value_queue
 from .minicache_math import angular_distance, merge_states, retained, retention_mask, slerp, unit
+from .. import kernels
+from ..attention import KVPart, attend_parts, with_validity
+from ..attention.parts import _merge_partials, normalized_output
 
 __all__ = ["MiniCache", "MiniCacheConfig", "LayerPair", "MergedLayer", "ExactLayer", "Segment", "StorageLayer",
            "angular_distance", "layer_pairs", "similar_pairs", "merge_states", "retained", "retained_fractions", "retention_mask", "slerp", "unit"]
@@ -289,9 +292,6 @@ class Segment:
         (:func:`kvcompress.kernels.scattered_mask`); those are attended exactly, straight from their list
         (:func:`kvcompress.kernels.scattered_partials`), and the partials merged. Everything is
         taken now (a later append makes new tensors), so the function stays consistent with this segment as of now."""
-        from .. import kernels
-        from ..attention.parts import _merge_partials
-
         n = self.length
         dir_parts = self.dirs.parts()
         mags = self.mags[side].joined()[0]  # (2, b, h, n) 2-byte
@@ -380,9 +380,6 @@ class LayerPair:
         back a chunk at a time by :meth:`Segment.reader` where that is not used: probabilities asked for, or
         ``kernels.fused(False)``, the path before), then the exact buffer of tokens not merged yet (``(b, h, p, d)``,
         2-byte)."""
-        from .. import kernels
-        from ..attention import KVPart
-
         on = kernels.enabled()
         parts = [KVPart(seg.length, _lazy_reader(seg, side), kind="minicache-merged",
                         fused=seg.fused(side) if on else None, kv_heads=self.kv_heads)
@@ -512,8 +509,6 @@ class MergedLayer(KVLayer):
     def attend_step(self, query, keys, values, new_valid, scaling):
         """Attend over the past (merged segments rebuilt a chunk at a time, then the exact buffer) and the new
         ``(b, h, q, d)`` tokens, then hand them to the pair (``new_valid (b, q)`` or None)."""
-        from ..attention import KVPart, attend_parts, with_validity
-
         step = None if new_valid is not None or self.valid.view() is not None else \
             self._attend_one_fused(query, keys, values, scaling)
         if step is None:
@@ -534,9 +529,6 @@ class MergedLayer(KVLayer):
         retained entries (:func:`kvcompress.kernels.scattered_partials`); the two merged. What :meth:`Segment.fused`
         and the new token's dense part give (within float rounding), without building attention parts. Returns
         ``(output (b, 1, heads, d), transient bytes)``, or None where it does not apply (the general path runs)."""
-        from .. import kernels
-        from ..attention.parts import _merge_partials, normalized_output
-
         pair, side = self.pair, self.side
         if (keys.shape[2] != 1 or pair.window is not None or len(pair.segments) != 1 or pair.pending[side] is not None
                 or kernels.backend(keys.device) != "numba"):
@@ -569,8 +561,6 @@ class MergedLayer(KVLayer):
         dequantized a chunk at a time), ``"dense"`` for 2-byte directions (and before anything merged); ``"chunked"``
         with the kernels switched off (``|x| * e`` rebuilt a chunk at a time). Sliding pairs hand transformers the
         dense window (``"dense"``, decided before asking the layer)."""
-        from .. import kernels
-
         if not kernels.enabled():
             return "chunked"
         segments = [seg for seg in self.pair.segments if seg.length]
