@@ -323,16 +323,15 @@ class KVQuantLayer(KVLayer):
             if append[0] is not None:
                 self.pos.append_next(append[0])
             self._forget_stale_codes()
-        elif output is None:  # the threaded kernel: its tail merged after the ranges
-            b, heads, _, d = query.shape
-            kv = keys.shape[1]
-            qg = query.float().reshape(b, kv, heads // kv, d) * scaling
-            tk = keys.float() if hk is None else torch.cat([hk.float(), keys.float()], dim=2)
-            tv = values.float() if hv is None else torch.cat([hv.float(), values.float()], dim=2)
-            acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
-            output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
-            self._append_one(keys, values)
         else:
+            if output is None:  # the threaded kernel: its tail merged after the ranges
+                b, heads, _, d = query.shape
+                kv = keys.shape[1]
+                qg = query.float().reshape(b, kv, heads // kv, d) * scaling
+                tk = keys.float() if hk is None else torch.cat([hk.float(), keys.float()], dim=2)
+                tv = values.float() if hv is None else torch.cat([hv.float(), values.float()], dim=2)
+                acc, _, l = kernels.kvquant_attention(qg, len(self.v), codes_k, codes_v, rope, None, tail=(tk, tv))
+                output = (acc / l.unsqueeze(-1)).reshape(b, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
             self._append_one(keys, values)
         n_tail = keys.shape[2] + (0 if hk is None else hk.shape[2])
         return output, 2 * keys.shape[0] * keys.shape[1] * n_tail * keys.shape[3] * 4  # the fp32 tail, K and V
@@ -450,36 +449,40 @@ class KVQuantLayer(KVLayer):
             self._drop_front(self.attended_length() - (self.window - 1))
         self._forget_stale_codes()
 
+    def _straight_to_body(self):
+        """Whether a one-token step's token goes straight into the body (past the sink, no recent window, key ranges
+        fixed, pre_rope: rows at one position, the next one): ``(position, cos, sin)`` as :meth:`_decode_rope`
+        (``(None, None, None)`` without pre_rope), or None."""
+        if self.recent or self.tokens_seen < self.sink or self.pend_k is not None or not self.k.ready:
+            return None
+        if not self.pre_rope:
+            return None, None, None
+        step = self._decode_rope()
+        return step if step is not None and self.pos.is_next(step[0]) else None
+
     def _one_token_append(self, keys):
         """What :func:`kvcompress.kernels.kvquant_decode` needs to quantize a one-token step's ``keys`` and values into
         the body in its own call: ``(position or None, key arguments, value arguments, (cos, sin) float32 numpy)``
         (room made in the buffers), or None where the token does not go straight into the body that way (then
         :meth:`_append_one`)."""
-        if self.recent or self.tokens_seen < self.sink or self.pend_k is not None or not self.k.ready:
+        step = self._straight_to_body()
+        if step is None:
             return None
-        position, unrotate = None, _NO_UNROTATE
-        if self.pre_rope:
-            step = self._decode_rope()
-            if step is None or not self.pos.is_next(step[0]):
-                return None
-            position, unrotate = step[0], (_np32(step[1]), _np32(step[2]))
+        unrotate = _NO_UNROTATE if step[1] is None else (_np32(step[1]), _np32(step[2]))
         k_args = self.k.kernel_append_args(keys.shape)
         v_args = None if k_args is None else self.v.kernel_append_args(keys.shape)
-        return None if v_args is None else (position, k_args, v_args, unrotate)
+        return None if v_args is None else (step[0], k_args, v_args, unrotate)
 
     def _append_one(self, key_states, value_states):
         """:meth:`_append` of a one-token step ``(b, h, 1, d)`` without its general bookkeeping where the token goes
-        straight into the body (past the sink, no recent window, key ranges fixed, rows at one position)."""
-        if self.recent or self.tokens_seen < self.sink or self.pend_k is not None or not self.k.ready:
+        straight into the body (:meth:`_straight_to_body`)."""
+        step = self._straight_to_body()
+        if step is None:
             return self._append(key_states, value_states)
-        unrotate = None
-        if self.pre_rope:
-            step = self._decode_rope()
-            if step is None or not self.pos.append_next(step[0]):
-                return self._append(key_states, value_states)
-            unrotate = step[1:]
+        if step[0] is not None:
+            self.pos.append_next(step[0])
         self.v.append(value_states)
-        self.k.append(key_states, unrotate)
+        self.k.append(key_states, None if step[1] is None else step[1:])
         self._forget_stale_codes()
 
     def _append_recent(self, k, v, pos):

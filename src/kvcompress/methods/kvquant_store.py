@@ -272,7 +272,7 @@ class QuantStream:
     def limit_capacity(self, tokens: int) -> None:
         """Grow no further than ``tokens`` tokens unless one append needs more (0: always exact-sized; a sliding
         window). The outlier entries keep growing geometrically (their number per token varies)."""
-        for g in (*self._planes, *self._ranges, *self._sparse[:1]):
+        for g in self._per_token:
             g.limit = tokens
 
     def append(self, x: torch.Tensor, unrotate: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -321,9 +321,12 @@ class QuantStream:
         if xn.dim() == 3:
             xn = from_rows(xn, h)
         codes = torch.bucketize(xn.contiguous(), self._midpoints).to(torch.uint8)
+        grown = False
         for buf, t in zip(self._buffers(), (*pack_planes(codes, self.bits), *ranges, *sparse)):
-            buf.append(t)
-        self._buffers_replaced()  # (grown or not: the kernel path's room is no longer known)
+            grown |= buf.append(t)
+        if grown:  # the last codes() and the kernel's arguments must not keep the old buffers alive
+            self._buffers_replaced()
+        self._room -= q  # (the kernel path's room, where it kept arguments: q tokens taken here)
         self.length += q
 
     def _append_with_kernel(self, x: torch.Tensor, unrotate=None) -> bool:
@@ -420,7 +423,7 @@ class QuantStream:
             g_cols.commit(nnz)
             g_vals.commit(nnz)
         for g in self._per_token:  # (as drop_front)
-            g.length += q
+            g.commit(q)
         self.length += q
         self._room -= q
 
@@ -564,7 +567,7 @@ class Positions:
     def append_next(self, p: int) -> bool:
         """Append one token at position ``p`` (every row) when it is the next implicit one; False (nothing done)
         otherwise (then :meth:`append`)."""
-        if self.explicit is None and self.start is not None and p == self.start + self.n:
+        if self.is_next(p):
             self.n += 1
             return True
         return False
