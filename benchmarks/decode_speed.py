@@ -5,8 +5,10 @@ greedy decode steps, alternating a burst of the method's cache with a burst of a
 per context), each continuing where its previous burst stopped; the median ratio ``dynamic_time / method_time`` is
 printed (> 1 = the method decodes faster). Also: the attention path each layer takes (self-attending over stored
 parts, or dense K/V handed to transformers), the peak transient bytes of the method's cache while decoding, and the
-TTFT ratio: the median of ``--ttft-rounds`` interleaved pairs of prefills (a DynamicCache one, then the method's, each
-building its own cache), after the method's first prefill warmed it up. With ``--chunked-too``, each round also times
+TTFT ratio: the median of ``--ttft-rounds`` interleaved pairs of prefills (a DynamicCache one and the method's, each
+building its own cache; which goes first alternates from pair to pair, since the second of a pair measured 1-2 %
+slower in its matmuls too, session 21), after the method's first prefill warmed it up. ``--ttft-only`` skips the
+decode bursts. With ``--chunked-too``, each round also times
 a burst of the method's cache with the fused kernels switched off (``kernels.fused(False)``: the chunked path over the
 same stored codes) and prints ``chunked_time / method_time`` (> 1 = the kernel path is faster).
 
@@ -54,17 +56,17 @@ def decode_burst(model, state: list, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def ttft_ratio(model, make, ids: torch.Tensor) -> float:
-    """One DynamicCache prefill of ``ids`` then one with ``make()`` (each building its cache: a request's whole
-    time to first token): ``dynamic_time / method_time``."""
-    times = []
-    for build in (DynamicCache, make):
+def ttft_ratio(model, make, ids: torch.Tensor, method_first: bool = False) -> float:
+    """One DynamicCache prefill of ``ids`` and one with ``make()``, the method's first with ``method_first`` (each
+    building its cache: a request's whole time to first token): ``dynamic_time / method_time``."""
+    times = {}
+    for name, build in (("method", make), ("dynamic", DynamicCache))[:: 1 if method_first else -1]:
         t0 = time.perf_counter()
         cache, _ = prefill(model, build, ids)
-        times.append(time.perf_counter() - t0)
+        times[name] = time.perf_counter() - t0
         if hasattr(cache, "close"):
             cache.close()
-    return times[0] / times[1]
+    return times["dynamic"] / times["method"]
 
 
 def main(argv=None) -> int:
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ttft-rounds", type=int, default=3,
                    help="interleaved pairs of prefills (DynamicCache, the method) per method; the median ratio")
+    p.add_argument("--ttft-only", action="store_true", help="only the TTFT pairs (no decode bursts)")
     p.add_argument("--chunked-too", action="store_true",
                    help="also time the method with the fused kernels off (the chunked path), interleaved")
     args = p.parse_args(argv)
@@ -100,8 +103,13 @@ def main(argv=None) -> int:
             try:
                 ratios, ours, theirs, off = [], [], [], []
                 mine = list(prefill(model, lambda: spec.make(model), ids))  # also warms up the method's kernels
-                ttft = statistics.median(ttft_ratio(model, lambda: spec.make(model), ids)
-                                         for _ in range(args.ttft_rounds))
+                ttft = statistics.median(ttft_ratio(model, lambda: spec.make(model), ids, method_first=i % 2 == 1)
+                                         for i in range(args.ttft_rounds))
+                if args.ttft_only:
+                    if hasattr(mine[0], "close"):
+                        mine[0].close()
+                    print(f"| `{label}` | {length} | - | - | - | {ttft:.2f}x | - | - |", flush=True)
+                    continue
                 for layer in mine[0].layers:  # the column is the decode steps' peak (a prefill holds its own K/V once)
                     if hasattr(layer, "peak_transient_bytes"):
                         layer.peak_transient_bytes = 0
