@@ -7,8 +7,8 @@ KVQuant-3 calibrated, one thread), then replays them:
 * ``warm``: the same call twice, the second timed;
 * ``after scrub``: after copying 64 MiB (every cache level flushed);
 * ``n=K``: the same call over the first ``K`` tokens only (one block: the per-call work without the context);
-* ``+ this layer's arrays touched``: after the scrub, every array the call reads is read once (its data back in the
-  caches, nothing else);
+* ``+ this layer's arrays touched``: after the scrub, every cache line of the call's contiguous arrays is read once
+  (its data back in the caches, nothing else);
 * ``+ another layer's n=64 call``: after the scrub, another layer's one-block call first (the code, the scratch and
   the dispatch warm again; this layer's data still cold);
 * ``dispatch only``: numba's dispatch of the same arguments to a function that does nothing.
@@ -35,8 +35,8 @@ from kvcompress.evaluate.spec import parse_spec
 
 
 @njit
-def _dispatch_only(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13):
-    return a8
+def _dispatch_only(*args):
+    return len(args)
 
 
 def capture(context: int, data: str) -> list[tuple]:
@@ -92,33 +92,46 @@ def main(argv=None) -> int:
         a[8] = n
         return tuple(a)
 
-    def touch(a):
-        return sum(int(x.reshape(-1).view(np.uint8)[::64].sum()) for x in _arrays(a) if x.size and x.flags.c_contiguous)
+    def touch(a):  # every cache line of the call's contiguous arrays read once (one byte per 64)
+        for x in _arrays(a):
+            if x.size and x.flags.c_contiguous:
+                x.reshape(-1).view(np.uint8)[::64].sum()
 
-    def timed(fn, *a):
-        t = time.perf_counter()
-        fn(*a)
-        return time.perf_counter() - t
+    def warm(fn, args_of):  # the same call just before
+        return lambda a, o: fn(*args_of(a))
 
+    def flushed(then=None):  # a 64 MiB copy, then (optionally) something else
+        def before(a, o):
+            scrub()
+            if then is not None:
+                then(a, o)
+        return before
+
+    whole, block64, block8 = (lambda a: a), (lambda a: first(a, 64)), (lambda a: first(a, 8))
+    # case -> (what runs first, the function timed, its arguments from the call)
     cases = {
-        "warm": lambda a, o: (call(*a), timed(call, *a))[1],
-        "after scrub": lambda a, o: (scrub(), timed(call, *a))[1],
-        "+ this layer's arrays touched": lambda a, o: (scrub(), touch(a), timed(call, *a))[2],
-        "+ another layer's n=64 call": lambda a, o: (scrub(), call(*first(o, 64)), timed(call, *a))[2],
-        "n=64 warm": lambda a, o: (call(*first(a, 64)), timed(call, *first(a, 64)))[1],
-        "n=64 after scrub": lambda a, o: (scrub(), timed(call, *first(a, 64)))[1],
-        "n=8 warm": lambda a, o: (call(*first(a, 8)), timed(call, *first(a, 8)))[1],
-        "n=8 after scrub": lambda a, o: (scrub(), timed(call, *first(a, 8)))[1],
-        "dispatch only, warm": lambda a, o: (_dispatch_only(*a), timed(_dispatch_only, *a))[1],
-        "dispatch only, after scrub": lambda a, o: (scrub(), timed(_dispatch_only, *a))[1],
+        "warm": (warm(call, whole), call, whole),
+        "after scrub": (flushed(), call, whole),
+        "+ this layer's arrays touched": (flushed(lambda a, o: touch(a)), call, whole),
+        "+ another layer's n=64 call": (flushed(lambda a, o: call(*first(o, 64))), call, whole),
+        "n=64 warm": (warm(call, block64), call, block64),
+        "n=64 after scrub": (flushed(), call, block64),
+        "n=8 warm": (warm(call, block8), call, block8),
+        "n=8 after scrub": (flushed(), call, block8),
+        "dispatch only, warm": (warm(_dispatch_only, whole), _dispatch_only, whole),
+        "dispatch only, after scrub": (flushed(), _dispatch_only, whole),
     }
     times = {name: [] for name in cases}
     with torch.inference_mode():
         _dispatch_only(*calls[0])
         for _ in range(args.rounds):
-            for name, case in cases.items():
+            for name, (before, fn, args_of) in cases.items():
                 for i in range(min(8, len(calls))):
-                    times[name].append(case(calls[i], calls[(i + 11) % len(calls)]))
+                    a, other = calls[i], calls[(i + 11) % len(calls)]
+                    before(a, other)
+                    t = time.perf_counter()
+                    fn(*args_of(a))
+                    times[name].append(time.perf_counter() - t)
     print(f"```\npython benchmarks/kvquant_cold_call.py {' '.join(f'--{k} {v}' for k, v in vars(args).items())}\n```\n")
     print(f"KVQuant-3, SmolLM2, context {args.context}, one decode step's layer calls replayed; torch "
           f"{torch.__version__}, {args.rounds} x 8 calls per case\n")

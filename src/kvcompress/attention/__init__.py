@@ -13,5 +13,11 @@
 from .parts import CHUNK, AttentionResult, KVPart, attend_parts, grow_validity, sliding_view, with_validity
 from .probs import grouped_probs
 
-__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "grow_validity", "sliding_view", "with_validity",
-           "grouped_probs"]
+__all__ = ["CHUNK", "AttentionResult", "KVPart", "attend_parts", "chunk_tokens", "grow_validity", "sliding_view",
+           "with_validity", "grouped_probs"]
+
+
+def chunk_tokens(multiple: int) -> int:
+    """Tokens per chunk for a part whose blocks are ``multiple`` tokens (a key group): :data:`CHUNK` rounded down to a
+    multiple of it, at least one block. Read at call time from this package, where tests tune ``CHUNK``."""
+    return max(multiple, CHUNK - CHUNK % multiple)

@@ -32,8 +32,7 @@ from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
 from ..storage import GrowingTokens, TokenStorage, register_storage
 from .. import kernels
-from .. import attention as _attention  # (CHUNK read at call time: it can be tuned)
-from ..attention import KVPart, attend_parts, grow_validity, sliding_view, with_validity
+from ..attention import KVPart, attend_parts, chunk_tokens, grow_validity, sliding_view, with_validity
 
 #: code widths accepted for keys and values (the paper's 2 and 4; 8 as a near-lossless check)
 SUPPORTED_BITS = (2, 4, 8)
@@ -394,7 +393,7 @@ class KiviStore(TokenStorage):
         ask)."""
         if not len(self):
             return []
-        chunk = max(self.group_size, _attention.CHUNK - _attention.CHUNK % self.group_size)
+        chunk = chunk_tokens(self.group_size)
         if not (self.fused() if fused is None else fused):
             return [KVPart(len(self), self.read_range, kind="kivi", chunk_tokens=chunk)]
         n, kq, vq = len(self), self.kq, self.vq

@@ -36,8 +36,7 @@ from ..quant import UniformQuantized, quantize_uniform
 from ..registry import KVCompressError, register
 from ..storage import GrowingTokens
 from .. import kernels
-from .. import attention as _attention  # (CHUNK read at call time: it can be tuned)
-from ..attention import KVPart, attend_parts, sliding_view
+from ..attention import KVPart, attend_parts, chunk_tokens, sliding_view
 
 KEY_AXES = ("token", "channel")
 
@@ -185,7 +184,7 @@ class LogQuantLayer(KVLayer):
 
     def attend_step(self, query, keys, values, new_valid, scaling):
         sd = self.geometry.storage_dtype
-        chunk = max(self.window, _attention.CHUNK - _attention.CHUNK % self.window)  # per-channel key blocks are W tokens
+        chunk = chunk_tokens(self.window)  # per-channel key blocks are W tokens
         fused = self.fused()
         if fused and keys.shape[2] == 1 and new_valid is None:
             return self._attend_one_fused(query, keys, values, scaling, chunk)
@@ -404,7 +403,7 @@ class LogQuantSlidingLayer(LogQuantLayer):
             visible = self._held_positions().to(keys.device) > self.tokens_seen - self.size
             n_q = len(self.blocks) * self.window
             if n_q:
-                chunk = max(self.window, _attention.CHUNK - _attention.CHUNK % self.window)
+                chunk = chunk_tokens(self.window)
                 parts.append(KVPart(n_q, self._read_blocks, kind="logquant", chunk_tokens=chunk,
                                     kv_heads=keys.shape[1]))
                 if not bool(visible[:n_q].all()):
