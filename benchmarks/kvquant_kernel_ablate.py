@@ -5,7 +5,8 @@ keys; :class:`attention_microbench.KVQuantLayers`) on one thread, in interleaved
 variant (this host's speed drifts by up to ~25 % within minutes; the minimum is the steadiest figure). Variants are
 copies of ``kernels/kvquant_cpu.py`` loaded as modules of their own:
 
-* ``--against REV``: the kernel as committed at ``REV`` (``git show``), next to this tree's;
+* ``--against REV``: the kernel as committed at ``REV`` (``git show``), next to this tree's, with ``REV``'s own
+  versions of the sibling modules it imports where they changed since (e.g. :mod:`kvcompress.kernels.lookup`);
 * ``--switch-off PIECE ...``: this tree's kernel with one piece switched off by a textual edit (timings only: the
   results are wrong), so the saving is what the piece costs (pieces overlap: the savings do not add up);
 * ``--block N ...``: this tree's kernel with ``BLOCK = N``.
@@ -63,14 +64,33 @@ def load(text: str, name: str, where: Path):
     return module
 
 
-def variants(args) -> dict[str, str]:
+def committed(rev: str, path: str) -> str:
+    """The text of ``path`` (relative to the repository root) as committed at ``rev``."""
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def with_committed_siblings(text: str, rev: str, where: Path) -> str:
+    """The kernel ``text`` of ``rev`` importing ``rev``'s own versions of the sibling modules it imports (``from .lookup
+    import ...``) where they differ from this tree's: each loaded as a module of its own (its imports from the package
+    kept), so an intrinsic changed since ``rev`` does not leak into its kernel."""
+    for name in sorted(set(re.findall(r"from \.(\w+) import", text))):
+        path = f"{Path(KERNEL).parent}/{name}.py"
+        theirs = committed(rev, path)
+        if theirs == (ROOT / path).read_text():
+            continue
+        alias = f"{name}_at_{re.sub(r'[^0-9A-Za-z]', '_', rev)}"
+        sys.modules[alias] = load(absolute_imports(theirs), alias, where)
+        text = text.replace(f"from .{name} import", f"from {alias} import")
+    return text
+
+
+def variants(args, where: Path) -> dict[str, str]:
     """Variant name -> kernel source."""
     here = absolute_imports((ROOT / KERNEL).read_text())
     out = {"this tree": here}
     if args.against:
-        old = subprocess.run(["git", "show", f"{args.against}:{KERNEL}"], cwd=ROOT, check=True, capture_output=True,
-                             text=True).stdout
-        out[args.against] = absolute_imports(old)
+        out[args.against] = absolute_imports(with_committed_siblings(committed(args.against, KERNEL), args.against, where))
     pieces = list(PIECES) if args.switch_off == ["all"] else args.switch_off
     for piece in pieces:
         text = here
@@ -105,7 +125,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     where = Path(tempfile.mkdtemp())
-    modules = {name: load(text, f"kvq_{i}", where) for i, (name, text) in enumerate(variants(args).items())}
+    modules = {name: load(text, f"kvq_{i}", where) for i, (name, text) in enumerate(variants(args, where).items())}
     n = args.tokens
     layers = KVQuantLayers(n, args.bits)
     calls = []

@@ -132,7 +132,7 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("portable", [False, True])
 def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
-    """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels*_vec``; on a
+    """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels2/3/4``; on a
     target without AVX2 its portable lowering, forced here with ``portable``) gives every level the select tree gives,
     bit for bit: 2/3/4-bit planes read as words, two words per token, every 8-code group of a word, codes of every
     value, levels with both signs."""
@@ -158,11 +158,11 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
             for c8 in range(out.shape[1] // 8):
                 k, g = (8 * c8) // per, ((8 * c8) % per) // 8
                 if bits == 2:
-                    x = lookup.levels2_vec(lo, hi, w0[t, k], np.uint64(0), g)
+                    x = lookup.levels2(lo, hi, w0, w1, t, k, g)
                 elif bits == 3:
-                    x = lookup.levels3_vec(lo, hi, w0[t, k], w1[t, k >> 1] >> np.uint64(32 * (k & 1)), g)
+                    x = lookup.levels3(lo, hi, w0, w1, t, k, g)
                 else:
-                    x = lookup.levels4_vec(lo, hi, w0[t, k], np.uint64(0), g)
+                    x = lookup.levels4(lo, hi, w0, w1, t, k, g)
                 store8(x, out, t, 8 * c8)
 
     rng = np.random.default_rng(bits)

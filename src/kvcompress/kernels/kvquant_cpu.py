@@ -41,7 +41,7 @@ from numba import njit, prange, uint64
 
 from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
                   _values_vec, fold_query, normalize_into)
-from .lookup import PERMUTE, levels2_vec, levels3_vec, levels4_vec
+from .lookup import PERMUTE, levels2, levels3, levels4
 from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
 
 #: tokens dequantized at a time into the scratch (64: the per-block work -- the query turned, the softmax's max and
@@ -210,20 +210,16 @@ def _dequant_vec(bits, w0, w1, lo, hi, per_channel, cs, co, ts, to, ta, nt, out,
             s, o = splat8(tsf[i]), splat8(tof[i])
         if bits == 2:
             for k in range(nw):
-                w = w0[t, k]
                 for g in range(4):
-                    _put_levels(levels2_vec(lo, hi, w, uint64(0), g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
+                    _put_levels(levels2(lo, hi, w0, w1, t, k, g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
         elif bits == 3:
             for k in range(nw):
-                w = w0[t, k]
-                hw = w1[t, k >> 1] >> uint64(32 * (k & 1))
                 for g in range(4):
-                    _put_levels(levels3_vec(lo, hi, w, hw, g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
+                    _put_levels(levels3(lo, hi, w0, w1, t, k, g), per_channel, cs, co, s, o, out, i, 32 * k + 8 * g)
         else:
             for k in range(nw):
-                w = w0[t, k]
                 for g in range(2):
-                    _put_levels(levels4_vec(lo, hi, w, uint64(0), g), per_channel, cs, co, s, o, out, i, 16 * k + 8 * g)
+                    _put_levels(levels4(lo, hi, w0, w1, t, k, g), per_channel, cs, co, s, o, out, i, 16 * k + 8 * g)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")

@@ -4,9 +4,9 @@ KVQuant's levels are an arbitrary codebook, so a code cannot be turned into its 
 terms the fastest form is a tree of selects on the code's bits (:func:`kvcompress.kernels.kvquant_cpu._levels_block`;
 a gather measured 2x slower); AVX2's ``vpermps`` does the same for 8 codes in one instruction (a 3-bit row of 64
 channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below are
-numba ``@intrinsic``\\ s that write the LLVM IR for 8 codes of a 64-bit word: cut their bits out of the word,
-broadcast them to 32-bit lanes, shift every lane to its code, permute the table by the codes, and hand the 8 levels
-back in a register (:mod:`.simd`'s ``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
+numba ``@intrinsic``\\ s that write the LLVM IR for 8 codes of a plane's row: broadcast the 32-bit word that holds
+them to eight lanes straight from memory, shift (rotate) every lane to its code, permute the table by the codes, and
+hand the 8 levels back in a register (:mod:`.simd`'s ``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
 ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit a portable lowering (one
 load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
 """
@@ -18,8 +18,9 @@ import platform
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
 
-from .simd import _I32, _V8F, _V8I, _splat, f32x8
+from .simd import _I8, _I32, _V8F, _V8I, _splat, f32x8
 
 _I64 = ir.IntType(64)
 
@@ -61,20 +62,46 @@ def _permute(builder, table, idx):
     return out
 
 
-def _codes_of_group(builder, bits, w_v, hw_v, g_v):
-    """``<8 x i32>`` codes ``8*g .. 8*g + 7`` of one 64-bit word ``w_v`` of a ``bits``-bit plane (3 bits: the high bits
-    from ``hw_v``'s low 32 bits); ``g_v`` an i64. The group's ``8*width`` bits are cut out of the word as one scalar
-    and broadcast to 32-bit lanes (64-bit lanes take twice the instructions)."""
-    width = 4 if bits == 4 else 2
-    part = builder.trunc(builder.lshr(w_v, builder.mul(g_v, ir.Constant(_I64, 8 * width))), _I32)
-    code = builder.lshr(_splat(builder, part, _V8I), ir.Constant(_V8I, [width * c for c in range(8)]))
-    code = builder.and_(code, ir.Constant(_V8I, [(1 << width) - 1] * 8))
-    if bits == 3:  # bit c of the high byte, moved to bit 2: (byte << 2) >> c, masked with 4
-        high = builder.trunc(builder.lshr(hw_v, builder.mul(g_v, ir.Constant(_I64, 8))), _I32)
-        high = builder.shl(builder.and_(high, ir.Constant(_I32, 255)), ir.Constant(_I32, 2))
-        hb = builder.and_(builder.lshr(_splat(builder, high, _V8I), ir.Constant(_V8I, list(range(8)))),
-                          ir.Constant(_V8I, [4] * 8))
-        code = builder.or_(code, hb)
+def _row_word(context, builder, arrty, arr, row, idx):
+    """The 32-bit word ``idx`` of row ``row`` of the 2-D array ``arr`` (any element type, little-endian), loaded (an
+    i32; LLVM folds the load into the broadcast that takes it)."""
+    a = make_array(arrty)(context, builder, arr)
+    stride = builder.extract_value(a.strides, 0)
+    start = builder.gep(builder.bitcast(a.data, _I8.as_pointer()), [builder.mul(row, stride)], inbounds=True)
+    return builder.load(builder.gep(builder.bitcast(start, _I32.as_pointer()), [idx], inbounds=True), align=4)
+
+
+def _codes(context, builder, sig, bits, w0, w1, t, k, g):
+    """``<8 x i32>`` codes ``8*g .. 8*g + 7`` of the 64-bit word ``k`` of row ``t`` of a ``bits``-bit plane ``w0``
+    (3 bits: the high bits from the 1-bit plane ``w1``); ``t``/``k``/``g`` i64.
+
+    The plane is read as 32-bit words straight from memory: a word is broadcast to the eight lanes (a load, no move
+    from a general register) and each lane shifted to its own code. For 2/3 bits one word holds two groups (the same
+    load for both: LLVM keeps one once the caller's loop over ``g`` is unrolled); the 32 high bits of a 3-bit word are
+    broadcast whole and rotated per lane, bit ``8g + c`` to bit 2, then merged with the low two bits. Bits above the
+    code are left where ``vpermps`` reads the table (it reads the index's low 3 bits only)."""
+    g32 = builder.trunc(g, _I32)
+    if bits == 4:  # eight codes per 32-bit word
+        word = _row_word(context, builder, sig.args[2], w0, t, builder.add(builder.mul(k, ir.Constant(_I64, 2)), g))
+        code = builder.lshr(_splat(builder, word, _V8I), ir.Constant(_V8I, [4 * c for c in range(8)]))
+        return builder.and_(code, ir.Constant(_V8I, [15] * 8))
+    word = _row_word(context, builder, sig.args[2], w0, t,
+                     builder.add(builder.mul(k, ir.Constant(_I64, 2)), builder.lshr(g, ir.Constant(_I64, 1))))
+    first = _splat(builder, builder.mul(builder.and_(g32, ir.Constant(_I32, 1)), ir.Constant(_I32, 16)), _V8I)
+    low = builder.lshr(_splat(builder, word, _V8I), builder.add(first, ir.Constant(_V8I, [2 * c for c in range(8)])))
+    if bits == 2:
+        return builder.and_(low, ir.Constant(_V8I, [3] * 8))
+    high = _splat(builder, _row_word(context, builder, sig.args[3], w1, t, k), _V8I)
+    amount = builder.add(_splat(builder, builder.mul(g32, ir.Constant(_I32, 8)), _V8I),
+                         ir.Constant(_V8I, [c - 2 for c in range(8)]))
+    amount = builder.and_(amount, ir.Constant(_V8I, [31] * 8))
+    mod = builder.module
+    fshr = mod.globals.get("llvm.fshr.v8i32") or ir.Function(
+        mod, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]), "llvm.fshr.v8i32")
+    hb = builder.call(fshr, [high, high, amount])  # rotate right by 8g + c - 2 (mod 32): bit 8g + c to bit 2
+    code = builder.xor(hb, builder.and_(builder.xor(hb, low), ir.Constant(_V8I, [3] * 8)))  # bits 0-1 from low
+    if not PERMUTE:
+        code = builder.and_(code, ir.Constant(_V8I, [7] * 8))
     return code
 
 
@@ -87,31 +114,31 @@ def _table_lookup(builder, bits, lo, hi, code):
     return builder.select(upper, _permute(builder, hi, low), _permute(builder, lo, low))
 
 
-def _levels_vec(bits):
-    """An intrinsic ``(table_lo, table_hi, w, hw, g) -> f32x8``: the levels of codes ``8*g .. 8*g + 7`` of one 64-bit
-    word ``w`` of a ``bits``-bit plane (channel ``c`` at bits ``bits*c``; 3 bits: ``w`` from the 2-bit plane and ``hw``
-    the 32 high bits of the same channels in its low half), the codebook in two vectors (levels 0-7
-    and 8-15; the second is read for 4 bits only). The result stays in a register for the caller to scale and store."""
+def _levels(bits):
+    """An intrinsic ``(table_lo, table_hi, w0, w1, t, k, g) -> f32x8``: the levels of codes ``8*g .. 8*g + 7`` of the
+    64-bit word ``k`` of token ``t``'s row of a ``bits``-bit plane ``w0 (cap, words)`` (channel ``c`` at bits
+    ``bits*c`` of the row; 3 bits: ``w0`` the 2-bit plane and ``w1 (cap, words)`` the 1-bit plane of the same
+    channels), the codebook in two vectors (levels 0-7 and 8-15; the second is read for 4 bits only). The result
+    stays in a register for the caller to scale and store (:func:`_codes`)."""
 
     @intrinsic
-    def levels(typingctx, table_lo, table_hi, w, hw, g):
+    def levels(typingctx, table_lo, table_hi, w0, w1, t, k, g):
         if table_lo != f32x8 or table_hi != f32x8:
             return None
-        sig = f32x8(table_lo, table_hi, w, hw, g)
+        sig = f32x8(table_lo, table_hi, w0, w1, t, k, g)
 
         def codegen(context, builder, signature, args):
-            lo, hi, w_v, hw_v, g_v = args
-            w_v = context.cast(builder, w_v, signature.args[2], types.uint64)
-            hw_v = context.cast(builder, hw_v, signature.args[3], types.uint64)
-            g_v = context.cast(builder, g_v, signature.args[4], types.int64)
-            return _table_lookup(builder, bits, lo, hi, _codes_of_group(builder, bits, w_v, hw_v, g_v))
+            lo, hi, w0_v, w1_v = args[:4]
+            t_v, k_v, g_v = (context.cast(builder, v, ty, types.int64) for v, ty in zip(args[4:], signature.args[4:]))
+            return _table_lookup(builder, bits, lo, hi, _codes(context, builder, signature, bits, w0_v, w1_v, t_v, k_v,
+                                                               g_v))
 
         return sig, codegen
 
     return levels
 
 
-#: eight codes of a word to their levels, in a register (see :func:`_levels_vec`)
-levels2_vec = _levels_vec(2)
-levels3_vec = _levels_vec(3)
-levels4_vec = _levels_vec(4)
+#: eight codes of a row to their levels, in a register (see :func:`_levels`)
+levels2 = _levels(2)
+levels3 = _levels(3)
+levels4 = _levels(4)
