@@ -3,12 +3,14 @@
 KVQuant's levels are an arbitrary codebook, so a code cannot be turned into its level by arithmetic. In numba's own
 terms the fastest form is a tree of selects on the code's bits (:func:`kvcompress.kernels.kvquant_cpu._levels_block`;
 a gather measured 2x slower); AVX2's ``vpermps`` does the same for 8 codes in one instruction (a 3-bit row of 64
-channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below are
-numba ``@intrinsic``\\ s that write the LLVM IR for 8 codes of a plane's row: broadcast the 32-bit word that holds
-them to eight lanes straight from memory, shift (rotate) every lane to its code, permute the table by the codes, and
-hand the 8 levels back in a register (:mod:`.simd`'s ``f32x8``: the caller scales them there before its one store). Where the target has no AVX2 (another architecture, or
-``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit a portable lowering (one
-load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
+channels: ~12 vs ~22 ns on the session 15 host, bit-identical). numba exposes no vector type, so the functions below
+are numba ``@intrinsic``\\ s that write the LLVM IR for 8 codes of a plane's row: broadcast the 32-bit word that
+holds them to eight lanes straight from memory, shift (rotate) every lane to its code, permute the table by the codes,
+and hand the 8 levels back in a register (:mod:`.simd`'s ``f32x8``: the caller scales them there before its one
+store). Reading the words from memory instead of cutting them out of a loaded 64-bit word took the 3-bit loop over 32
+codes from 61 to 44 instructions, the kernel at 8k to 0.88x of its time (session 22). Where the target has no AVX2
+(another architecture, or ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit
+a portable lowering (one load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def _codes(context, builder, sig, bits, w0, w1, t, k, g):
         return builder.and_(code, ir.Constant(_V8I, [15] * 8))
     word = _row_word(context, builder, sig.args[2], w0, t,
                      builder.add(builder.mul(k, ir.Constant(_I64, 2)), builder.lshr(g, ir.Constant(_I64, 1))))
-    first = _splat(builder, builder.mul(builder.and_(g32, ir.Constant(_I32, 1)), ir.Constant(_I32, 16)), _V8I)
-    low = builder.lshr(_splat(builder, word, _V8I), builder.add(first, ir.Constant(_V8I, [2 * c for c in range(8)])))
+    group_shift = _splat(builder, builder.mul(builder.and_(g32, ir.Constant(_I32, 1)), ir.Constant(_I32, 16)), _V8I)
+    low = builder.lshr(_splat(builder, word, _V8I),
+                       builder.add(group_shift, ir.Constant(_V8I, [2 * c for c in range(8)])))
     if bits == 2:
         return builder.and_(low, ir.Constant(_V8I, [3] * 8))
     high = _splat(builder, _row_word(context, builder, sig.args[3], w1, t, k), _V8I)
@@ -119,11 +122,14 @@ def _levels(bits):
     64-bit word ``k`` of token ``t``'s row of a ``bits``-bit plane ``w0 (cap, words)`` (channel ``c`` at bits
     ``bits*c`` of the row; 3 bits: ``w0`` the 2-bit plane and ``w1 (cap, words)`` the 1-bit plane of the same
     channels), the codebook in two vectors (levels 0-7 and 8-15; the second is read for 4 bits only). The result
-    stays in a register for the caller to scale and store (:func:`_codes`)."""
+    stays in a register for the caller to scale and store (:func:`_codes`). The planes' rows must be contiguous;
+    nothing is bounds-checked."""
 
     @intrinsic
     def levels(typingctx, table_lo, table_hi, w0, w1, t, k, g):
         if table_lo != f32x8 or table_hi != f32x8:
+            return None
+        if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (w0, w1)):
             return None
         sig = f32x8(table_lo, table_hi, w0, w1, t, k, g)
 
