@@ -90,7 +90,8 @@ def variants(args, where: Path) -> dict[str, str]:
     here = absolute_imports((ROOT / KERNEL).read_text())
     out = {"this tree": here}
     if args.against:
-        out[args.against] = absolute_imports(with_committed_siblings(committed(args.against, KERNEL), args.against, where))
+        theirs = with_committed_siblings(committed(args.against, KERNEL), args.against, where)
+        out[args.against] = absolute_imports(theirs)
     pieces = list(PIECES) if args.switch_off == ["all"] else args.switch_off
     for piece in pieces:
         text = here

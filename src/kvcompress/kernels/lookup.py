@@ -50,13 +50,16 @@ def _target_has_avx2() -> bool:
 PERMUTE = _target_has_avx2()
 
 
+def _llvm_intrinsic(builder, name, ret, args):
+    """The LLVM intrinsic ``name`` of type ``ret (args)``, declared in the builder's module once."""
+    mod = builder.module
+    return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
+
+
 def _permute(builder, table, idx):
     """``table[idx]`` lane by lane: ``<8 x float>`` by ``<8 x i32>`` indices in 0..7."""
     if PERMUTE:
-        mod = builder.module
-        fn = mod.globals.get("llvm.x86.avx2.permps") or ir.Function(
-            mod, ir.FunctionType(_V8F, [_V8F, _V8I]), "llvm.x86.avx2.permps")
-        return builder.call(fn, [table, idx])
+        return builder.call(_llvm_intrinsic(builder, "llvm.x86.avx2.permps", _V8F, [_V8F, _V8I]), [table, idx])
     out = ir.Constant(_V8F, None)
     for lane in range(8):
         i = builder.extract_element(idx, ir.Constant(_I32, lane))
@@ -77,10 +80,11 @@ def _codes(context, builder, sig, bits, w0, w1, t, k, g):
     """``<8 x i32>`` codes ``8*g .. 8*g + 7`` of the 64-bit word ``k`` of row ``t`` of a ``bits``-bit plane ``w0``
     (3 bits: the high bits from the 1-bit plane ``w1``); ``t``/``k``/``g`` i64.
 
-    The plane is read as 32-bit words straight from memory: a word is broadcast to the eight lanes (a load, no move
-    from a general register) and each lane shifted to its own code. For 2/3 bits one word holds two groups (the same
-    load for both: LLVM keeps one once the caller's loop over ``g`` is unrolled); the 32 high bits of a 3-bit word are
-    broadcast whole and rotated per lane, bit ``8g + c`` to bit 2, then merged with the low two bits. Bits above the
+    The plane is read as 32-bit words straight from memory: the word that holds the group (for 2/3 bits, two groups
+    per word) is broadcast to the eight lanes (a load, no move from a general register) and each lane shifted to its
+    own code; for 3 bits the 1-bit plane's word of the same 32 channels is broadcast too and rotated per lane, bit
+    ``8g + c`` to bit 2, then merged with the low two bits. Each group loads its words again: the caller's stores may
+    alias the planes, so LLVM does not merge the loads, and a broadcast from memory costs only a load. Bits above the
     code are left where ``vpermps`` reads the table (it reads the index's low 3 bits only)."""
     g32 = builder.trunc(g, _I32)
     if bits == 4:  # eight codes per 32-bit word
@@ -98,9 +102,7 @@ def _codes(context, builder, sig, bits, w0, w1, t, k, g):
     amount = builder.add(_splat(builder, builder.mul(g32, ir.Constant(_I32, 8)), _V8I),
                          ir.Constant(_V8I, [c - 2 for c in range(8)]))
     amount = builder.and_(amount, ir.Constant(_V8I, [31] * 8))
-    mod = builder.module
-    fshr = mod.globals.get("llvm.fshr.v8i32") or ir.Function(
-        mod, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]), "llvm.fshr.v8i32")
+    fshr = _llvm_intrinsic(builder, "llvm.fshr.v8i32", _V8I, [_V8I, _V8I, _V8I])
     hb = builder.call(fshr, [high, high, amount])  # rotate right by 8g + c - 2 (mod 32): bit 8g + c to bit 2
     code = builder.xor(hb, builder.and_(builder.xor(hb, low), ir.Constant(_V8I, [3] * 8)))  # bits 0-1 from low
     if not PERMUTE:
