@@ -416,12 +416,28 @@ def test_kivi_parts_attend_like_the_dense_read_triton(bits, G, blocks, appends, 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.sampled_from([2, 4, 8]), G=st.sampled_from([2, 4, 8]), blocks=st.integers(1, 3),
        appends=st.lists(st.integers(1, 40), min_size=1, max_size=4), b=st.integers(1, 2), group=st.sampled_from([1, 3]),
-       model_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 10_000))
-def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b, group, model_dtype, seed):
+       model_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 10_000),
+       threaded=st.booleans())
+def test_kivi_one_call_decode_step_is_the_fused_part(bits, G, blocks, appends, b, group, model_dtype, seed, threaded):
     """KIVI's decode fast path (:meth:`KiviStore.decode_step`: one :func:`kernels.kivi_decode` call from the held
     buffers, their spare capacity included, the 2-byte residual (fp16, or bfloat16 for a bfloat16 model) decoded in
     the kernel) gives what :func:`attend_parts` over the store's fused part gives, bit for bit: the same kernel over
-    the same codes and tails, the same scaling and normalization."""
+    the same codes and tails, the same scaling and normalization -- ``threaded``: on two threads with the threshold
+    lowered so that the context splits, the same token ranges on both paths."""
+    if threaded and kernels._cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        return
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        if threaded:
+            patch.setattr(kernels, "MIN_PARALLEL_WORK", 2)
+            torch.set_num_threads(2)
+        try:
+            kivi_one_call_case(bits, G, blocks, appends, b, group, model_dtype, seed)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def kivi_one_call_case(bits, G, blocks, appends, b, group, model_dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     kv, d = 2, 16
     geo = ModelGeometry(num_layers=1, num_heads=kv, num_kv_heads=kv, head_dim=d, layer_types=("full_attention",),
@@ -536,7 +552,7 @@ def test_generation_is_the_same_with_the_fused_path_on_and_off(tiny_model, monke
     teacher-forced logits agree to fp32 rounding; the fused kernel really ran (the parts' kernel, or the one-call
     decode step)."""
     calls = []
-    for owner, name in ((kernels, "_kivi_numba"), (cpu, "kivi_decode_serial")):
+    for owner, name in ((kernels, "_kivi_numba"), (cpu, "kivi_decode_step")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(5)
@@ -721,3 +737,38 @@ def test_float_chunks_through_the_kernel_equal_the_reference(b, h, rows, n, chun
         with kernels.fused(on):
             acc, m, l = kernels.float_partials(qg, read, n, chunk, valid, mu)
         check_partials(acc, m, l, qg, ref_k, ref_v, ok)
+
+
+@needs_numba
+def test_the_kernels_leave_torchs_thread_count_alone():
+    """numba's OpenMP thread pool, when it starts, sets the process's OpenMP thread count, which torch reads as its
+    own: a fresh process that set one thread and then ran decode steps with a kernel must still have one (it had two
+    before the pool was started at import and torch's count put back)."""
+    import subprocess
+    import sys
+
+    if kernels._cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: nothing to change")
+    script = """
+import torch
+torch.set_num_threads(1)
+from conftest import make_tiny_llama
+from kvcompress import kernels, make_cache
+from kvcompress.compat import cache_kwargs
+calls, real = [], kernels._cpu.kivi_decode_step
+kernels._cpu.kivi_decode_step = lambda *a: calls.append(1) or real(*a)
+model = make_tiny_llama()
+cache = make_cache("kivi", model, bits=2, group_size=8, residual=8)
+ids = torch.randint(1, 128, (1, 40))
+with torch.inference_mode():
+    model(ids, **cache_kwargs(model, cache))
+    for t in range(3):
+        model(ids[:, t : t + 1], **cache_kwargs(model, cache))
+assert calls, "the one-call kernel was not taken"
+print(torch.get_num_threads())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=__import__("pathlib").Path(__file__).parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"

@@ -530,6 +530,37 @@ def test_kvquant_decode_in_one_call_is_the_tail_path_bit_for_bit(tiny_model, mon
     window decoded from their bits, the kernel, ``acc / l``) gives the output of the path it replaces (the kernel with
     a float32 tail, the division in torch) bit for bit, at every step of a generation (fp32 and bf16 model, batch 2);
     and the outlier/range writes straight into the held buffers leave the same bytes as the torch quantization."""
+    _one_call_against_tail_path(tiny_model, monkeypatch, options, dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("options", [OPTIONS, {**OPTIONS, "per_channel_keys": False, "pre_rope": False, "bits": 2}])
+@torch.no_grad()
+def test_threaded_decode_in_one_call_is_the_threaded_tail_path_bit_for_bit(tiny_model, monkeypatch, options):
+    """On two threads over a context long enough to split (the threshold lowered to this tiny model), the one-call
+    step runs the threaded kernel over the same token ranges as the general path's threaded kernel: the same output
+    and held bytes, bit for bit."""
+    import kvcompress.kernels as K
+
+    if K._cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    spans = []
+    for name in ("kvquant_decode_step", "kvquant_decode_append"):
+        real = getattr(K._kvq_cpu, name)
+        position = 9 if name == "kvquant_decode_append" else -2  # (n, span) come just before out
+        monkeypatch.setattr(K._kvq_cpu, name, lambda *a, _real=real, _at=position:
+                            spans.append(a[_at] < a[_at - 1]) or _real(*a))
+    monkeypatch.setattr(K, "MIN_PARALLEL_WORK", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _one_call_against_tail_path(tiny_model, monkeypatch, options, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(spans)  # the one call did run split into ranges
+
+
+def _one_call_against_tail_path(tiny_model, monkeypatch, options, dtype):
     import kvcompress.kernels as K
     import kvcompress.methods.kvquant_store as store
 

@@ -37,6 +37,18 @@ try:  # numba is a dependency, but a platform without a wheel still works (chunk
     from . import kvquant_cpu as _kvq_cpu
 
     AVAILABLE, UNAVAILABLE_REASON = True, ""
+
+    def _launch_numba_threads() -> None:
+        """Start numba's thread pool now, keeping torch's thread count. The first call of compiled code that can run a
+        ``prange`` starts the pool; numba's OpenMP layer then sets the process's OpenMP thread count to
+        ``NUMBA_NUM_THREADS``, and torch (the same OpenMP runtime) reads its intra-op count from there: a user's
+        ``torch.set_num_threads(1)`` came back as 2 after the first decode step (measured, session 23)."""
+        before = torch.get_num_threads()
+        _cpu.numba.get_num_threads()  # (public API: launches the threading layer)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+    _launch_numba_threads()
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
     _cpu = _kvq_cpu = None
     AVAILABLE, UNAVAILABLE_REASON = False, f"numba could not be imported ({exc})"
@@ -282,21 +294,30 @@ def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: i
     h = k_tail.shape[1]
     k_arrays = k_arrays or _no_stream(b, h, d, k_bits)
     v_arrays = v_arrays or _no_stream(b, h, d, v_bits)
-    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    threads = _threads_for(b * h * n)
     two_byte = k_tail.dtype in _TWO_BYTE and v_tail.dtype == k_tail.dtype
-    if two_byte and not (threads > 1 and b * h * n >= MIN_PARALLEL_WORK):
-        # one numba call for everything (each torch / numpy call between the model's matmuls runs with cold caches:
-        # ~0.1 ms apiece inside a forward, measured)
-        (kp, ks, kz), (vp, vs, vz) = k_arrays, v_arrays
-        kres, vres = _bits16(k_tail), _bits16(v_tail)
-        kchan, vchan = _layout(k_bits, v_bits, d)
-        block = _cpu.TOKEN_BLOCK if k_per_token else k_group
-        out = np.empty((b, heads, d), np.float32)
-        _cpu.kivi_decode_serial(_np32(query).reshape(b, heads, d),
-                                float(scaling), kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan,
-                                n - kres.shape[2], kres, vp, vs, vz, v_bits, v_group, vchan, n - vres.shape[2], vres,
-                                k_tail.dtype == torch.bfloat16, n, _ceil(n, block) * block, out)
-        return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
+    # one numba call for everything (each torch / numpy call between the model's matmuls runs with cold caches: ~0.1 ms
+    # apiece inside a forward, measured), threaded where _kivi_numba would be (unless another Python thread is inside
+    # numba's pool: then the general path, serial)
+    if two_byte and (threads == 1 or _PARALLEL.acquire(blocking=False)):
+        try:
+            (kp, ks, kz), (vp, vs, vz) = k_arrays, v_arrays
+            kres, vres = _bits16(k_tail), _bits16(v_tail)
+            kchan, vchan = _layout(k_bits, v_bits, d)
+            block = _cpu.TOKEN_BLOCK if k_per_token else k_group
+            splits = 1
+            if threads > 1:  # the token ranges of _kivi_numba's threaded call: the same partials, merged alike
+                _cpu.numba.set_num_threads(threads)
+                splits = _ranges_per_unit(b * h, threads)
+            out = np.empty((b, heads, d), np.float32)
+            _cpu.kivi_decode_step(_np32(query).reshape(b, heads, d),
+                                  float(scaling), kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan,
+                                  n - kres.shape[2], kres, vp, vs, vz, v_bits, v_group, vchan, n - vres.shape[2], vres,
+                                  k_tail.dtype == torch.bfloat16, n, _ceil(_ceil(n, splits), block) * block, out)
+            return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
+        finally:
+            if threads > 1:
+                _PARALLEL.release()
     q = _np32(query).reshape(b, h, heads // h, d) * np.float32(scaling)
     acc, _, l = _kivi_numba(q, n, k_arrays, k_bits, k_group, v_arrays, v_bits, v_group, _tail(k_tail, query),
                             _tail(v_tail, query), k_per_token)
@@ -320,15 +341,29 @@ def _run_layer(serial, parallel, args, units: int, work: int) -> None:
     tokens``) is large enough and no other Python thread is inside numba's thread pool (the workqueue layer must not be
     entered twice); else the serial twin. ``args(splits)`` gives the kernel's arguments for ``splits`` token ranges
     per unit of ``units`` (a multiple of the threads in all, at least two ranges per thread)."""
-    threads = min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
-    if not (threads > 1 and work >= MIN_PARALLEL_WORK and _PARALLEL.acquire(blocking=False)):
+    threads = _threads_for(work)
+    if not (threads > 1 and _PARALLEL.acquire(blocking=False)):
         serial(*args(1))
         return
     try:
         _cpu.numba.set_num_threads(threads)
-        parallel(*args(max(1, 2 * threads // math.gcd(units, 2 * threads))))
+        parallel(*args(_ranges_per_unit(units, threads)))
     finally:
         _PARALLEL.release()
+
+
+def _threads_for(work: int) -> int:
+    """The numba threads a layer kernel over ``work = batch * kv_heads * tokens`` runs on: torch's thread count (at
+    most numba's), or 1 below :data:`MIN_PARALLEL_WORK`."""
+    if work < MIN_PARALLEL_WORK:
+        return 1
+    return min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+
+
+def _ranges_per_unit(units: int, threads: int) -> int:
+    """Token ranges per unit (of ``units`` independent ones) so that there are a multiple of ``threads`` ranges in all,
+    at least two per thread."""
+    return max(1, 2 * threads // math.gcd(units, 2 * threads))
 
 
 def _fold(qg: torch.Tensor, acc, m, l, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None):
@@ -632,8 +667,9 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
                    rope: RotaryPositions | None, held: tuple | None, new_k: torch.Tensor, new_v: torch.Tensor,
                    memo: dict | None = None, append: tuple | None = None):
     """A whole one-query decode step over ``n`` tokens of KVQuant codes followed by dense tokens, by one numba call
-    (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_serial`): what :func:`kvquant_attention` with the dense
-    tokens as its ``tail``, then ``acc / l``, computes -- bit for bit -- without the torch calls around it.
+    (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_step`): what :func:`kvquant_attention` with the dense
+    tokens as its ``tail``, then ``acc / l``, computes -- bit for bit, over the same token ranges on the same threads
+    (:func:`_threads_for`) -- without the torch calls around it.
 
     ``query (b, heads, 1, d)``; ``held``: the held 2-byte tokens that come first in the tail (the sink and the recent
     window) as ``(key bits, value bits (b, h, r, d) uint16, bf16)`` (:func:`two_byte_bits`; fp16, or bfloat16 with
@@ -641,8 +677,8 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     rotation as :func:`kvquant_attention`; ``memo``: a dict the caller keeps for exactly these ``keys`` and
     ``values`` objects (and drops with them: it holds views of their buffers), where their numpy views are kept from
     step to step (with the ``rope`` object they were made for). Returns the output ``(b, 1, heads, d)`` in the query's
-    dtype, or None where the serial call is not the way (the threaded kernel would run: more than one thread on a
-    large context; the caller takes the general path).
+    dtype, or None where the threaded kernel is due but another Python thread is inside numba's thread pool (the
+    caller takes the general path, which runs the serial kernel then).
 
     ``append``: ``(key arguments, value arguments, (cos, sin))`` -- each stream's
     :meth:`kvcompress.methods.kvquant_store.QuantStream.kernel_append_args` and the keys' un-rotation as float32 numpy
@@ -652,26 +688,35 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     committed here)."""
     b, heads, _, d = query.shape
     h = new_k.shape[1]
-    if b * h * n >= MIN_PARALLEL_WORK and min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS) > 1:
+    threads = _threads_for(b * h * n)
+    if threads > 1 and not _PARALLEL.acquire(blocking=False):
         return None
-    kept = None if memo is None else memo.get("decode")
-    if kept is None or kept[0] is not rope:
-        streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
-        kept = (rope, streams, rotation)
-        # kept only when nothing in it is a copy (stored positions are sliced to n, a 2-byte inv_freq made float32)
-        if memo is not None and (rope is None or (rope.positions is None and rope.inv_freq.dtype == torch.float32)):
-            memo["decode"] = kept
-    out = torch.empty((b, 1, heads, d))
-    q, o = _np32(query).reshape(b, heads, d), out.numpy().reshape(b, heads, d)
-    held = _NO_HELD_BITS if held is None else held
-    if append is None:
-        _kvq_cpu.kvquant_decode_serial(q, float(scaling), *kept[1], _column_map(d, h), *kept[2], *held, _np32(new_k),
-                                       _np32(new_v), n, n, o)
-        return out if query.dtype == torch.float32 else out.to(query.dtype)
-    results = _kvq_cpu.kvquant_decode_append(q, float(scaling), kept[1], _column_map(d, h), kept[2], held,
-                                             _np32(new_k), _np32(new_v), n, o, append[0], append[1], append[2],
-                                             _NO_UNROTATE)
-    return (out if query.dtype == torch.float32 else out.to(query.dtype)), *results
+    try:
+        span = n
+        if threads > 1:  # the token ranges kvquant_attention's _run_layer gives: the same partials, merged alike
+            _cpu.numba.set_num_threads(threads)
+            span = _ceil(n, _ranges_per_unit(b, threads))
+        kept = None if memo is None else memo.get("decode")
+        if kept is None or kept[0] is not rope:
+            streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
+            kept = (rope, streams, rotation)
+            # kept only when nothing in it is a copy (stored positions are sliced to n, a 2-byte inv_freq made float32)
+            if memo is not None and (rope is None or (rope.positions is None and rope.inv_freq.dtype == torch.float32)):
+                memo["decode"] = kept
+        out = torch.empty((b, 1, heads, d))
+        q, o = _np32(query).reshape(b, heads, d), out.numpy().reshape(b, heads, d)
+        held = _NO_HELD_BITS if held is None else held
+        if append is None:
+            _kvq_cpu.kvquant_decode_step(q, float(scaling), *kept[1], _column_map(d, h), *kept[2], *held,
+                                         _np32(new_k), _np32(new_v), n, span, o)
+            return out if query.dtype == torch.float32 else out.to(query.dtype)
+        results = _kvq_cpu.kvquant_decode_append(q, float(scaling), kept[1], _column_map(d, h), kept[2], held,
+                                                 _np32(new_k), _np32(new_v), n, span, o, append[0], append[1],
+                                                 append[2], _NO_UNROTATE)
+        return (out if query.dtype == torch.float32 else out.to(query.dtype)), *results
+    finally:
+        if threads > 1:
+            _PARALLEL.release()
 
 
 def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:

@@ -823,10 +823,12 @@ def normalize_into(acc, l, out):
 
 
 @njit(cache=True)
-def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kres, vp, vs, vz, vbits, vgroup,
-                       vchan, nv, vres, bf16, n, span, out):
+def kivi_decode_step(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kres, vp, vs, vz, vbits, vgroup,
+                     vchan, nv, vres, bf16, n, span, out):
     """One query token's attention output over ``n`` tokens, in one call: the query heads folded into their KV groups
-    and scaled, the 2-byte tails decoded, :func:`kivi_layer_serial`, then ``acc / max(l, tiny)``. No fast-math here:
+    and scaled, the 2-byte tails decoded, the layer kernel over token ranges of ``span`` (:func:`kivi_layer_serial` for
+    one range, ``span >= n``; else :func:`kivi_layer_parallel`, on numba's threads: the caller holds the pool), then
+    ``acc / max(l, tiny)``. No fast-math here:
     the scaling and the division are the IEEE operations numpy/torch do, so the output equals theirs bit for bit.
 
     ``query (b, heads, d)`` float32 (unscaled); ``kres``/``vres (b, h, r, d)`` uint16: the tokens after the codes as
@@ -843,8 +845,12 @@ def kivi_decode_serial(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk
     acc = np.empty((b, h, g, d), np.float32)
     m = np.empty((b, h, g), np.float32)
     l = np.empty((b, h, g), np.float32)
-    kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
-                      np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
+    if span < n:
+        kivi_layer_parallel(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                            np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
+    else:
+        kivi_layer_serial(qg, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, vbits, vgroup, vchan, nv, vr,
+                          np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32), n, span, acc, m, l)
     normalize_into(acc, l, out)
 
 

@@ -891,13 +891,15 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
 
 
 @njit(cache=True)
-def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
+def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
                           kcols, kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
                           inv_freq, rope_scale, pos_start, positions, held_k, held_v, bf16, new_k, new_v, n, span, out):
     """One query token's attention output over ``n`` tokens of codes then dense tokens, in one call: the query heads
     folded into their KV groups and scaled, the held 2-byte tokens (the sink and the recent window: ``held_k``/``held_v
     (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
-    nq, d)`` float32 as the dense tail, :func:`kvquant_layer_serial`, then ``acc / l`` (:func:`normalize_into`). No
+    nq, d)`` float32 as the dense tail, the layer kernel over token ranges of ``span`` (:func:`kvquant_layer_serial`
+    for one range, ``span >= n``; else :func:`kvquant_layer_parallel`, on numba's threads), then ``acc / l``
+    (:func:`normalize_into`). No
     fast-math here: the scaling, the decoding and the division are the IEEE operations torch does on the general
     path, so the output is the same bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
     validity); ``out (b, heads, d)`` float32."""
@@ -925,23 +927,29 @@ def kvquant_decode_serial(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_
     acc = np.empty((b, h, g, d), np.float32)
     m = np.empty((b, h, g), np.float32)
     l = np.empty((b, h, g), np.float32)
-    kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols, kvals,
-                         vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq, rope_scale,
-                         pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m, l)
+    if span < n:  # more than one token range: the threaded twin (the caller holds numba's pool for it)
+        kvquant_layer_parallel(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
+                               kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
+                               rope_scale, pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m,
+                               l)
+    else:
+        kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts, kcols,
+                             kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap, inv_freq,
+                             rope_scale, pos_start, positions, np.ones((1, 1, 0), np.bool_), n, span, tk, tv, acc, m, l)
     normalize_into(acc, l, out)  # l >= 1 (the tail's newest token scores exp(0) or more): acc / l
 
 
 @njit(cache=True)
-def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, out, kquant, vquant,
+def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, span, out, kquant, vquant,
                           unrotate, plain):
-    """:func:`kvquant_decode_serial` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
+    """:func:`kvquant_decode_step` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
     held-token arguments as tuples, in its order), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into
     the streams' buffers by :func:`quantize_into` -- ``kquant``/``vquant``: ``(its arguments from bits to planes1,
     t0, from scale_bits to vals, e0)``; the keys un-rotated with ``unrotate (cos, sin)``, the values with ``plain``
     (empty: none) -- in one call (each call from Python between the model's matmuls costs microseconds). The attention
     reads tokens ``[0, n)`` only, so the new tokens written after them change nothing it sees. Returns the two
     :func:`quantize_into` results (keys, values); nothing is committed here."""
-    kvquant_decode_serial(query, scaling, *streams, colmap, *rotation, *held, new_k, new_v, n, n, out)
+    kvquant_decode_step(query, scaling, *streams, colmap, *rotation, *held, new_k, new_v, n, span, out)
     khead, kt0, ktail, ke0 = kquant
     vhead, vt0, vtail, ve0 = vquant
     kres = quantize_into(new_k, *khead, kt0, *ktail, ke0, unrotate[0], unrotate[1])
