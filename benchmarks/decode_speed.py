@@ -85,9 +85,14 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-only", action="store_true", help="only the TTFT pairs (no decode bursts)")
     p.add_argument("--chunked-too", action="store_true",
                    help="also time the method with the fused kernels off (the chunked path), interleaved")
+    p.add_argument("--min-parallel-work", type=int, default=None,
+                   help="kernels.MIN_PARALLEL_WORK for this run (batch * kv_heads * tokens from which a kernel runs "
+                        f"threaded; default {kernels.MIN_PARALLEL_WORK})")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.min_parallel_work is not None:
+        kernels.MIN_PARALLEL_WORK = args.min_parallel_work
     model, tok = load_model(args.model, progress=False)
     text_ids = torch.tensor(encode(tok, load_text(args.data)))
     print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
