@@ -44,7 +44,10 @@ try:  # numba is a dependency, but a platform without a wheel still works (chunk
         ``NUMBA_NUM_THREADS``, and torch (the same OpenMP runtime) reads its intra-op count from there: a user's
         ``torch.set_num_threads(1)`` came back as 2 after the first decode step (measured, session 23)."""
         before = torch.get_num_threads()
-        _cpu.numba.get_num_threads()  # (public API: launches the threading layer)
+        try:
+            _cpu.numba.get_num_threads()  # (public API: launches the threading layer)
+        except Exception:  # noqa: BLE001 - e.g. NUMBA_THREADING_LAYER naming a missing one: numba raises it again
+            return  # where a threaded kernel first runs, as it did before this launch was added
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
 
