@@ -65,8 +65,9 @@ _state = {"enabled": True, "backend": None}
 #: once: a second caller runs the serial kernel instead of waiting
 _PARALLEL = threading.Lock()
 #: below this many (batch * kv_heads * tokens) a thread-pool launch costs more than it saves. A decode step on two
-#: threads (SmolLM2, 3 KV heads) was as fast or faster threaded at 1k tokens and 4-8 % faster at 2k (session 23)
-MIN_PARALLEL_WORK = 3072
+#: threads (SmolLM2, 3 KV heads) was 4-8 % faster threaded at 2k tokens; at 1k the four methods moved by -4..+3 %,
+#: within the host's noise, so 1k stays serial (session 23)
+MIN_PARALLEL_WORK = 4096
 #: above this many query rows per KV head (query heads of a group x query tokens) a chunked dequantize + matmul
 #: (BLAS) beats the kernel: measured crossover ~190 rows (SmolLM2 shapes, 4k tokens, 4-bit, 1 thread)
 MAX_FUSED_ROWS = 128
