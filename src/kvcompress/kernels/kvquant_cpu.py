@@ -892,8 +892,8 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
 
 @njit(cache=True)
 def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kts, kto, kcounts,
-                          kcols, kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
-                          inv_freq, rope_scale, pos_start, positions, held_k, held_v, bf16, new_k, new_v, n, span, out):
+                        kcols, kvals, vbits, vp0, vp1, vw0, vw1, vlev, vts, vto, vcounts, vcols, vvals, colmap,
+                        inv_freq, rope_scale, pos_start, positions, held_k, held_v, bf16, new_k, new_v, n, span, out):
     """One query token's attention output over ``n`` tokens of codes then dense tokens, in one call: the query heads
     folded into their KV groups and scaled, the held 2-byte tokens (the sink and the recent window: ``held_k``/``held_v
     (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
@@ -943,7 +943,7 @@ def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_ch
 def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, span, out, kquant, vquant,
                           unrotate, plain):
     """:func:`kvquant_decode_step` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
-    held-token arguments as tuples, in its order), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into
+    held-token arguments as tuples, in its order; ``span`` its token ranges: threaded below ``n``), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into
     the streams' buffers by :func:`quantize_into` -- ``kquant``/``vquant``: ``(its arguments from bits to planes1,
     t0, from scale_bits to vals, e0)``; the keys un-rotated with ``unrotate (cos, sin)``, the values with ``plain``
     (empty: none) -- in one call (each call from Python between the model's matmuls costs microseconds). The attention
