@@ -299,30 +299,23 @@ def kivi_decode(query: torch.Tensor, scaling: float, n: int, k_arrays, k_bits: i
     h = k_tail.shape[1]
     k_arrays = k_arrays or _no_stream(b, h, d, k_bits)
     v_arrays = v_arrays or _no_stream(b, h, d, v_bits)
-    threads = _threads_for(b * h * n)
     two_byte = k_tail.dtype in _TWO_BYTE and v_tail.dtype == k_tail.dtype
     # one numba call for everything (each torch / numpy call between the model's matmuls runs with cold caches: ~0.1 ms
     # apiece inside a forward, measured), threaded where _kivi_numba would be (unless another Python thread is inside
     # numba's pool: then the general path, serial)
-    if two_byte and (threads == 1 or _PARALLEL.acquire(blocking=False)):
-        try:
+    with _kernel_threads(b * h * n) as threads:
+        if two_byte and threads:
             (kp, ks, kz), (vp, vs, vz) = k_arrays, v_arrays
             kres, vres = _bits16(k_tail), _bits16(v_tail)
             kchan, vchan = _layout(k_bits, v_bits, d)
             block = _cpu.TOKEN_BLOCK if k_per_token else k_group
-            splits = 1
-            if threads > 1:  # the token ranges of _kivi_numba's threaded call: the same partials, merged alike
-                _cpu.numba.set_num_threads(threads)
-                splits = _ranges_per_unit(b * h, threads)
+            splits = _ranges_per_unit(b * h, threads)  # _kivi_numba's token ranges: the same partials, merged alike
             out = np.empty((b, heads, d), np.float32)
             _cpu.kivi_decode_step(_np32(query).reshape(b, heads, d),
                                   float(scaling), kp, ks, kz, k_bits, k_group, bool(k_per_token), kchan,
                                   n - kres.shape[2], kres, vp, vs, vz, v_bits, v_group, vchan, n - vres.shape[2], vres,
                                   k_tail.dtype == torch.bfloat16, n, _ceil(_ceil(n, splits), block) * block, out)
             return torch.from_numpy(out).view(b, 1, heads, d).to(query.dtype)
-        finally:
-            if threads > 1:
-                _PARALLEL.release()
     q = _np32(query).reshape(b, h, heads // h, d) * np.float32(scaling)
     acc, _, l = _kivi_numba(q, n, k_arrays, k_bits, k_group, v_arrays, v_bits, v_group, _tail(k_tail, query),
                             _tail(v_tail, query), k_per_token)
@@ -346,28 +339,38 @@ def _run_layer(serial, parallel, args, units: int, work: int) -> None:
     tokens``) is large enough and no other Python thread is inside numba's thread pool (the workqueue layer must not be
     entered twice); else the serial twin. ``args(splits)`` gives the kernel's arguments for ``splits`` token ranges
     per unit of ``units`` (a multiple of the threads in all, at least two ranges per thread)."""
-    threads = _threads_for(work)
-    if not (threads > 1 and _PARALLEL.acquire(blocking=False)):
-        serial(*args(1))
+    with _kernel_threads(work) as threads:
+        if threads > 1:
+            parallel(*args(_ranges_per_unit(units, threads)))
+        else:
+            serial(*args(1))
+
+
+@contextmanager
+def _kernel_threads(work: int):
+    """The numba threads a layer kernel over ``work = batch * kv_heads * tokens`` runs on, held for the block: 1 below
+    :data:`MIN_PARALLEL_WORK` or on one thread; else torch's thread count (at most numba's), numba's pool held by this
+    Python thread and set to that many -- or 0 where another Python thread holds the pool (the workqueue layer must
+    not be entered twice: the caller runs serially, or takes a path that does)."""
+    threads = 1 if work < MIN_PARALLEL_WORK else min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
+    if threads == 1:
+        yield 1
+        return
+    if not _PARALLEL.acquire(blocking=False):
+        yield 0
         return
     try:
         _cpu.numba.set_num_threads(threads)
-        parallel(*args(_ranges_per_unit(units, threads)))
+        yield threads
     finally:
         _PARALLEL.release()
 
 
-def _threads_for(work: int) -> int:
-    """The numba threads a layer kernel over ``work = batch * kv_heads * tokens`` runs on: torch's thread count (at
-    most numba's), or 1 below :data:`MIN_PARALLEL_WORK`."""
-    if work < MIN_PARALLEL_WORK:
-        return 1
-    return min(torch.get_num_threads(), _cpu.numba.config.NUMBA_NUM_THREADS)
-
-
 def _ranges_per_unit(units: int, threads: int) -> int:
     """Token ranges per unit (of ``units`` independent ones) so that there are a multiple of ``threads`` ranges in all,
-    at least two per thread."""
+    at least two per thread; one with one thread."""
+    if threads <= 1:
+        return 1
     return max(1, 2 * threads // math.gcd(units, 2 * threads))
 
 
@@ -674,7 +677,7 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     """A whole one-query decode step over ``n`` tokens of KVQuant codes followed by dense tokens, by one numba call
     (:func:`kvcompress.kernels.kvquant_cpu.kvquant_decode_step`): what :func:`kvquant_attention` with the dense
     tokens as its ``tail``, then ``acc / l``, computes -- bit for bit, over the same token ranges on the same threads
-    (:func:`_threads_for`) -- without the torch calls around it.
+    (:func:`_kernel_threads`) -- without the torch calls around it.
 
     ``query (b, heads, 1, d)``; ``held``: the held 2-byte tokens that come first in the tail (the sink and the recent
     window) as ``(key bits, value bits (b, h, r, d) uint16, bf16)`` (:func:`two_byte_bits`; fp16, or bfloat16 with
@@ -693,14 +696,11 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     committed here)."""
     b, heads, _, d = query.shape
     h = new_k.shape[1]
-    threads = _threads_for(b * h * n)
-    if threads > 1 and not _PARALLEL.acquire(blocking=False):
-        return None
-    try:
-        span = n
-        if threads > 1:  # the token ranges kvquant_attention's _run_layer gives: the same partials, merged alike
-            _cpu.numba.set_num_threads(threads)
-            span = _ceil(n, _ranges_per_unit(b, threads))
+    with _kernel_threads(b * h * n) as threads:
+        if not threads:
+            return None
+        # the token ranges kvquant_attention's _run_layer gives: the same partials, merged alike
+        span = _ceil(n, _ranges_per_unit(b, threads))
         kept = None if memo is None else memo.get("decode")
         if kept is None or kept[0] is not rope:
             streams, rotation = _kvquant_code_args(n, keys, values, rope, b, h, d)  # views, no copies
@@ -719,9 +719,6 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
                                                  _np32(new_k), _np32(new_v), n, span, o, append[0], append[1],
                                                  append[2], _NO_UNROTATE)
         return (out if query.dtype == torch.float32 else out.to(query.dtype)), *results
-    finally:
-        if threads > 1:
-            _PARALLEL.release()
 
 
 def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:

@@ -828,8 +828,8 @@ def kivi_decode_step(query, scaling, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, 
     """One query token's attention output over ``n`` tokens, in one call: the query heads folded into their KV groups
     and scaled, the 2-byte tails decoded, the layer kernel over token ranges of ``span`` (:func:`kivi_layer_serial` for
     one range, ``span >= n``; else :func:`kivi_layer_parallel`, on numba's threads: the caller holds the pool), then
-    ``acc / max(l, tiny)``. No fast-math here:
-    the scaling and the division are the IEEE operations numpy/torch do, so the output equals theirs bit for bit.
+    ``acc / max(l, tiny)``. No fast-math here: the scaling and the division are the IEEE operations numpy/torch do, so
+    the output equals theirs bit for bit.
 
     ``query (b, heads, d)`` float32 (unscaled); ``kres``/``vres (b, h, r, d)`` uint16: the tokens after the codes as
     fp16 bits (bfloat16 with ``bf16``); the other arguments as :func:`kivi_layer_parallel` (no validity, no

@@ -899,10 +899,9 @@ def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_ch
     (b, h, r, d)`` uint16 fp16 bits, bfloat16 with ``bf16``) decoded and followed by the step's ``new_k``/``new_v (b, h,
     nq, d)`` float32 as the dense tail, the layer kernel over token ranges of ``span`` (:func:`kvquant_layer_serial`
     for one range, ``span >= n``; else :func:`kvquant_layer_parallel`, on numba's threads), then ``acc / l``
-    (:func:`normalize_into`). No
-    fast-math here: the scaling, the decoding and the division are the IEEE operations torch does on the general
-    path, so the output is the same bit for bit. ``query (b, heads, d)`` float32 (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no
-    validity); ``out (b, heads, d)`` float32."""
+    (:func:`normalize_into`). No fast-math here: the scaling, the decoding and the division are the IEEE operations
+    torch does on the general path, so the output is the same bit for bit. ``query (b, heads, d)`` float32
+    (unscaled); the code arguments as :func:`kvquant_layer_parallel` (no validity); ``out (b, heads, d)`` float32."""
     b, heads, d = query.shape
     h = new_k.shape[1]
     g = heads // h
@@ -943,12 +942,13 @@ def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_ch
 def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, span, out, kquant, vquant,
                           unrotate, plain):
     """:func:`kvquant_decode_step` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
-    held-token arguments as tuples, in its order; ``span`` its token ranges: threaded below ``n``), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into
-    the streams' buffers by :func:`quantize_into` -- ``kquant``/``vquant``: ``(its arguments from bits to planes1,
-    t0, from scale_bits to vals, e0)``; the keys un-rotated with ``unrotate (cos, sin)``, the values with ``plain``
-    (empty: none) -- in one call (each call from Python between the model's matmuls costs microseconds). The attention
-    reads tokens ``[0, n)`` only, so the new tokens written after them change nothing it sees. Returns the two
-    :func:`quantize_into` results (keys, values); nothing is committed here."""
+    held-token arguments as tuples, in its order; ``span`` its token ranges: threaded below ``n``), then the step's
+    ``new_k``/``new_v (b, h, 1, d)`` quantized into the streams' buffers by :func:`quantize_into` --
+    ``kquant``/``vquant``: ``(its arguments from bits to planes1, t0, from scale_bits to vals, e0)``; the keys
+    un-rotated with ``unrotate (cos, sin)``, the values with ``plain`` (empty: none) -- in one call (each call from
+    Python between the model's matmuls costs microseconds). The attention reads tokens ``[0, n)`` only, so the new
+    tokens written after them change nothing it sees. Returns the two :func:`quantize_into` results (keys, values);
+    nothing is committed here."""
     kvquant_decode_step(query, scaling, *streams, colmap, *rotation, *held, new_k, new_v, n, span, out)
     khead, kt0, ktail, ke0 = kquant
     vhead, vt0, vtail, ve0 = vquant
