@@ -47,7 +47,8 @@ from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
 #: tokens dequantized at a time into the scratch (128: the per-block work -- the query turned, the softmax's max and
 #: rescale, the accumulators loaded and stored -- cost 5-7 % more of the whole at 32 than at 64 (session 19); at 3
 #: bits 128 measured 3-4 % faster than 64 alone and 7 % less attention time inside the model at 8k, the same at 4k;
-#: 2 bits the same, 4 bits 3 % slower alone; 192 and 256 slower than 128: session 24)
+#: 2 bits the same, 4 bits 3 % slower alone; 192 and 256 slower than 128: session 24). At most 256: the outlier
+#: loop keeps a block's token index in a byte (:func:`_outliers_block`)
 BLOCK = 128
 #: pre-RoPE keys: cos/sin computed exactly at least every this many tokens (advanced by one rotation in between)
 EXACT_EVERY = 2048
