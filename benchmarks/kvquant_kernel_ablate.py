@@ -72,17 +72,26 @@ def committed(rev: str, path: str) -> str:
 
 def with_committed_siblings(text: str, rev: str, where: Path) -> str:
     """The kernel ``text`` of ``rev`` importing ``rev``'s own versions of the sibling modules it imports (``from .lookup
-    import ...``) where they differ from this tree's: each loaded as a module of its own (its imports from the package
-    kept), so an intrinsic changed since ``rev`` does not leak into its kernel."""
-    for name in sorted(set(re.findall(r"from \.(\w+) import", text))):
-        path = f"{Path(KERNEL).parent}/{name}.py"
-        theirs = committed(rev, path)
-        if theirs == (ROOT / path).read_text():
-            continue
-        alias = f"{name}_at_{re.sub(r'[^0-9A-Za-z]', '_', rev)}"
-        sys.modules[alias] = load(absolute_imports(theirs), alias, where)
-        text = text.replace(f"from .{name} import", f"from {alias} import")
-    return text
+    import ...``) where they differ from this tree's: each loaded as a module of its own, itself importing ``rev``'s
+    versions of its own siblings the same way (:mod:`.lookup` takes :mod:`.simd`'s vector type: one type for both),
+    and this tree's package for the rest. So an intrinsic changed since ``rev`` does not leak into its kernel."""
+    aliases: dict[str, str | None] = {}
+
+    def resolve(source: str) -> str:
+        for name in sorted(set(re.findall(r"from \.(\w+) import", source))):
+            if name not in aliases:
+                path = f"{Path(KERNEL).parent}/{name}.py"
+                theirs = committed(rev, path)
+                aliases[name] = None
+                if theirs != (ROOT / path).read_text():
+                    alias = f"{name}_at_{re.sub(r'[^0-9A-Za-z]', '_', rev)}"
+                    sys.modules[alias] = load(absolute_imports(resolve(theirs)), alias, where)
+                    aliases[name] = alias
+            if aliases[name]:
+                source = source.replace(f"from .{name} import", f"from {aliases[name]} import")
+        return source
+
+    return resolve(text)
 
 
 def variants(args, where: Path) -> dict[str, str]:

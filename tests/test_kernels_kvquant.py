@@ -179,6 +179,89 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("portable", [False, True])
+def test_sixteen_code_lookups_are_the_select_trees(bits, portable, monkeypatch):
+    """The sixteen-code lookup (``levels2_16/3_16/4_16``: ``vpermps`` on a 512-bit register where numba's target has
+    AVX-512, the table the levels repeated; a lane at a time elsewhere, forced here with ``portable``) gives every level
+    the select tree gives, bit for bit: every 16-code group of every word, codes of every value."""
+    import numpy as np
+    from numba import njit
+
+    from kvcompress.kernels import kvquant_cpu, lookup
+    from kvcompress.kernels.simd import load16_1d, store16
+
+    if not portable and not lookup.WIDE:
+        pytest.skip("numba's target has no AVX-512")
+    monkeypatch.setattr(lookup, "WIDE", not portable)  # read when the wrapper below is compiled
+
+    @njit(cache=False)
+    def select_trees(bits, p0, p1, w0, w1, lev, n, out):
+        kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out)
+
+    @njit(cache=False)
+    def by_register(bits, w0, w1, tab, n, out):
+        table = load16_1d(tab, 0)
+        for t in range(n):
+            for k in range(w0.shape[1]):
+                if bits == 4:
+                    store16(lookup.levels4_16(table, w0, w1, t, k, 0), out, t, 16 * k)
+                for g in range(2 if bits != 4 else 0):
+                    x = lookup.levels2_16(table, w0, w1, t, k, g) if bits == 2 else \
+                        lookup.levels3_16(table, w0, w1, t, k, g)
+                    store16(x, out, t, 32 * k + 16 * g)
+
+    rng = np.random.default_rng(bits + 10)
+    n, d = 37, 128
+    p0 = rng.integers(0, 256, (n, d * (2 if bits != 4 else 4) // 8), dtype=np.uint8)
+    p1 = rng.integers(0, 256, (n, d // 8), dtype=np.uint8)
+    lev = np.zeros(16, np.float32)
+    lev[: 1 << bits] = np.sort(rng.standard_normal(1 << bits)).astype(np.float32)
+    tab = lev[np.arange(16) % (1 << bits)]
+    want, got = np.full((n, d), np.nan, np.float32), np.full((n, d), np.nan, np.float32)
+    select_trees(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want)
+    by_register(bits, p0.view(np.uint64), p1.view(np.uint64), tab, n, got)
+    assert np.array_equal(got, want)
+    assert len(np.unique(got)) == 1 << bits  # every code occurred
+
+
+@needs_numba
+def test_the_eight_code_kernel_on_an_avx2_target():
+    """Where numba's target has AVX2 but not AVX-512 the kernel looks levels up eight at a time (this host may take the
+    sixteen-code path): a fresh process compiling for such a target (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``)
+    equals dequantize-then-attend on 2/3/4-bit codes with outliers and pre-RoPE per-channel keys."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from kvcompress.kernels import lookup
+
+    if not lookup.PERMUTE:
+        pytest.skip("numba's target has no AVX2: no AVX2 code can run here")
+    script = """
+import torch
+from kvcompress import kernels
+from kvcompress.kernels import lookup
+assert lookup.PERMUTE and not lookup.WIDE, (lookup.PERMUTE, lookup.WIDE)
+from test_kernels import check_partials
+from test_kernels_kvquant import kvquant_case
+for seed, bits in enumerate([(3, 3), (2, 4), (4, 2)]):
+    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case(bits, 64, [150, 45], 1, 3, 3, 1, True, 0.02, "token",
+                                                           "start", "none", seed)
+    acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
+    check_partials(acc, m, l, qg, ref_k, ref_v, valid)
+print("ok")
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,"
+               "+sse4.1,+sse4.2,+ssse3,+lzcnt,+movbe,-avx512f", NUMBA_CACHE_DIR=tempfile.mkdtemp())
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(__file__), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "ok"
+
+
+@needs_numba
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("rope", ["start", "explicit", "runs"])
 def test_rotation_over_a_long_context_does_not_drift(parallel, rope, monkeypatch):

@@ -8,7 +8,8 @@ every KV head of the batch row in the same pass (a token's position, rotation an
 
 * **dequantize** a block into a small scratch ``(heads, BLOCK, d)``: the bit planes are read as 64-bit words, one
   vectorized loop of 32 (16) codes per word (:func:`_levels_block`), the level looked up by ``vpermps`` 8 codes at a
-  time into a register and scaled there where numba's target has AVX2 (:mod:`.lookup`, :func:`_dequant_vec`), else a
+  time into a register and scaled there where numba's target has AVX2, 16 at a time where it has AVX-512
+  (:mod:`.lookup`, :func:`_dequant_vec`), else a
   tree of selects on the code's bits (a gather from the level table measured 2x slower), times the range plus the
   offset (per channel for keys, per token for values); then
   the block's outliers overwrite their elements (KVQuant's dense-and-sparse split: an outlier is stored exactly, in
@@ -41,8 +42,8 @@ from numba import njit, prange, uint64
 
 from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
                   _values_vec, fold_query, normalize_into)
-from .lookup import PERMUTE, levels2, levels3, levels4
-from .simd import fma8, load8, load8_1d, mul8, splat8, store8, sub8
+from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
+from .simd import fma8, fma16, load8, load8_1d, load16_1d, mul8, splat8, splat16, store8, store16, sub8
 
 #: tokens dequantized at a time into the scratch (128: the per-block work -- the query turned, the softmax's max and
 #: rescale, the accumulators loaded and stored -- cost 5-7 % more of the whole at 32 than at 64 (session 19); at 3
@@ -196,17 +197,47 @@ def _put_levels(x, per_channel, cs, co, s, o, out, i, c):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dequant_vec(bits, w0, w1, lo, hi, per_channel, cs, co, ts, to, ta, nt, out, hbuf, hf, tsf, tof):
+def _put_levels16(x, per_channel, cs, co, s, o, out, i, c):
+    """:func:`_put_levels` for sixteen lanes: ``out[i, c : c + 16]``."""
+    if per_channel:
+        store16(fma16(x, load16_1d(cs, c), load16_1d(co, c)), out, i, c)
+    else:
+        store16(fma16(x, s, o), out, i, c)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dequant_vec(bits, w0, w1, lo, hi, tab, per_channel, cs, co, ts, to, ta, nt, out, hbuf, hf, tsf, tof):
     """:func:`_dequant_block` in vector registers, for ``d`` a multiple of 64 where numba's target has AVX2: each word
     of codes read once, its 8-code groups looked up by ``vpermps`` into a register (:mod:`.lookup`; ``lo``/``hi``
     the levels 0-7 / 8-15), scaled and offset there, stored once. Per-token ranges are decoded for the block first
     (:func:`kvcompress.kernels.cpu._halves`: branch-free; the stored ranges are finite) into ``tsf``/``tof
-    (>= nt,)`` float32 (``hbuf``/``hf``: uint32 scratch and its float32 view)."""
+    (>= nt,)`` float32 (``hbuf``/``hf``: uint32 scratch and its float32 view). Where :data:`~.lookup.WIDE`, sixteen
+    codes at a time (:func:`~.lookup.levels3_16` and siblings; ``tab`` the levels repeated to sixteen lanes)."""
     nw = w0.shape[1]
     s = o = splat8(np.float32(0.0))
     if not per_channel:
         _halves(ts, uint64(ta), uint64(nt), hbuf, hf, tsf)
         _halves(to, uint64(ta), uint64(nt), hbuf, hf, tof)
+    if WIDE:
+        s16 = o16 = splat16(np.float32(0.0))
+        for i in range(nt):
+            t = ta + i
+            if not per_channel:
+                s16, o16 = splat16(tsf[i]), splat16(tof[i])
+            if bits == 2:
+                for k in range(nw):
+                    for g in range(2):
+                        _put_levels16(levels2_16(tab, w0, w1, t, k, g), per_channel, cs, co, s16, o16, out, i,
+                                      32 * k + 16 * g)
+            elif bits == 3:
+                for k in range(nw):
+                    for g in range(2):
+                        _put_levels16(levels3_16(tab, w0, w1, t, k, g), per_channel, cs, co, s16, o16, out, i,
+                                      32 * k + 16 * g)
+            else:
+                for k in range(nw):
+                    _put_levels16(levels4_16(tab, w0, w1, t, k, 0), per_channel, cs, co, s16, o16, out, i, 16 * k)
+        return
     for i in range(nt):
         t = ta + i
         if not per_channel:
@@ -354,6 +385,10 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     # d a multiple of 64 with vpermps: dequantization and rotation in vector registers
     vec = PERMUTE and nd % 64 == 0 and kw0.shape[2] > 0 and vw0.shape[2] > 0
     klo, khi, vlo, vhi = load8_1d(klev16, 0), load8_1d(klev16, 8), load8_1d(vlev16, 0), load8_1d(vlev16, 8)
+    ktab16, vtab16 = np.empty(16, np.float32), np.empty(16, np.float32)  # the levels repeated to sixteen lanes
+    for i in range(16):
+        ktab16[i], vtab16[i] = klev16[i % klev.shape[0]], vlev16[i % vlev.shape[0]]
+    ktab, vtab = load16_1d(ktab16, 0), load16_1d(vtab16, 0)
     cs = np.zeros(h * nd, np.float32)  # the per-channel key range, decoded once
     co = np.zeros(h * nd, np.float32)
     if kper_channel:
@@ -437,7 +472,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             ksel = hh if kts.shape[0] > 1 else 0
             if vec:
-                _dequant_vec(kbits, kw0[hh], kw1[hh], klo, khi, kper_channel, cs[hh * nd : hh * nd + nd],
+                _dequant_vec(kbits, kw0[hh], kw1[hh], klo, khi, ktab, kper_channel, cs[hh * nd : hh * nd + nd],
                              co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], hbuf, hf, tsf, tof)
             else:
                 _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel,
@@ -498,8 +533,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
         for hh in range(h):
             vsel = hh if vts.shape[0] > 1 else 0
             if vec:
-                _dequant_vec(vbits, vw0[hh], vw1[hh], vlo, vhi, False, cs[:nd], co[:nd], vts[vsel], vto[vsel], ta, nt,
-                             vf[hh], hbuf, hf, tsf, tof)
+                _dequant_vec(vbits, vw0[hh], vw1[hh], vlo, vhi, vtab, False, cs[:nd], co[:nd], vts[vsel], vto[vsel], ta,
+                             nt, vf[hh], hbuf, hf, tsf, tof)
             else:
                 _dequant_block(vbits, vp0[hh], vp1[hh], vw0[hh], vw1[hh], vlev16, False, cs[:nd], co[:nd], vts[vsel],
                                vto[vsel], ta, nt, vf[hh])

@@ -10,6 +10,10 @@ AVX2/AVX-512 here, to two SSE or NEON halves elsewhere. Arithmetic carries the f
 
 :func:`load8`/:func:`store8`/:func:`codes8` address 2-D arrays as ``(row, col)`` through the array's row stride; the
 last axis must be contiguous (every buffer the kernels pass is), and nothing is bounds-checked.
+
+:data:`f32x16` (``<16 x float>``) and its ``*16`` operations are the same for sixteen lanes: one AVX-512 register
+where the target has it (the kernels take them there only, :data:`kvcompress.kernels.lookup.WIDE`), two AVX2 ones
+elsewhere.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from numba.np.arrayobj import make_array
 
 _F32, _I32, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
 _V8F, _V8I, _V8B = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
 _FLAGS = ("contract", "reassoc", "nsz", "arcp")
 
 
@@ -40,6 +45,22 @@ class _F32x8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V8F)
 
 
+class F32x16(types.Type):
+    """numba type of sixteen float32 lanes (LLVM ``<16 x float>``)."""
+
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F)
+
+
 def _element_ptr(context, builder, sig, args, at):
     """Pointer to ``arr[row, col]``: the 2-D array ``args[at]``, the indices ``args[at + 1]`` and ``args[at + 2]``."""
     arr = make_array(sig.args[at])(context, builder, args[at])
@@ -55,9 +76,10 @@ def _is_2d(arr, dtype) -> bool:
 
 
 def _splat(builder, value, vtype):
-    """``value`` in all eight lanes of a vector of type ``vtype`` (also used by :mod:`.lookup`)."""
+    """``value`` in every lane of a vector of type ``vtype`` (also used by :mod:`.lookup`)."""
     one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(_V8I, [0] * 8))
+    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count),
+                                                                              [0] * vtype.count))
 
 
 @intrinsic
@@ -227,3 +249,49 @@ def hmax8(typingctx, vec):
                     builder.extract_element(s, ir.Constant(_I32, 1)))
 
     return types.float32(vec), codegen
+
+
+def _lanes16():
+    """The ``*16`` operations: :data:`f32x16` load, store, splat and multiply-add, as their 8-lane namesakes."""
+
+    def load_1d(typingctx, arr, off):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data = make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
+            return builder.load(builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+
+        return f32x16(arr, off), codegen
+
+    def store(typingctx, vec, arr, row, col):
+        if vec != f32x16 or not _is_2d(arr, types.float32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig, args, 1)
+            builder.store(args[0], builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(vec, arr, row, col), codegen
+
+    def splat(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V16F)
+
+        return f32x16(x), codegen
+
+    def fma(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
+
+        return f32x16(a, b, c), codegen
+
+    return intrinsic(load_1d), intrinsic(store), intrinsic(splat), intrinsic(fma)
+
+
+#: ``arr[off : off + 16]`` as one vector; ``arr[row, col : col + 16] = vec``; ``x`` in all lanes; ``a * b + c`` lane by
+#: lane (the 8-lane functions' contracts, for :data:`f32x16`: what the 16-code lookups need)
+load16_1d, store16, splat16, fma16 = _lanes16()
+
