@@ -131,27 +131,30 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 @needs_numba
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("portable", [False, True])
-def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
-    """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels2/3/4``; on a
-    target without AVX2 its portable lowering, forced here with ``portable``) gives every level the select tree gives,
-    bit for bit: 2/3/4-bit planes read as words, two words per token, every 8-code group of a word, codes of every
-    value, levels with both signs."""
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_levels_by_permute_are_the_select_trees(bits, portable, lanes, monkeypatch):
+    """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels2/3/4``, eight
+    codes where numba's target has AVX2; ``levels2_16/3_16/4_16``, sixteen codes on a 512-bit register whose table
+    holds the levels repeated, where it has AVX-512; on a target without them their portable lowering, forced here with
+    ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read as words, two words per
+    token, every 8- or 16-code group of a word, codes of every value, levels with both signs."""
     import numpy as np
     from numba import njit
 
     from kvcompress.kernels import kvquant_cpu, lookup
-    from kvcompress.kernels.simd import load8_1d, store8
+    from kvcompress.kernels.simd import load8_1d, load16_1d, store8, store16
 
-    if not portable and not lookup.PERMUTE:
-        pytest.skip("numba's target has no AVX2")
-    monkeypatch.setattr(lookup, "PERMUTE", not portable)  # read when the wrapper below is compiled
+    flag = "PERMUTE" if lanes == 8 else "WIDE"
+    if not portable and not getattr(lookup, flag):
+        pytest.skip(f"numba's target has no {'AVX2' if lanes == 8 else 'AVX-512'}")
+    monkeypatch.setattr(lookup, flag, not portable)  # read when the wrappers below are compiled
 
     @njit(cache=False)
     def select_trees(bits, p0, p1, w0, w1, lev, n, out):
         kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out)
 
     @njit(cache=False)
-    def by_register(bits, w0, w1, lev, n, out):
+    def eight_at_a_time(bits, w0, w1, lev, n, out):
         lo, hi = load8_1d(lev, 0), load8_1d(lev, 8)
         per = 16 if bits == 4 else 32
         for t in range(n):
@@ -165,42 +168,8 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, monkeypatch):
                     x = lookup.levels4(lo, hi, w0, w1, t, k, g)
                 store8(x, out, t, 8 * c8)
 
-    rng = np.random.default_rng(bits)
-    n, d = 37, 128
-    p0 = rng.integers(0, 256, (n, d * (2 if bits != 4 else 4) // 8), dtype=np.uint8)
-    p1 = rng.integers(0, 256, (n, d // 8), dtype=np.uint8)
-    lev = np.zeros(16, np.float32)
-    lev[: 1 << bits] = np.sort(rng.standard_normal(1 << bits)).astype(np.float32)
-    want, got = np.full((n, d), np.nan, np.float32), np.full((n, d), np.nan, np.float32)
-    select_trees(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want)
-    by_register(bits, p0.view(np.uint64), p1.view(np.uint64), lev, n, got)
-    assert np.array_equal(got, want)
-    assert len(np.unique(got)) == 1 << bits  # every code occurred
-
-
-@needs_numba
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("portable", [False, True])
-def test_sixteen_code_lookups_are_the_select_trees(bits, portable, monkeypatch):
-    """The sixteen-code lookup (``levels2_16/3_16/4_16``: ``vpermps`` on a 512-bit register where numba's target has
-    AVX-512, the table the levels repeated; a lane at a time elsewhere, forced here with ``portable``) gives every level
-    the select tree gives, bit for bit: every 16-code group of every word, codes of every value."""
-    import numpy as np
-    from numba import njit
-
-    from kvcompress.kernels import kvquant_cpu, lookup
-    from kvcompress.kernels.simd import load16_1d, store16
-
-    if not portable and not lookup.WIDE:
-        pytest.skip("numba's target has no AVX-512")
-    monkeypatch.setattr(lookup, "WIDE", not portable)  # read when the wrapper below is compiled
-
     @njit(cache=False)
-    def select_trees(bits, p0, p1, w0, w1, lev, n, out):
-        kvquant_cpu._levels_block(bits, p0, p1, w0, w1, lev, 0, n, out)
-
-    @njit(cache=False)
-    def by_register(bits, w0, w1, tab, n, out):
+    def sixteen_at_a_time(bits, w0, w1, tab, n, out):
         table = load16_1d(tab, 0)
         for t in range(n):
             for k in range(w0.shape[1]):
@@ -211,16 +180,18 @@ def test_sixteen_code_lookups_are_the_select_trees(bits, portable, monkeypatch):
                         lookup.levels3_16(table, w0, w1, t, k, g)
                     store16(x, out, t, 32 * k + 16 * g)
 
-    rng = np.random.default_rng(bits + 10)
+    rng = np.random.default_rng(bits)
     n, d = 37, 128
     p0 = rng.integers(0, 256, (n, d * (2 if bits != 4 else 4) // 8), dtype=np.uint8)
     p1 = rng.integers(0, 256, (n, d // 8), dtype=np.uint8)
     lev = np.zeros(16, np.float32)
     lev[: 1 << bits] = np.sort(rng.standard_normal(1 << bits)).astype(np.float32)
-    tab = lev[np.arange(16) % (1 << bits)]
     want, got = np.full((n, d), np.nan, np.float32), np.full((n, d), np.nan, np.float32)
     select_trees(bits, p0, p1, p0.view(np.uint64), p1.view(np.uint64), lev, n, want)
-    by_register(bits, p0.view(np.uint64), p1.view(np.uint64), tab, n, got)
+    if lanes == 8:
+        eight_at_a_time(bits, p0.view(np.uint64), p1.view(np.uint64), lev, n, got)
+    else:
+        sixteen_at_a_time(bits, p0.view(np.uint64), p1.view(np.uint64), lev[np.arange(16) % (1 << bits)], n, got)
     assert np.array_equal(got, want)
     assert len(np.unique(got)) == 1 << bits  # every code occurred
 
