@@ -95,52 +95,75 @@ def load8(typingctx, arr, row, col):
     return f32x8(arr, row, col), codegen
 
 
-@intrinsic
-def load8_1d(typingctx, arr, off):
-    """``arr[off : off + 8]`` (1-D float32, contiguous) as one vector."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
-        return None
+def _load_1d(vec_type, lanes):
+    """The intrinsic ``(arr, off) -> vec_type``: ``arr[off : off + lanes]`` (1-D float32, contiguous) as one vector."""
+    ir_type = ir.VectorType(_F32, lanes)
 
-    def codegen(context, builder, sig, args):
-        data = make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
-        return builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+    @intrinsic
+    def load_1d(typingctx, arr, off):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+            return None
 
-    return f32x8(arr, off), codegen
+        def codegen(context, builder, sig, args):
+            data = make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
+            return builder.load(builder.bitcast(ptr, ir_type.as_pointer()), align=4)
 
+        return vec_type(arr, off), codegen
 
-@intrinsic
-def store8(typingctx, vec, arr, row, col):
-    """``arr[row, col : col + 8] = vec`` (``arr`` 2-D float32)."""
-    if not _is_2d(arr, types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig, args, 1)
-        builder.store(args[0], builder.bitcast(ptr, _V8F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(vec, arr, row, col), codegen
+    return load_1d
 
 
-@intrinsic
-def splat8(typingctx, x):
-    """``x`` (a float) in all eight lanes."""
+def _store(vec_type, lanes):
+    """The intrinsic ``(vec, arr, row, col)``: ``arr[row, col : col + lanes] = vec`` (``arr`` 2-D float32)."""
+    ir_type = ir.VectorType(_F32, lanes)
 
-    def codegen(context, builder, sig, args):
-        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V8F)
+    @intrinsic
+    def store(typingctx, vec, arr, row, col):
+        if vec != vec_type or not _is_2d(arr, types.float32):
+            return None
 
-    return f32x8(x), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig, args, 1)
+            builder.store(args[0], builder.bitcast(ptr, ir_type.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(vec, arr, row, col), codegen
+
+    return store
 
 
-@intrinsic
-def fma8(typingctx, a, b, c):
-    """``a * b + c`` lane by lane (fused where the target has FMA)."""
+def _splat_float(vec_type, lanes):
+    """The intrinsic ``(x) -> vec_type``: ``x`` (a float) in every lane."""
+    ir_type = ir.VectorType(_F32, lanes)
 
-    def codegen(context, builder, sig, args):
-        return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
+    @intrinsic
+    def splat(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), ir_type)
 
-    return f32x8(a, b, c), codegen
+        return vec_type(x), codegen
+
+    return splat
+
+
+def _fma(vec_type):
+    """The intrinsic ``(a, b, c) -> vec_type``: ``a * b + c`` lane by lane (fused where the target has FMA)."""
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
+
+        return vec_type(a, b, c), codegen
+
+    return fma
+
+
+#: ``arr[off : off + n]`` as one vector; ``arr[row, col : col + n] = vec``; ``x`` in all lanes; ``a * b + c`` lane by
+#: lane -- for eight lanes (:data:`f32x8`) and sixteen (:data:`f32x16`, what the 16-code lookups need)
+load8_1d, store8, splat8, fma8 = _load_1d(f32x8, 8), _store(f32x8, 8), _splat_float(f32x8, 8), _fma(f32x8)
+load16_1d, store16, splat16, fma16 = _load_1d(f32x16, 16), _store(f32x16, 16), _splat_float(f32x16, 16), _fma(f32x16)
 
 
 @intrinsic
@@ -249,49 +272,4 @@ def hmax8(typingctx, vec):
                     builder.extract_element(s, ir.Constant(_I32, 1)))
 
     return types.float32(vec), codegen
-
-
-def _lanes16():
-    """The ``*16`` operations: :data:`f32x16` load, store, splat and multiply-add, as their 8-lane namesakes."""
-
-    def load_1d(typingctx, arr, off):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
-            return None
-
-        def codegen(context, builder, sig, args):
-            data = make_array(sig.args[0])(context, builder, args[0]).data
-            ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
-            return builder.load(builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-
-        return f32x16(arr, off), codegen
-
-    def store(typingctx, vec, arr, row, col):
-        if vec != f32x16 or not _is_2d(arr, types.float32):
-            return None
-
-        def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig, args, 1)
-            builder.store(args[0], builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return types.void(vec, arr, row, col), codegen
-
-    def splat(typingctx, x):
-        def codegen(context, builder, sig, args):
-            return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V16F)
-
-        return f32x16(x), codegen
-
-    def fma(typingctx, a, b, c):
-        def codegen(context, builder, sig, args):
-            return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
-
-        return f32x16(a, b, c), codegen
-
-    return intrinsic(load_1d), intrinsic(store), intrinsic(splat), intrinsic(fma)
-
-
-#: ``arr[off : off + 16]`` as one vector; ``arr[row, col : col + 16] = vec``; ``x`` in all lanes; ``a * b + c`` lane by
-#: lane (the 8-lane functions' contracts, for :data:`f32x16`: what the 16-code lookups need)
-load16_1d, store16, splat16, fma16 = _lanes16()
 
