@@ -72,9 +72,10 @@ def committed(rev: str, path: str) -> str:
 
 def with_committed_siblings(text: str, rev: str, where: Path) -> str:
     """The kernel ``text`` of ``rev`` importing ``rev``'s own versions of the sibling modules it imports (``from .lookup
-    import ...``) where they differ from this tree's: each loaded as a module of its own, itself importing ``rev``'s
-    versions of its own siblings the same way (:mod:`.lookup` takes :mod:`.simd`'s vector type: one type for both),
-    and this tree's package for the rest. So an intrinsic changed since ``rev`` does not leak into its kernel."""
+    import ...``) where they differ from this tree's, or import (directly or not) a sibling that does: each loaded as a
+    module of its own, itself importing ``rev``'s versions of its own siblings the same way (:mod:`.lookup` takes
+    :mod:`.simd`'s vector type: one type for both, even when only :mod:`.simd` changed), and this tree's package for
+    the rest. So an intrinsic or type changed since ``rev`` does not leak into its kernel."""
     aliases: dict[str, str | None] = {}
 
     def resolve(source: str) -> str:
@@ -82,10 +83,11 @@ def with_committed_siblings(text: str, rev: str, where: Path) -> str:
             if name not in aliases:
                 path = f"{Path(KERNEL).parent}/{name}.py"
                 theirs = committed(rev, path)
-                aliases[name] = None
-                if theirs != (ROOT / path).read_text():
+                aliases[name] = None  # (while its own siblings are resolved)
+                resolved = resolve(theirs)
+                if resolved != theirs or theirs != (ROOT / path).read_text():
                     alias = f"{name}_at_{re.sub(r'[^0-9A-Za-z]', '_', rev)}"
-                    sys.modules[alias] = load(absolute_imports(resolve(theirs)), alias, where)
+                    sys.modules[alias] = load(absolute_imports(resolved), alias, where)
                     aliases[name] = alias
             if aliases[name]:
                 source = source.replace(f"from .{name} import", f"from {aliases[name]} import")
