@@ -14,6 +14,9 @@ same stored codes) and prints ``chunked_time / method_time`` (> 1 = the kernel p
 
     python benchmarks/decode_speed.py --contexts 1024 4096 8192 --threads 1 > benchmarks/results/decode-speed/results.md
 
+``--dtype bfloat16`` runs the model (and so DynamicCache and the held 2-byte parts) in bfloat16, the dtype SmolLM2's
+hub checkpoint loads in by default; the kernels compute in fp32 either way.
+
 Absolute times are printed for context only; the machine is shared, only the interleaved ratios mean anything.
 """
 
@@ -73,6 +76,9 @@ def ttft_ratio(model, make, ids: torch.Tensor, method_first: bool = False) -> fl
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the dtype the model computes in, the caches' too (default: load_model's, float32; SmolLM2's "
+                        "hub checkpoint is bfloat16, what transformers' from_pretrained gives it by default)")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--steps", type=int, default=32)
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.min_parallel_work is not None:
         kernels.MIN_PARALLEL_WORK = args.min_parallel_work
-    model, tok = load_model(args.model, progress=False)
+    model, tok = load_model(args.model, dtype=args.dtype and getattr(torch, args.dtype), progress=False)
     text_ids = torch.tensor(encode(tok, load_text(args.data)))
     print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
     print(f"model {args.model} ({next(model.parameters()).dtype}), torch {torch.__version__}, "
