@@ -80,6 +80,9 @@ def main(argv=None) -> int:
                    help="the dtype the model computes in, the caches' too (default: load_model's, float32; SmolLM2's "
                         "hub checkpoint is bfloat16, what transformers' from_pretrained gives it by default)")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                   help="transformers' attention implementation, the one DynamicCache attends with (default sdpa, "
+                        "transformers' own default; in bfloat16 its eager path is faster on this CPU)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
@@ -100,9 +103,11 @@ def main(argv=None) -> int:
     if args.min_parallel_work is not None:
         kernels.MIN_PARALLEL_WORK = args.min_parallel_work
     model, tok = load_model(args.model, dtype=args.dtype and getattr(torch, args.dtype), progress=False)
+    if args.attn != "sdpa":
+        model.set_attn_implementation(args.attn)
     text_ids = torch.tensor(encode(tok, load_text(args.data)))
     print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
-    print(f"model {args.model} ({next(model.parameters()).dtype}), torch {torch.__version__}, "
+    print(f"model {args.model} ({next(model.parameters()).dtype}, {args.attn} attention), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.steps} decode steps, median of {args.rounds} interleaved bursts after one prefill\n")
     extra = " fused vs chunked (kernels off) |" if args.chunked_too else ""
     print("| method | context | decode ratio vs DynamicCache | method tok/s | DynamicCache tok/s | TTFT ratio (median "
