@@ -601,7 +601,7 @@ def test_threaded_decode_in_one_call_is_the_threaded_tail_path_bit_for_bit(tiny_
     spans = []
     for name in ("kvquant_decode_step", "kvquant_decode_append"):
         real = getattr(K._kvq_cpu, name)
-        position = 9 if name == "kvquant_decode_append" else -2  # (n, span) come just before out
+        position = 6 if name == "kvquant_decode_append" else -2  # (n, span) come just before out
         monkeypatch.setattr(K._kvq_cpu, name, lambda *a, _real=real, _at=position:
                             spans.append(a[_at] < a[_at - 1]) or _real(*a))
     monkeypatch.setattr(K, "MIN_PARALLEL_WORK", 64)
@@ -686,3 +686,24 @@ def test_a_decode_step_beyond_fp16_raises_and_holds_nothing(tiny_model):
         assert (len(layer.k), len(layer.v), layer.pos.n, layer.tokens_seen, cache.nbytes()) == before
     finally:
         kvquant_cpu.kvquant_decode_append = real
+
+
+@needs_numba
+@torch.no_grad()
+def test_the_decode_plan_is_made_once_per_buffer_not_per_step(tiny_model, monkeypatch):
+    """The one-call decode step hands numba one :class:`DecodePlan` of the arguments that do not change from step to
+    step (the dispatch of ~46 arrays per call is the cost it saves): over 24 decode steps a layer makes a new plan only
+    when a buffer was replaced (its kernel arguments change). Its outputs: the bit-for-bit tests above take this path."""
+    import kvcompress.kernels as K
+
+    made, calls = [], []
+    real_plan, real_call = K._kvq_cpu.decode_plan, K._kvq_cpu.kvquant_decode_append
+    monkeypatch.setattr(K._kvq_cpu, "decode_plan", lambda *a: made.append(1) or real_plan(*a))
+    monkeypatch.setattr(K._kvq_cpu, "kvquant_decode_append", lambda *a: calls.append(1) or real_call(*a))
+    cache = make_cache("kvquant", tiny_model, **OPTIONS)
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(5))
+    tiny_model(ids[:, :40], **cache_kwargs(tiny_model, cache))
+    for t in range(40, 64):
+        tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache))
+    assert len(calls) == 24 * len(cache.layers)  # every step of every layer took the one-call path
+    assert len(cache.layers) <= len(made) < len(calls) // 3  # a plan per layer, remade only when a buffer grew

@@ -715,10 +715,28 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
             _kvq_cpu.kvquant_decode_step(q, float(scaling), *kept[1], _column_map(d, h), *kept[2], *held,
                                          _np32(new_k), _np32(new_v), n, span, o)
             return out if query.dtype == torch.float32 else out.to(query.dtype)
-        results = _kvq_cpu.kvquant_decode_append(q, float(scaling), kept[1], _column_map(d, h), kept[2], held,
-                                                 _np32(new_k), _np32(new_v), n, span, o, append[0], append[1],
-                                                 append[2], _NO_UNROTATE)
+        (khead, kt0, ktail, ke0), (vhead, vt0, vtail, ve0), (ucos, usin) = append
+        plan = _decode_plan(memo, kept, _column_map(d, h), held, khead, ktail, vhead, vtail)
+        results = _kvq_cpu.kvquant_decode_append(q, float(scaling), plan, _np32(new_k), _np32(new_v), n, span, o, kt0,
+                                                 ke0, vt0, ve0, ucos, usin)
         return (out if query.dtype == torch.float32 else out.to(query.dtype)), *results
+
+
+def _decode_plan(memo: dict | None, kept: tuple, colmap, held, khead, ktail, vhead, vtail):
+    """The :class:`~kvcompress.kernels.kvquant_cpu.DecodePlan` of these arguments: the one kept in ``memo`` while every
+    one of them is the same object as when it was made (the streams keep their kernel arguments until a buffer is
+    replaced, :func:`kvquant_decode` its code views), else a new one, kept there -- only where the code views are
+    kept too: the plan holds what its parts hold, and code views made afresh each step may hold copies (a 2-byte
+    ``inv_freq`` made float32) that nothing counts. ``colmap`` is not compared: the shared table of this layer's shape
+    (:func:`_column_map`), the same values whichever copy."""
+    parts = (kept, held, khead, ktail, vhead, vtail)
+    made = None if memo is None else memo.get("plan")
+    if made is not None and all(a is b for a, b in zip(made[0], parts)):
+        return made[1]
+    plan = _kvq_cpu.decode_plan(kept[1], colmap, kept[2], held, khead, ktail, vhead, vtail, _NO_UNROTATE)
+    if memo is not None and memo.get("decode") is kept:
+        memo["plan"] = (parts, plan)
+    return plan
 
 
 def two_byte_bits(k: torch.Tensor, v: torch.Tensor) -> tuple:

@@ -38,7 +38,8 @@ module): equal within float rounding, except that the model rounds ``position * 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, prange, types, uint64
+from numba.experimental import structref
 
 from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
                   _values_vec, fold_query, normalize_into)
@@ -976,20 +977,47 @@ def kvquant_decode_step(query, scaling, kbits, kp0, kp1, kw0, kw1, klev, kper_ch
     normalize_into(acc, l, out)  # l >= 1 (the tail's newest token scores exp(0) or more): acc / l
 
 
+@structref.register
+class DecodePlanType(types.StructRef):
+    """numba's type of a :class:`DecodePlan` (its fields' types, literals widened)."""
+
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(t)) for name, t in fields)
+
+
+class DecodePlan(structref.StructRefProxy):
+    """What :func:`kvquant_decode_append` reads unchanged from step to step, as one object: ``streams``/``rotation``/
+    ``held``, :func:`kvquant_decode_step`'s code, rotation and held-token arguments as tuples in its order, ``colmap``
+    its column map; ``khead``/``ktail``/``vhead``/``vtail``, :func:`quantize_into`'s arguments before and after the
+    first token's index for keys and values; ``plain``, an empty ``(cos, sin)`` (values are not un-rotated). numba
+    unboxes it as one pointer where the same ~46 arrays passed in tuples cost ~36 us of dispatch per call inside the
+    model (9 us this way, session 26). Made by :func:`decode_plan`; it holds views of the buffers it was made from, so
+    whoever keeps it drops it with them."""
+
+
+structref.define_proxy(DecodePlan, DecodePlanType,
+                       ["streams", "colmap", "rotation", "held", "khead", "ktail", "vhead", "vtail", "plain"])
+
+
 @njit(cache=True)
-def kvquant_decode_append(query, scaling, streams, colmap, rotation, held, new_k, new_v, n, span, out, kquant, vquant,
-                          unrotate, plain):
-    """:func:`kvquant_decode_step` of a decode step (``streams``/``rotation``/``held``: its code, rotation and
-    held-token arguments as tuples, in its order; ``span`` its token ranges: threaded below ``n``), then the step's
-    ``new_k``/``new_v (b, h, 1, d)`` quantized into the streams' buffers by :func:`quantize_into` --
-    ``kquant``/``vquant``: ``(its arguments from bits to planes1, t0, from scale_bits to vals, e0)``; the keys
-    un-rotated with ``unrotate (cos, sin)``, the values with ``plain`` (empty: none) -- in one call (each call from
-    Python between the model's matmuls costs microseconds). The attention reads tokens ``[0, n)`` only, so the new
-    tokens written after them change nothing it sees. Returns the two :func:`quantize_into` results (keys, values);
-    nothing is committed here."""
-    kvquant_decode_step(query, scaling, *streams, colmap, *rotation, *held, new_k, new_v, n, span, out)
-    khead, kt0, ktail, ke0 = kquant
-    vhead, vt0, vtail, ve0 = vquant
-    kres = quantize_into(new_k, *khead, kt0, *ktail, ke0, unrotate[0], unrotate[1])
-    vres = quantize_into(new_v, *vhead, vt0, *vtail, ve0, plain[0], plain[1])
+def decode_plan(streams, colmap, rotation, held, khead, ktail, vhead, vtail, plain):
+    """A :class:`DecodePlan` of these fields (compiled and cached like the kernels; the proxy's own constructor is
+    compiled anew in every process)."""
+    return DecodePlan(streams, colmap, rotation, held, khead, ktail, vhead, vtail, plain)
+
+
+@njit(cache=True)
+def kvquant_decode_append(query, scaling, plan, new_k, new_v, n, span, out, kt0, ke0, vt0, ve0, unrotate_cos,
+                          unrotate_sin):
+    """:func:`kvquant_decode_step` of a decode step (its fixed arguments in ``plan``, a :class:`DecodePlan`; ``span``
+    its token ranges: threaded below ``n``), then the step's ``new_k``/``new_v (b, h, 1, d)`` quantized into the
+    streams' buffers by :func:`quantize_into` -- from token index ``kt0``/``vt0`` and outlier entry ``ke0``/``ve0``;
+    the keys un-rotated with ``(unrotate_cos, unrotate_sin)`` (empty: none) -- in one call (each call from Python
+    between the model's matmuls costs microseconds). The attention reads tokens ``[0, n)`` only, so the new tokens
+    written after them change nothing it sees. Returns the two :func:`quantize_into` results (keys, values); nothing
+    is committed here."""
+    kvquant_decode_step(query, scaling, *plan.streams, plan.colmap, *plan.rotation, *plan.held, new_k, new_v, n, span,
+                        out)
+    kres = quantize_into(new_k, *plan.khead, kt0, *plan.ktail, ke0, unrotate_cos, unrotate_sin)
+    vres = quantize_into(new_v, *plan.vhead, vt0, *plan.vtail, ve0, plan.plain[0], plan.plain[1])
     return kres, vres
