@@ -31,9 +31,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcompress import load_model
-from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
+
+from decode_speed import decode_burst, prefill  # (this script's folder is on the path when it runs)
 
 GOALS = {1024: 0.95, 4096: 1.2, 8192: 1.5}
 
@@ -52,22 +53,11 @@ def _timed(get, put, spent: dict, key: str) -> None:
     put(wrapper)
 
 
-@torch.inference_mode()
 def _burst(model, state: list, steps: int, spent: dict) -> tuple[float, float, float]:
-    """``steps`` greedy steps continuing ``state = [cache, token (1, 1)]``: mean (step, attention, update) seconds."""
+    """:func:`decode_speed.decode_burst` of ``steps`` steps: the mean (step, attention, update) seconds."""
     spent.clear()
-    cache, nxt = state
-    start = time.perf_counter()
-    for _ in range(steps):
-        nxt = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[0, -1].argmax().view(1, 1)
-    state[1] = nxt
-    return (time.perf_counter() - start) / steps, spent["attention"] / steps, spent["update"] / steps
-
-
-@torch.inference_mode()
-def _prefill(model, cache, ids: torch.Tensor) -> list:
-    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
-    return [cache, logits.argmax().view(1, 1)]
+    total = decode_burst(model, state, steps)
+    return total / steps, spent["attention"] / steps, spent["update"] / steps
 
 
 def main(argv=None) -> int:
@@ -98,7 +88,7 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.contexts:
         ids = text[:length].view(1, -1)
-        mine, theirs = _prefill(model, spec.make(model), ids), _prefill(model, DynamicCache(), ids)
+        mine, theirs = list(prefill(model, lambda: spec.make(model), ids)), list(prefill(model, DynamicCache, ids))
         name = model.config._attn_implementation  # the method's cache installed kvcompress's function: both use it
         if name not in wrapped:
             wrapped.add(name)
@@ -114,10 +104,10 @@ def main(argv=None) -> int:
         d_step, d_att, d_upd = (statistics.median(col) * 1e3 for col in zip(*rows["theirs"]))
         m_rest, d_rest = m_step - m_att - m_upd, d_step - d_att - d_upd
         goal = args.goal or GOALS.get(length)
-        allowed = f"{d_step / goal - m_rest:.1f}" if goal else "-"
+        goal_text, allowed = (f"{goal}x", f"{d_step / goal - m_rest:.1f}") if goal else ("-", "-")
         print(f"| {length} | {m_step:.1f} | {m_att + m_upd:.1f} | {d_step:.1f} | {d_att + d_upd:.1f} | "
               f"{m_rest:.1f} / {d_rest:.1f} | {d_step / m_step:.2f}x | {d_step / m_rest:.2f}x | "
-              f"{goal or '-'}x | {allowed} |", flush=True)
+              f"{goal_text} | {allowed} |", flush=True)
         if hasattr(mine[0], "close"):
             mine[0].close()
     return 0
