@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import kernels, load_model
+from kvcompress.attention.interface import inner_of, install
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                    help="transformers' attention implementation, the one DynamicCache attends with (default sdpa, "
                         "transformers' own default; in bfloat16 its eager path is faster on this CPU)")
+    p.add_argument("--prefill-attn", choices=["sdpa", "eager"], default=None,
+                   help="the attention implementation of DynamicCache's prefills (default: --attn's); e.g. sdpa with "
+                        "--attn eager, whose prefill at 8k takes minutes (the TTFT column then compares that prefill)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
@@ -103,11 +107,21 @@ def main(argv=None) -> int:
     if args.min_parallel_work is not None:
         kernels.MIN_PARALLEL_WORK = args.min_parallel_work
     model, tok = load_model(args.model, dtype=args.dtype and getattr(torch, args.dtype), progress=False)
-    if args.attn != "sdpa":
-        model.set_attn_implementation(args.attn)
+    prefill_attn = args.prefill_attn or args.attn
+
+    def attention(impl: str):
+        """Give the model ``impl`` as its own attention (kvcompress's routing, once a method installed it, kept)."""
+        if inner_of(model) != impl:
+            routed = model.config._attn_implementation != inner_of(model)
+            model.set_attn_implementation(impl)
+            if routed:
+                install(model)
+
+    attention(args.attn)
     text_ids = torch.tensor(encode(tok, load_text(args.data)))
     print(f"```\npython benchmarks/decode_speed.py {' '.join(sys.argv[1:])}\n```\n")
-    print(f"model {args.model} ({next(model.parameters()).dtype}, {args.attn} attention), torch {torch.__version__}, "
+    print(f"model {args.model} ({next(model.parameters()).dtype}, {args.attn} attention"
+          f"{'' if prefill_attn == args.attn else f', {prefill_attn} in prefills'}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.steps} decode steps, median of {args.rounds} interleaved bursts after one prefill\n")
     extra = " fused vs chunked (kernels off) |" if args.chunked_too else ""
     print("| method | context | decode ratio vs DynamicCache | method tok/s | DynamicCache tok/s | TTFT ratio (median "
@@ -115,14 +129,17 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if args.chunked_too else ""))
     for length in args.contexts:
         ids = text_ids[:length].view(1, -1)
+        attention(prefill_attn)
         dynamic = prefill(model, DynamicCache, ids)
         for label in args.methods:
             spec = parse_spec(label)
             try:
                 ratios, ours, theirs, off = [], [], [], []
+                attention(prefill_attn)
                 mine = list(prefill(model, lambda: spec.make(model), ids))  # also warms up the method's kernels
                 ttft = statistics.median(ttft_ratio(model, lambda: spec.make(model), ids, method_first=i % 2 == 1)
                                          for i in range(args.ttft_rounds))
+                attention(args.attn)
                 if args.ttft_only:
                     if hasattr(mine[0], "close"):
                         mine[0].close()
