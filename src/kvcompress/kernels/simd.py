@@ -273,3 +273,73 @@ def hmax8(typingctx, vec):
 
     return types.float32(vec), codegen
 
+
+
+_I1, _I16, _I64 = ir.IntType(1), ir.IntType(16), ir.IntType(64)
+_V16B, _V16L = ir.VectorType(_I8, 16), ir.VectorType(_I64, 16)
+
+
+def _declare(builder, name, ret, args):
+    """The LLVM intrinsic ``name`` of type ``ret (args)``, declared in the builder's module once."""
+    mod = builder.module
+    return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
+
+
+def _masked_load(builder, ptr, elem, mask, align):
+    """Sixteen ``elem`` from ``ptr`` (an ``i8*``) where ``mask`` is set (nothing read elsewhere; those lanes undef)."""
+    vt = ir.VectorType(elem, 16)
+    name = f"llvm.masked.load.v16{'f16' if isinstance(elem, ir.HalfType) else f'i{elem.width}'}.p0"
+    fn = _declare(builder, name, vt, [vt.as_pointer(), _I32, ir.VectorType(_I1, 16), vt])
+    return builder.call(fn, [builder.bitcast(ptr, vt.as_pointer()), ir.Constant(_I32, align), mask, ir.Constant(vt, None)])
+
+
+def _byte_ptr(context, builder, arrty, arr, row):
+    """``i8*`` to row ``row`` (an i64) of the array ``arr`` (its first axis' stride)."""
+    a = make_array(arrty)(context, builder, arr)
+    start = builder.bitcast(a.data, _I8.as_pointer())
+    return builder.gep(start, [builder.mul(row, builder.extract_value(a.strides, 0))], inbounds=True)
+
+
+def _scatter_entries(column):
+    """The intrinsic ``(outflat, cols, vals, tok, e, j, count, shift, gap, d)`` for columns of ``column`` (an
+    ``ir.IntType``: one or two bytes each)."""
+
+    @intrinsic
+    def scatter(typingctx, outflat, cols, vals, tok, e, j, count, shift, gap, d):
+        if not (isinstance(outflat, types.Array) and outflat.dtype == types.float32 and outflat.ndim == 1):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64 = [context.cast(builder, args[k], sig.args[k], types.int64) for k in range(4, 10)]
+            e64, j64, count64, shift64, gap64, d64 = i64
+            first = builder.add(e64, j64)
+            lanes = ir.Constant(_V16I, list(range(16)))
+            mask = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(count64, _I32), _V16I))
+            col = _masked_load(builder, _byte_ptr(context, builder, sig.args[1], args[1], first), column, mask, 1)
+            bits = _masked_load(builder, _byte_ptr(context, builder, sig.args[2], args[2], first), ir.HalfType(),
+                                mask, 2)
+            tokens = _masked_load(builder, _byte_ptr(context, builder, sig.args[3], args[3], j64), _I8, mask, 1)
+            col = builder.zext(col, _V16L)
+            head = builder.lshr(col, _splat(builder, shift64, _V16L))
+            where = builder.add(builder.add(col, builder.mul(head, _splat(builder, gap64, _V16L))),
+                                builder.mul(builder.zext(tokens, _V16L), _splat(builder, d64, _V16L)))
+            base = builder.ptrtoint(make_array(sig.args[0])(context, builder, args[0]).data, _I64)
+            addr = builder.add(_splat(builder, base, _V16L), builder.shl(where, ir.Constant(_V16L, [2] * 16)))
+            ptrs = builder.inttoptr(addr, ir.VectorType(_F32.as_pointer(), 16))
+            fn = _declare(builder, "llvm.masked.scatter.v16f32.v16p0", ir.VoidType(),
+                          [_V16F, ptrs.type, _I32, ir.VectorType(_I1, 16)])
+            builder.call(fn, [builder.fpext(bits, _V16F), ptrs, ir.Constant(_I32, 4), mask])
+            return context.get_dummy_value()
+
+        return types.void(outflat, cols, vals, tok, e, j, count, shift, gap, d), codegen
+
+    return scatter
+
+
+#: ``scatter16_cols1``/``scatter16_cols2``: up to sixteen outlier entries ``e + j .. e + j + count - 1`` written into a block's scratch in one masked scatter:
+#: entry ``x`` (column ``cols[x]`` in ``[0, h*d)``, one / two little-endian bytes per row of ``cols``; value
+#: ``vals[x]`` fp16 bits, converted exactly, ``inf``/``NaN`` too; token ``tok[j + lane]`` of the block) lands at
+#: ``outflat[col + (col >> shift) * gap + token * d]`` -- ``d = 2**shift`` channels, ``gap = (width - 1) * d`` for a
+#: scratch ``(h, width, d)``. Nothing outside the ``count`` entries is read or written. Generic IR (masked loads, a
+#: masked scatter): one ``vscatterdps`` where the target has AVX-512, a lane-by-lane lowering elsewhere.
+scatter16_cols1, scatter16_cols2 = _scatter_entries(_I8), _scatter_entries(_I16)
