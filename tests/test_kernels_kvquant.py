@@ -268,44 +268,50 @@ def test_kernel_reads_outlier_counts_and_columns_of_every_width(dtype):
 @needs_numba
 @pytest.mark.parametrize("special", [False, True])
 @pytest.mark.parametrize("h, d, width", [(3, 16, 1), (8, 64, 2), (3, 24, 1), (3, 16, 4)])
-def test_a_blocks_outliers_land_where_their_columns_say(special, h, d, width):
-    """The flat per-block outlier loop (one batch row): every entry lands at its token, KV head and channel with its
-    fp16 value exactly, tokens with 0 to 7 entries (the fill writes four slots whatever the count), columns of one,
-    two or four bytes; a block holding an fp16 inf or NaN decodes them as such (the branch-free decode would not).
-    Where the target has AVX-512, one- and two-byte columns with ``d`` a power of two take the masked scatter of
-    sixteen entries (:func:`kvcompress.kernels.simd.scatter16_cols1`); ``d = 24`` and four-byte columns the scalar
-    loop."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_blocks_outliers_land_where_their_columns_say(special, h, d, width, rows):
+    """The per-block outlier loop: every entry of the batch row read lands at its token, KV head and channel with its
+    fp16 value exactly -- tokens with 0 to 7 entries and a few with 20 (the fill writes four slots whatever the count;
+    more than one scatter of sixteen), columns of one, two or four bytes, one batch row (offsets carried) or two
+    (CSR rows token-major, the second read); a block holding an fp16 inf or NaN decodes them as such (the branch-free
+    decode would not). Where the target has AVX-512, one- and two-byte columns with ``d`` a power of two take the
+    masked scatter of sixteen entries (:func:`kvcompress.kernels.simd.scatter16_cols1`); ``d = 24`` and four-byte
+    columns the scalar loops."""
     import numpy as np
 
     from kvcompress.kernels import kvquant_cpu as kc
 
     gen = np.random.default_rng(3)
-    nt, ta = 20, 5
-    counts_per_token = gen.integers(0, 8, ta + nt)
-    nnz = int(counts_per_token.sum())
-    cols = np.concatenate([gen.choice(h * d, c, replace=False) for c in counts_per_token])
+    nt, ta, bi = 20, 5, rows - 1
+    per = gen.integers(0, 8, (ta + nt, rows))  # entries per (token, batch row), stored token-major
+    per[ta + 3, bi] = per[ta + 11, 0] = 20
+    nnz = int(per.sum())
+    cols = np.concatenate([gen.choice(h * d, c, replace=False) for c in per.reshape(-1)])
     assert width != 2 or cols.max() >= 256  # the second byte is read
     raw = cols.astype({1: np.uint8, 2: np.uint16, 4: np.uint32}[width]).view(np.uint8).reshape(-1, width)
     vals = gen.standard_normal(nnz).astype(np.float16)
     if special:
         vals[-1], vals[-2] = np.float16(np.inf), np.float16(np.nan)
-    counts = counts_per_token.astype(np.uint8).reshape(1, 1, -1, 1)
+    counts = np.ascontiguousarray(per.T.astype(np.uint8)).reshape(rows, 1, -1, 1)
+    rp = kc._row_pointers(counts, ta + nt)
     colmap = kernels._column_map(d, h)
     cflat = (colmap[0] * (kc.BLOCK * d) + colmap[1]).astype(np.uint64)
     out = np.zeros((h, kc.BLOCK, d), np.float32)
     tok = np.empty(kc.BLOCK * h * d + 4, np.uint8)
     obits = np.empty(kc.BLOCK * h * d, np.uint32)
-    e0 = int(counts_per_token[:ta].sum())
-    e1 = kc._outliers_block(counts, np.zeros(0, np.int64), e0, raw, vals.view(np.uint16), colmap,
-                            cflat, 0, ta, nt, out, out.reshape(-1), tok, obits, obits.view(np.float32),
+    e0 = int(per[:ta].sum())
+    e1 = kc._outliers_block(counts, rp, e0 if rows == 1 else 0, raw, vals.view(np.uint16), colmap, cflat, bi, ta, nt,
+                            out, out.reshape(-1), tok, obits, obits.view(np.float32),
                             np.empty(kc.BLOCK * h * d, np.float32))
-    assert e1 == nnz
+    assert e1 == (nnz if rows == 1 else 0)
     want = np.zeros_like(out)
     at = e0
     for i in range(nt):
-        for k in range(at, at + counts_per_token[ta + i]):
-            want[cols[k] // d, i, cols[k] % d] = np.float32(vals[k])
-        at += counts_per_token[ta + i]
+        for r in range(rows):
+            if r == bi:
+                for k in range(at, at + per[ta + i, r]):
+                    want[cols[k] // d, i, cols[k] % d] = np.float32(vals[k])
+            at += per[ta + i, r]
     np.testing.assert_array_equal(out, want)  # NaN where NaN, inf where inf
 
 

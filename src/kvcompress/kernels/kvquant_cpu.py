@@ -302,6 +302,29 @@ def _angles_at(cur_c, cur_s, step_c, step_s, inv64, pos, exact):
 
 
 @njit(cache=True, inline="always")
+def _scatter_layout(out, cols):
+    """``(shift, gap)`` of :func:`kvcompress.kernels.simd.scatter16_cols1` for a block scratch ``out (h, width, d)``:
+    ``d = 2**shift``, ``gap = (width - 1) * d``; ``shift = -1`` where the masked scatter is not taken (no AVX-512 in
+    numba's target, columns wider than two bytes, ``d`` not a power of two)."""
+    d = np.int64(out.shape[2])
+    if not WIDE or cols.shape[1] > 2 or d & (d - 1) != 0:
+        return np.int64(-1), np.int64(0)
+    shift = np.int64(0)
+    while (np.int64(1) << shift) < d:
+        shift += 1
+    return shift, (np.int64(out.shape[1]) - 1) * d
+
+
+@njit(cache=True, inline="always")
+def _scatter16(outflat, cols, vals, tok, e, j, count, shift, gap, d):
+    """:func:`kvcompress.kernels.simd.scatter16_cols1` or ``scatter16_cols2`` by the columns' width."""
+    if cols.shape[1] == 1:
+        scatter16_cols1(outflat, cols, vals, tok, e, j, count, shift, gap, d)
+    else:
+        scatter16_cols2(outflat, cols, vals, tok, e, j, count, shift, gap, d)
+
+
+@njit(cache=True, inline="always")
 def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, outflat, tok, obits, of, oval):
     """Write the outliers of batch row ``bi``'s tokens ``ta + i`` (``i < nt``) into ``out (h, BLOCK, d)`` (rows
     token-major, ``counts (nb, 1, >= n, width)`` entries each; ``cols (>= nnz, width)`` in ``[0, h*d)``, both read by
@@ -317,7 +340,9 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
     Else its values are decoded from fp16 for the whole block first (:func:`kvcompress.kernels.cpu._halves` into
     ``oval``, with ``obits``/``of`` its scratch; one ``inf``/``NaN`` among them and the block takes the exact
     :func:`_f16` per entry), and each lands at ``outflat[cflat[col] + token * d]`` (``outflat``: ``out`` flattened,
-    ``cflat (h*d,)`` uint64 the offset of each column's head and channel)."""
+    ``cflat (h*d,)`` uint64 the offset of each column's head and channel). Several batch rows: each token's entries
+    one after the other, by the same masked scatter where it is taken (``tok`` then zeroed: every lane the token's
+    own row of ``outflat``), else one at a time."""
     if counts.shape[0] == 1:
         row = counts[0, 0]
         k = np.int64(0)
@@ -330,16 +355,10 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
                     tok[j] = ti
             k += c
         d = uint64(out.shape[2])
-        if WIDE and cols.shape[1] <= 2 and d & (d - uint64(1)) == 0:  # sixteen entries per masked scatter
-            shift = np.int64(0)
-            while (uint64(1) << uint64(shift)) < d:
-                shift += 1
-            gap = (np.int64(out.shape[1]) - 1) * np.int64(d)
+        shift, gap = _scatter_layout(out, cols)
+        if shift >= 0:  # sixteen entries per masked scatter
             for j in range(0, k, 16):
-                if cols.shape[1] == 1:
-                    scatter16_cols1(outflat, cols, vals, tok, e, j, min(16, k - j), shift, gap, d)
-                else:
-                    scatter16_cols2(outflat, cols, vals, tok, e, j, min(16, k - j), shift, gap, d)
+                _scatter16(outflat, cols, vals, tok, e, j, min(16, k - j), shift, gap, d)
             return e + k
         special = np.uint16(0)
         for j in range(k):
@@ -353,6 +372,19 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
             outflat[cflat[_small(cols, e + j)] + uint64(tok[j]) * d] = oval[j]
         return e + k
     nb = counts.shape[0]
+    shift, gap = _scatter_layout(out, cols)
+    if shift >= 0:  # each token's entries (contiguous in the CSR) by masked scatters, its row of ``outflat`` the base
+        d = uint64(out.shape[2])
+        for z in range(16):
+            tok[z] = 0
+        for i in range(nt):
+            row = (ta + i) * nb + bi
+            k0, c = rp[row], rp[row + 1] - rp[row]
+            if c:
+                base = outflat[uint64(i) * d :]
+                for j in range(0, c, 16):
+                    _scatter16(base, cols, vals, tok, k0 + j, 0, min(16, c - j), shift, gap, d)
+        return e
     for i in range(nt):
         row = (ta + i) * nb + bi
         for k in range(rp[row], rp[row + 1]):
