@@ -28,7 +28,7 @@ from numba import types
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
-from .simd import _I8, _I32, _V8F, _V8I, _V16F, _V16I, _splat, f32x8, f32x16
+from .simd import _I8, _I32, _V8F, _V8I, _V16F, _V16I, _llvm_intrinsic, _splat, f32x8, f32x16
 
 _I64 = ir.IntType(64)
 
@@ -57,12 +57,6 @@ def _target_has(feature: str) -> bool:
 PERMUTE = _target_has("avx2")
 #: ... and sixteen at a time, with every vector operation of their decode loops sixteen lanes wide (AVX-512)
 WIDE = PERMUTE and _target_has("avx512f")
-
-
-def _llvm_intrinsic(builder, name, ret, args):
-    """The LLVM intrinsic ``name`` of type ``ret (args)``, declared in the builder's module once."""
-    mod = builder.module
-    return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
 
 
 def _permute(builder, table, idx):

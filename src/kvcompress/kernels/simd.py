@@ -14,6 +14,9 @@ last axis must be contiguous (every buffer the kernels pass is), and nothing is 
 :data:`f32x16` (``<16 x float>``) and its ``*16`` operations are the same for sixteen lanes: one AVX-512 register
 where the target has it (the kernels take them there only, :data:`kvcompress.kernels.lookup.WIDE`), two AVX2 ones
 elsewhere.
+
+:func:`scatter16_cols1`/:func:`scatter16_cols2` write up to sixteen of KVQuant's outlier entries (column, fp16 value,
+token) into a block's scratch by one masked scatter (session 27).
 """
 
 from __future__ import annotations
@@ -274,13 +277,13 @@ def hmax8(typingctx, vec):
     return types.float32(vec), codegen
 
 
-
 _I1, _I16, _I64 = ir.IntType(1), ir.IntType(16), ir.IntType(64)
-_V16B, _V16L = ir.VectorType(_I8, 16), ir.VectorType(_I64, 16)
+_V16L = ir.VectorType(_I64, 16)
 
 
-def _declare(builder, name, ret, args):
-    """The LLVM intrinsic ``name`` of type ``ret (args)``, declared in the builder's module once."""
+def _llvm_intrinsic(builder, name, ret, args):
+    """The LLVM intrinsic ``name`` of type ``ret (args)``, declared in the builder's module once (also used by
+    :mod:`.lookup`)."""
     mod = builder.module
     return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
 
@@ -289,8 +292,9 @@ def _masked_load(builder, ptr, elem, mask, align):
     """Sixteen ``elem`` from ``ptr`` (an ``i8*``) where ``mask`` is set (nothing read elsewhere; those lanes undef)."""
     vt = ir.VectorType(elem, 16)
     name = f"llvm.masked.load.v16{'f16' if isinstance(elem, ir.HalfType) else f'i{elem.width}'}.p0"
-    fn = _declare(builder, name, vt, [vt.as_pointer(), _I32, ir.VectorType(_I1, 16), vt])
-    return builder.call(fn, [builder.bitcast(ptr, vt.as_pointer()), ir.Constant(_I32, align), mask, ir.Constant(vt, None)])
+    fn = _llvm_intrinsic(builder, name, vt, [vt.as_pointer(), _I32, ir.VectorType(_I1, 16), vt])
+    return builder.call(fn, [builder.bitcast(ptr, vt.as_pointer()), ir.Constant(_I32, align), mask,
+                             ir.Constant(vt, None)])
 
 
 def _byte_ptr(context, builder, arrty, arr, row):
@@ -326,8 +330,8 @@ def _scatter_entries(column):
             base = builder.ptrtoint(make_array(sig.args[0])(context, builder, args[0]).data, _I64)
             addr = builder.add(_splat(builder, base, _V16L), builder.shl(where, ir.Constant(_V16L, [2] * 16)))
             ptrs = builder.inttoptr(addr, ir.VectorType(_F32.as_pointer(), 16))
-            fn = _declare(builder, "llvm.masked.scatter.v16f32.v16p0", ir.VoidType(),
-                          [_V16F, ptrs.type, _I32, ir.VectorType(_I1, 16)])
+            fn = _llvm_intrinsic(builder, "llvm.masked.scatter.v16f32.v16p0", ir.VoidType(),
+                                 [_V16F, ptrs.type, _I32, ir.VectorType(_I1, 16)])
             builder.call(fn, [builder.fpext(bits, _V16F), ptrs, ir.Constant(_I32, 4), mask])
             return context.get_dummy_value()
 
@@ -336,10 +340,11 @@ def _scatter_entries(column):
     return scatter
 
 
-#: ``scatter16_cols1``/``scatter16_cols2``: up to sixteen outlier entries ``e + j .. e + j + count - 1`` written into a block's scratch in one masked scatter:
-#: entry ``x`` (column ``cols[x]`` in ``[0, h*d)``, one / two little-endian bytes per row of ``cols``; value
-#: ``vals[x]`` fp16 bits, converted exactly, ``inf``/``NaN`` too; token ``tok[j + lane]`` of the block) lands at
-#: ``outflat[col + (col >> shift) * gap + token * d]`` -- ``d = 2**shift`` channels, ``gap = (width - 1) * d`` for a
-#: scratch ``(h, width, d)``. Nothing outside the ``count`` entries is read or written. Generic IR (masked loads, a
-#: masked scatter): one ``vscatterdps`` where the target has AVX-512, a lane-by-lane lowering elsewhere.
+#: ``scatter16_cols1``/``scatter16_cols2``: up to sixteen outlier entries ``e + j .. e + j + count - 1`` written into
+#: a block's scratch in one masked scatter. Entry ``x`` (column ``cols[x]`` in ``[0, h*d)``, one / two little-endian
+#: bytes per row of ``cols``; value ``vals[x]`` fp16 bits, converted exactly, ``inf``/``NaN`` too; token ``tok[j +
+#: lane]`` of the block) lands at ``outflat[col + (col >> shift) * gap + token * d]`` -- ``d = 2**shift`` channels,
+#: ``gap = (width - 1) * d`` for a scratch ``(h, width, d)``. Nothing outside the ``count`` entries is read or
+#: written. Generic IR (masked loads, a masked scatter): one ``vscatterdps`` where the target has AVX-512, a
+#: lane-by-lane lowering elsewhere.
 scatter16_cols1, scatter16_cols2 = _scatter_entries(_I8), _scatter_entries(_I16)
