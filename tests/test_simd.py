@@ -65,3 +65,38 @@ def test_intrinsics_equal_numpy():
             np.testing.assert_array_equal(planes[s], (run >> (2 * s)) & 3)
         np.testing.assert_array_equal(planes[4], run & 15)
         np.testing.assert_array_equal(planes[5], run >> 4)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("count", [0, 1, 5, 16])
+def test_outlier_scatter_writes_its_count_and_nothing_else(width, count):
+    """``scatter16_cols1``/``scatter16_cols2`` against numpy: entries ``e + j ..`` land at ``col + (col >> shift) *
+    gap + token * d`` with their fp16 value (a subnormal, -0.0, inf and NaN among them), every other element keeps its
+    sentinel -- also the places the entries after ``count`` would have gone (the mask covers loads and stores). Runs
+    on any target (the generic lowering where there is no AVX-512)."""
+    from numba import njit
+
+    from kvcompress.kernels.simd import scatter16_cols1, scatter16_cols2
+
+    scatter = scatter16_cols1 if width == 1 else scatter16_cols2
+
+    @njit
+    def run(outflat, cols, vals, tok, e, j, count, shift, gap, d):
+        scatter(outflat, cols, vals, tok, e, j, count, shift, gap, d)
+
+    gen = np.random.default_rng(count + 10 * width)
+    h, w, d, shift = (3, 8, 16, 4) if width == 1 else (20, 8, 16, 4)  # h*d = 320 needs two bytes
+    e, j = 7, 3
+    cols = gen.choice(h * d, 40, replace=False)
+    raw = cols.astype(np.uint8 if width == 1 else np.uint16).view(np.uint8).reshape(-1, width)
+    vals = (gen.standard_normal(40) * 4).astype(np.float16)
+    vals[e + j : e + j + 4] = [np.float16(6e-8), np.float16(-0.0), np.float16(np.inf), np.float16(np.nan)]
+    tok = gen.integers(0, w, 40).astype(np.uint8)
+    out = np.full((h, w, d), 123.0, np.float32)
+    run(out.reshape(-1), raw, vals.view(np.uint16), tok, e, j, count, shift, (w - 1) * d, d)
+    want = np.full_like(out, 123.0)
+    for lane in range(count):
+        x = e + j + lane
+        want[cols[x] // d, tok[j + lane], cols[x] % d] = np.float32(vals[x])
+    np.testing.assert_array_equal(out, want)
+    assert np.signbit(out).sum() == np.signbit(want).sum()  # -0.0 kept as such
