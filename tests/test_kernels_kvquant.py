@@ -271,7 +271,7 @@ def test_kernel_reads_outlier_counts_and_columns_of_every_width(dtype):
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_blocks_outliers_land_where_their_columns_say(special, h, d, width, rows):
     """The per-block outlier loop: every entry of the batch row read lands at its token, KV head and channel with its
-    fp16 value exactly -- tokens with 0 to 7 entries and a few with 20 (the fill writes four slots whatever the count;
+    fp16 value exactly -- tokens with 0 to 7 entries and a few with 20 (the fill writes sixteen slots whatever the count;
     more than one scatter of sixteen), columns of one, two or four bytes, one batch row (offsets carried) or two
     (CSR rows token-major, the second read); a block holding an fp16 inf or NaN decodes them as such (the branch-free
     decode would not). Where the target has AVX-512, one- and two-byte columns with ``d`` a power of two take the
@@ -297,7 +297,7 @@ def test_a_blocks_outliers_land_where_their_columns_say(special, h, d, width, ro
     colmap = kernels._column_map(d, h)
     cflat = (colmap[0] * (kc.BLOCK * d) + colmap[1]).astype(np.uint64)
     out = np.zeros((h, kc.BLOCK, d), np.float32)
-    tok = np.empty(kc.BLOCK * h * d + 4, np.uint8)
+    tok = np.empty(kc.BLOCK * h * d + 16, np.uint8)
     obits = np.empty(kc.BLOCK * h * d, np.uint32)
     e0 = int(per[:ta].sum())
     e1 = kc._outliers_block(counts, rp, e0 if rows == 1 else 0, raw, vals.view(np.uint16), colmap, cflat, bi, ta, nt,

@@ -100,3 +100,20 @@ def test_outlier_scatter_writes_its_count_and_nothing_else(width, count):
         want[cols[x] // d, tok[j + lane], cols[x] % d] = np.float32(vals[x])
     np.testing.assert_array_equal(out, want)
     assert np.signbit(out).sum() == np.signbit(want).sum()  # -0.0 kept as such
+
+
+def test_fill16_u8_writes_sixteen_bytes_and_no_more():
+    """``fill16_u8(arr, off, v)``: ``arr[off : off + 16] = v``, the bytes around untouched."""
+    from numba import njit
+
+    from kvcompress.kernels.simd import fill16_u8
+
+    @njit
+    def run(arr, off, v):
+        fill16_u8(arr, off, v)
+
+    arr = np.arange(40, dtype=np.uint8)
+    run(arr, 9, 200)
+    want = np.arange(40, dtype=np.uint8)
+    want[9:25] = 200
+    np.testing.assert_array_equal(arr, want)

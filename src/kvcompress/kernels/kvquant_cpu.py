@@ -45,8 +45,8 @@ from numba.experimental import structref
 from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
                   _values_vec, fold_query, normalize_into)
 from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
-from .simd import (fma8, fma16, load8, load8_1d, load16_1d, mul8, scatter16_cols1, scatter16_cols2, splat8, splat16,
-                   store8, store16, sub8)
+from .simd import (fill16_u8, fma8, fma16, load8, load8_1d, load16_1d, mul8, scatter16_cols1, scatter16_cols2, splat8,
+                   splat16, store8, store16, sub8)
 
 #: tokens dequantized at a time into the scratch (128: the per-block work -- the query turned, the softmax's max and
 #: rescale, the accumulators loaded and stored -- cost 5-7 % more of the whole at 32 than at 64 (session 19); at 3
@@ -333,8 +333,9 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
 
     One batch row: ``e`` is the CSR offset of token ``ta``, carried from block to block (returned for ``ta + nt``),
     nothing made per step. The block's entries are written in one flat loop: each entry's token comes from ``tok``
-    (uint8 scratch of ``>= nt*h*d + 4``), filled without a branch per token (a loop over each token's few entries
-    mispredicts its exit at nearly every token). Where the target has AVX-512, columns of one or two bytes and ``d`` a
+    (uint8 scratch of ``>= nt*h*d + 16``), filled with sixteen slots per token by one store and no branch taken below
+    17 entries (a loop over each token's few entries mispredicts its exit at nearly every token; four slots and a loop
+    for the rest, before session 27, mispredicted at the ~35 % of tokens with more than four at 2 % outliers). Where the target has AVX-512, columns of one or two bytes and ``d`` a
     power of two, sixteen entries at a time are converted from fp16 and scattered by one masked ``vscatterdps``
     (:func:`kvcompress.kernels.simd.scatter16_cols1`; 2.3x faster than the loop below at 2 % outliers, session 27).
     Else its values are decoded from fp16 for the whole block first (:func:`kvcompress.kernels.cpu._halves` into
@@ -349,9 +350,9 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
         for i in range(nt):
             c = _small(row, ta + i)
             ti = np.uint8(i)
-            tok[k], tok[k + 1], tok[k + 2], tok[k + 3] = ti, ti, ti, ti  # the next token's overwrite the unused ones
-            if c > 4:
-                for j in range(k + 4, k + c):
+            fill16_u8(tok, k, ti)  # sixteen slots at once; the next token's overwrite the unused ones
+            if c > 16:
+                for j in range(k + 16, k + c):
                     tok[j] = ti
             k += c
         d = uint64(out.shape[2])
@@ -451,7 +452,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     sc = np.empty((h, nrows, width), np.float32)
     ok = np.ones((h, width), np.float32)
     # a block's outlier entries: token, value (decoded; with its scratch), and where each column lands in kf / vf
-    tok = np.empty(width * h * nd + 4, np.uint8)
+    tok = np.empty(width * h * nd + 16, np.uint8)
     obits = np.empty(width * h * nd, np.uint32)
     of = obits.view(np.float32)
     oval = np.empty(width * h * nd, np.float32)

@@ -348,3 +348,20 @@ def _scatter_entries(column):
 #: written. Generic IR (masked loads, a masked scatter): one ``vscatterdps`` where the target has AVX-512, a
 #: lane-by-lane lowering elsewhere.
 scatter16_cols1, scatter16_cols2 = _scatter_entries(_I8), _scatter_entries(_I16)
+
+
+@intrinsic
+def fill16_u8(typingctx, arr, off, value):
+    """``arr[off : off + 16] = value`` (1-D uint8, contiguous; ``value`` an integer): one 16-byte store."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vt = ir.VectorType(_I8, 16)
+        byte = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), _I8)
+        ptr = builder.gep(make_array(sig.args[0])(context, builder, args[0]).data,
+                          [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
+        builder.store(_splat(builder, byte, vt), builder.bitcast(ptr, vt.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(arr, off, value), codegen
