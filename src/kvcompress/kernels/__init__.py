@@ -684,9 +684,10 @@ def kvquant_decode(query: torch.Tensor, scaling: float, n: int, keys: CodebookCo
     ``bf16``), or None; ``new_k``/``new_v (b, h, 1, d)`` the step's own tokens (any float dtype); the codes and the
     rotation as :func:`kvquant_attention`; ``memo``: a dict the caller keeps for exactly these ``keys`` and
     ``values`` objects (and drops with them: it holds views of their buffers), where their numpy views are kept from
-    step to step (with the ``rope`` object they were made for), and the one-call step's numba plan (:func:`_decode_plan`). Returns the output ``(b, 1, heads, d)`` in the query's
-    dtype, or None where the threaded kernel is due but another Python thread is inside numba's thread pool (the
-    caller takes the general path, which runs the serial kernel then).
+    step to step (with the ``rope`` object they were made for), and the one-call step's numba plan
+    (:func:`_decode_plan`). Returns the output ``(b, 1, heads, d)`` in the query's dtype, or None where the threaded
+    kernel is due but another Python thread is inside numba's thread pool (the caller takes the general path, which
+    runs the serial kernel then).
 
     ``append``: ``(key arguments, value arguments, (cos, sin))`` -- each stream's
     :meth:`kvcompress.methods.kvquant_store.QuantStream.kernel_append_args` and the keys' un-rotation as float32 numpy

@@ -335,8 +335,9 @@ def _outliers_block(counts, rp, e, cols, vals, posmap, cflat, bi, ta, nt, out, o
     nothing made per step. The block's entries are written in one flat loop: each entry's token comes from ``tok``
     (uint8 scratch of ``>= nt*h*d + 16``), filled with sixteen slots per token by one store and no branch taken below
     17 entries (a loop over each token's few entries mispredicts its exit at nearly every token; four slots and a loop
-    for the rest, before session 27, mispredicted at the ~35 % of tokens with more than four at 2 % outliers). Where the target has AVX-512, columns of one or two bytes and ``d`` a
-    power of two, sixteen entries at a time are converted from fp16 and scattered by one masked ``vscatterdps``
+    for the rest, before session 27, mispredicted at the ~35 % of tokens with more than four at 2 % outliers). Where
+    the target has AVX-512, columns of one or two bytes and ``d`` a power of two, sixteen entries at a time are
+    converted from fp16 and scattered by one masked ``vscatterdps``
     (:func:`kvcompress.kernels.simd.scatter16_cols1`; 2.3x faster than the loop below at 2 % outliers, session 27).
     Else its values are decoded from fp16 for the whole block first (:func:`kvcompress.kernels.cpu._halves` into
     ``oval``, with ``obits``/``of`` its scratch; one ``inf``/``NaN`` among them and the block takes the exact

@@ -26,11 +26,8 @@ import platform
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
-from .simd import _I8, _I32, _V8F, _V8I, _V16F, _V16I, _llvm_intrinsic, _splat, f32x8, f32x16
-
-_I64 = ir.IntType(64)
+from .simd import _I32, _I64, _V8F, _V8I, _V16F, _V16I, _llvm_intrinsic, _row_start, _splat, f32x8, f32x16
 
 
 def _target_has(feature: str) -> bool:
@@ -73,9 +70,7 @@ def _permute(builder, table, idx):
 def _row_word(context, builder, arrty, arr, row, idx):
     """The 32-bit word ``idx`` of row ``row`` of the 2-D array ``arr`` (any element type, little-endian), loaded (an
     i32; LLVM folds the load into the broadcast that takes it)."""
-    a = make_array(arrty)(context, builder, arr)
-    stride = builder.extract_value(a.strides, 0)
-    start = builder.gep(builder.bitcast(a.data, _I8.as_pointer()), [builder.mul(row, stride)], inbounds=True)
+    start = _row_start(context, builder, arrty, arr, row)
     return builder.load(builder.gep(builder.bitcast(start, _I32.as_pointer()), [idx], inbounds=True), align=4)
 
 

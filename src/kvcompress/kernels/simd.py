@@ -64,13 +64,20 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V16F)
 
 
+def _row_start(context, builder, arrty, arr, row):
+    """``i8*`` to the start of row ``row`` (an i64) of the array ``arr`` of type ``arrty`` (its first axis' stride;
+    also used by :mod:`.lookup`)."""
+    a = make_array(arrty)(context, builder, arr)
+    start = builder.bitcast(a.data, _I8.as_pointer())
+    return builder.gep(start, [builder.mul(row, builder.extract_value(a.strides, 0))], inbounds=True)
+
+
 def _element_ptr(context, builder, sig, args, at):
     """Pointer to ``arr[row, col]``: the 2-D array ``args[at]``, the indices ``args[at + 1]`` and ``args[at + 2]``."""
     arr = make_array(sig.args[at])(context, builder, args[at])
     row = context.cast(builder, args[at + 1], sig.args[at + 1], types.int64)
     col = context.cast(builder, args[at + 2], sig.args[at + 2], types.int64)
-    stride = builder.extract_value(arr.strides, 0)
-    row_start = builder.gep(builder.bitcast(arr.data, _I8.as_pointer()), [builder.mul(row, stride)], inbounds=True)
+    row_start = _row_start(context, builder, sig.args[at], args[at], row)
     return builder.gep(builder.bitcast(row_start, arr.data.type), [col], inbounds=True)
 
 
@@ -278,7 +285,7 @@ def hmax8(typingctx, vec):
 
 
 _I1, _I16, _I64 = ir.IntType(1), ir.IntType(16), ir.IntType(64)
-_V16L = ir.VectorType(_I64, 16)
+_V16B, _V16L = ir.VectorType(_I8, 16), ir.VectorType(_I64, 16)
 
 
 def _llvm_intrinsic(builder, name, ret, args):
@@ -297,13 +304,6 @@ def _masked_load(builder, ptr, elem, mask, align):
                              ir.Constant(vt, None)])
 
 
-def _byte_ptr(context, builder, arrty, arr, row):
-    """``i8*`` to row ``row`` (an i64) of the array ``arr`` (its first axis' stride)."""
-    a = make_array(arrty)(context, builder, arr)
-    start = builder.bitcast(a.data, _I8.as_pointer())
-    return builder.gep(start, [builder.mul(row, builder.extract_value(a.strides, 0))], inbounds=True)
-
-
 def _scatter_entries(column):
     """The intrinsic ``(outflat, cols, vals, tok, e, j, count, shift, gap, d)`` for columns of ``column`` (an
     ``ir.IntType``: one or two bytes each)."""
@@ -319,10 +319,10 @@ def _scatter_entries(column):
             first = builder.add(e64, j64)
             lanes = ir.Constant(_V16I, list(range(16)))
             mask = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(count64, _I32), _V16I))
-            col = _masked_load(builder, _byte_ptr(context, builder, sig.args[1], args[1], first), column, mask, 1)
-            bits = _masked_load(builder, _byte_ptr(context, builder, sig.args[2], args[2], first), ir.HalfType(),
+            col = _masked_load(builder, _row_start(context, builder, sig.args[1], args[1], first), column, mask, 1)
+            bits = _masked_load(builder, _row_start(context, builder, sig.args[2], args[2], first), ir.HalfType(),
                                 mask, 2)
-            tokens = _masked_load(builder, _byte_ptr(context, builder, sig.args[3], args[3], j64), _I8, mask, 1)
+            tokens = _masked_load(builder, _row_start(context, builder, sig.args[3], args[3], j64), _I8, mask, 1)
             col = builder.zext(col, _V16L)
             head = builder.lshr(col, _splat(builder, shift64, _V16L))
             where = builder.add(builder.add(col, builder.mul(head, _splat(builder, gap64, _V16L))),
@@ -357,7 +357,7 @@ def fill16_u8(typingctx, arr, off, value):
         return None
 
     def codegen(context, builder, sig, args):
-        vt = ir.VectorType(_I8, 16)
+        vt = _V16B
         byte = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), _I8)
         ptr = builder.gep(make_array(sig.args[0])(context, builder, args[0]).data,
                           [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
