@@ -21,6 +21,7 @@ from kvcompress import kernels, make_cache
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods.kvquant import KVQuantLayer
 from kvcompress.methods.kvquant_store import QuantStream
+from kvcompress.registry import KVCompressError
 
 from test_kernels import check_partials, padding_mask
 
@@ -467,7 +468,7 @@ def test_kvquant_reports_its_path_and_falls_back(tiny_model, monkeypatch):
     steps=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     per_channel=st.booleans(),
     outliers=st.sampled_from([0.0, 0.01, 0.1]),
-    kind=st.sampled_from(["normal", "ties", "halfway", "constant", "tiny", "huge"]),
+    kind=st.sampled_from(["normal", "ties", "halfway", "constant", "tiny", "huge", "zeros"]),
     unrotate=st.sampled_from([None, 1, "b"]),
     seed=st.integers(0, 10_000),
 )
@@ -476,8 +477,9 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
     """Appended tokens (a decode step or a prompt) are quantized by one numba call (``quantize_rows``); every held
     tensor equals what the torch path holds for the same tokens: codes, fp16 ranges, outlier counts/columns/values.
     Data with ties (repeated values: the order statistics and the nearest level's tie rule), ranges halfway between
-    two fp16 numbers (ties to even), constant rows (zero scale), fp16 subnormal ranges, and ranges beyond fp16 (the
-    same error). Post-RoPE keys un-rotated on the way in (``unrotate``: cos/sin for one or every batch row, with an
+    two fp16 numbers (ties to even), constant rows (zero scale), fp16 subnormal ranges, ranges beyond fp16 (the
+    same error), and rows mostly of zeros of both signs (the numba path's order statistics leave a zero threshold to
+    the scalar insertion). Post-RoPE keys un-rotated on the way in (``unrotate``: cos/sin for one or every batch row, with an
     attention scaling) give the same bits as :func:`kvcompress.rope.unapply_rope` then the torch path."""
     import kvcompress.methods.kvquant_store as store
 
@@ -497,6 +499,9 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
             x = x * 1e-6
         elif kind == "huge":
             x = x * 1e5
+        elif kind == "zeros":
+            zero = torch.where(torch.rand(x.shape, generator=gen) < 0.5, 0.0, -0.0)
+            x = torch.where(torch.rand(x.shape, generator=gen) < 0.9, zero, x)
         return x
 
     data = [tokens(q) for q in steps]
@@ -531,6 +536,33 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
     for a, c in zip(fast, slow):
         assert a.dtype == c.dtype and a.shape == c.shape
         assert torch.equal(a, c)
+
+
+@needs_numba
+@pytest.mark.parametrize("outliers", [0.0, 0.01])
+@pytest.mark.parametrize("where", [0, 37])
+def test_a_nan_in_a_token_is_the_torch_paths_error(outliers, where):
+    """A NaN in a token of a per-token range (values) makes the torch path's min/max NaN, so it raises; the numba call
+    raises the same error wherever the NaN sits in the row (it used to raise only for a NaN in the row's first
+    channel, and quantized the rest as if the NaN were not there), and nothing is held."""
+    import kvcompress.methods.kvquant_store as store
+
+    book = torch.sort(torch.rand(8, generator=torch.Generator().manual_seed(0)) * 2 - 1).values
+    x = torch.randn(1, 2, 3, 32, generator=torch.Generator().manual_seed(1))
+    x[0, where // 32, 2, where % 32] = float("nan")  # token 2, channel `where` of its row of 64 (2 heads x 32)
+    errors = []
+    for fast in (True, False):
+        before = store.FAST_ROWS
+        store.FAST_ROWS = 1 << 30 if fast else 0
+        try:
+            s = QuantStream(3, outliers, book, book, 2, 32, per_channel=False)
+            with pytest.raises(KVCompressError) as err:
+                s.append(x)
+            errors.append(str(err.value))
+            assert len(s) == 0
+        finally:
+            store.FAST_ROWS = before
+    assert errors[0] == errors[1]
 
 
 def test_a_tail_merged_in_torch_equals_attending_over_both():

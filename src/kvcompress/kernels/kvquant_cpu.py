@@ -42,8 +42,8 @@ import numpy as np
 from numba import njit, prange, types, uint64
 from numba.experimental import structref
 
-from .cpu import (_FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block, _two_byte_floats, _values_block,
-                  _values_vec, fold_query, normalize_into)
+from .cpu import (_1, _2, _3, _4, _8, _FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block,
+                  _two_byte_floats, _values_block, _values_vec, fold_query, normalize_into)
 from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
 from .simd import (fill16_u8, fma8, fma16, load8, load8_1d, load16_1d, mul8, scatter16_cols1, scatter16_cols2, splat8,
                    splat16, store8, store16, sub8)
@@ -735,7 +735,7 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _round_half(x, scratch):
     """``x`` (float32) rounded to the nearest fp16 value (ties to even), returned as float32; inf beyond fp16's range.
     ``scratch``: a float32 array of one element (its bits are read through a uint32 view: no allocation per call).
@@ -754,33 +754,116 @@ def _round_half(x, scratch):
     return r if x >= 0 else -r
 
 
-@njit(cache=True)
-def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges, counts, cols,
-                  vals, cos, sin):
-    """KVQuant's quantization of token-major rows ``(q, b, w = h*d)`` float32, written in place (the arithmetic of
-    :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation).
+_KEY_MAX = np.int32(2**31 - 1)
+_KEY_MIN = np.int32(-(2**31))
+
+
+@njit(cache=True, inline="always")
+def _float_keys(keys):
+    """float32 bits (int32 ``keys``, in place) <-> int32 that order as the floats do (-0.0 before +0.0, NaN beyond the
+    infinities); its own inverse."""
+    for c in range(uint64(keys.shape[0])):
+        k = keys[c]
+        keys[c] = k ^ ((k >> 31) & _KEY_MAX)
+
+
+@njit(cache=True, inline="always")
+def _order_stats(row, m, pair):
+    """``(lo, hi, fast)``: the ``m+1``-th smallest and largest value of ``row`` (float32, counted with repeats: what
+    :func:`quantize_rows`' insertion finds), by a few integer passes over the row that vectorize -- a min/max pass,
+    then per round the count of the current candidate and the next one above/below it (``m = 1``: two passes). The
+    row's bits are ordered as int32 keys meanwhile (:func:`_float_keys`) and restored. ``fast`` False where the row
+    holds a NaN or ``lo``/``hi`` is zero (a zero's sign can differ): the caller takes the scalar insertion there.
+    ``pair``: float32 scratch of two elements."""
+    w = uint64(row.shape[0])
+    keys = row.view(np.int32)
+    nan = 0
+    for c in range(w):
+        nan += 1 if row[c] != row[c] else 0
+    _float_keys(keys)
+    lo_k, hi_k = _KEY_MAX, _KEY_MIN
+    for c in range(w):
+        lo_k = min(lo_k, keys[c])
+        hi_k = max(hi_k, keys[c])
+    need_lo = need_hi = m + 1
+    for _ in range(w):  # (each round takes at least one element: the keys count w in all)
+        if need_lo <= 0 and need_hi <= 0:
+            break
+        n_lo = n_hi = 0
+        next_lo, next_hi = _KEY_MAX, _KEY_MIN
+        for c in range(w):
+            k = keys[c]
+            n_lo += 1 if k == lo_k else 0
+            n_hi += 1 if k == hi_k else 0
+            next_lo = min(next_lo, k if k > lo_k else _KEY_MAX)
+            next_hi = max(next_hi, k if k < hi_k else _KEY_MIN)
+        if need_lo > 0:
+            need_lo -= n_lo
+            if need_lo > 0:
+                lo_k = next_lo
+        if need_hi > 0:
+            need_hi -= n_hi
+            if need_hi > 0:
+                hi_k = next_hi
+    _float_keys(keys)
+    both = pair.view(np.int32)
+    both[0], both[1] = lo_k, hi_k
+    _float_keys(both)
+    lo, hi = pair[0], pair[1]
+    return lo, hi, nan == 0 and lo != 0 and hi != 0
+
+
+@njit(cache=True, inline="always")
+def _gather_flagged(row, flag, cols, vals, e):
+    """Append ``(c, row[c])`` for every ``c`` with ``flag[c]`` (uint8 0/1, zero-padded to whole 8-byte words) to
+    ``cols``/``vals`` from entry ``e`` (room for every channel after it); returns the new end. Eight flags are tested as
+    one word (a token's few outliers cost a branch each, the rest one test per eight channels); a flagged word's
+    entries are written branch-free."""
+    words = flag.view(np.uint64)
+    w = uint64(row.shape[0])
+    for j in range(words.shape[0]):
+        if words[j] != 0:
+            for c in range(uint64(j) * _8, min(uint64(j) * _8 + _8, w)):
+                cols[e] = c
+                vals[e] = row[c]
+                e += flag[c]
+    return e
+
+
+# error_model="numpy": a division without numba's zero-divisor check (which raised where numpy gives inf/NaN, and
+# kept every loop with a division scalar: the un-rotation and the normalization ran ~5x slower)
+@njit(cache=True, error_model="numpy")
+def quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges, counts, cols, vals,
+                  cos, sin):
+    """KVQuant's quantization of the tokens ``x (b, h, q, d)`` float32, written in place (the arithmetic of
+    :meth:`kvcompress.methods.kvquant_store.QuantStream.append`, operation for operation), token by token over rows of
+    ``w = h*d`` channels.
 
     ``per_channel``: thresholds ``ch_off -/+ ch_scale (1|b, w)`` (fp16 bits, uint16), values beyond them are outliers,
     the rest clamped and normalized by the channel's range; else one range per token over the row: thresholds the
     ``m+1``-th smallest and largest values (``m = 0``: none; ``m < 0``: no outliers), offset/scale the fp16-rounded
-    mid-range/half-range of the clamped row (``ranges (2, b, q)``: scale, offset). Codes = nearest level (``mids``: the
-    sorted levels' midpoints), packed into tokens ``t0 .. t0 + q`` of ``planes0 (b, h, cap, bytes)`` (2/4 bits, or the
-    low 2 bits of 3) and ``planes1`` (3 bits: the high bit): the stream's own buffers, written in place. Outliers (``m
-    >= 0`` or per channel with ``counts``): ``counts (q, b)``, ``cols``/``vals`` filled token-major. ``cos``/``sin (1|b,
-    q, d)`` float32 (``(1, 0, 0)``: none): each head's row is first un-rotated from these, as
-    :func:`kvcompress.rope.unapply_rope` does (the same float32 operations: pre-RoPE keys from the model's post-RoPE
-    ones). Returns ``(nnz, ok)``: ``ok`` False when a range is not finite in fp16."""
-    q, b, w = rows.shape
-    d = w // h
+    mid-range/half-range of the clamped row (``ranges (2, b, q)``: scale, offset; a row with a NaN is an error, as on
+    the torch path). Codes = nearest level (``mids``: the sorted levels' midpoints), packed into tokens ``t0 .. t0 +
+    q`` of ``planes0 (b, h, cap, bytes)`` (2/4 bits, or the low 2 bits of 3) and ``planes1`` (3 bits: the high bit):
+    the stream's own buffers, written in place. Outliers (``m >= 0`` or per channel with ``counts``): ``counts (q,
+    b)``, ``cols``/``vals (>= q*b*w)`` filled token-major. ``cos``/``sin (1|b, q, d)`` float32 (``(1, 0, 0)``: none):
+    each head's row is first un-rotated from these, as :func:`kvcompress.rope.unapply_rope` does (the same float32
+    operations: pre-RoPE keys from the model's post-RoPE ones). Returns ``(nnz, ok)``: ``ok`` False when a range is not
+    finite in fp16. Indices are uint64 where a loop should vectorize (numba wraps negative signed indices: a select
+    per access)."""
+    b, h, q, d = x.shape
+    w = h * d
+    W, D, H, T0 = uint64(w), uint64(d), uint64(h), uint64(t0)
     track = counts.shape[0] > 0
     nnz = 0
     ok = True
     row = np.empty(w, np.float32)
+    flag = np.zeros(w + 8, np.uint8)  # outlier flags (zero past w: whole 8-byte words)
     los = np.empty(max(m + 1, 1), np.float32)
     his = np.empty(max(m + 1, 1), np.float32)
     codes = np.empty(w, np.int32)
-    scratch = np.empty(1, np.float32)
-    nm = mids.shape[0]
+    scratch = np.empty(2, np.float32)
+    nm = uint64(mids.shape[0])
     # the per-channel range decoded once, not per token: offset, thresholds offset -/+ scale, divisor (scale or 1)
     offs = np.empty(ch_off.shape, np.float32)
     lows = np.empty(ch_off.shape, np.float32)
@@ -792,107 +875,124 @@ def quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0
             offs[r, c], lows[r, c], highs[r, c] = o, o - sc, o + sc
             divs[r, c] = sc if sc > 0 else np.float32(1.0)
     unrotate = cos.shape[1] > 0
-    half = d // 2
-    for t in range(q):
-        for bi in range(b):
+    half = D // _2
+    for t_ in range(q):
+        t = uint64(t_)
+        for b_ in range(b):
+            bi = uint64(b_)
             if unrotate:  # y*cos - rotate_half(y)*sin, over cos*cos + sin*sin (rotate_half(y) = [-y2, y1])
-                cr = min(bi, cos.shape[0] - 1)
-                for hh in range(h):
-                    o = hh * d
-                    for c in range(d):
+                cr = uint64(min(b_, cos.shape[0] - 1))
+                for hh in range(H):
+                    o = hh * D
+                    for c in range(half):
                         cc, ss = cos[cr, t, c], sin[cr, t, c]
-                        y = rows[t, bi, o + c]
-                        if c < half:
-                            num = y * cc + rows[t, bi, o + c + half] * ss
-                        else:
-                            num = y * cc - rows[t, bi, o + c - half] * ss
-                        row[o + c] = num / (cc * cc + ss * ss)
+                        row[o + c] = (x[bi, hh, t, c] * cc + x[bi, hh, t, c + half] * ss) / (cc * cc + ss * ss)
+                    for c in range(half, D):
+                        cc, ss = cos[cr, t, c], sin[cr, t, c]
+                        row[o + c] = (x[bi, hh, t, c] * cc - x[bi, hh, t, c - half] * ss) / (cc * cc + ss * ss)
             else:
-                for c in range(w):
-                    row[c] = rows[t, bi, c]
+                for hh in range(H):
+                    o = hh * D
+                    for c in range(D):
+                        row[o + c] = x[bi, hh, t, c]
             cnt = 0
-            # loops without stores that depend on the data (outliers are found in a loop of their own) vectorize
+            # loops without stores that depend on the data (outliers are flagged, then gathered) vectorize
             if per_channel:
-                cr = min(bi, ch_off.shape[0] - 1)
+                cr = uint64(min(b_, ch_off.shape[0] - 1))
                 if track:
-                    for c in range(w):
-                        x = row[c]
-                        if x > highs[cr, c] or x < lows[cr, c]:
-                            cols[nnz] = c
-                            vals[nnz] = x
-                            nnz += 1
-                            cnt += 1
-                for c in range(w):
-                    x = min(max(row[c], lows[cr, c]), highs[cr, c])
-                    xn = (x - offs[cr, c]) / divs[cr, c]
-                    row[c] = min(max(xn, np.float32(-1.0)), np.float32(1.0))
+                    for c in range(W):
+                        v = row[c]
+                        flag[c] = 1 if (v > highs[cr, c]) | (v < lows[cr, c]) else 0
+                    e = _gather_flagged(row, flag, cols, vals, nnz)
+                    cnt, nnz = e - nnz, e
+                for c in range(W):
+                    v = min(max(row[c], lows[cr, c]), highs[cr, c])
+                    vn = (v - offs[cr, c]) / divs[cr, c]
+                    row[c] = min(max(vn, np.float32(-1.0)), np.float32(1.0))
             else:
-                if m >= 0:  # the (m+1)-th smallest and largest: keep the m+1 extremes (m is small: 1 % of w)
-                    for j in range(m + 1):
-                        los[j] = np.float32(np.inf)
-                        his[j] = np.float32(-np.inf)
-                    for c in range(w):
-                        x = row[c]
-                        if x < los[m]:
-                            j = m
-                            while j > 0 and los[j - 1] > x:
-                                los[j] = los[j - 1]
-                                j -= 1
-                            los[j] = x
-                        if x > his[m]:
-                            j = m
-                            while j > 0 and his[j - 1] < x:
-                                his[j] = his[j - 1]
-                                j -= 1
-                            his[j] = x
-                    lo, hi = los[m], his[m]
-                    for c in range(w):
-                        x = row[c]
-                        if x > hi or x < lo:
-                            cols[nnz] = c
-                            vals[nnz] = x
-                            nnz += 1
-                            cnt += 1
-                    for c in range(w):
+                fast = False
+                if m >= 0:
+                    lo, hi, fast = _order_stats(row, m, scratch)
+                if fast:  # the clamped row's min/max are the thresholds themselves (nonzero: the same bits)
+                    for c in range(W):
+                        v = row[c]
+                        flag[c] = 1 if (v > hi) | (v < lo) else 0
+                    e = _gather_flagged(row, flag, cols, vals, nnz)
+                    cnt, nnz = e - nnz, e
+                    for c in range(W):
                         row[c] = min(max(row[c], lo), hi)
-                mn, mx = row[0], row[0]
-                for c in range(1, w):
-                    mn = min(mn, row[c])
-                    mx = max(mx, row[c])
+                    mn, mx = lo, hi
+                else:  # the scalar insertion of the m+1 extremes, outliers, clamp, min/max
+                    if m >= 0:
+                        for j in range(m + 1):
+                            los[j] = np.float32(np.inf)
+                            his[j] = np.float32(-np.inf)
+                        for c in range(W):
+                            v = row[c]
+                            if v < los[m]:
+                                j = m
+                                while j > 0 and los[j - 1] > v:
+                                    los[j] = los[j - 1]
+                                    j -= 1
+                                los[j] = v
+                            if v > his[m]:
+                                j = m
+                                while j > 0 and his[j - 1] < v:
+                                    his[j] = his[j - 1]
+                                    j -= 1
+                                his[j] = v
+                        lo, hi = los[m], his[m]
+                        for c in range(W):
+                            v = row[c]
+                            if v > hi or v < lo:
+                                cols[nnz] = c
+                                vals[nnz] = v
+                                nnz += 1
+                                cnt += 1
+                        for c in range(W):
+                            row[c] = min(max(row[c], lo), hi)
+                    nan = 0
+                    mn, mx = row[0], row[0]
+                    for c in range(W):
+                        nan += 1 if row[c] != row[c] else 0
+                        mn = min(mn, row[c])
+                        mx = max(mx, row[c])
+                    if nan:  # the torch path's min/max would be NaN: not finite
+                        ok = False
                 off = _round_half((mx + mn) / np.float32(2.0), scratch)
                 sc = _round_half((mx - mn) / np.float32(2.0), scratch)
                 if not (abs(off) < np.inf and abs(sc) < np.inf):
                     ok = False
-                ranges[0, bi, t] = sc
-                ranges[1, bi, t] = off
+                ranges[0, b_, t_] = sc
+                ranges[1, b_, t_] = off
                 div = sc if sc > 0 else np.float32(1.0)
-                for c in range(w):
+                for c in range(W):
                     row[c] = (row[c] - off) / div
             if track:
-                counts[t, bi] = cnt
+                counts[t_, b_] = cnt
             # nearest level = the number of midpoints strictly below (torch.bucketize), a level at a time over the row
-            for c in range(w):
+            for c in range(W):
                 codes[c] = 0
             for j in range(nm):
                 mj = mids[j]
-                for c in range(w):
+                for c in range(W):
                     codes[c] += 1 if mj < row[c] else 0
-            for hh in range(h):
-                o = hh * d
+            for hh in range(H):
+                o = hh * D
                 if bits == 4:
-                    for u in range(d // 2):
-                        planes0[bi, hh, t0 + t, u] = codes[o + 2 * u] | (codes[o + 2 * u + 1] << 4)
+                    for u in range(D // _2):
+                        planes0[bi, hh, T0 + t, u] = codes[o + _2 * u] | (codes[o + _2 * u + _1] << 4)
                 else:
-                    for u in range(d // 4):
-                        planes0[bi, hh, t0 + t, u] = ((codes[o + 4 * u] & 3) | ((codes[o + 4 * u + 1] & 3) << 2)
-                                                      | ((codes[o + 4 * u + 2] & 3) << 4)
-                                                      | ((codes[o + 4 * u + 3] & 3) << 6))
+                    for u in range(D // _4):
+                        planes0[bi, hh, T0 + t, u] = ((codes[o + _4 * u] & 3) | ((codes[o + _4 * u + _1] & 3) << 2)
+                                                      | ((codes[o + _4 * u + _2] & 3) << 4)
+                                                      | ((codes[o + _4 * u + _3] & 3) << 6))
                     if bits == 3:
-                        for u in range(d // 8):
+                        for u in range(D // _8):
                             byte = 0
                             for k in range(8):
-                                byte |= (codes[o + 8 * u + k] >> 2) << k
-                            planes1[bi, hh, t0 + t, u] = byte
+                                byte |= (codes[o + _8 * u + uint64(k)] >> 2) << k
+                            planes1[bi, hh, T0 + t, u] = byte
     return nnz, ok
 
 
@@ -936,8 +1036,7 @@ def _put_small(raw, i, value):
 def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, scale_bits,
                   offset_bits, has_sparse, counts, cols, vals, e0, cos, sin):
     """:func:`quantize_rows` of ``x (b, h, q, d)`` float32 (the model's layout; taken as token-major rows ``(q, b, w =
-    h*d)`` here) with everything written straight into the stream's buffers: codes
-    into ``planes0``/``planes1`` at tokens ``t0 .. t0 + q``; per-token ranges (not ``per_channel``) as fp16 bits into
+    h*d)``) with everything written straight into the stream's buffers: codes into ``planes0``/``planes1`` at tokens ``t0 .. t0 + q``; per-token ranges (not ``per_channel``) as fp16 bits into
     ``scale_bits``/``offset_bits (b, 1, cap)``; with ``has_sparse`` the outlier count of each (token, batch row) into
     ``counts (b, 1, cap, width)`` and, when they fit in the room after entry ``e0`` of ``cols (1, 1, cap, width)`` /
     ``vals (1, 1, cap)`` (fp16 bits), the entries themselves (``counts``/``cols``: the held integers as bytes,
@@ -946,17 +1045,11 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
     when a range is not finite in fp16 (then nothing is meant to be committed)."""
     b, h, q, d = x.shape
     w = h * d
-    rows = np.empty((q, b, w), np.float32)
-    for bi in range(b):
-        for hh in range(h):
-            for t in range(q):
-                for c in range(d):
-                    rows[t, bi, hh * d + c] = x[bi, hh, t, c]
     ranges = np.empty((2, b, q), np.float32)
     n_counts = np.empty((q, b) if has_sparse else (0, 0), np.int32)
     n_cols = np.empty(q * b * w if has_sparse else 0, np.int32)
     n_vals = np.empty(n_cols.shape[0], np.float32)
-    nnz, ok = quantize_rows(rows, h, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges,
+    nnz, ok = quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, planes1, t0, ranges,
                             n_counts, n_cols, n_vals, cos, sin)
     in_place = False
     if not ok:
