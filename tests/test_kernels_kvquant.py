@@ -479,8 +479,8 @@ def test_decode_step_quantization_is_the_torch_paths(bits, d, kv, b, steps, per_
     Data with ties (repeated values: the order statistics and the nearest level's tie rule), ranges halfway between
     two fp16 numbers (ties to even), constant rows (zero scale), fp16 subnormal ranges, ranges beyond fp16 (the
     same error), and rows mostly of zeros of both signs (the numba path's order statistics leave a zero threshold to
-    the scalar insertion). Post-RoPE keys un-rotated on the way in (``unrotate``: cos/sin for one or every batch row, with an
-    attention scaling) give the same bits as :func:`kvcompress.rope.unapply_rope` then the torch path."""
+    the scalar insertion). Post-RoPE keys un-rotated on the way in (``unrotate``: cos/sin for one or every batch row,
+    with an attention scaling) give the same bits as :func:`kvcompress.rope.unapply_rope` then the torch path."""
     import kvcompress.methods.kvquant_store as store
 
     gen = torch.Generator().manual_seed(seed)
