@@ -1037,12 +1037,13 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
                   offset_bits, has_sparse, counts, cols, vals, e0, cos, sin):
     """:func:`quantize_rows` of ``x (b, h, q, d)`` float32 (the model's layout, read in place) with everything
     written straight into the stream's buffers: codes into ``planes0``/``planes1`` at tokens ``t0 .. t0 + q``;
-    per-token ranges (not ``per_channel``) as fp16 bits into ``scale_bits``/``offset_bits (b, 1, cap)``; with ``has_sparse`` the outlier count of each (token, batch row) into
-    ``counts (b, 1, cap, width)`` and, when they fit in the room after entry ``e0`` of ``cols (1, 1, cap, width)`` /
-    ``vals (1, 1, cap)`` (fp16 bits), the entries themselves (``counts``/``cols``: the held integers as bytes,
-    :func:`_small`). Returns ``(nnz, ok, in_place, cols (nnz,) int32, vals (nnz,) float32)``: the entries are also
-    returned for the caller to place when they did not fit (``in_place`` False; nothing written there); ``ok`` False
-    when a range is not finite in fp16 (then nothing is meant to be committed)."""
+    per-token ranges (not ``per_channel``) as fp16 bits into ``scale_bits``/``offset_bits (b, 1, cap)``; with
+    ``has_sparse`` the outlier count of each (token, batch row) into ``counts (b, 1, cap, width)`` and, when they fit
+    in the room after entry ``e0`` of ``cols (1, 1, cap, width)`` / ``vals (1, 1, cap)`` (fp16 bits), the entries
+    themselves (``counts``/``cols``: the held integers as bytes, :func:`_small`). Returns ``(nnz, ok, in_place, cols
+    (nnz,) int32, vals (nnz,) float32)``: the entries are also returned for the caller to place when they did not fit
+    (``in_place`` False; nothing written there); ``ok`` False when a range is not finite in fp16 (then nothing is
+    meant to be committed)."""
     b, h, q, d = x.shape
     w = h * d
     ranges = np.empty((2, b, q), np.float32)
