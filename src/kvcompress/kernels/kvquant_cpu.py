@@ -913,17 +913,7 @@ def quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
                 fast = False
                 if m >= 0:
                     lo, hi, fast = _order_stats(row, m, scratch)
-                if fast:  # the clamped row's min/max are the thresholds themselves (nonzero: the same bits)
-                    for c in range(W):
-                        v = row[c]
-                        flag[c] = 1 if (v > hi) | (v < lo) else 0
-                    e = _gather_flagged(row, flag, cols, vals, nnz)
-                    cnt, nnz = e - nnz, e
-                    for c in range(W):
-                        row[c] = min(max(row[c], lo), hi)
-                    mn, mx = lo, hi
-                else:  # the scalar insertion of the m+1 extremes, outliers, clamp, min/max
-                    if m >= 0:
+                    if not fast:  # a NaN or a zero threshold: the scalar insertion of the m+1 extremes
                         for j in range(m + 1):
                             los[j] = np.float32(np.inf)
                             his[j] = np.float32(-np.inf)
@@ -942,15 +932,16 @@ def quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
                                     j -= 1
                                 his[j] = v
                         lo, hi = los[m], his[m]
-                        for c in range(W):
-                            v = row[c]
-                            if v > hi or v < lo:
-                                cols[nnz] = c
-                                vals[nnz] = v
-                                nnz += 1
-                                cnt += 1
-                        for c in range(W):
-                            row[c] = min(max(row[c], lo), hi)
+                    for c in range(W):
+                        v = row[c]
+                        flag[c] = 1 if (v > hi) | (v < lo) else 0
+                    e = _gather_flagged(row, flag, cols, vals, nnz)
+                    cnt, nnz = e - nnz, e
+                    for c in range(W):
+                        row[c] = min(max(row[c], lo), hi)
+                if fast:  # the clamped row's min/max are the thresholds themselves (nonzero: the same bits)
+                    mn, mx = lo, hi
+                else:
                     nan = 0
                     mn, mx = row[0], row[0]
                     for c in range(W):
