@@ -14,6 +14,9 @@ try:
 except ImportError:  # package not installed / top-level __init__ not written yet
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from kvcompress import kernels
+from kvcompress.quant import uniform
+from kvcompress.quant._common import normalize_axis
 from kvcompress.quant import (
     CodebookQuantized,
     SparseOutliers,
@@ -138,6 +141,72 @@ def test_uniform_roundtrip_error_bound(case):
     assert q.nbytes() == expected
     assert sum(t.numel() * t.element_size() for t in q.tensors()) == expected
     assert q.dequantize(torch.float16).dtype == torch.float16
+
+
+@st.composite
+def four_dim_case(draw):
+    """A (b, h, n, d) tensor of a kind that reaches every branch of the fp16 statistics: normal values, subnormal
+    ranges, ranges near fp16's limit, constants, zeros of both signs."""
+    b, h = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n, d = draw(st.integers(1, 40)), draw(st.sampled_from([4, 5, 8, 12, 24, 64]))
+    bits = draw(st.integers(1, 8))
+    axis = draw(st.sampled_from([2, 3, -1, -2]))
+    length = (b, h, n, d)[axis]
+    group = draw(st.one_of(st.none(), st.sampled_from([g for g in range(1, length + 1) if length % g == 0])))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["normal", "tiny", "huge", "constant", "signed zeros"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    x = torch.randn((b, h, n, d), generator=_gen(seed))
+    if kind == "normal":
+        x = x * draw(st.sampled_from([1e-2, 1.0, 30.0])) + draw(st.sampled_from([0.0, 5.0, -100.0]))
+    elif kind == "tiny":  # scales and zero points among fp16's subnormals
+        x = x * 1e-6
+    elif kind == "huge":  # zero points next to -65504, scales rounded up near the top of the range
+        x = (x.clamp(-3, 3) * 1e4).clamp(-65000, 65000)
+    elif kind == "constant":
+        x = torch.full_like(x, draw(st.sampled_from([0.1, -3.0, 1e-7, 0.0, -0.0])))
+    else:
+        x[..., ::3] = 0.0
+        x[..., 1::4] = -0.0
+        x = x.abs() if draw(st.booleans()) else x
+    return x.to(dtype), bits, axis, group
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba missing")
+@FAST
+@given(four_dim_case())
+def test_uniform_numba_path_is_the_torch_paths(case):
+    """The one-call numba quantization of (b, h, n, d) CPU tensors writes the torch path's codes and statistics bit
+    for bit; only a zero point that is a zero may differ in its sign (the same value)."""
+    x, bits, axis, group = case
+    a = normalize_axis(axis, 4)
+    g = x.shape[a] if group is None else group
+    fast = uniform._quantize_with_numba(x, bits, a, g)
+    assert fast is not None  # it served (no silent fall back to the torch path)
+    packed, scale, zero = fast
+    try:
+        uniform.NUMBA_QUANTIZE = False
+        ref = quantize_uniform(x, bits, axis, group)
+    finally:
+        uniform.NUMBA_QUANTIZE = True
+    assert torch.equal(packed, ref.packed)
+    assert torch.equal(scale.view(torch.int16), ref.scale.view(torch.int16))
+    assert torch.equal(zero.float(), ref.zero.float())
+    differ = zero.view(torch.int16) != ref.zero.view(torch.int16)
+    assert (zero.float()[differ] == 0).all()
+    q = quantize_uniform(x, bits, axis, group)  # and the public function takes that path
+    assert torch.equal(q.packed, packed) and q.group_size == ref.group_size and q.axis == ref.axis
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e6, -65510.0])
+@pytest.mark.parametrize("axis", [2, 3])
+def test_uniform_numba_path_raises_the_torch_paths_error(bad, axis):
+    x = torch.randn(1, 2, 32, 64, generator=_gen(3))
+    x[0, 1, 17, 40] = bad
+    assert uniform._quantize_with_numba(x, 4, axis, 32) is None  # not finite: the torch path raises
+    with pytest.raises(ValueError, match="not finite in fp16"):
+        quantize_uniform(x, 4, axis, 32)
 
 
 def test_uniform_kivi_layouts():

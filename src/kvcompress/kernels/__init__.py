@@ -35,6 +35,7 @@ import torch
 try:  # numba is a dependency, but a platform without a wheel still works (chunked path)
     from . import cpu as _cpu
     from . import kvquant_cpu as _kvq_cpu
+    from . import uniform_cpu as _uniform_cpu
 
     AVAILABLE, UNAVAILABLE_REASON = True, ""
 
@@ -53,7 +54,7 @@ try:  # numba is a dependency, but a platform without a wheel still works (chunk
 
     _launch_numba_threads()
 except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
-    _cpu = _kvq_cpu = None
+    _cpu = _kvq_cpu = _uniform_cpu = None
     AVAILABLE, UNAVAILABLE_REASON = False, f"numba could not be imported ({exc})"
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CodebookCodes", "RotaryPositions", "backend", "chunked_partials",

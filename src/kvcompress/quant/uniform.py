@@ -18,14 +18,21 @@ For ``x`` of shape ``S`` quantized along ``axis`` (the *reduced* dim) with
 from __future__ import annotations
 
 from dataclasses import dataclass
+import sys
 from typing import Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ._common import check_float_tensor, check_fp16_finite, group_layout, normalize_axis
-from .packing import pack_bits, unpack_bits, validate_bits
+from .packing import pack_bits, packed_nbytes, unpack_bits, validate_bits
 
 __all__ = ["UniformQuantized", "quantize_uniform"]
+
+#: CPU tensors of four dims quantized along axis 2 or 3 go through one numba call
+#: (:func:`kvcompress.kernels.uniform_cpu.quantize_uniform_4d`, the same codes and statistics bit for bit) when numba
+#: is there; tests switch it off to compare with the torch path
+NUMBA_QUANTIZE = True
 
 
 @dataclass
@@ -118,6 +125,11 @@ def quantize_uniform(
     a = normalize_axis(axis, x.dim())
     g, grouped = group_layout(shape, a, group_size)
     qmax = (1 << bits) - 1
+    fast = _quantize_with_numba(x, bits, a, g)
+    if fast is not None:
+        packed, scale16, zero16 = fast
+        return UniformQuantized(packed=packed, scale=scale16, zero=zero16, bits=bits, shape=shape, axis=a,
+                                group_size=group_size if group_size is None else g)
 
     xg = x.float().reshape(grouped)
     mn, mx = torch.aminmax(xg, dim=a + 1)  # one pass for both
@@ -141,3 +153,29 @@ def quantize_uniform(
         axis=a,
         group_size=group_size if group_size is None else g,
     )
+
+
+def _quantize_with_numba(x: torch.Tensor, bits: int, axis: int, group: int):
+    """``(packed, scale, zero)`` of :func:`quantize_uniform` by one numba call where it serves (a CPU tensor ``(b, h,
+    n, d)`` quantized along axis 2 or 3, numba importable, a little-endian machine), else None -- also where a group
+    is not finite, so that the torch path raises its error."""
+    if not NUMBA_QUANTIZE or x.dim() != 4 or axis < 2 or x.device.type != "cpu" or sys.byteorder != "little":
+        return None
+    from .. import kernels
+
+    if not kernels.AVAILABLE:
+        return None
+    b, h, n, d = x.shape
+    x32 = x.detach().to(torch.float32).contiguous()
+    stats = (b, h, n // group, d) if axis == 2 else (b, h, n, d // group)
+    packed = torch.empty((b, h, n, packed_nbytes(d, bits)), dtype=torch.uint8)
+    scale = torch.empty(stats, dtype=torch.float16)
+    zero = torch.empty(stats, dtype=torch.float16)
+    ok = kernels._uniform_cpu.quantize_uniform_4d(x32.numpy(), bits, axis == 2, group, packed.numpy(),
+                                                  _bits16(scale), _bits16(zero))
+    return (packed, scale, zero) if ok else None
+
+
+def _bits16(t: torch.Tensor) -> np.ndarray:
+    """A 2-byte float tensor's memory as uint16 numpy (its bits)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
