@@ -17,8 +17,8 @@ For ``x`` of shape ``S`` quantized along ``axis`` (the *reduced* dim) with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
@@ -124,12 +124,12 @@ def quantize_uniform(
     shape = tuple(x.shape)
     a = normalize_axis(axis, x.dim())
     g, grouped = group_layout(shape, a, group_size)
-    qmax = (1 << bits) - 1
     fast = _quantize_with_numba(x, bits, a, g)
     if fast is not None:
         packed, scale16, zero16 = fast
         return UniformQuantized(packed=packed, scale=scale16, zero=zero16, bits=bits, shape=shape, axis=a,
                                 group_size=group_size if group_size is None else g)
+    qmax = (1 << bits) - 1
 
     xg = x.float().reshape(grouped)
     mn, mx = torch.aminmax(xg, dim=a + 1)  # one pass for both
