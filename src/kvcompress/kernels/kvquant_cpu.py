@@ -759,12 +759,17 @@ _KEY_MIN = np.int32(-(2**31))
 
 
 @njit(cache=True, inline="always")
+def _key(bits):
+    """float32 bits (int32) <-> an int32 that orders as the floats do (-0.0 before +0.0; a NaN beyond the infinity
+    of its sign); its own inverse. Integer min/max reductions vectorize, float ones (NaN-aware) do not."""
+    return bits ^ ((bits >> 31) & _KEY_MAX)
+
+
+@njit(cache=True, inline="always")
 def _float_keys(keys):
-    """float32 bits (int32 ``keys``, in place) <-> int32 that order as the floats do (-0.0 before +0.0, NaN beyond the
-    infinities); its own inverse."""
+    """:func:`_key` of every element of ``keys`` (int32, in place); its own inverse."""
     for c in range(uint64(keys.shape[0])):
-        k = keys[c]
-        keys[c] = k ^ ((k >> 31) & _KEY_MAX)
+        keys[c] = _key(keys[c])
 
 
 @njit(cache=True, inline="always")

@@ -14,21 +14,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, uint64
 
-from .kvquant_cpu import _f16
+from .kvquant_cpu import _f16, _key
 
 #: adding then subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22) to an integer, ties to even (what
 #: ``torch.round`` does; ``np.rint`` in numba returns float64, which keeps the loop from vectorizing as float32)
 _ROUNDER = np.float32(12582912.0)
-
-
-_KEY_MAX = np.int32(2**31 - 1)
-
-
-@njit(cache=True, inline="always")
-def _key(bits):
-    """float32 bits (int32) <-> an int32 that orders as the floats do (-0.0 before +0.0; a NaN beyond the infinity
-    of its sign); its own inverse. Integer min/max reductions vectorize, float ones (NaN-aware) do not."""
-    return bits ^ ((bits >> 31) & _KEY_MAX)
 
 
 @njit(cache=True, inline="always")
