@@ -592,7 +592,7 @@ def test_a_tail_merged_in_torch_equals_attending_over_both():
 
 @needs_numba
 def test_fp16_bits_are_numpys_cast():
-    """``_f16_bits`` (the kernel's float32 -> fp16 rounding, written straight into held fp16 buffers) gives numpy's
+    """``_half_bits`` (the kernels' float32 -> fp16 rounding, written straight into held fp16 buffers) gives numpy's
     bits for every class of input: normals, subnormals, ties between two fp16 numbers, the edge to inf, signed
     zeros, inf and NaN."""
     import numpy as np
@@ -608,8 +608,7 @@ def test_fp16_bits_are_numpys_cast():
         (np.arange(-3000, 3000) * 2.0**-25).astype(np.float32),  # subnormal ties
         gen.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern class
     ])
-    scratch = np.empty(1, np.float32)
-    got = np.array([kvquant_cpu._f16_bits(v, scratch) for v in x], np.uint16)
+    got = np.array([kvquant_cpu._half_bits(v) for v in x], np.uint16)
     with np.errstate(over="ignore", invalid="ignore"):
         want = x.astype(np.float16).view(np.uint16)
     nan = np.isnan(x)

@@ -735,23 +735,28 @@ def kvquant_layer_serial(qg, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs,
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: adding then subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22) to an integer, ties to even (what
+#: ``torch.round`` does; ``np.rint`` in numba returns float64, which keeps a loop from vectorizing as float32). Only
+#: in functions compiled without fast-math (reassociation would fold the two operations away).
+_ROUNDER = np.float32(12582912.0)
+
+
 @njit(cache=True, inline="always")
-def _round_half(x, scratch):
-    """``x`` (float32) rounded to the nearest fp16 value (ties to even), returned as float32; inf beyond fp16's range.
-    ``scratch``: a float32 array of one element (its bits are read through a uint32 view: no allocation per call).
-    Not fast-math: the subnormal branch relies on ``(a + 0.5) - 0.5`` rounding."""
-    a = abs(x)
-    if not a < np.float32(65520.0):  # beyond the largest fp16 (or NaN)
-        return np.float32(np.inf) if a == a else a
-    if a < np.float32(6.103515625e-05):  # fp16 subnormal: multiples of 2**-24
-        r = (a + np.float32(0.5)) - np.float32(0.5)
-    else:  # keep 10 mantissa bits, ties to even
-        bits = scratch.view(np.uint32)
-        scratch[0] = a
-        u = bits[0]
-        bits[0] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-        r = scratch[0]
-    return r if x >= 0 else -r
+def _half_bits(v):
+    """The fp16 bits (uint16) of float32 ``v`` rounded to the nearest fp16, ties to even (numpy's and torch's cast:
+    beyond the range inf, the sign of zero kept, a NaN a quiet NaN with its sign), by integer operations on its bits;
+    selects, no branches (a loop over statistics vectorizes). ``_f16(_half_bits(v))`` is ``v`` rounded to fp16."""
+    u = np.float32(v).view(np.uint32)
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = np.uint32(u & np.uint32(0x7FFFFFFF))
+    special = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN; inf (65520 and up too)
+    # below 2**-14: an fp16 subnormal, a multiple of 2**-24 (exact scaling, then ties to even)
+    tiny = np.uint32((min(abs(np.float32(v)), np.float32(6.103515625e-05)) * np.float32(16777216.0) + _ROUNDER)
+                     - _ROUNDER)
+    rounded = np.uint32(a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1)))  # 13 bits dropped, ties to even
+    normal = np.uint32((rounded >> np.uint32(13)) - np.uint32(0x1C000))  # the exponent rebased from 127 to 15
+    body = tiny if a < np.uint32(0x38800000) else normal
+    return np.uint16(sign | (special if a >= np.uint32(0x477FF000) else body))
 
 
 _KEY_MAX = np.int32(2**31 - 1)
@@ -955,8 +960,8 @@ def quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
                         mx = max(mx, row[c])
                     if nan:  # the torch path's min/max would be NaN: not finite
                         ok = False
-                off = _round_half((mx + mn) / np.float32(2.0), scratch)
-                sc = _round_half((mx - mn) / np.float32(2.0), scratch)
+                off = _f16(_half_bits((mx + mn) / np.float32(2.0)))
+                sc = _f16(_half_bits((mx - mn) / np.float32(2.0)))
                 if not (abs(off) < np.inf and abs(sc) < np.inf):
                     ok = False
                 ranges[0, b_, t_] = sc
@@ -998,28 +1003,6 @@ def quantize_rows(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def _f16_bits(x, scratch):
-    """The bits (uint16) of float32 ``x`` rounded to fp16 as numpy's cast does (:func:`_round_half`: to nearest, ties
-    to even, beyond fp16's range inf; NaN kept a NaN, the sign of zero kept). ``scratch``: a float32 array of one
-    element (read as uint32)."""
-    bits = scratch.view(np.uint32)
-    scratch[0] = x
-    sign = np.uint16((bits[0] >> np.uint32(16)) & np.uint32(0x8000))
-    r = _round_half(abs(x), scratch)  # the magnitude, exactly an fp16 value (or inf, NaN)
-    scratch[0] = r
-    u = bits[0]
-    if u >= np.uint32(0x7F800000):  # inf, NaN (numpy keeps the top of a NaN's payload: a NaN stays a NaN)
-        mant = np.uint16((u & np.uint32(0x7FFFFF)) >> np.uint32(13))
-        if u > np.uint32(0x7F800000) and mant == 0:
-            mant = np.uint16(1)
-        return sign | np.uint16(0x7C00) | mant
-    if u < np.uint32(0x38800000):  # below 2**-14: zero or an fp16 subnormal, a multiple of 2**-24
-        return sign | np.uint16(np.int64(r * np.float32(16777216.0)))
-    return sign | np.uint16((((u >> np.uint32(23)) - np.uint32(112)) << np.uint32(10))
-                            | ((u >> np.uint32(13)) & np.uint32(0x3FF)))
-
-
 @njit(cache=True, inline="always")
 def _put_small(raw, i, value):
     """Entry ``i`` of a held array of small non-negative integers seen as its little-endian bytes ``raw (..., width)``
@@ -1051,12 +1034,11 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
     in_place = False
     if not ok:
         return nnz, ok, in_place, n_cols[:nnz], n_vals[:nnz]
-    scratch = np.empty(1, np.float32)
     if not per_channel:
         for bi in range(b):
             for t in range(q):
-                scale_bits[bi, 0, t0 + t] = _f16_bits(ranges[0, bi, t], scratch)
-                offset_bits[bi, 0, t0 + t] = _f16_bits(ranges[1, bi, t], scratch)
+                scale_bits[bi, 0, t0 + t] = _half_bits(ranges[0, bi, t])
+                offset_bits[bi, 0, t0 + t] = _half_bits(ranges[1, bi, t])
     if has_sparse:
         for t in range(q):
             for bi in range(b):
@@ -1064,7 +1046,7 @@ def quantize_into(x, bits, mids, per_channel, ch_off, ch_scale, m, planes0, plan
         if nnz <= vals.shape[2] - e0:
             for k in range(nnz):
                 _put_small(cols[0, 0], e0 + k, n_cols[k])
-                vals[0, 0, e0 + k] = _f16_bits(n_vals[k], scratch)
+                vals[0, 0, e0 + k] = _half_bits(n_vals[k])
             in_place = True
     return nnz, ok, in_place, n_cols[:nnz], n_vals[:nnz]
 

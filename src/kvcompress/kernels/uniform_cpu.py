@@ -14,29 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, uint64
 
-from .kvquant_cpu import _f16, _key
-
-#: adding then subtracting 1.5 * 2**23 rounds a float32 in [0, 2**22) to an integer, ties to even (what
-#: ``torch.round`` does; ``np.rint`` in numba returns float64, which keeps the loop from vectorizing as float32)
-_ROUNDER = np.float32(12582912.0)
-
-
-@njit(cache=True, inline="always")
-def _half_bits(v):
-    """The fp16 bits (uint16) of float32 ``v`` rounded to the nearest fp16, ties to even (numpy's and torch's cast:
-    beyond the range inf, NaN a quiet NaN, the sign of zero kept), by integer operations on its bits; selects, no
-    branches (a loop over statistics vectorizes)."""
-    u = np.float32(v).view(np.uint32)
-    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
-    a = np.uint32(u & np.uint32(0x7FFFFFFF))
-    special = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN; inf (65520 and up too)
-    # below 2**-14: an fp16 subnormal, a multiple of 2**-24 (exact scaling, then ties to even)
-    tiny = np.uint32((min(abs(np.float32(v)), np.float32(6.103515625e-05)) * np.float32(16777216.0) + _ROUNDER)
-                     - _ROUNDER)
-    rounded = np.uint32(a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1)))  # 13 bits dropped, ties to even
-    normal = np.uint32((rounded >> np.uint32(13)) - np.uint32(0x1C000))  # the exponent rebased from 127 to 15
-    body = tiny if a < np.uint32(0x38800000) else normal
-    return np.uint16(sign | (special if a >= np.uint32(0x477FF000) else body))
+from .kvquant_cpu import _ROUNDER, _f16, _half_bits, _key
 
 
 @njit(cache=True, inline="always")
