@@ -10,6 +10,8 @@ of the sums, and the CPU kernel's polynomial exp (relative error < 2e-7); the Tr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,27 @@ def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, 
     check_partials(acc, m, l, qg, ref_k, ref_v, valid)
 
 
+@needs_numba
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("d,gv,rows", [(64, 32, (3, 1)), (128, 64, (1, 5)), (64, 64, (2, 2))])
+@pytest.mark.parametrize("n,tails", [(32, (0, 0)), (100, (0, 0)), (130, (5, 37)), (97, (40, 2))])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_whole_blocks_equal_dequantize_then_attend(bits, d, gv, rows, n, tails, parallel):
+    """The kernel's path for a token range's leading whole blocks (``cpu._whole_blocks``: keys per channel in groups
+    of 32 tokens, values per token, both 2 or 4 bits, ``d`` a multiple of 64, no padding, no multipliers; the random
+    layouts above never take it), then the general loop for the partial block and the float tails: the blocks whole
+    up to the first key or value tail, serial and split over threads."""
+    case = kivi_case((bits, bits, d, 32, gv), n, tails, 2, 2, rows[0], rows[1], "none", bits * n + d)
+    args, tails_kw, (ref_k, ref_v) = case
+    before = kernels.MIN_PARALLEL_WORK
+    kernels.MIN_PARALLEL_WORK = 0 if parallel else 1 << 62
+    try:
+        acc, m, l = kernels.kivi_attention(*args, **tails_kw)
+    finally:
+        kernels.MIN_PARALLEL_WORK = before
+    check_partials(acc, m, l, args[0], ref_k, ref_v, None)
+
+
 @st.composite
 def per_token_key_layouts(draw):
     """(k_bits, v_bits, d, Gk, Gv): keys quantized per token in groups of ``Gk`` channels, both groups dividing ``d``
@@ -318,6 +341,76 @@ def test_triton_reads_a_prefix_of_longer_buffers():
     acc, m, l = (t.cpu() for t in gpu.kivi_attention(qg.to(TRITON_DEVICE), n, *views, 4, G, *vviews, 2, 32,
                                                       valid.to(TRITON_DEVICE), splits=2))
     check_partials(acc, m, l, qg, kq.dequantize().cpu()[:, :, :n], vq.dequantize().cpu()[:, :, :n], valid)
+
+
+@functools.cache
+def _piece_runners():
+    """Two numba functions that call the kernel's eight- or sixteen-lane block pieces (compiled once per session)."""
+    from numba import njit, uint64
+
+    from kvcompress.kernels import cpu
+
+    @njit(cache=False)
+    def unpack(wide, src, ta, nt, bits, units, scales, zeros, ngroups, run, out):
+        if wide:
+            cpu._unpack_vec16(src, ta, nt, bits, units, scales, zeros, ngroups, run, out)
+        else:
+            cpu._unpack_vec8(src, ta, nt, bits, units, scales, zeros, ngroups, run, out)
+
+    @njit(cache=False)
+    def scores_values(wide, qs, bias, kf, nt, sc, pk, vf, acc):
+        if wide:
+            cpu._scores_vec16(qs, bias, kf, uint64(nt), sc, uint64(pk))
+            cpu._values_vec16(vf, uint64(nt), sc, acc, uint64(pk))
+        else:
+            cpu._scores_vec8(qs, bias, kf, uint64(nt), sc, uint64(pk))
+            cpu._values_vec8(vf, uint64(nt), sc, acc, uint64(pk))
+
+    return unpack, scores_values
+
+
+@needs_numba
+@pytest.mark.parametrize("bits,units,ngroups", [(4, 32, 0), (4, 32, 2), (2, 16, 0), (2, 16, 2), (4, 64, 4), (2, 32, 1)])
+@pytest.mark.parametrize("nt", [32, 13, 1])
+def test_sixteen_lane_pieces_equal_the_eight_lane_ones(bits, units, ngroups, nt):
+    """The kernel's sixteen-lane block pieces (taken where numba's target has AVX-512) against its eight-lane ones (taken
+    elsewhere), both compiled here whatever the host: the unpacked codes, and the values ``code * scale + zero`` per
+    value group, bit for bit; the scores and the value sums against float64 within float32 rounding. So both paths are
+    checked on every CI host, not only the one its CPU picks."""
+    from numba import uint64
+
+    from kvcompress.kernels import cpu
+
+    unpack, scores_values = _piece_runners()
+    rng = np.random.default_rng(bits * 100 + units + ngroups + nt)
+    per = 8 // bits
+    d = units * per
+    src = rng.integers(0, 256, (nt + 3, units), dtype=np.uint8)
+    run = cpu._run_groups(bits, uint64(units), uint64(d // max(ngroups, 1)))
+    scales = rng.random(nt * max(ngroups, 1), dtype=np.float32) + np.float32(0.5)
+    zeros = rng.standard_normal(nt * max(ngroups, 1)).astype(np.float32)
+    got = [np.full((nt, d), np.nan, np.float32) for _ in range(2)]
+    for wide in (False, True):
+        unpack(wide, src, uint64(2), uint64(nt), bits, uint64(units), scales, zeros, uint64(ngroups), run, got[wide])
+    assert np.array_equal(got[0], got[1])
+    codes = np.stack([(src[2:2 + nt] >> (k * bits)) & ((1 << bits) - 1) for k in range(per)], 1).reshape(nt, d)
+    if ngroups:
+        group = np.arange(d) % units * per // (d // ngroups)  # position k * units + u holds channel u * per + k
+        codes = codes * scales.reshape(nt, ngroups)[:, group] + zeros.reshape(nt, ngroups)[:, group]
+    assert np.allclose(got[0], codes, rtol=1e-6, atol=1e-6)
+
+    rows = 3
+    qs = rng.standard_normal((rows, d)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    kf = rng.integers(0, 16, (nt, d)).astype(np.float32)
+    vf = rng.standard_normal((nt, d)).astype(np.float32)
+    want_sc = bias[:, None] + qs.astype(np.float64) @ kf.T.astype(np.float64)
+    want_acc = want_sc @ vf.astype(np.float64)
+    for wide in (False, True):
+        sc, acc = np.full((rows, nt), np.nan, np.float32), np.zeros((rows, d), np.float32)
+        scores_values(wide, qs, bias, kf, nt, sc, d, vf, acc)
+        assert np.allclose(sc, want_sc, rtol=1e-5, atol=1e-4 * np.abs(want_sc).max())
+        assert np.allclose(acc, want_acc, rtol=1e-4, atol=1e-4 * np.abs(want_acc).max())
 
 
 @needs_numba

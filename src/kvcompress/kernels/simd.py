@@ -28,7 +28,7 @@ from numba.np.arrayobj import make_array
 
 _F32, _I32, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
 _V8F, _V8I, _V8B = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
-_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+_V16F, _V16I, _V16B = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
 _FLAGS = ("contract", "reassoc", "nsz", "arcp")
 
 
@@ -92,17 +92,22 @@ def _splat(builder, value, vtype):
                                                                               [0] * vtype.count))
 
 
-@intrinsic
-def load8(typingctx, arr, row, col):
-    """``arr[row, col : col + 8]`` (2-D float32) as one vector."""
-    if not _is_2d(arr, types.float32):
-        return None
+def _load_2d(vec_type, lanes):
+    """The intrinsic ``(arr, row, col) -> vec_type``: ``arr[row, col : col + lanes]`` (2-D float32) as one vector."""
+    ir_type = ir.VectorType(_F32, lanes)
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig, args, 0)
-        return builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+    @intrinsic
+    def load_2d(typingctx, arr, row, col):
+        if not _is_2d(arr, types.float32):
+            return None
 
-    return f32x8(arr, row, col), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig, args, 0)
+            return builder.load(builder.bitcast(ptr, ir_type.as_pointer()), align=4)
+
+        return vec_type(arr, row, col), codegen
+
+    return load_2d
 
 
 def _load_1d(vec_type, lanes):
@@ -174,36 +179,39 @@ def _fma(vec_type):
 #: lane -- for eight lanes (:data:`f32x8`) and sixteen (:data:`f32x16`, what the 16-code lookups need)
 load8_1d, store8, splat8, fma8 = _load_1d(f32x8, 8), _store(f32x8, 8), _splat_float(f32x8, 8), _fma(f32x8)
 load16_1d, store16, splat16, fma16 = _load_1d(f32x16, 16), _store(f32x16, 16), _splat_float(f32x16, 16), _fma(f32x16)
+#: ``arr[row, col : col + n]`` (2-D float32) as one vector, eight and sixteen lanes
+load8, load16 = _load_2d(f32x8, 8), _load_2d(f32x16, 16)
+
+
+def _binary(vec_type, name):
+    """The intrinsic ``(a, b) -> vec_type``: ``a <op> b`` lane by lane, ``name`` the builder's float operation
+    (``fmul``, ``fadd``, ``fsub``), with the kernels' fast-math flags."""
+
+    @intrinsic
+    def binary(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1], flags=_FLAGS)
+
+        return vec_type(a, b), codegen
+
+    return binary
+
+
+#: ``a * b``, ``a + b``, ``a - b`` lane by lane, eight and sixteen lanes
+mul8, add8, sub8 = _binary(f32x8, "fmul"), _binary(f32x8, "fadd"), _binary(f32x8, "fsub")
+mul16, add16 = _binary(f32x16, "fmul"), _binary(f32x16, "fadd")
 
 
 @intrinsic
-def mul8(typingctx, a, b):
-    """``a * b`` lane by lane."""
+def halves16(typingctx, a):
+    """Lanes ``0..7`` plus lanes ``8..15`` of ``a`` (:data:`f32x16`), as eight lanes."""
 
     def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1], flags=_FLAGS)
+        lo = builder.shuffle_vector(args[0], args[0], ir.Constant(_V8I, list(range(8))))
+        hi = builder.shuffle_vector(args[0], args[0], ir.Constant(_V8I, list(range(8, 16))))
+        return builder.fadd(lo, hi, flags=_FLAGS)
 
-    return f32x8(a, b), codegen
-
-
-@intrinsic
-def add8(typingctx, a, b):
-    """``a + b`` lane by lane."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1], flags=_FLAGS)
-
-    return f32x8(a, b), codegen
-
-
-@intrinsic
-def sub8(typingctx, a, b):
-    """``a - b`` lane by lane."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fsub(args[0], args[1], flags=_FLAGS)
-
-    return f32x8(a, b), codegen
+    return f32x8(a), codegen
 
 
 @intrinsic
@@ -221,6 +229,32 @@ def codes8(typingctx, arr, row, col, shift, mask):
         return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), _V8F)
 
     return f32x8(arr, row, col, shift, mask), codegen
+
+
+@intrinsic
+def codes16(typingctx, arr, row, col, shift, mask):
+    """:func:`codes8` for the sixteen bytes ``arr[row, col : col + 16]``: sixteen codes as :data:`f32x16`."""
+    if not _is_2d(arr, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig, args, 0)
+        word = builder.zext(builder.load(builder.bitcast(ptr, _V16B.as_pointer()), align=1), _V16I)
+        shift_v = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), _V16I)
+        mask_v = _splat(builder, context.cast(builder, args[4], sig.args[4], types.int32), _V16I)
+        return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), _V16F)
+
+    return f32x16(arr, row, col, shift, mask), codegen
+
+
+@intrinsic
+def join8(typingctx, lo, hi):
+    """Sixteen lanes: the eight of ``lo``, then the eight of ``hi``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(_V16I, list(range(16))))
+
+    return f32x16(lo, hi), codegen
 
 
 @intrinsic
@@ -285,7 +319,7 @@ def hmax8(typingctx, vec):
 
 
 _I1, _I16, _I64 = ir.IntType(1), ir.IntType(16), ir.IntType(64)
-_V16B, _V16L = ir.VectorType(_I8, 16), ir.VectorType(_I64, 16)
+_V16L = ir.VectorType(_I64, 16)
 
 
 def _llvm_intrinsic(builder, name, ret, args):
