@@ -27,7 +27,7 @@ from numba.extending import intrinsic, models, register_model
 from numba.np.arrayobj import make_array
 
 _F32, _I32, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
-_V8F, _V8I, _V8B = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8), ir.VectorType(_I8, 8)
+_V8F, _V8I = ir.VectorType(_F32, 8), ir.VectorType(_I32, 8)
 _V16F, _V16I, _V16B = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
 _FLAGS = ("contract", "reassoc", "nsz", "arcp")
 
@@ -214,37 +214,31 @@ def halves16(typingctx, a):
     return f32x8(a), codegen
 
 
-@intrinsic
-def codes8(typingctx, arr, row, col, shift, mask):
-    """The eight bytes ``arr[row, col : col + 8]`` (2-D uint8) as ``float((byte >> shift) & mask)``: one plane of eight
-    packed codes (``shift``/``mask`` integers; constants at the call sites, so LLVM folds them)."""
-    if not _is_2d(arr, types.uint8):
-        return None
+def _codes(vec_type, lanes):
+    """The intrinsic ``(arr, row, col, shift, mask) -> vec_type``: the ``lanes`` bytes ``arr[row, col : col + lanes]``
+    (2-D uint8) as ``float((byte >> shift) & mask)``, one plane of packed codes (``shift``/``mask`` integers; constants
+    at the call sites, so LLVM folds them)."""
+    byte_t, int_t, float_t = (ir.VectorType(t, lanes) for t in (_I8, _I32, _F32))
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig, args, 0)
-        word = builder.zext(builder.load(builder.bitcast(ptr, _V8B.as_pointer()), align=1), _V8I)
-        shift_v = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), _V8I)
-        mask_v = _splat(builder, context.cast(builder, args[4], sig.args[4], types.int32), _V8I)
-        return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), _V8F)
+    @intrinsic
+    def codes(typingctx, arr, row, col, shift, mask):
+        if not _is_2d(arr, types.uint8):
+            return None
 
-    return f32x8(arr, row, col, shift, mask), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig, args, 0)
+            word = builder.zext(builder.load(builder.bitcast(ptr, byte_t.as_pointer()), align=1), int_t)
+            shift_v = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), int_t)
+            mask_v = _splat(builder, context.cast(builder, args[4], sig.args[4], types.int32), int_t)
+            return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), float_t)
+
+        return vec_type(arr, row, col, shift, mask), codegen
+
+    return codes
 
 
-@intrinsic
-def codes16(typingctx, arr, row, col, shift, mask):
-    """:func:`codes8` for the sixteen bytes ``arr[row, col : col + 16]``: sixteen codes as :data:`f32x16`."""
-    if not _is_2d(arr, types.uint8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig, args, 0)
-        word = builder.zext(builder.load(builder.bitcast(ptr, _V16B.as_pointer()), align=1), _V16I)
-        shift_v = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int32), _V16I)
-        mask_v = _splat(builder, context.cast(builder, args[4], sig.args[4], types.int32), _V16I)
-        return builder.sitofp(builder.and_(builder.lshr(word, shift_v), mask_v), _V16F)
-
-    return f32x16(arr, row, col, shift, mask), codegen
+#: eight / sixteen packed codes of one plane as floats
+codes8, codes16 = _codes(f32x8, 8), _codes(f32x16, 16)
 
 
 @intrinsic
