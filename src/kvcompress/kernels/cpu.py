@@ -610,27 +610,6 @@ def _softmax_block(sc, nt, ok, m, l, acc, zacc, accn, ebits, scale):
         l[r] += total
 
 
-@njit(cache=True, fastmath=_FM, inline="always")
-def _key_group(ks, kz, g, q, qp, kchan, hbits, hfloat, kstat, kzero, kscale_p, qs, bias):
-    """Key group ``g`` (keys per channel): its fp16 scales and zeros ``ks``/``kz[g * d:(g + 1) * d]`` decoded into
-    ``kstat``/``kzero (d,)``, the scales in the keys' unpacked order into ``kscale_p (pk,)``, the scaled query ``qs[r]
-    = qp[r] * kscale_p`` and the bias ``bias[r] = q[r] . kzero`` of every row (once per block of tokens)."""
-    rows, d = uint64(q.shape[0]), uint64(q.shape[1])
-    pk = uint64(kchan.shape[0])
-    _halves(ks, g * d, d, hbits, hfloat, kstat)
-    _halves(kz, g * d, d, hbits, hfloat, kzero)
-    for p in range(pk):
-        c = kchan[p]
-        kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
-    for r in range(rows):
-        sb = np.float32(0.0)
-        for c in range(d):
-            sb += q[r, c] * kzero[c]
-        bias[r] = sb
-        for p in range(pk):
-            qs[r, p] = qp[r, p] * kscale_p[p]
-
-
 @njit(cache=True, fastmath=_FM)
 def _whole_blocks(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, g1, m, l, acc):
     """Blocks ``g0 <= g < g1`` of :data:`TOKEN_BLOCK` tokens, each whole, visible and held as codes: keys per channel
@@ -669,7 +648,18 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
     live = g1 > g0
     for g in range(uint64(g0), uint64(g1)):
         ta = g * nt
-        _key_group(ks, kz, g, q, qp, kchan, hbits, hfloat, kstat, kzero, kscale_p, qs, bias)
+        _halves(ks, g * d, d, hbits, hfloat, kstat)
+        _halves(kz, g * d, d, hbits, hfloat, kzero)
+        for p in range(pk):
+            c = kchan[p]
+            kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
+        for r in range(rows):
+            sb = np.float32(0.0)
+            for c in range(d):
+                sb += q[r, c] * kzero[c]
+            bias[r] = sb
+            for p in range(pk):
+                qs[r, p] = qp[r, p] * kscale_p[p]
         if live:
             _unpack_vec(kp, ta, nt, bits, kunits, kscale_p, kscale_p, _0, krun, kf)
         if live:
@@ -809,7 +799,18 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
                             zs += qsum[r, j] * kze[i * ngk + j]
                         sc[r, i] += zs
         elif ik > 0:  # scaled query and bias of this group, then the scores of every row
-            _key_group(ks, kz, g, q, qp, kchan, hbits, hfloat, kstat, kzero, kscale_p, qs, bias)
+            _halves(ks, g * d, d, hbits, hfloat, kstat)
+            _halves(kz, g * d, d, hbits, hfloat, kzero)
+            for p in range(pk):
+                c = kchan[p]
+                kscale_p[p] = kstat[c] if c >= 0 else np.float32(0.0)
+            for r in range(rows):
+                sb = np.float32(0.0)
+                for c in range(d):
+                    sb += q[r, c] * kzero[c]
+                bias[r] = sb
+                for p in range(pk):
+                    qs[r, p] = qp[r, p] * kscale_p[p]
             if _vector_planes(kbits, kunits):
                 if kbits == 4:
                     _unpack_vec(kp, ta, ik, 4, kunits, kscale_p, kscale_p, _0, krun, kf)
