@@ -32,7 +32,7 @@ channel. Nothing is dequantized to memory:
 * **registers**: the scores are reduced eight tokens at a time with the query held in registers, and a block's
   value accumulators stay in registers over its tokens (64 channels at a time, :func:`_scores_vec`,
   :func:`_values_vec`). Where numba's target has AVX-512 (:data:`~.lookup.WIDE`) these pieces and the unpacking
-  use sixteen lanes (``*16``), elsewhere eight (``*8``): the KIVI-4 kernel ~1.2x faster on an Intel Xeon (session
+  use sixteen lanes (``*16``), elsewhere eight (``*8``): the KIVI-4 kernel ~1.1x faster on an Intel Xeon (session
   31). Not measured on AMD Zen 4, which splits a 512-bit operation in two; a sixteen-lane value path measured there
   in session 30 was no faster than eight lanes.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
@@ -618,7 +618,8 @@ def _whole_blocks(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, g1,
     ``qp (rows, pk)`` the query in the keys' unpacked order. Adds to the online softmax's ``m``, ``l`` and ``acc
     (rows, pv)`` (plane order) of :func:`_attend_range`, which calls it for a range's leading whole blocks before
     anything else is added. The same pieces as its block loop, compiled on their own, without the mask, residual,
-    multiplier and per-token-key branches (1.2-1.4x faster than the general loop on an Intel Xeon, session 31)."""
+    multiplier and per-token-key branches (~1.2x faster than the general loop, both with sixteen lanes, on an Intel
+    Xeon; session 31)."""
     if bits == 4:  # a literal width: LLVM folds the width's branches out of the loops
         _whole_blocks_of(4, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, g1, m, l, acc)
     else:
