@@ -8,9 +8,11 @@ tokens, values per token in groups of 32 channels, fp16 scale/zero; 4 and 2 bits
 * ``dequant + sdpa``: dequantize every layer's codes to fp32, then the same sdpa (materializes the past).
 * ``fused``: :func:`kvcompress.kernels.kivi_attention` straight from the codes (all n tokens quantized), plus the
   final division ``acc / l``.
-* ``as wired``: ``attend_parts`` over a real ``KiviStore`` (R = 128 residual) plus the new token, as a KIVI layer
-  attends at decode: ``KiviStore.parts()`` (one fused part over codes and fp16 residual), the new token as a dense
-  causal part, the log-sum-exp merge.
+* ``as wired``: what a KIVI layer runs at a one-token decode step on the CPU: ``KiviStore.decode_step`` over a real
+  store of the n tokens (R = 128: the last 128 held as fp16) with the step's own token staged after them -- one numba
+  call (:func:`kvcompress.kernels.kivi_decode`) that folds the scaling into the query, attends over the codes and the
+  fp16 tokens, and divides by the softmax's sum. (Before session 32 this column timed ``attend_parts`` over the
+  store's parts, the path layers took before session 13 and still take off the numba backend.)
 
 Bytes per step: fp32 sdpa reads K and V (``30 * 3 * n * 64 * 4 * 2``); the fused kernel reads the codes and the fp16
 statistics of the n tokens; dequant + sdpa reads the codes, writes fp32 K/V and reads them back. GB/s = bytes /
@@ -36,7 +38,6 @@ import numpy as np
 import torch
 
 from kvcompress import ModelGeometry, kernels
-from kvcompress.attention import KVPart, attend_parts
 from kvcompress.quant import quantize_uniform
 from kvcompress.rope import apply_rope
 from kvcompress.storage import make_storage
@@ -81,12 +82,12 @@ class Layers:
             vq = quantize_uniform(v.float(), bits, axis=3, group_size=G)
             store = make_storage("kivi", geometry(), bits=bits, group_size=G, residual=128)
             store.append(k, v)
+            store.stage(*(t.half() for t in (torch.randn(2, 1, KV_HEADS, 1, D, generator=gen))))  # the step's token
             self.k.append(k.float())
             self.v.append(v.float())
             self.codes.append((kq, vq))
             self.stores.append(store)
         self.q = [torch.randn(1, HEADS, 1, D, generator=gen) for _ in range(LAYERS)]
-        self.new = [(torch.randn(1, KV_HEADS, 1, D, generator=gen).half(),) * 2 for _ in range(LAYERS)]
 
     def code_bytes(self) -> int:
         kq, vq = self.codes[0]
@@ -113,16 +114,21 @@ class Layers:
             acc / l.unsqueeze(-1)
 
     def wired(self):
-        for q, store, (nk, nv) in zip(self.q, self.stores, self.new):
-            attend_parts(q, [*store.parts(), KVPart.dense(nk, nv, causal=True)], D**-0.5)
+        for q, store in zip(self.q, self.stores):
+            store.decode_step(q, D**-0.5)
 
     def check(self) -> float:
-        """Largest |fused - sdpa over the dequantized codes| of layer 0 (sanity: the kernel computes attention)."""
-        q, (kq, vq) = self.q[0], self.codes[0]
+        """Largest |fused - sdpa over the dequantized codes| of layer 0, and of |as wired - sdpa over the store's
+        dequantized tokens| (sanity: both compute attention)."""
+        q, (kq, vq), store = self.q[0], self.codes[0], self.stores[0]
         want = torch.nn.functional.scaled_dot_product_attention(q, kq.dequantize(), vq.dequantize(), enable_gqa=True)
         acc, m, l = kernels.kivi_attention(q.reshape(1, KV_HEADS, HEADS // KV_HEADS, D) * D**-0.5, self.n, kq.packed,
                                            kq.scale, kq.zero, self.bits, G, vq.packed, vq.scale, vq.zero, self.bits, 32)
-        return (acc / l.unsqueeze(-1)).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
+        err = (acc / l.unsqueeze(-1)).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
+        k, v = store.read()
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=True)
+        got = store.decode_step(q, D**-0.5).reshape(1, 1, HEADS, D).transpose(1, 2)
+        return max(err, got.sub(want).abs().max().item())
 
 
 class KVQuantLayers(Layers):
@@ -209,8 +215,8 @@ def main(argv=None) -> int:
               "(read + write counted)")
     print()
     print("| threads | context | bits | fp32 sdpa ms | dequant + sdpa ms | fused ms | as wired ms | fused vs sdpa "
-          "| bytes/step sdpa | bytes/step fused | GB/s sdpa | GB/s fused | spread |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| as wired vs sdpa | bytes/step sdpa | bytes/step fused | GB/s sdpa | GB/s fused | spread |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     noisy = False
     for n in args.contexts:
         for bits in args.bits:
@@ -235,6 +241,7 @@ def main(argv=None) -> int:
                 sb, fb = layers.fp32_bytes(), layers.code_bytes()
                 print(f"| {threads} | {n} | {bits} | {med['sdpa'] * 1e3:.1f} | {med['dequant'] * 1e3:.1f} | "
                       f"{med['fused'] * 1e3:.1f} | {med['wired'] * 1e3 if 'wired' in med else float('nan'):.1f} | {med['sdpa'] / med['fused']:.2f}x | "
+                      f"{med['sdpa'] / med['wired'] if 'wired' in med else float('nan'):.2f}x | "
                       f"{sb / 2**20:.0f} MiB | {fb / 2**20:.1f} MiB | {sb / med['sdpa'] / 1e9:.1f} | "
                       f"{fb / med['fused'] / 1e9:.1f} | {spread * 100:.0f} % |", flush=True)
             del layers
@@ -245,8 +252,9 @@ def main(argv=None) -> int:
               "between the fastest and the upper quartile): compare columns within a row (interleaved), not "
               "absolute times across runs.")
     print("\n`spread`: (upper quartile - fastest) / fastest round, worst column of the row. `fused vs sdpa` > 1: the "
-          "kernel is faster. `as wired`: KIVI's real layer path (fused part over codes + the 128-token fp16 residual, "
-          "the new token, the merge in `attend_parts`).")
+          "kernel is faster. `as wired`: KIVI's real decode step on the CPU (`KiviStore.decode_step`: one numba call "
+          "over the codes, the 128-token fp16 residual and the step's own token, scaling and the final division "
+          "included; n + 129 tokens).")
     return 0
 
 

@@ -123,8 +123,33 @@ _0, _1, _2, _3, _4, _5, _6, _7 = (np.uint64(i) for i in range(8))
 #: tokens per block when the keys are quantized per token (per-channel keys: one key group per block)
 TOKEN_BLOCK = 32
 TOKEN_BLOCK_U = np.uint64(TOKEN_BLOCK)
-_64 = np.uint64(64)
+_64, _63 = np.uint64(64), np.uint64(63)
 _8, _16, _24, _32, _40, _48, _56 = (np.uint64(i) for i in range(8, 64, 8))
+
+
+@njit(cache=True, inline="always")
+def _aligned(n):
+    """An uninitialized float32 ``(n,)`` array whose first element is 64-byte aligned (a cache line). numba aligns the
+    arrays it allocates to 32 bytes only, and a sixteen-lane (64-byte) load or store that straddles two cache lines is
+    split in two: the KIVI kernel with its scratch rows aligned ran ~1.2x faster than with numba's (session 32)."""
+    m = uint64(n)
+    buf = np.empty(m + _16, np.float32)
+    skip = ((_64 - (uint64(buf.ctypes.data) & _63)) & _63) >> _2
+    return buf[skip:skip + m]
+
+
+@njit(cache=True, inline="always")
+def _scratch(rows, cols):
+    """:func:`_aligned` as ``(rows, cols)``: every row 64-byte aligned too when ``cols`` is a multiple of 16."""
+    r, c = uint64(rows), uint64(cols)
+    return _aligned(r * c).reshape((r, c))
+
+
+@njit(cache=True, inline="always")
+def _scratch3(n0, n1, n2):
+    """:func:`_aligned` as ``(n0, n1, n2)``."""
+    a, b, c = uint64(n0), uint64(n1), uint64(n2)
+    return _aligned(a * b * c).reshape((a, b, c))
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -636,9 +661,9 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
     hbits = np.empty(max(d, nt * ngv), np.uint32)
     hfloat = hbits.view(np.float32)
     kstat, kzero, kscale_p = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(pk, np.float32)
-    qs, bias = np.empty((rows, pk), np.float32), np.empty(rows, np.float32)
-    kf, vf = np.empty((nt, pk), np.float32), np.empty((nt, pv), np.float32)
-    sc, ones = np.empty((rows, nt), np.float32), np.ones(nt, np.float32)
+    qs, bias = _scratch(rows, pk), np.empty(rows, np.float32)
+    kf, vf = _scratch(nt, pk), _scratch(nt, pv)
+    sc, ones = _scratch(rows, nt), np.ones(nt, np.float32)
     vsc, vze = np.empty(nt * ngv, np.float32), np.empty(nt * ngv, np.float32)
     ebits = np.empty(nt, np.int32)
     escale = ebits.view(np.float32)
@@ -719,22 +744,24 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     krun = _run_groups(kbits, kunits, uint64(kgroup)) if kvec else np.empty(0, np.uint64)
     vrun = _run_groups(vbits, vunits, gv) if vvec else np.empty(0, np.uint64)
 
-    qp = np.zeros((nrows, kchan.shape[0]), np.float32)  # the query in the keys' unpacked order
+    qp = _scratch(rows, pk)  # the query in the keys' unpacked order
+    qp[:] = 0.0
     for r in range(rows):
         for p in range(pk):
             c = kchan[p]
             if c >= 0:
                 qp[r, p] = q[r, c]
-    qs = np.zeros((nrows, kchan.shape[0]), np.float32)  # q * key scale of the current group, plane order
+    qs = _scratch(rows, pk)  # q * key scale of the current group, plane order
+    qs[:] = 0.0
     bias = np.empty(nrows, np.float32)  # q . key zero of the current group
     kstat = np.empty(nd, np.float32)
     kzero = np.empty(nd, np.float32)
     kscale_p = np.zeros(kchan.shape[0], np.float32)
     kones = np.ones((width, kunits), np.float32)
-    kf = np.empty((width, kchan.shape[0]), np.float32)  # unpacked key codes of the block
-    vf = np.empty((width, vchan.shape[0]), np.float32)  # unpacked value codes * scale of the block
+    kf = _scratch(width, pk)  # unpacked key codes of the block
+    vf = _scratch(width, pv)  # unpacked value codes * scale of the block
     su = np.empty((width, vunits), np.float32)  # the value scale of each unit of each token of the block
-    sc = np.empty((nrows, width), np.float32)  # scores, then weights, of the block
+    sc = _scratch(rows, width)  # scores, then weights, of the block
     ok = np.empty(width, np.float32)  # 1.0 where the token is visible
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
@@ -754,9 +781,11 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
     hfloat = hbits.view(np.float32)
     vsc = np.empty(nvs, np.float32)
     vze = np.empty(nvs, np.float32)
-    acc = np.zeros((nrows, vchan.shape[0]), np.float32)  # sum of weight * scale * code, plane order
+    acc = _scratch(rows, pv)  # sum of weight * scale * code, plane order
+    acc[:] = 0.0
     zacc = np.zeros((nrows, nd // vgroup), np.float32)  # sum of weight * zero, per value group
-    accn = np.zeros((nrows, nd), np.float32)  # sum of weight * value for values held as floats
+    accn = _scratch(rows, d)  # sum of weight * value for values held as floats
+    accn[:] = 0.0
     m = np.full(nrows, -np.inf, np.float32)
     l = np.zeros(nrows, np.float32)
 

@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange, types, uint64
 from numba.experimental import structref
 
-from .cpu import (_1, _2, _3, _4, _8, _FM, _halves, _merge, _scores_block, _scores_vec, _softmax_block,
+from .cpu import (_1, _2, _3, _4, _8, _FM, _halves, _scratch3, _merge, _scores_block, _scores_vec, _softmax_block,
                   _two_byte_floats, _values_block, _values_vec, fold_query, normalize_into)
 from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
 from .simd import (fill16_u8, fma8, fma16, load8, load8_1d, load16_1d, mul8, scatter16_cols1, scatter16_cols2, splat8,
@@ -448,9 +448,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     has_valid = valid.shape[1] > 0
     per_head_valid = valid.shape[0] > 1
     width = min(BLOCK, t1 - t0)
-    kf = np.empty((h, width, nd), np.float32)
-    vf = np.empty((h, width, nd), np.float32)
-    sc = np.empty((h, nrows, width), np.float32)
+    kf = _scratch3(h, width, nd)  # 64-byte aligned scratch: see cpu._aligned
+    vf = _scratch3(h, width, nd)
+    sc = _scratch3(h, nrows, width)
     ok = np.ones((h, width), np.float32)
     # a block's outlier entries: token, value (decoded; with its scratch), and where each column lands in kf / vf
     tok = np.empty(width * h * nd + 16, np.uint8)
@@ -469,7 +469,8 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     tsf, tof = np.empty(width, np.float32), np.empty(width, np.float32)
     bias = np.zeros(nrows, np.float32)
     empty = np.zeros((nrows, 0), np.float32)
-    acc = np.zeros((h, nrows, nd), np.float32)
+    acc = _scratch3(h, nrows, nd)
+    acc[:] = 0.0
     m = np.full((h, nrows), -np.inf, np.float32)
     l = np.zeros((h, nrows), np.float32)
     # rotation state: cos/sin of the current position (float64), the one-step rotation, the values used (float32)
@@ -489,7 +490,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     jump_c = np.cos(inv64 * BLOCK)
     jump_s = np.sin(inv64 * BLOCK)
     prev0, blocks_since = np.int64(-(1 << 62)), 0
-    qturn = np.empty((h, nrows, nd), np.float32)
+    qturn = _scratch3(h, nrows, nd)
     off_c = np.empty((BLOCK, half), np.float32)
     off_s = np.empty((BLOCK, half), np.float32)
     if rope:
