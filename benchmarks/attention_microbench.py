@@ -239,9 +239,10 @@ def main(argv=None) -> int:
                 spread = max((statistics.quantiles(v, n=4)[2] - min(v)) / min(v) for v in times.values())
                 noisy |= spread > 0.25
                 sb, fb = layers.fp32_bytes(), layers.code_bytes()
+                wired_ms = f"{med['wired'] * 1e3:.1f}" if "wired" in med else "-"
+                wired_ratio = f"{med['sdpa'] / med['wired']:.2f}x" if "wired" in med else "-"
                 print(f"| {threads} | {n} | {bits} | {med['sdpa'] * 1e3:.1f} | {med['dequant'] * 1e3:.1f} | "
-                      f"{med['fused'] * 1e3:.1f} | {med['wired'] * 1e3 if 'wired' in med else float('nan'):.1f} | {med['sdpa'] / med['fused']:.2f}x | "
-                      f"{med['sdpa'] / med['wired'] if 'wired' in med else float('nan'):.2f}x | "
+                      f"{med['fused'] * 1e3:.1f} | {wired_ms} | {med['sdpa'] / med['fused']:.2f}x | {wired_ratio} | "
                       f"{sb / 2**20:.0f} MiB | {fb / 2**20:.1f} MiB | {sb / med['sdpa'] / 1e9:.1f} | "
                       f"{fb / med['fused'] / 1e9:.1f} | {spread * 100:.0f} % |", flush=True)
             del layers

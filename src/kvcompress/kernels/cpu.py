@@ -669,9 +669,6 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
     escale = ebits.view(np.float32)
     none = np.zeros((rows, 0), np.float32)  # no zero-point sums, no values held as floats yet
     krun = np.empty(0, np.uint64)
-    # `live` (always true here) is a branch LLVM cannot remove around each piece: without it LLVM compiled this loop
-    # ~1.3x slower (measured, session 31; which transformation it blocks was not found)
-    live = g1 > g0
     for g in range(uint64(g0), uint64(g1)):
         ta = g * nt
         _halves(ks, g * d, d, hbits, hfloat, kstat)
@@ -686,19 +683,13 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
             bias[r] = sb
             for p in range(pk):
                 qs[r, p] = qp[r, p] * kscale_p[p]
-        if live:
-            _unpack_vec(kp, ta, nt, bits, kunits, kscale_p, kscale_p, _0, krun, kf)
-        if live:
-            _scores_vec(qs, bias, kf, nt, sc, pk)
-        if live:
-            _softmax_block(sc, nt, ones, m, l, acc, none, none, ebits, escale)
-        if live:
-            _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
-            _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
-        if live:
-            _unpack_vec(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, vf)
-        if live:
-            _values_vec(vf, nt, sc, acc, pv)
+        _unpack_vec(kp, ta, nt, bits, kunits, kscale_p, kscale_p, _0, krun, kf)
+        _scores_vec(qs, bias, kf, nt, sc, pk)
+        _softmax_block(sc, nt, ones, m, l, acc, none, none, ebits, escale)
+        _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
+        _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
+        _unpack_vec(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, vf)
+        _values_vec(vf, nt, sc, acc, pv)
 
 
 # --------------------------------------------------------------------------------------------------------------------
