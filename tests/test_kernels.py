@@ -343,6 +343,33 @@ def test_triton_reads_a_prefix_of_longer_buffers():
     check_partials(acc, m, l, qg, kq.dequantize().cpu()[:, :, :n], vq.dequantize().cpu()[:, :, :n], valid)
 
 
+@needs_numba
+def test_kernel_scratch_starts_on_a_cache_line():
+    """The kernels' vector scratch (``cpu._aligned`` / ``_scratch`` / ``_scratch3``) starts on a 64-byte boundary and
+    has the shape asked for, whichever 32-byte-aligned address numba's allocator returns (200 sizes, so both kinds
+    come up), and the whole extent can be written."""
+    from numba import njit
+
+    from kvcompress.kernels import cpu
+
+    @njit(cache=False)
+    def allocate(n, rows, cols):
+        aligned = np.empty(n, np.int64)
+        for i in range(n):
+            a = cpu._aligned(i + 1)
+            a[:] = 1.0
+            aligned[i] = a.ctypes.data % 64 + (0 if a.shape[0] == i + 1 else 1000)
+        s2 = cpu._scratch(rows, cols)
+        s3 = cpu._scratch3(2, rows, cols)
+        s2[:] = 2.0
+        s3[:] = 3.0
+        return aligned, s2.ctypes.data % 64, s2.shape, s3.ctypes.data % 64, s3.shape
+
+    aligned, a2, shape2, a3, shape3 = allocate(200, 3, 64)
+    assert (aligned == 0).all(), aligned
+    assert (a2, a3, shape2, shape3) == (0, 0, (3, 64), (2, 3, 64))
+
+
 @functools.cache
 def _piece_runners():
     """Two numba functions that call the kernel's eight- or sixteen-lane block pieces (compiled once per session)."""
