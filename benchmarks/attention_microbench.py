@@ -82,7 +82,8 @@ class Layers:
             vq = quantize_uniform(v.float(), bits, axis=3, group_size=G)
             store = make_storage("kivi", geometry(), bits=bits, group_size=G, residual=128)
             store.append(k, v)
-            store.stage(*(t.half() for t in (torch.randn(2, 1, KV_HEADS, 1, D, generator=gen))))  # the step's token
+            step_k, step_v = torch.randn(2, 1, KV_HEADS, 1, D, generator=gen).half()
+            store.stage(step_k, step_v)  # the decode step's own token, after the n held ones
             self.k.append(k.float())
             self.v.append(v.float())
             self.codes.append((kq, vq))
