@@ -159,6 +159,32 @@ def test_hooks_removed_on_close_and_two_caches_do_not_interfere(tiny_model):
         tiny_model(torch.tensor([[3]]), **cache_kwargs(None, a))
 
 
+@pytest.mark.parametrize("name,kwargs", [("kvquant", {"nuq": False}), ("fastkv", {}),
+                                         ("fastgen", {"special_ids": [0], "punct_ids": [1]})])
+def test_a_cache_dropped_unclosed_takes_its_hooks_off_the_model(tiny_model, name, kwargs):
+    """A server that makes a cache per request and forgets ``close()`` must not leave hooks behind: each would run in
+    every later forward of the model (60 per KVQuant cache on SmolLM2) and keep its observer alive."""
+    import gc
+    import weakref
+
+    before = _n_hooks(tiny_model)
+    cache = make_cache(name, tiny_model, **kwargs)
+    assert _n_hooks(tiny_model) > before
+    with torch.no_grad():
+        tiny_model(torch.randint(1, 128, (1, 40)), **cache_kwargs(None, cache))
+    alive = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert alive() is None and _n_hooks(tiny_model) == before
+    closed = make_cache(name, tiny_model, **kwargs)
+    closed.close()
+    closed.close()  # (a second close and then the collection do nothing more)
+    assert _n_hooks(tiny_model) == before
+    del closed
+    gc.collect()
+    assert _n_hooks(tiny_model) == before
+
+
 def test_unapply_rope_is_exact_inverse():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 16, dtype=torch.float64)

@@ -6,6 +6,8 @@ The pieces live in their own modules (re-exported here): :mod:`.geometry` (``Mod
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -24,7 +26,8 @@ __all__ = [
 
 class CompressedCache(Cache):
     """A transformers ``Cache`` whose layers store K/V compressed. Use as a context manager (or call
-    :meth:`close`) when the method installs hooks on the model."""
+    :meth:`close`) when the method installs hooks on the model; a cache dropped unclosed removes them when it is
+    garbage-collected (they would otherwise stay on the model, and every later forward would run them)."""
 
     def __init__(self, model, method: Method):
         self.method = method
@@ -37,6 +40,8 @@ class CompressedCache(Cache):
         if any(layer.attends for layer in layers):
             install_attention(model)
         self.observer = method.install_hooks(self)
+        # the hooks hold the cache only weakly: when it is collected unclosed, this takes them off the model
+        self._remove_hooks = weakref.finalize(self, self.observer.remove) if self.observer is not None else None
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -67,8 +72,8 @@ class CompressedCache(Cache):
 
     # -- hooks lifecycle --------------------------------------------------------------------------------------------
     def close(self) -> None:
-        if self.observer is not None:
-            self.observer.remove()
+        if self._remove_hooks is not None:
+            self._remove_hooks()  # (runs once: later calls and the collection of the cache do nothing)
         self._closed = True
 
     def __enter__(self):
