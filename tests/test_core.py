@@ -185,6 +185,36 @@ def test_a_cache_dropped_unclosed_takes_its_hooks_off_the_model(tiny_model, name
     assert _n_hooks(tiny_model) == before
 
 
+def test_live_caches_share_one_hook_per_module(tiny_model):
+    """However many caches are alive, a module carries one hook of each kind (a forward runs the functions of the cache
+    it uses only); the hooks go with the last cache. Each cache still sees only its own forwards."""
+    before = _n_hooks(tiny_model)
+    caches = [make_cache("kvquant", tiny_model, nuq=False) for _ in range(5)]
+    one = _n_hooks(tiny_model) - before
+    assert one == 2 * tiny_model.config.num_hidden_layers  # a pre-hook and a forward hook per attention module
+    caches += [make_cache("fastkv", tiny_model), make_cache("fastkv", tiny_model, tsp_layer=1)]
+    with_fastkv = _n_hooks(tiny_model)
+    caches.append(make_cache("kvquant", tiny_model, nuq=False))
+    assert _n_hooks(tiny_model) == with_fastkv
+    prompts = [torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n))
+               for n in (9, 4, 13, 6, 11, 40, 40, 5)]
+    with torch.no_grad():
+        for cache, ids in zip(caches, prompts):
+            tiny_model(ids, **cache_kwargs(None, cache))
+        alone = make_cache("kvquant", tiny_model, nuq=False)  # caches[2]'s prompt, no other cache's forwards between
+        tiny_model(prompts[2], **cache_kwargs(None, alone))
+        step = torch.tensor([[7]])
+        torch.testing.assert_close(tiny_model(step, **cache_kwargs(None, caches[2])).logits,
+                                   tiny_model(step, **cache_kwargs(None, alone)).logits)
+    assert [c.get_seq_length() for c in caches[:5]] == [9, 4, 14, 6, 11]
+    alone.close()
+    for cache in caches[:-1]:
+        cache.close()
+    assert _n_hooks(tiny_model) == before + one  # the last KVQuant cache keeps its modules' hooks
+    caches[-1].close()
+    assert _n_hooks(tiny_model) == before
+
+
 def test_unapply_rope_is_exact_inverse():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 16, dtype=torch.float64)

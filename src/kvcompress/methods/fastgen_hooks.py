@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from ..compat import uses_cache
+from ..observe import cache_hook
 from ..registry import KVCompressError
 
 
@@ -70,8 +71,8 @@ class FastGenHooks:
         self.inputs = inputs
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         self._handles = [
-            decoder.register_forward_pre_hook(self._enter, with_kwargs=True),
-            decoder.register_forward_hook(self._exit, with_kwargs=True, always_call=True),
+            cache_hook(decoder, cache, self._enter, pre=True),
+            cache_hook(decoder, cache, self._exit, pre=False, always_call=True),
         ]
 
     def _ours(self, kwargs) -> bool:

@@ -37,7 +37,7 @@ from ..compat import uses_cache
 from ..config import check_budget, check_positive_int, resolve_budget
 from ..attention.interface import PADDING_MARK
 from ..eviction import EvictionLayer, StorageOptions, check_pool, pool_window_scores, topk_keep
-from ..observe import Observer, decoder_layers
+from ..observe import Observer, cache_hook, decoder_layers
 from ..registry import KVCompressError, register
 
 #: default TSP layer as a share of depth: the paper's 15 of 32 (Llama-3.1-8B)
@@ -210,11 +210,11 @@ class TSPHooks(Observer):
         self.method = method
         blocks = method.blocks
         tsp = method.tsp_layer
-        self._handles.append(blocks[0].register_forward_pre_hook(self._start, with_kwargs=True))
-        self._handles.append(blocks[tsp].register_forward_hook(self._select, with_kwargs=True))
+        self._handles.append(cache_hook(blocks[0], cache, self._start, pre=True))
+        self._handles.append(cache_hook(blocks[tsp], cache, self._select, pre=False))
         for block in blocks[tsp + 1 :]:
-            self._handles.append(block.register_forward_pre_hook(self._reduce, with_kwargs=True))
-        self._handles.append(blocks[-1].register_forward_hook(self._finish, with_kwargs=True))
+            self._handles.append(cache_hook(block, cache, self._reduce, pre=True))
+        self._handles.append(cache_hook(blocks[-1], cache, self._finish, pre=False))
 
     def _ours(self, kwargs) -> bool:
         return uses_cache(kwargs, self._cache_ref())
