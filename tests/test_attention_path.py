@@ -234,7 +234,8 @@ def test_padding_is_never_attended(tiny_model):
 
 
 @pytest.mark.parametrize("pair,which", [(("kivi", "snapkv"), "tiny_model"), (("fastgen", "fastgen"), "tiny_model"),
-                                        (("kvquant", "minicache"), "tiny_model"), (("kivi", "kvquant"), "tiny_gemma")])
+                                        (("kvquant", "minicache"), "tiny_model"), (("kivi", "kvquant"), "tiny_gemma"),
+                                        (("kvquant", "kvquant"), "tiny_model"), (("fastkv", "kvquant"), "tiny_model")])
 def test_two_caches_from_two_threads_generate_what_they_generate_alone(request, pair, which):
     tiny_model = request.getfixturevalue(which)
     gen = torch.Generator().manual_seed(13)

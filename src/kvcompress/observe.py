@@ -15,6 +15,7 @@ cache's hooks (20 live KVQuant caches: 1200 hooks, a DynamicCache decode step 13
 
 from __future__ import annotations
 
+import threading
 import weakref
 from functools import partial
 
@@ -57,10 +58,14 @@ class _Dispatch:
     def __init__(self, module: nn.Module, key: tuple):
         self.module, self.key = module, key
         self.by_cache: dict[int, tuple[weakref.ref, tuple]] = {}  # id(cache) -> (cache ref, functions)
-        if key[0] == "pre":
-            self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self.handle = None
+        self._register()
+
+    def _register(self) -> None:
+        if self.key[0] == "pre":
+            self.handle = self.module.register_forward_pre_hook(self._pre, with_kwargs=True)
         else:
-            self.handle = module.register_forward_hook(self._post, with_kwargs=True, always_call=key[1])
+            self.handle = self.module.register_forward_hook(self._post, with_kwargs=True, always_call=self.key[1])
 
     def _functions(self, kwargs) -> tuple:
         cache = cache_in(kwargs)
@@ -87,8 +92,15 @@ class _Dispatch:
         entry = self.by_cache.get(id(cache))
         fns = entry[1] if entry is not None and entry[0]() is cache else ()
         self.by_cache[id(cache)] = (weakref.ref(cache), (*fns, fn))
+        if self.handle is None:  # taken off meanwhile: a collected cache's finalizer ran inside this call
+            self._register()
+            _DISPATCH.setdefault(self.module, {})[self.key] = self
 
     def discard(self, cache_id: int, fn) -> None:
+        with _DISPATCH_LOCK:
+            self._discard(cache_id, fn)
+
+    def _discard(self, cache_id: int, fn) -> None:
         entry = self.by_cache.get(cache_id)
         if entry is None:
             return
@@ -97,14 +109,18 @@ class _Dispatch:
             self.by_cache[cache_id] = (entry[0], fns)
         else:
             del self.by_cache[cache_id]
-        if not self.by_cache:
+        if not self.by_cache and self.handle is not None:
             self.handle.remove()
+            self.handle = None
             hooks = _DISPATCH.get(self.module)
             if hooks is not None and hooks.get(self.key) is self:
                 del hooks[self.key]
 
 
 _DISPATCH: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Dispatch]]" = weakref.WeakKeyDictionary()
+# caches made and closed from several threads: a function is never added to a dispatch whose real hook another thread
+# is taking off. Reentrant: a collected cache's finalizer (which takes its hooks off) can run inside cache_hook.
+_DISPATCH_LOCK = threading.RLock()
 
 
 class CacheHook:
@@ -124,11 +140,12 @@ def cache_hook(module: nn.Module, cache, fn, pre: bool, always_call: bool = Fals
     kwargs, output)``; ``always_call``: also when the forward raised) of ``module``, keyword arguments included, in
     the forwards that use ``cache`` only (:func:`kvcompress.compat.cache_in`). The cache is held weakly."""
     key = ("pre",) if pre else ("post", bool(always_call))
-    hooks = _DISPATCH.setdefault(module, {})
-    dispatch = hooks.get(key)
-    if dispatch is None:
-        dispatch = hooks[key] = _Dispatch(module, key)
-    dispatch.add(cache, fn)
+    with _DISPATCH_LOCK:
+        hooks = _DISPATCH.setdefault(module, {})
+        dispatch = hooks.get(key)
+        if dispatch is None:
+            dispatch = hooks[key] = _Dispatch(module, key)
+        dispatch.add(cache, fn)
     return CacheHook(dispatch, id(cache), fn)
 
 
