@@ -10,7 +10,7 @@ transformers is patched.
 
 Every cache's hooks go through :func:`cache_hook`: one real hook per (module, kind) however many caches are alive,
 which runs only the functions of the cache the forward uses. With a hook per cache, each forward ran every live
-cache's hooks (20 live KVQuant caches: 1200 hooks, a DynamicCache decode step 13 % slower, session 33).
+cache's hooks (20 live KVQuant caches: 1200 hooks on SmolLM2, now 60; session 33).
 """
 
 from __future__ import annotations
