@@ -3,7 +3,9 @@ bad input gives one clear error."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -164,9 +166,6 @@ def test_hooks_removed_on_close_and_two_caches_do_not_interfere(tiny_model):
 def test_a_cache_dropped_unclosed_takes_its_hooks_off_the_model(tiny_model, name, kwargs):
     """A server that makes a cache per request and forgets ``close()`` must not leave hooks behind: each would run in
     every later forward of the model (60 per KVQuant cache on SmolLM2) and keep its observer alive."""
-    import gc
-    import weakref
-
     before = _n_hooks(tiny_model)
     cache = make_cache(name, tiny_model, **kwargs)
     assert _n_hooks(tiny_model) > before

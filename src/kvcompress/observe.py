@@ -1,7 +1,7 @@
 """How a method sees what the cache API does not hand it: the inputs of each attention module.
 
 An :class:`Observer` registers forward pre-hooks on the model's own attention modules. For every forward
-pass that uses *its* cache (the hook checks :func:`kvcompress.compat.uses_cache`), it keeps the module's input
+pass that uses *its* cache (:func:`cache_hook` runs a cache's hooks in those only), it keeps the module's input
 ``hidden_states (batch, q, hidden)`` and ``position_embeddings`` (cos, sin: ``(batch, q, head_dim)``).
 Because the pre-hook of layer ``l`` runs before that layer calls ``cache.update(..., l)``, a cache layer can
 ask, inside ``update``, for the current step's query states (post-RoPE) and cos/sin. Hooks are removed by
@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .compat import cache_in, uses_cache
+from .compat import cache_in
 from .registry import KVCompressError
 from .rope import apply_rope
 
@@ -169,16 +169,13 @@ class Observer:
 
     def _release(self, layer_idx, module, args, kwargs, output):
         """After the attention module of ``layer_idx`` (also when it raised): forget its inputs."""
-        if uses_cache(kwargs, self._cache_ref()):
-            self._forget(layer_idx)
+        self._forget(layer_idx)
         return None
 
     def _forget(self, layer_idx: int) -> None:
         self._inputs.pop(layer_idx, None)
 
     def _capture(self, layer_idx, module, args, kwargs):
-        if not uses_cache(kwargs, self._cache_ref()):
-            return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         pos = kwargs.get("position_embeddings")
         if pos is None and len(args) > 1:

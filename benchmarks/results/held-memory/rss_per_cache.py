@@ -15,20 +15,19 @@ import subprocess
 import sys
 
 CHILD = r"""
-import sys, torch
+import ctypes, os, sys, time
+import torch
 from transformers import DynamicCache
 from kvcompress import load_model
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
 torch.set_num_threads(1)
-import ctypes, time
 label, tokens, caches, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 libc, trims = ctypes.CDLL("libc.so.6"), []
 model, tok = load_model("smollm2-135m", progress=False)
 ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[:tokens].view(1, -1)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-import os
 held, out = [], [rss()]
 for _ in range(caches):
     cache = DynamicCache() if label == "DynamicCache" else parse_spec(label).make(model)

@@ -4,8 +4,11 @@ after each: seconds per prefill (with the trim), system seconds, the resident se
     python benchmarks/results/held-memory/trim_cost.py 0   # no trim
     python benchmarks/results/held-memory/trim_cost.py 1   # malloc_trim(0) after each prefill
 """
-import sys, time, ctypes, resource, torch, statistics
-sys.path.insert(0, "/work/main/benchmarks")
+import ctypes, resource, statistics, sys, time
+from pathlib import Path
+
+import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for decode_speed
 from decode_speed import prefill
 from kvcompress import load_model
 from kvcompress.data import encode, load_text

@@ -3,7 +3,7 @@ KVQuant caches are alive: their hooks run in every forward of the model, whichev
 
     python benchmarks/results/hooks-session33/hook_cost.py
 """
-import time, torch, statistics
+import time, torch
 from transformers import DynamicCache
 from kvcompress import load_model, make_cache
 from kvcompress.compat import cache_kwargs

@@ -10,11 +10,8 @@ caches on one model, in two threads, do not see each other.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from ..compat import uses_cache
 from ..observe import cache_hook
 from ..registry import KVCompressError
 
@@ -64,10 +61,10 @@ class StepInputs:
 
 
 class FastGenHooks:
-    """The hooks of one FastGen cache (removed by :meth:`remove`, which the cache calls on ``close()``)."""
+    """The hooks of one FastGen cache (removed by :meth:`remove`, which the cache calls on ``close()``), run in the
+    forwards of that cache only (:func:`kvcompress.observe.cache_hook`)."""
 
     def __init__(self, model, cache, inputs: StepInputs):
-        self._cache_ref = weakref.ref(cache)
         self.inputs = inputs
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         self._handles = [
@@ -75,12 +72,7 @@ class FastGenHooks:
             cache_hook(decoder, cache, self._exit, pre=False, always_call=True),
         ]
 
-    def _ours(self, kwargs) -> bool:
-        return uses_cache(kwargs, self._cache_ref())
-
     def _enter(self, module, args, kwargs):
-        if not self._ours(kwargs):
-            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise KVCompressError("fastgen needs input_ids (its special/punctuation policies go by token id), not inputs_embeds")
@@ -88,8 +80,7 @@ class FastGenHooks:
         return None
 
     def _exit(self, module, args, kwargs, output):
-        if self._ours(kwargs):
-            self.inputs.clear()
+        self.inputs.clear()
         return None
 
     def remove(self) -> None:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import Method, SlidingWindowLayer
-from ..compat import uses_cache
 from ..config import check_budget, check_positive_int, resolve_budget
 from ..attention.interface import PADDING_MARK
 from ..eviction import EvictionLayer, StorageOptions, check_pool, pool_window_scores, topk_keep
@@ -216,12 +215,9 @@ class TSPHooks(Observer):
             self._handles.append(cache_hook(block, cache, self._reduce, pre=True))
         self._handles.append(cache_hook(blocks[-1], cache, self._finish, pre=False))
 
-    def _ours(self, kwargs) -> bool:
-        return uses_cache(kwargs, self._cache_ref())
-
+    # (each hook runs in the forwards of this cache only, :func:`kvcompress.observe.cache_hook`: another cache's forward,
+    # maybe in another thread, leaves this one's state alone)
     def _start(self, module, args, kwargs):
-        if not self._ours(kwargs):  # another cache's forward (maybe in another thread) leaves this one's state alone
-            return None
         self.method.prefill = None
         if self._cache_ref().get_seq_length() > 0:
             return None
@@ -235,7 +231,7 @@ class TSPHooks(Observer):
 
     def _select(self, module, args, kwargs, output):
         run = self.method.prefill
-        if run is None or not self._ours(kwargs) or run.tsp_len >= run.n:
+        if run is None or run.tsp_len >= run.n:
             return None
         if run.scores is None:
             raise KVCompressError("fastkv: no TSP scores were computed at the TSP layer (is the cache attached?)")
@@ -248,7 +244,7 @@ class TSPHooks(Observer):
 
     def _reduce(self, module, args, kwargs):
         run = self.method.prefill
-        if run is None or run.index is None or not self._ours(kwargs):
+        if run is None or run.index is None:
             return None
         kwargs = dict(kwargs)
         for name in ("position_embeddings", "position_ids", "attention_mask"):
@@ -268,8 +264,7 @@ class TSPHooks(Observer):
         return args, kwargs
 
     def _finish(self, module, args, kwargs, output):
-        if self._ours(kwargs):
-            self.method.prefill = None
+        self.method.prefill = None
         return None
 
 

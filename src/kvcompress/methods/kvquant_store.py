@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..compat import uses_cache
 from ..observe import Observer
 from ..quant import (
     normalize_minmax,
@@ -119,8 +118,7 @@ class PositionObserver(Observer):
         super().__init__(model, cache)
 
     def _capture(self, layer_idx, module, args, kwargs):
-        if uses_cache(kwargs, self._cache_ref()):
-            self._positions[layer_idx] = kwargs.get("position_ids")
+        self._positions[layer_idx] = kwargs.get("position_ids")
         return super()._capture(layer_idx, module, args, kwargs)
 
     def position_ids(self, layer_idx: int):
