@@ -94,3 +94,37 @@ def test_everything_a_cache_keeps_is_counted(request, which, name, dtype):
             model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(model, cache))
         assert unheld(cache, model) == []
         cache.close()
+
+
+def test_release_free_memory_hands_freed_heap_pages_back(monkeypatch):
+    """200 MiB in 64 KiB blocks (under glibc's mmap threshold: carved from the heap), written, then freed except the
+    last block (it pins the heap's top, so glibc's own top trim cannot give them back, as with a kept cache): they stay
+    resident until :func:`kvcompress.release_free_memory`, which must report at least 150 MiB released. Where the C
+    library has no ``malloc_trim`` it returns ``None``."""
+    import ctypes
+
+    import kvcompress
+    from kvcompress import memory
+
+    if memory._malloc_trim() is None or memory.resident_bytes() is None:
+        pytest.skip("not glibc on Linux")
+    libc = ctypes.CDLL(None)
+    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
+    block, count = 64 * 1024, 3200
+    kvcompress.release_free_memory()  # whatever was free before, so that what follows counts the blocks alone
+    blocks = [libc.malloc(block) for _ in range(count)]
+    assert all(blocks)
+    try:
+        for b in blocks:
+            ctypes.memset(b, 1, block)
+        for b in blocks[:-1]:
+            libc.free(b)
+        released = kvcompress.release_free_memory()
+        again = kvcompress.release_free_memory()
+    finally:
+        libc.free(blocks[-1])
+    assert released >= 150 * 2**20, released / 2**20
+    assert again < 50 * 2**20, again / 2**20  # nothing left to give back
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
+    assert kvcompress.release_free_memory() is None

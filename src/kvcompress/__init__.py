@@ -8,6 +8,7 @@ actually stored.
 """
 
 from .cache import CompressedCache, KVLayer, MemoryReport, Method, ModelGeometry, make_cache
+from .memory import release_free_memory
 from .models import load_model
 from .registry import KVCompressError, list_methods, register
 
@@ -22,6 +23,7 @@ __all__ = [
     "load_model",
     "make_cache",
     "register",
+    "release_free_memory",
 ]
 __version__ = "0.1.0"
 
