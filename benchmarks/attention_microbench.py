@@ -12,7 +12,10 @@ tokens, values per token in groups of 32 channels, fp16 scale/zero; 4 and 2 bits
   store of the n tokens (R = 128: the last 128 held as fp16) with the step's own token staged after them -- one numba
   call (:func:`kvcompress.kernels.kivi_decode`) that folds the scaling into the query, attends over the codes and the
   fp16 tokens, and divides by the softmax's sum. (Before session 32 this column timed ``attend_parts`` over the
-  store's parts, the path layers took before session 13 and still take off the numba backend.)
+  store's parts, the path layers took before session 13 and still take off the numba backend.) With ``--layout
+  kvquant``: :func:`kvcompress.kernels.kvquant_decode`, the one numba call a KVQuant layer makes at such a step, over
+  the n tokens' codes and the step's own dense token (position n), with the per-layer memo a layer keeps; no sink
+  or recent window held, no quantization of the step's token into the streams (session 34).
 
 Bytes per step: fp32 sdpa reads K and V (``30 * 3 * n * 64 * 4 * 2``); the fused kernel reads the codes and the fp16
 statistics of the n tokens; dequant + sdpa reads the codes, writes fp32 K/V and reads them back. GB/s = bytes /
@@ -160,6 +163,16 @@ class KVQuantLayers(Layers):
             self.streams.append((ks, vs))
         self.q = [torch.randn(1, HEADS, 1, D, generator=gen) for _ in range(LAYERS)]
         self.rope = kernels.RotaryPositions(self.inv_freq, 1.0, start=0)
+        # the decode step's own token at position n (post-RoPE, as the model hands it), and per layer the codes and
+        # the memo a KVQuant layer keeps from step to step
+        ang = n * self.inv_freq
+        cos, sin = torch.cat([ang.cos(), ang.cos()])[None, None], torch.cat([ang.sin(), ang.sin()])[None, None]
+        self.new_k, self.new_v = [], []
+        for _ in range(LAYERS):
+            k1, v1 = torch.randn(2, 1, KV_HEADS, 1, D, generator=gen).half().float()
+            self.new_k.append(apply_rope(k1 * 2, cos, sin))
+            self.new_v.append(v1)
+        self.step_codes = [(ks.codes(), vs.codes(), {}) for ks, vs in self.streams]
 
     def code_bytes(self) -> int:
         ks, vs = self.streams[0]
@@ -179,13 +192,21 @@ class KVQuantLayers(Layers):
         for q, (ks, vs) in zip(self.q, self.streams):
             self._fused_one(q, ks, vs)
 
-    wired = None
+    def wired(self):
+        for q, (kc, vc, memo), nk, nv in zip(self.q, self.step_codes, self.new_k, self.new_v):
+            kernels.kvquant_decode(q, D**-0.5, self.n, kc, vc, self.rope, None, nk, nv, memo=memo)
 
     def check(self) -> float:
-        q, (ks, vs) = self.q[0], self.streams[0]
-        want = torch.nn.functional.scaled_dot_product_attention(q, apply_rope(ks.read(), self.cos, self.sin),
-                                                                vs.read(), enable_gqa=True)
-        return self._fused_one(q, ks, vs).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
+        """Largest |fused - sdpa over the dequantized, rotated keys and the values| of layer 0, and of |as wired -
+        sdpa over those and the step's own token|."""
+        q, (ks, vs), (kc, vc, memo) = self.q[0], self.streams[0], self.step_codes[0]
+        k, v = apply_rope(ks.read(), self.cos, self.sin), vs.read()
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        err = self._fused_one(q, ks, vs).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
+        want = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, self.new_k[0]], 2),
+                                                                torch.cat([v, self.new_v[0]], 2), enable_gqa=True)
+        got = kernels.kvquant_decode(q, D**-0.5, self.n, kc, vc, self.rope, None, self.new_k[0], self.new_v[0], memo=memo)
+        return max(err, got.transpose(1, 2).sub(want).abs().max().item())
 
 
 def main(argv=None) -> int:
@@ -196,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--layout", choices=["kivi", "kvquant"], default="kivi",
                    help="KIVI's codes (G = 32), or KVQuant's (per-channel pre-RoPE keys, per-token values, codebook, "
-                        "1 %% outliers; 'as wired' not measured)")
+                        "1 %% outliers; 'as wired': kvquant_decode)")
     args = p.parse_args(argv)
     if not kernels.AVAILABLE:
         print(f"no fused kernel: {kernels.UNAVAILABLE_REASON}")
@@ -237,7 +258,7 @@ def main(argv=None) -> int:
                         times[name].append(_seconds(fn))
                 loads.append(os.getloadavg()[0])
                 med = {k: statistics.median(v) for k, v in times.items()}
-                spread = max((statistics.quantiles(v, n=4)[2] - min(v)) / min(v) for v in times.values())
+                spread = max((statistics.quantiles(v, n=4)[2] - min(v)) / min(v) if len(v) > 1 else 0.0 for v in times.values())
                 noisy |= spread > 0.25
                 sb, fb = layers.fp32_bytes(), layers.code_bytes()
                 wired_ms = f"{med['wired'] * 1e3:.1f}" if "wired" in med else "-"
@@ -254,9 +275,11 @@ def main(argv=None) -> int:
               "between the fastest and the upper quartile): compare columns within a row (interleaved), not "
               "absolute times across runs.")
     print("\n`spread`: (upper quartile - fastest) / fastest round, worst column of the row. `fused vs sdpa` > 1: the "
-          "kernel is faster. `as wired`: KIVI's real decode step on the CPU (`KiviStore.decode_step`: one numba call "
-          "over the codes, the 128-token fp16 residual and the step's own token, scaling and the final division "
-          "included; n + 129 tokens).")
+          "kernel is faster. " + ("`as wired`: KVQuant's one-call decode step on the CPU (`kernels.kvquant_decode`: "
+          "one numba call over the codes and the step's own token, the query's folding and scaling and the final "
+          "division included; n + 1 tokens)." if args.layout == "kvquant" else "`as wired`: KIVI's real decode step "
+          "on the CPU (`KiviStore.decode_step`: one numba call over the codes, the 128-token fp16 residual and the "
+          "step's own token, scaling and the final division included; n + 129 tokens)."))
     return 0
 
 
