@@ -3,11 +3,14 @@ counts (``nbytes()``). Each method runs in a fresh process: load SmolLM2, prefil
 ``--caches`` caches one after the other and keep them all; print the resident set after each. ``--malloc-mmap-threshold``
 runs the same with glibc's ``MALLOC_MMAP_THRESHOLD_`` set (blocks from that size are mapped and unmapped on their own,
 never carved out of the heap). ``--malloc-trim`` calls glibc's ``malloc_trim(0)`` after each prefill (the free heap
-pages go back to the system) and prints the mean time of those calls.
+pages go back to the system) and prints the mean time of those calls; ``--release-free-memory`` (session 34) does the
+same through the library's public call, ``kvcompress.release_free_memory()``, and also prints the mean MiB it reported
+released.
 
     python benchmarks/results/held-memory/rss_per_cache.py --tokens 2048 --caches 4
     python benchmarks/results/held-memory/rss_per_cache.py --tokens 2048 --caches 4 --malloc-mmap-threshold 262144
     python benchmarks/results/held-memory/rss_per_cache.py --tokens 2048 --caches 4 --malloc-trim
+    python benchmarks/results/held-memory/rss_per_cache.py --tokens 2048 --caches 4 --release-free-memory
 """
 import argparse
 import os
@@ -23,8 +26,9 @@ from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
 torch.set_num_threads(1)
-label, tokens, caches, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-libc, trims = ctypes.CDLL("libc.so.6"), []
+import kvcompress
+label, tokens, caches, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+libc, trims, released = ctypes.CDLL("libc.so.6"), [], []
 model, tok = load_model("smollm2-135m", progress=False)
 ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[:tokens].view(1, -1)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -34,13 +38,16 @@ for _ in range(caches):
     with torch.inference_mode():
         model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     held.append(cache)
-    if trim:
+    if trim != "0":
         t0 = time.perf_counter()
-        libc.malloc_trim(0)
+        if trim == "1":
+            libc.malloc_trim(0)
+        else:
+            released.append(kvcompress.release_free_memory() / 2**20)
         trims.append(time.perf_counter() - t0)
     out.append(rss())
 counted = held[0].nbytes() / 2**20 if hasattr(held[0], "nbytes") else float("nan")
-print(counted, sum(trims) / max(1, len(trims)) * 1e3, *out)
+print(counted, sum(trims) / max(1, len(trims)) * 1e3, sum(released) / max(1, len(released)), *out)
 """
 
 
@@ -50,6 +57,7 @@ def main():
     p.add_argument("--caches", type=int, default=4)
     p.add_argument("--malloc-mmap-threshold", type=int, default=None)
     p.add_argument("--malloc-trim", action="store_true")
+    p.add_argument("--release-free-memory", action="store_true")
     p.add_argument("--methods", nargs="+", default=["DynamicCache", "full", "kivi:bits=4", "kivi:bits=2", "logquant",
                                                      "kvquant:bits=3,calibration=auto", "kvquant:nuq=False,bits=3"])
     args = p.parse_args()
@@ -58,21 +66,23 @@ def main():
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     print(f"SmolLM2, {args.tokens}-token prefill per cache, {args.caches} caches kept alive, one thread; "
           f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'unset (glibc default, dynamic)'}"
-          f"{'; malloc_trim(0) after each prefill' if args.malloc_trim else ''}\n")
+          f"{'; malloc_trim(0) after each prefill' if args.malloc_trim else ''}"
+          f"{'; kvcompress.release_free_memory() after each prefill' if args.release_free_memory else ''}\n")
     print("| method | counted nbytes() per cache (MiB) | resident after the model loaded (MiB) | resident after each cache (MiB) "
-          "| growth per cache after the first (MiB) | malloc_trim (ms per call) |")
-    print("|---|---:|---:|---|---:|---:|")
+          "| growth per cache after the first (MiB) | malloc_trim (ms per call) | released per call (MiB) |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for label in args.methods:
         res = subprocess.run([sys.executable, "-c", CHILD, label, str(args.tokens), str(args.caches),
-                              "1" if args.malloc_trim else "0"], env=env,
+                              "2" if args.release_free_memory else "1" if args.malloc_trim else "0"], env=env,
                              capture_output=True, text=True)
         if res.returncode:
-            print(f"| `{label}` | failed: {res.stderr.strip().splitlines()[-1]} | | | | |", flush=True)
+            print(f"| `{label}` | failed: {res.stderr.strip().splitlines()[-1]} | | | | | |", flush=True)
             continue
-        counted, trim_ms, *rss = map(float, res.stdout.split())
+        counted, trim_ms, released, *rss = map(float, res.stdout.split())
+        trimmed = args.malloc_trim or args.release_free_memory
         growth = (rss[-1] - rss[1]) / max(1, args.caches - 1)
         print(f"| `{label}` | {counted:.1f} | {rss[0]:.0f} | {' / '.join(f'{r:.0f}' for r in rss[1:])} | {growth:.0f} | "
-              f"{f'{trim_ms:.1f}' if args.malloc_trim else '-'} |",
+              f"{f'{trim_ms:.1f}' if trimmed else '-'} | {f'{released:.0f}' if args.release_free_memory else '-'} |",
               flush=True)
 
 
