@@ -10,37 +10,35 @@ import kvcompress.kernels as K   # starts numba's pool the library's way
 import numba
 from numba import njit, prange
 
-@njit(parallel=True, cache=False)
-def par(x, out, reps):
-    n = out.shape[0]
-    for i in prange(n):
-        s = 0.0
-        for r in range(reps):
-            for j in range(x.shape[1]):
-                s += x[i, j] * 1.0000001
-        out[i] = s
+@njit(cache=False, inline="always")
+def _item(x, out, i, reps):
+    """``out[i]``: ``reps`` passes of multiply-adds over row ``i`` of ``x``, the work of one item."""
+    s = 0.0
+    for r in range(reps):
+        for j in range(x.shape[1]):
+            s += x[i, j] * 1.0000001
+    out[i] = s
+
 
 @njit(parallel=True, cache=False)
-def par2(x, out, reps):   # two regions, as kivi_layer_parallel
-    n = out.shape[0]
-    for i in prange(n):
-        s = 0.0
-        for r in range(reps):
-            for j in range(x.shape[1]):
-                s += x[i, j] * 1.0000001
-        out[i] = s
+def par(x, out, reps):
+    for i in prange(out.shape[0]):
+        _item(x, out, i, reps)
+
+
+@njit(parallel=True, cache=False)
+def par2(x, out, reps):  # two regions, as kivi_layer_parallel
+    for i in prange(out.shape[0]):
+        _item(x, out, i, reps)
     for i in prange(3):
         out[i] += 1.0
 
+
 @njit(cache=False)
 def ser(x, out, reps):
-    n = out.shape[0]
-    for i in range(n):
-        s = 0.0
-        for r in range(reps):
-            for j in range(x.shape[1]):
-                s += x[i, j] * 1.0000001
-        out[i] = s
+    for i in range(out.shape[0]):
+        _item(x, out, i, reps)
+
 
 x = np.random.rand(12, 1024).astype(np.float32); out = np.empty(12, np.float32)
 print("threading layer:", end=" ")
