@@ -119,7 +119,7 @@ def release_free_memory() -> int | None:
     caches alive while it runs more prefills: glibc keeps the freed temporaries of every prefill as free heap blocks
     fragmented around the kept caches' small objects and does not return them (session 33, SmolLM2, 2k-token caches:
     36-446 MiB of resident growth per kept cache against 9.5-15 MiB counted). Calling this after each prefill kept the
-    growth at the count there, at 8-32 ms a call; with kept caches the prefills themselves got faster too (fewer fresh
+    growth at the count there, at 8-36 ms a call; with kept caches the prefills themselves got faster too (fewer fresh
     pages to fault in). A program that keeps no cache between prefills gains nothing from it: its next prefill reuses
     the free blocks, and would fault in whatever this handed back. Process-wide: it trims every thread's heap."""
     trim = _malloc_trim()
