@@ -74,6 +74,10 @@ def geometry() -> ModelGeometry:
 class Layers:
     """Per layer: fp32 K/V, KIVI codes of all n tokens, and a KiviStore (R = 128) of the same n tokens."""
 
+    wired_note = ("KIVI's real decode step on the CPU (`KiviStore.decode_step`: one numba call over the codes, the "
+                  "128-token fp16 residual and the step's own token, scaling and the final division included; n + 129 "
+                  "tokens)")
+
     def __init__(self, n: int, bits: int, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
         self.n, self.bits = n, bits
@@ -139,6 +143,10 @@ class KVQuantLayers(Layers):
     """Per layer: fp32 K/V and KVQuant's storage of the same n tokens (``QuantStream``: keys per channel, pre-RoPE,
     values per token, a random sorted codebook like a calibrated one, 1 % outliers as CSR rows); positions 0..n-1."""
 
+    wired_note = ("KVQuant's one-call decode step on the CPU (`kernels.kvquant_decode`: one numba call over the codes "
+                  "and the step's own token, the query's folding and scaling and the final division included; n + 1 "
+                  "tokens)")
+
     def __init__(self, n: int, bits: int, seed: int = 0):
         from kvcompress.methods.kvquant_store import QuantStream
 
@@ -146,9 +154,10 @@ class KVQuantLayers(Layers):
         self.n, self.bits = n, bits
         self.k, self.v, self.streams = [], [], []
         self.inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-        ang = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None]
-        self.cos = torch.cat([ang.cos(), ang.cos()], -1)[None]  # (1, n, D), what the model's rotary module gives
-        self.sin = torch.cat([ang.sin(), ang.sin()], -1)[None]
+        ang = torch.arange(n + 1, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)[None]  # (1, n + 1, D), what the model's rotary module gives
+        sin = torch.cat([ang.sin(), ang.sin()], -1)[None]
+        self.cos, self.sin = cos[:, :n], sin[:, :n]
         for _ in range(LAYERS):
             k = (torch.randn(1, KV_HEADS, n, D, generator=gen) * 2).half().float()
             v = torch.randn(1, KV_HEADS, n, D, generator=gen).half().float()
@@ -165,12 +174,10 @@ class KVQuantLayers(Layers):
         self.rope = kernels.RotaryPositions(self.inv_freq, 1.0, start=0)
         # the decode step's own token at position n (post-RoPE, as the model hands it), and per layer the codes and
         # the memo a KVQuant layer keeps from step to step
-        ang = n * self.inv_freq
-        cos, sin = torch.cat([ang.cos(), ang.cos()])[None, None], torch.cat([ang.sin(), ang.sin()])[None, None]
         self.new_k, self.new_v = [], []
         for _ in range(LAYERS):
             k1, v1 = torch.randn(2, 1, KV_HEADS, 1, D, generator=gen).half().float()
-            self.new_k.append(apply_rope(k1 * 2, cos, sin))
+            self.new_k.append(apply_rope(k1 * 2, cos[:, n:], sin[:, n:]))
             self.new_v.append(v1)
         self.step_codes = [(ks.codes(), vs.codes(), {}) for ks, vs in self.streams]
 
@@ -192,21 +199,26 @@ class KVQuantLayers(Layers):
         for q, (ks, vs) in zip(self.q, self.streams):
             self._fused_one(q, ks, vs)
 
+    def _wired_one(self, i: int):
+        """Layer ``i``'s one-call decode step: the output ``(1, 1, heads, D)``."""
+        kc, vc, memo = self.step_codes[i]
+        return kernels.kvquant_decode(self.q[i], D**-0.5, self.n, kc, vc, self.rope, None, self.new_k[i],
+                                      self.new_v[i], memo=memo)
+
     def wired(self):
-        for q, (kc, vc, memo), nk, nv in zip(self.q, self.step_codes, self.new_k, self.new_v):
-            kernels.kvquant_decode(q, D**-0.5, self.n, kc, vc, self.rope, None, nk, nv, memo=memo)
+        for i in range(LAYERS):
+            self._wired_one(i)
 
     def check(self) -> float:
         """Largest |fused - sdpa over the dequantized, rotated keys and the values| of layer 0, and of |as wired -
         sdpa over those and the step's own token|."""
-        q, (ks, vs), (kc, vc, memo) = self.q[0], self.streams[0], self.step_codes[0]
+        q, (ks, vs) = self.q[0], self.streams[0]
         k, v = apply_rope(ks.read(), self.cos, self.sin), vs.read()
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         err = self._fused_one(q, ks, vs).reshape(1, HEADS, 1, D).sub(want).abs().max().item()
         want = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, self.new_k[0]], 2),
                                                                 torch.cat([v, self.new_v[0]], 2), enable_gqa=True)
-        got = kernels.kvquant_decode(q, D**-0.5, self.n, kc, vc, self.rope, None, self.new_k[0], self.new_v[0], memo=memo)
-        return max(err, got.transpose(1, 2).sub(want).abs().max().item())
+        return max(err, self._wired_one(0).transpose(1, 2).sub(want).abs().max().item())
 
 
 def main(argv=None) -> int:
@@ -223,6 +235,7 @@ def main(argv=None) -> int:
         print(f"no fused kernel: {kernels.UNAVAILABLE_REASON}")
         return 1
     cores = os.cpu_count() or 1
+    layout = KVQuantLayers if args.layout == "kvquant" else Layers
     print(f"```\npython benchmarks/attention_microbench.py {' '.join(sys.argv[1:])}\n```\n")
     cpu_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                     platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
@@ -242,14 +255,12 @@ def main(argv=None) -> int:
     noisy = False
     for n in args.contexts:
         for bits in args.bits:
-            layers = (KVQuantLayers if args.layout == "kvquant" else Layers)(n, bits)
+            layers = layout(n, bits)
             err = layers.check()
             assert err < 1e-3, f"fused kernel differs from sdpa by {err}"
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                runs = {"sdpa": layers.sdpa, "dequant": layers.dequant_sdpa, "fused": layers.fused}
-                if layers.wired is not None:
-                    runs["wired"] = layers.wired
+                runs = {"sdpa": layers.sdpa, "dequant": layers.dequant_sdpa, "fused": layers.fused, "wired": layers.wired}
                 times = {k: [] for k in runs}
                 for fn in runs.values():  # warm up (numba's cache, allocator)
                     fn()
@@ -258,13 +269,13 @@ def main(argv=None) -> int:
                         times[name].append(_seconds(fn))
                 loads.append(os.getloadavg()[0])
                 med = {k: statistics.median(v) for k, v in times.items()}
-                spread = max((statistics.quantiles(v, n=4)[2] - min(v)) / min(v) if len(v) > 1 else 0.0 for v in times.values())
+                spread = max((statistics.quantiles(v, n=4)[2] - min(v)) / min(v) if len(v) > 1 else 0.0
+                             for v in times.values())
                 noisy |= spread > 0.25
                 sb, fb = layers.fp32_bytes(), layers.code_bytes()
-                wired_ms = f"{med['wired'] * 1e3:.1f}" if "wired" in med else "-"
-                wired_ratio = f"{med['sdpa'] / med['wired']:.2f}x" if "wired" in med else "-"
                 print(f"| {threads} | {n} | {bits} | {med['sdpa'] * 1e3:.1f} | {med['dequant'] * 1e3:.1f} | "
-                      f"{med['fused'] * 1e3:.1f} | {wired_ms} | {med['sdpa'] / med['fused']:.2f}x | {wired_ratio} | "
+                      f"{med['fused'] * 1e3:.1f} | {med['wired'] * 1e3:.1f} | {med['sdpa'] / med['fused']:.2f}x | "
+                      f"{med['sdpa'] / med['wired']:.2f}x | "
                       f"{sb / 2**20:.0f} MiB | {fb / 2**20:.1f} MiB | {sb / med['sdpa'] / 1e9:.1f} | "
                       f"{fb / med['fused'] / 1e9:.1f} | {spread * 100:.0f} % |", flush=True)
             del layers
@@ -275,11 +286,7 @@ def main(argv=None) -> int:
               "between the fastest and the upper quartile): compare columns within a row (interleaved), not "
               "absolute times across runs.")
     print("\n`spread`: (upper quartile - fastest) / fastest round, worst column of the row. `fused vs sdpa` > 1: the "
-          "kernel is faster. " + ("`as wired`: KVQuant's one-call decode step on the CPU (`kernels.kvquant_decode`: "
-          "one numba call over the codes and the step's own token, the query's folding and scaling and the final "
-          "division included; n + 1 tokens)." if args.layout == "kvquant" else "`as wired`: KIVI's real decode step "
-          "on the CPU (`KiviStore.decode_step`: one numba call over the codes, the 128-token fp16 residual and the "
-          "step's own token, scaling and the final division included; n + 129 tokens)."))
+          f"kernel is faster. `as wired`: {layout.wired_note}.")
     return 0
 
 

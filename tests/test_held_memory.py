@@ -13,13 +13,14 @@ run as a slice of a larger tensor (the tokens that had left the window stayed al
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from kvcompress import make_cache
+from kvcompress import make_cache, memory, release_free_memory
 from kvcompress.compat import cache_kwargs
 from kvcompress.registry import get_method, list_methods
 
@@ -101,18 +102,13 @@ def test_release_free_memory_hands_freed_heap_pages_back(monkeypatch):
     last block (it pins the heap's top, so glibc's own top trim cannot give them back, as with a kept cache): they stay
     resident until :func:`kvcompress.release_free_memory`, which must report at least 150 MiB released. Where the C
     library has no ``malloc_trim`` it returns ``None``."""
-    import ctypes
-
-    import kvcompress
-    from kvcompress import memory
-
     if memory._malloc_trim() is None or memory.resident_bytes() is None:
         pytest.skip("not glibc on Linux")
     libc = ctypes.CDLL(None)
     libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
     libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
     block, count = 64 * 1024, 3200
-    kvcompress.release_free_memory()  # whatever was free before, so that what follows counts the blocks alone
+    release_free_memory()  # whatever was free before, so that what follows counts the blocks alone
     blocks = [libc.malloc(block) for _ in range(count)]
     assert all(blocks)
     try:
@@ -120,11 +116,11 @@ def test_release_free_memory_hands_freed_heap_pages_back(monkeypatch):
             ctypes.memset(b, 1, block)
         for b in blocks[:-1]:
             libc.free(b)
-        released = kvcompress.release_free_memory()
-        again = kvcompress.release_free_memory()
+        released = release_free_memory()
+        again = release_free_memory()
     finally:
         libc.free(blocks[-1])
     assert released >= 150 * 2**20, released / 2**20
     assert again < 50 * 2**20, again / 2**20  # nothing left to give back
     monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
-    assert kvcompress.release_free_memory() is None
+    assert release_free_memory() is None

@@ -18,29 +18,30 @@ import subprocess
 import sys
 
 CHILD = r"""
-import ctypes, os, sys, time
+import ctypes, sys, time
 import torch
 from transformers import DynamicCache
+import kvcompress
 from kvcompress import load_model
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
+from kvcompress.memory import resident_bytes
 torch.set_num_threads(1)
-import kvcompress
-label, tokens, caches, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+label, tokens, caches, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]  # trim: none / libc / library
 libc, trims, released = ctypes.CDLL("libc.so.6"), [], []
 model, tok = load_model("smollm2-135m", progress=False)
 ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[:tokens].view(1, -1)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+rss = lambda: resident_bytes() / 2**20
 held, out = [], [rss()]
 for _ in range(caches):
     cache = DynamicCache() if label == "DynamicCache" else parse_spec(label).make(model)
     with torch.inference_mode():
         model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     held.append(cache)
-    if trim != "0":
+    if trim != "none":
         t0 = time.perf_counter()
-        if trim == "1":
+        if trim == "libc":
             libc.malloc_trim(0)
         else:
             released.append(kvcompress.release_free_memory() / 2**20)
@@ -56,8 +57,9 @@ def main():
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--caches", type=int, default=4)
     p.add_argument("--malloc-mmap-threshold", type=int, default=None)
-    p.add_argument("--malloc-trim", action="store_true")
-    p.add_argument("--release-free-memory", action="store_true")
+    after_prefill = p.add_mutually_exclusive_group()
+    after_prefill.add_argument("--malloc-trim", action="store_true")
+    after_prefill.add_argument("--release-free-memory", action="store_true")
     p.add_argument("--methods", nargs="+", default=["DynamicCache", "full", "kivi:bits=4", "kivi:bits=2", "logquant",
                                                      "kvquant:bits=3,calibration=auto", "kvquant:nuq=False,bits=3"])
     args = p.parse_args()
@@ -73,7 +75,8 @@ def main():
     print("|---|---:|---:|---|---:|---:|---:|")
     for label in args.methods:
         res = subprocess.run([sys.executable, "-c", CHILD, label, str(args.tokens), str(args.caches),
-                              "2" if args.release_free_memory else "1" if args.malloc_trim else "0"], env=env,
+                              "library" if args.release_free_memory else "libc" if args.malloc_trim else "none"],
+                             env=env,
                              capture_output=True, text=True)
         if res.returncode:
             print(f"| `{label}` | failed: {res.stderr.strip().splitlines()[-1]} | | | | | |", flush=True)
