@@ -6,17 +6,26 @@ their own), and how far below the heap's top the highest one lies. A buffer near
 the free space under it (the heap shrinks from its top only, unless ``malloc_trim`` is called). ``mallinfo2`` gives
 the heap's free bytes. The model's own weights are not walked.
 
+Two variants test what strands the heap: ``--drop`` closes and drops each cache after its prefill instead of keeping it;
+``--map-buffers B`` moves every storage buffer of ``B`` bytes or more (:class:`kvcompress.storage.GrowingTokens`, what
+the compressed caches hold their codes and statistics in) out of the heap into an anonymous mapping of its own (an
+experiment: the buffer is copied there as it is taken).
+
     python benchmarks/results/held-memory/heap_placement.py --method kvquant:bits=3,calibration=auto
+    python benchmarks/results/held-memory/heap_placement.py --method kvquant:bits=3,calibration=auto --drop
+    python benchmarks/results/held-memory/heap_placement.py --method kvquant:bits=3,calibration=auto --map-buffers 1
 """
 import argparse
 import ctypes
+import gc
+import mmap
 import sys
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from kvcompress import load_model
+from kvcompress import load_model, storage
 from kvcompress.compat import cache_kwargs
 from kvcompress.data import encode, load_text
 from kvcompress.evaluate.spec import parse_spec
@@ -41,18 +50,41 @@ def heap_range() -> tuple[int, int]:
     return 0, 0
 
 
+def map_buffers_from(min_bytes: int) -> None:
+    """From now on, every :class:`~kvcompress.storage.GrowingTokens` buffer of ``min_bytes`` or more is copied, as it is
+    taken, into an anonymous mapping of its own (outside glibc's heap; unmapped when the tensor is collected)."""
+    hold = storage.GrowingTokens._hold
+
+    def mapped_hold(self, buffer):
+        if buffer is not None and buffer.numel() * buffer.element_size() >= min_bytes:
+            mapped = torch.frombuffer(mmap.mmap(-1, buffer.numel() * buffer.element_size()), dtype=buffer.dtype,
+                                      count=buffer.numel()).view(buffer.shape)
+            mapped.copy_(buffer)
+            buffer = mapped
+        hold(self, buffer)
+
+    storage.GrowingTokens._hold = mapped_hold
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--caches", type=int, default=4)
     p.add_argument("--method", default="kvquant:bits=3,calibration=auto")
+    p.add_argument("--drop", action="store_true", help="close and drop each cache after its prefill")
+    p.add_argument("--map-buffers", type=int, default=None, metavar="BYTES",
+                   help="storage buffers of this size or more in mappings of their own, outside the heap")
     args = p.parse_args()
+    if args.map_buffers is not None:
+        map_buffers_from(args.map_buffers)
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
     model, tok = load_model("smollm2-135m", progress=False)
     ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[: args.tokens].view(1, -1)
-    print(f"SmolLM2, `{args.method}`, {args.tokens}-token prefills, every cache kept alive, one thread\n")
+    kept = "each cache closed and dropped after its prefill" if args.drop else "every cache kept alive"
+    mapped = "" if args.map_buffers is None else f"; storage buffers of >= {args.map_buffers} bytes mapped outside the heap"
+    print(f"SmolLM2, `{args.method}`, {args.tokens}-token prefills, {kept}{mapped}, one thread\n")
     print("| after prefill | resident (MiB) | heap size (MiB) | heap free (MiB) | cache buffers in the heap / all "
           "| heap bytes they hold (KiB) | highest one below the heap's top (MiB) | its path |")
     print("|---:|---:|---:|---:|---|---:|---:|---|")
@@ -62,8 +94,6 @@ def main():
         with torch.inference_mode():
             model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         held.append(cache)
-        a, z = heap_range()
-        info = libc.mallinfo2()
         skip = {id(model)}
         if getattr(getattr(cache, "method", None), "calibration", None) is not None:
             skip.add(id(cache.method.calibration))
@@ -72,6 +102,12 @@ def main():
             if size and size >= bufs.get(ptr, ("", 0))[1]:
                 bufs[ptr] = (path, size)
         bufs = [(path, ptr, size) for ptr, (path, size) in bufs.items()]
+        if args.drop:  # (the buffer columns then say where its buffers were)
+            getattr(held.pop(), "close", lambda: None)()
+            del cache
+            gc.collect()
+        a, z = heap_range()
+        info = libc.mallinfo2()
         inside = [(path, ptr, size) for path, ptr, size in bufs if a <= ptr < z]
         top = max(inside, key=lambda b: b[1] + b[2], default=None)
         below = (z - top[1] - top[2]) / 2**20 if top else float("nan")
