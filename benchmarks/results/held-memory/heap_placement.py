@@ -1,10 +1,10 @@
 """Session 35: where in glibc's heap the buffers a kept cache holds lie, after each of several 2k prefills.
 
-For each kept cache, every tensor storage and numpy array reachable from it (``tests/test_held_memory.py``'s walk; one entry per
-start address) is located against the ``[heap]`` segment of ``/proc/self/maps``: how many lie in the heap (the rest are mapped blocks of
-their own), and how far below the heap's top the highest one lies. A buffer near the top keeps glibc from handing back
-the free space under it (the heap shrinks from its top only, unless ``malloc_trim`` is called). ``mallinfo2`` gives
-the heap's free bytes. The model's own weights are not walked.
+For each kept cache, every tensor storage and numpy array reachable from it (``tests/test_held_memory.py``'s walk; one
+entry per start address) is located against the ``[heap]`` segment of ``/proc/self/maps``: how many lie in the heap (the
+rest are mapped blocks of their own), and how far below the heap's top the highest one lies. A buffer near the top keeps
+glibc from handing back the free space under it (the heap shrinks from its top only, unless ``malloc_trim`` is called).
+``mallinfo2`` gives the heap's free bytes. The model's own weights are not walked.
 
 Two variants test what strands the heap: ``--drop`` closes and drops each cache after its prefill instead of keeping it;
 ``--map-buffers B`` moves every storage buffer of ``B`` bytes or more (:class:`kvcompress.storage.GrowingTokens`, what
@@ -83,7 +83,8 @@ def main():
     model, tok = load_model("smollm2-135m", progress=False)
     ids = torch.tensor(encode(tok, load_text("../shared/data/wikitext-2-raw/wiki.test.raw")))[: args.tokens].view(1, -1)
     kept = "each cache closed and dropped after its prefill" if args.drop else "every cache kept alive"
-    mapped = "" if args.map_buffers is None else f"; storage buffers of >= {args.map_buffers} bytes mapped outside the heap"
+    mapped = ("" if args.map_buffers is None
+              else f"; storage buffers of >= {args.map_buffers} bytes mapped outside the heap")
     print(f"SmolLM2, `{args.method}`, {args.tokens}-token prefills, {kept}{mapped}, one thread\n")
     print("| after prefill | resident (MiB) | heap size (MiB) | heap free (MiB) | cache buffers in the heap / all "
           "| heap bytes they hold (KiB) | highest one below the heap's top (MiB) | its path |")
@@ -93,7 +94,6 @@ def main():
         cache = DynamicCache() if args.method == "DynamicCache" else parse_spec(args.method).make(model)
         with torch.inference_mode():
             model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        held.append(cache)
         skip = {id(model)}
         if getattr(getattr(cache, "method", None), "calibration", None) is not None:
             skip.add(id(cache.method.calibration))
@@ -103,9 +103,11 @@ def main():
                 bufs[ptr] = (path, size)
         bufs = [(path, ptr, size) for ptr, (path, size) in bufs.items()]
         if args.drop:  # (the buffer columns then say where its buffers were)
-            getattr(held.pop(), "close", lambda: None)()
+            getattr(cache, "close", lambda: None)()
             del cache
             gc.collect()
+        else:
+            held.append(cache)
         a, z = heap_range()
         info = libc.mallinfo2()
         inside = [(path, ptr, size) for path, ptr, size in bufs if a <= ptr < z]

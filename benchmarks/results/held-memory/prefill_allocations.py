@@ -51,8 +51,8 @@ def main():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         second = prefill()
     sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
-    print(f"SmolLM2, one {args.tokens}-token prefill of `{args.method}` (the second; the first kept alive), one thread: "
-          f"{len(sizes)} operators kept memory, {sum(sizes) / 2**20:.0f} MiB in all\n")
+    print(f"SmolLM2, one {args.tokens}-token prefill of `{args.method}` (the second; the first kept alive), "
+          f"one thread: {len(sizes)} operators kept memory, {sum(sizes) / 2**20:.0f} MiB in all\n")
     print("| block size | blocks | MiB allocated | largest |")
     print("|---|---:|---:|---:|")
     for lo, hi in zip(EDGES, EDGES[1:]):
