@@ -117,3 +117,24 @@ def test_fill16_u8_writes_sixteen_bytes_and_no_more():
     want = np.arange(40, dtype=np.uint8)
     want[9:25] = 200
     np.testing.assert_array_equal(arr, want)
+
+
+@pytest.mark.parametrize("off,g,h", [(0, 0, 0), (3, 1, 0), (5, 15, 2), (16, 7, 7)])
+def test_pick16_takes_two_entries_into_the_two_halves(off, g, h):
+    """``pick16(arr, off, g, h)``: ``arr[off + g]`` in lanes 0-7 and ``arr[off + h]`` in lanes 8-15."""
+    from numba import njit
+
+    from kvcompress.kernels import lookup
+    from kvcompress.kernels.simd import pick16, store16
+
+    if not lookup.WIDE:
+        pytest.skip("pick16 is AVX-512 only (the kernels take it only there)")
+
+    @njit
+    def run(arr, off, g, h, out):
+        store16(pick16(arr, off, g, h), out, 0, 0)
+
+    arr = np.random.default_rng(off).standard_normal(40).astype(np.float32)
+    out = np.zeros((1, 16), np.float32)
+    run(arr, off, g, h, out)
+    np.testing.assert_array_equal(out[0], np.r_[np.full(8, arr[off + g]), np.full(8, arr[off + h])])

@@ -35,6 +35,12 @@ channel. Nothing is dequantized to memory:
   use sixteen lanes (``*16``), elsewhere eight (``*8``): the KIVI-4 kernel ~1.1x faster on an Intel Xeon (session
   31). Not measured on AMD Zen 4, which splits a 512-bit operation in two; a sixteen-lane value path measured there
   in session 30 was no faster than eight lanes.
+* **values fused** (sixteen lanes, :func:`_values_fused`): where a value row is a whole number of 16-byte runs and the
+  target has AVX-512, a token's value codes are converted, scaled and shifted in registers and added straight into
+  the accumulators of up to four query rows, with no scratch row between (its scale and zero picked per run by one
+  ``vpermps``, :func:`~.simd.pick16`). Bit for bit what unpacking to a scratch row and adding from it gives; the
+  kernel 1.07-1.10x faster on a Zen 5 host (session 36). Fusing the keys the same way (eight tokens' partial sums for
+  three rows held at once) spilled registers and ran 1.09-1.14x slower: not taken.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -53,7 +59,7 @@ from numba import njit, prange, uint64
 
 from .lookup import WIDE
 from .simd import (add8, add16, codes8, codes16, fma8, fma16, halves16, hmax8, hsum8x8, join8, load8, load8_1d, load16,
-                   max8, mul8, mul16, splat8, splat16, store8, store16, where8)
+                   max8, mul8, mul16, pick16, splat8, splat16, store8, store16, where8)
 
 #: LLVM fast-math flags: reassociation lets dot products vectorize; no ``nnan``/``ninf`` (-inf marks empty rows)
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -537,6 +543,127 @@ def _values_vec(vf, nt, sc, acc, pv):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
+def _load4(arr, r, c):
+    """``arr[r, c : c + 64]`` as four sixteen-lane vectors."""
+    return load16(arr, r, c), load16(arr, r, c + _16), load16(arr, r, c + _32), load16(arr, r, c + _48)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _store4(x0, x1, x2, x3, arr, r, c):
+    """``arr[r, c : c + 64]`` = the four sixteen-lane vectors ``x0 .. x3``."""
+    store16(x0, arr, r, c), store16(x1, arr, r, c + _16), store16(x2, arr, r, c + _32), store16(x3, arr, r, c + _48)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, pv):
+    """:func:`_unpack_vec16` and :func:`_values_vec16` in one pass, no scratch row: ``acc[r, :pv] += sc[r, i] *
+    (code * scale + zero)`` for the tokens ``ta .. ta + nt`` of ``vp``, the codes converted in registers. For
+    :data:`~.lookup.WIDE` only, 2 or 4 ``bits``, ``units`` a multiple of 16, ``pv`` of 64, ``ngroups <= 16``, and
+    ``scales``/``zeros`` readable 16 entries past a token's first (:func:`~.simd.pick16`). Query rows four at a time
+    (:func:`_values_rows`), so a token's codes are converted once per four rows; the accumulators (four per row and
+    64 positions) stay in registers over the tokens. The same arithmetic as unpacking to a scratch row and adding
+    from it; the KIVI-4 kernel ~1.2x faster on a Zen 5 host (session 36)."""
+    rows = uint64(acc.shape[0])
+    for r0 in range(_0, rows, _4):
+        nr = min(_4, rows - r0)
+        for c in range(_0, pv, _64):
+            # literal row counts and layouts: LLVM drops the unused rows' accumulators and shares the loads
+            if units == _16:
+                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 16)
+            elif units == _32:
+                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 32)
+            else:
+                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 0)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, layout):
+    """:func:`_values_rows` with ``nr`` (1-4, a variable) made a literal."""
+    if nr == 4:
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 4, layout)
+    elif nr == 3:
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 3, layout)
+    elif nr == 2:
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 2, layout)
+    else:
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 1, layout)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, layout):
+    """:func:`_values_fused` for rows ``r0 .. r0 + nr - 1`` (``nr`` <= 4) and unpacked positions ``c .. c + 63``,
+    ``nr`` and ``layout`` literals. Position ``p`` is code ``p // units`` (the plane) of byte ``p % units``, so each
+    sixteen positions are one plane of a run of sixteen bytes; the run's two 8-byte halves take their value groups'
+    scale and zero (:func:`~.simd.pick16`). ``layout`` 16 (``units == 16``: one run, four planes) or 32 (two runs, two
+    planes): each run is loaded and its scale picked once per token; 0: four (run, plane) pairs of any ``units``."""
+    mask = 15 if bits == 4 else 3
+    w = uint64(bits)
+    if layout == 16:
+        a0 = a1 = a2 = a3 = _0
+        k0 = c // _16
+        k1, k2, k3 = k0 + _1, k0 + _2, k0 + _3
+    elif layout == 32:
+        a0, a1, a2, a3 = _0, _16, _0, _16
+        k0 = c // _32
+        k1, k2, k3 = k0, k0 + _1, k0 + _1
+    else:
+        a0, a1, a2, a3 = c % units, (c + _16) % units, (c + _32) % units, (c + _48) % units
+        k0, k1, k2, k3 = c // units, (c + _16) // units, (c + _32) // units, (c + _48) // units
+    s0, s1, s2, s3 = k0 * w, k1 * w, k2 * w, k3 * w
+    g0, g1, g2, g3 = run_group[a0 >> _3], run_group[a1 >> _3], run_group[a2 >> _3], run_group[a3 >> _3]
+    h0, h1 = run_group[(a0 >> _3) + _1], run_group[(a1 >> _3) + _1]
+    h2, h3 = run_group[(a2 >> _3) + _1], run_group[(a3 >> _3) + _1]
+    zero = splat16(np.float32(0.0))
+    r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
+    x00, x01, x02, x03 = _load4(acc, r0, c)
+    x10 = x11 = x12 = x13 = x20 = x21 = x22 = x23 = x30 = x31 = x32 = x33 = zero
+    if nr > 1:
+        x10, x11, x12, x13 = _load4(acc, r1, c)
+    if nr > 2:
+        x20, x21, x22, x23 = _load4(acc, r2, c)
+    if nr > 3:
+        x30, x31, x32, x33 = _load4(acc, r3, c)
+    for i in range(nt):
+        t, j = ta + i, i * ngroups
+        if layout == 16:  # one run: its scale and zero serve the four planes
+            sv, zv = pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0)
+            v0 = fma16(codes16(vp, t, _0, s0, mask), sv, zv)
+            v1 = fma16(codes16(vp, t, _0, s1, mask), sv, zv)
+            v2 = fma16(codes16(vp, t, _0, s2, mask), sv, zv)
+            v3 = fma16(codes16(vp, t, _0, s3, mask), sv, zv)
+        elif layout == 32:  # two runs, two planes each
+            sv, zv = pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0)
+            su, zu = pick16(scales, j, g1, h1), pick16(zeros, j, g1, h1)
+            v0 = fma16(codes16(vp, t, _0, s0, mask), sv, zv)
+            v1 = fma16(codes16(vp, t, _16, s0, mask), su, zu)
+            v2 = fma16(codes16(vp, t, _0, s2, mask), sv, zv)
+            v3 = fma16(codes16(vp, t, _16, s2, mask), su, zu)
+        else:
+            v0 = fma16(codes16(vp, t, a0, s0, mask), pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0))
+            v1 = fma16(codes16(vp, t, a1, s1, mask), pick16(scales, j, g1, h1), pick16(zeros, j, g1, h1))
+            v2 = fma16(codes16(vp, t, a2, s2, mask), pick16(scales, j, g2, h2), pick16(zeros, j, g2, h2))
+            v3 = fma16(codes16(vp, t, a3, s3, mask), pick16(scales, j, g3, h3), pick16(zeros, j, g3, h3))
+        x = splat16(sc[r0, i])
+        x00, x01, x02, x03 = fma16(x, v0, x00), fma16(x, v1, x01), fma16(x, v2, x02), fma16(x, v3, x03)
+        if nr > 1:
+            x = splat16(sc[r1, i])
+            x10, x11, x12, x13 = fma16(x, v0, x10), fma16(x, v1, x11), fma16(x, v2, x12), fma16(x, v3, x13)
+        if nr > 2:
+            x = splat16(sc[r2, i])
+            x20, x21, x22, x23 = fma16(x, v0, x20), fma16(x, v1, x21), fma16(x, v2, x22), fma16(x, v3, x23)
+        if nr > 3:
+            x = splat16(sc[r3, i])
+            x30, x31, x32, x33 = fma16(x, v0, x30), fma16(x, v1, x31), fma16(x, v2, x32), fma16(x, v3, x33)
+    _store4(x00, x01, x02, x03, acc, r0, c)
+    if nr > 1:
+        _store4(x10, x11, x12, x13, acc, r1, c)
+    if nr > 2:
+        _store4(x20, x21, x22, x23, acc, r2, c)
+    if nr > 3:
+        _store4(x30, x31, x32, x33, acc, r3, c)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
 def _value_zeros(sc, nt, vze, ngv, zacc):
     """``zacc[r, j] += sc[r, i] * vze[i * ngv + j]`` for ``i < nt``: the zero points' share, per row and value group."""
     rows = uint64(zacc.shape[0])
@@ -664,7 +791,7 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
     qs, bias = _scratch(rows, pk), np.empty(rows, np.float32)
     kf, vf = _scratch(nt, pk), _scratch(nt, pv)
     sc, ones = _scratch(rows, nt), np.ones(nt, np.float32)
-    vsc, vze = np.empty(nt * ngv, np.float32), np.empty(nt * ngv, np.float32)
+    vsc, vze = np.zeros(nt * ngv + _16, np.float32), np.zeros(nt * ngv + _16, np.float32)  # + 16: pick16
     ebits = np.empty(nt, np.int32)
     escale = ebits.view(np.float32)
     none = np.zeros((rows, 0), np.float32)  # no zero-point sums, no values held as floats yet
@@ -688,8 +815,11 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
         _softmax_block(sc, nt, ones, m, l, acc, none, none, ebits, escale)
         _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
         _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
-        _unpack_vec(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, vf)
-        _values_vec(vf, nt, sc, acc, pv)
+        if WIDE and vunits % _16 == 0 and ngv <= _16:
+            _values_fused(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
+        else:
+            _unpack_vec(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, vf)
+            _values_vec(vf, nt, sc, acc, pv)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -770,8 +900,8 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         for r in range(rows):
             bias[r] = 0.0
     hfloat = hbits.view(np.float32)
-    vsc = np.empty(nvs, np.float32)
-    vze = np.empty(nvs, np.float32)
+    vsc = np.zeros(nvs + 16, np.float32)  # + 16: _values_fused reads sixteen entries from a token's first
+    vze = np.zeros(nvs + 16, np.float32)
     acc = _scratch(rows, pv)  # sum of weight * scale * code, plane order
     acc[:] = 0.0
     zacc = np.zeros((nrows, nd // vgroup), np.float32)  # sum of weight * zero, per value group
@@ -862,7 +992,12 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if iv > 0:
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
-            if vvec:  # vf holds the values themselves
+            if vvec and WIDE and vunits % _16 == 0 and ngv <= _16 and pv % _64 == 0:  # no scratch row
+                if vbits == 4:
+                    _values_fused(vp, ta, iv, 4, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
+                else:
+                    _values_fused(vp, ta, iv, 2, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
+            elif vvec:  # vf holds the values themselves
                 if vbits == 4:  # a literal width: LLVM folds the width's branches out of the loops
                     _unpack_vec(vp, ta, iv, 4, vunits, vsc, vze, ngv, vrun, vf)
                 else:

@@ -379,6 +379,28 @@ scatter16_cols1, scatter16_cols2 = _scatter_entries(_I8), _scatter_entries(_I16)
 
 
 @intrinsic
+def pick16(typingctx, arr, off, g, h):
+    """Sixteen lanes from the 1-D float32 ``arr``: ``arr[off + g]`` in lanes 0-7, ``arr[off + h]`` in lanes 8-15
+    (``0 <= g, h < 16``): one 64-byte load of ``arr[off : off + 16]`` and one ``vpermps`` (AVX-512 only; ``arr`` must
+    hold 16 elements from ``off``). The index vector depends on ``g``/``h`` only, so LLVM builds it outside a loop
+    over ``off``: what :func:`~.cpu._values_fused` takes a token's value scale and zero with."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)], inbounds=True)
+        vec = builder.load(builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+        lo = _splat(builder, builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), _I32), _V16I)
+        hi = _splat(builder, builder.trunc(context.cast(builder, args[3], sig.args[3], types.int64), _I32), _V16I)
+        idx = builder.shuffle_vector(lo, hi, ir.Constant(_V16I, list(range(8)) + list(range(24, 32))))
+        fn = _llvm_intrinsic(builder, "llvm.x86.avx512.permvar.sf.512", _V16F, [_V16F, _V16I])
+        return builder.call(fn, [vec, idx])
+
+    return f32x16(arr, off, g, h), codegen
+
+
+@intrinsic
 def fill16_u8(typingctx, arr, off, value):
     """``arr[off : off + 16] = value`` (1-D uint8, contiguous; ``value`` an integer): one 16-byte store."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1):
