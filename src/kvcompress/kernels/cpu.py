@@ -40,7 +40,7 @@ channel. Nothing is dequantized to memory:
   the accumulators of up to four query rows, with no scratch row between (its scale and zero picked per run by one
   ``vpermps``, :func:`~.simd.pick16`). Bit for bit what unpacking to a scratch row and adding from it gives; the
   kernel 1.07-1.10x faster on a Zen 5 host (session 36). Fusing the keys the same way (eight tokens' partial sums for
-  three rows held at once) spilled registers and ran 1.09-1.14x slower: not taken.
+  three rows held at once) spilled registers; the kernel ran 1.09-1.14x slower than session 35's: not taken.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -562,7 +562,7 @@ def _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc
     ``scales``/``zeros`` readable 16 entries past a token's first (:func:`~.simd.pick16`). Query rows four at a time
     (:func:`_values_rows`), so a token's codes are converted once per four rows; the accumulators (four per row and
     64 positions) stay in registers over the tokens. The same arithmetic as unpacking to a scratch row and adding
-    from it; the KIVI-4 kernel ~1.2x faster on a Zen 5 host (session 36)."""
+    from it (bit-identical results); the whole kernel 1.07-1.10x faster on a Zen 5 host (session 36)."""
     rows = uint64(acc.shape[0])
     for r0 in range(_0, rows, _4):
         nr = min(_4, rows - r0)
