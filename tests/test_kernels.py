@@ -179,14 +179,15 @@ def test_fused_equals_dequantize_then_attend(layout, n, tails, b, kv, group, q, 
 
 @needs_numba
 @pytest.mark.parametrize("bits", [4, 2])
-@pytest.mark.parametrize("d,gv,rows", [(64, 32, (3, 1)), (128, 64, (1, 5)), (64, 64, (2, 2))])
+@pytest.mark.parametrize("d,gv,rows", [(64, 32, (3, 1)), (128, 64, (1, 5)), (64, 64, (2, 2)), (512, 16, (3, 1))])
 @pytest.mark.parametrize("n,tails", [(32, (0, 0)), (100, (0, 0)), (130, (5, 37)), (97, (40, 2))])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_whole_blocks_equal_dequantize_then_attend(bits, d, gv, rows, n, tails, parallel):
     """The kernel's path for a token range's leading whole blocks (``cpu._whole_blocks``: keys per channel in groups
     of 32 tokens, values per token, both 2 or 4 bits, ``d`` a multiple of 64, no padding, no multipliers; the random
     layouts above never take it), then the general loop for the partial block and the float tails: the blocks whole
-    up to the first key or value tail, serial and split over threads."""
+    up to the first key or value tail, serial and split over threads. d = 512 in groups of 16: 32 value groups, more
+    than the fused value path takes (``cpu._values_fused``, <= 16), so the scratch-row path runs there at 4 bits."""
     case = kivi_case((bits, bits, d, 32, gv), n, tails, 2, 2, rows[0], rows[1], "none", bits * n + d)
     args, tails_kw, (ref_k, ref_v) = case
     before = kernels.MIN_PARALLEL_WORK
