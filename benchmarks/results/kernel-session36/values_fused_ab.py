@@ -2,10 +2,12 @@
 3 KV heads x 8k tokens of random codes, SmolLM2's head_dim 64, ``ROWS`` query rows per KV head; ``kivi_layer_serial``
 on one thread; ns per (token, KV head), median and fastest of ``ROUNDS`` rounds; the two outputs compared first.
 
-    PYTHONPATH=src python benchmarks/results/kernel-session36/values_fused_ab.py BITS ROWS ROUNDS [REV]
+    PYTHONPATH=src python benchmarks/results/kernel-session36/values_fused_ab.py BITS ROWS ROUNDS [REV [masked]]
 
-``REV`` (default b37f78c, session 35's tree) is read with ``git show`` into a temporary module; its relative imports
-point at the working tree's ``lookup``/``simd``, so ``REV`` must not need other intrinsics than the tree has.
+``REV`` (default b37f78c, session 35's tree) is read with ``git show`` into a module in the temporary directory, one
+file per revision kept between runs, so numba compiles it once per cache; its relative imports point at the working
+tree's ``lookup``/``simd``, so ``REV`` must not need other intrinsics than the tree has. ``masked`` (session 37) passes
+an all-true validity mask, so every block takes the kernel's general loop instead of its whole-block one.
 """
 import importlib.util
 import subprocess
@@ -23,10 +25,14 @@ rev = sys.argv[4] if len(sys.argv) > 4 else "b37f78c"
 src = subprocess.run(["git", "show", f"{rev}:src/kvcompress/kernels/cpu.py"], check=True, capture_output=True,
                      text=True).stdout
 src = src.replace("from .lookup", "from kvcompress.kernels.lookup").replace("from .simd", "from kvcompress.kernels.simd")
-path = Path(tempfile.mkdtemp()) / f"cpu_{rev}.py"
-path.write_text(src)
+masked = len(sys.argv) > 5 and sys.argv[5] == "masked"
+path = Path(tempfile.gettempdir()) / "kvcompress-ab" / f"cpu_{rev}.py"
+if not path.exists() or path.read_text() != src:  # unchanged: numba's cache of it stays valid
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(src)
 spec = importlib.util.spec_from_file_location(f"cpu_{rev}", path)
 old = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = old  # numba's cache records the module by name and imports it when loading
 spec.loader.exec_module(old)
 
 H3, L, n, d = 3, 30, 8192, 64
@@ -44,7 +50,7 @@ for _ in range(L):
 q = rng.standard_normal((1, H3, rows, d)).astype(np.float32) * 0.3
 kchan, vchan = cpu.unpacked_channels(bits, d), cpu.unpacked_channels(bits, d)
 kr = np.zeros((1, H3, 0, d), np.float32)
-valid, mult = np.ones((1, 1, 0), np.bool_), np.ones((1, 1, 2, 0), np.float32)
+valid, mult = np.ones((1, 1, n if masked else 0), np.bool_), np.ones((1, 1, 2, 0), np.float32)
 
 
 def run(mod):
@@ -57,7 +63,8 @@ def run(mod):
 
 
 a, b = run(old), run(cpu)
-print(f"bits {bits}, {rows} rows: max |acc| difference {np.abs(a[0] - b[0]).max():.2e} of max |acc| "
+print(f"bits {bits}, {rows} rows{', masked' if masked else ''}: max |acc| difference {np.abs(a[0] - b[0]).max():.2e} "
+      f"of max |acc| "
       f"{np.abs(a[0]).max():.3g}; max relative l difference {np.abs(a[2] / b[2] - 1).max():.1e}")
 times = {"rev": [], "tree": []}
 for k in range(rounds):

@@ -41,6 +41,10 @@ channel. Nothing is dequantized to memory:
   ``vpermps``, :func:`~.simd.pick16`). Bit for bit what unpacking to a scratch row and adding from it gives; the
   kernel 1.07-1.10x faster on a Zen 5 host (session 36). Fusing the keys the same way (eight tokens' partial sums for
   three rows held at once) spilled registers; the kernel ran 1.09-1.14x slower than session 35's: not taken.
+  Compile time (session 37): numba inlines by copying IR, once per literal variant and call site, so the path is
+  inlined only into the whole-block loop (one copy per width and row count, any row length) and called from the
+  general loop (:func:`_values_fused_call`); ``kivi_layer_serial``'s first call with an empty numba cache 331 s ->
+  107 s, the kernel's speed unchanged within 1-4 %.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -562,53 +566,51 @@ def _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc
     ``scales``/``zeros`` readable 16 entries past a token's first (:func:`~.simd.pick16`). Query rows four at a time
     (:func:`_values_rows`), so a token's codes are converted once per four rows; the accumulators (four per row and
     64 positions) stay in registers over the tokens. The same arithmetic as unpacking to a scratch row and adding
-    from it (bit-identical results); the whole kernel 1.07-1.10x faster on a Zen 5 host (session 36)."""
+    from it (bit-identical results); the whole kernel 1.07-1.10x faster on a Zen 5 host (session 36). Each inlined copy
+    costs numba ~5 s to compile: inline it in one place per width (see the module docstring)."""
     rows = uint64(acc.shape[0])
     for r0 in range(_0, rows, _4):
         nr = min(_4, rows - r0)
         for c in range(_0, pv, _64):
-            # literal row counts and layouts: LLVM drops the unused rows' accumulators and shares the loads
-            if units == _16:
-                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 16)
-            elif units == _32:
-                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 32)
-            else:
-                _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, 0)
+            # literal row counts: LLVM drops the unused rows' accumulators
+            _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr)
+
+
+@njit(cache=True, fastmath=_FM)
+def _values_fused_call(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, pv):
+    """:func:`_values_fused` compiled once on its own and called, ``bits`` a value: for the general block loop of
+    :func:`_attend_range` (masks, multipliers, partial blocks). Inlined there like in :func:`_whole_blocks` it
+    doubled numba's compile time (session 37). Called, it measured 0.98x the inlined copy on masked blocks there, and
+    ~0.94x in the whole-block loop, which therefore keeps its inlined copies."""
+    _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, pv)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, layout):
+def _values_rows_any(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr):
     """:func:`_values_rows` with ``nr`` (1-4, a variable) made a literal."""
     if nr == 4:
-        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 4, layout)
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 4)
     elif nr == 3:
-        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 3, layout)
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 3)
     elif nr == 2:
-        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 2, layout)
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 2)
     else:
-        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 1, layout)
+        _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, 1)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr, layout):
-    """:func:`_values_fused` for rows ``r0 .. r0 + nr - 1`` (``nr`` <= 4) and unpacked positions ``c .. c + 63``,
-    ``nr`` and ``layout`` literals. Position ``p`` is code ``p // units`` (the plane) of byte ``p % units``, so each
-    sixteen positions are one plane of a run of sixteen bytes; the run's two 8-byte halves take their value groups'
-    scale and zero (:func:`~.simd.pick16`). ``layout`` 16 (``units == 16``: one run, four planes) or 32 (two runs, two
-    planes): each run is loaded and its scale picked once per token; 0: four (run, plane) pairs of any ``units``."""
+def _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, r0, c, nr):
+    """:func:`_values_fused` for rows ``r0 .. r0 + nr - 1`` (``nr`` <= 4, a literal) and unpacked positions ``c .. c +
+    63``. Position ``p`` is code ``p // units`` (the plane) of byte ``p % units``, so each sixteen positions are one
+    plane of a run of sixteen bytes; the run's two 8-byte halves take their value groups' scale and zero
+    (:func:`~.simd.pick16`). Four (run, plane) pairs of any ``units``: rows of 16 or 32 bytes read one run twice or
+    four times per token. Special-casing them (one load and one pick per run, session 36) tripled the copies numba
+    compiles; without it the kernel measured 0.96-1.01x as fast (2-bit rows and single query rows lose most; session
+    37)."""
     mask = 15 if bits == 4 else 3
     w = uint64(bits)
-    if layout == 16:
-        a0 = a1 = a2 = a3 = _0
-        k0 = c // _16
-        k1, k2, k3 = k0 + _1, k0 + _2, k0 + _3
-    elif layout == 32:
-        a0, a1, a2, a3 = _0, _16, _0, _16
-        k0 = c // _32
-        k1, k2, k3 = k0, k0 + _1, k0 + _1
-    else:
-        a0, a1, a2, a3 = c % units, (c + _16) % units, (c + _32) % units, (c + _48) % units
-        k0, k1, k2, k3 = c // units, (c + _16) // units, (c + _32) // units, (c + _48) // units
+    a0, a1, a2, a3 = c % units, (c + _16) % units, (c + _32) % units, (c + _48) % units
+    k0, k1, k2, k3 = c // units, (c + _16) // units, (c + _32) // units, (c + _48) // units
     s0, s1, s2, s3 = k0 * w, k1 * w, k2 * w, k3 * w
     g0, g1, g2, g3 = run_group[a0 >> _3], run_group[a1 >> _3], run_group[a2 >> _3], run_group[a3 >> _3]
     h0, h1 = run_group[(a0 >> _3) + _1], run_group[(a1 >> _3) + _1]
@@ -625,24 +627,10 @@ def _values_rows(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc,
         x30, x31, x32, x33 = _load4(acc, r3, c)
     for i in range(nt):
         t, j = ta + i, i * ngroups
-        if layout == 16:  # one run: its scale and zero serve the four planes
-            sv, zv = pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0)
-            v0 = fma16(codes16(vp, t, _0, s0, mask), sv, zv)
-            v1 = fma16(codes16(vp, t, _0, s1, mask), sv, zv)
-            v2 = fma16(codes16(vp, t, _0, s2, mask), sv, zv)
-            v3 = fma16(codes16(vp, t, _0, s3, mask), sv, zv)
-        elif layout == 32:  # two runs, two planes each
-            sv, zv = pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0)
-            su, zu = pick16(scales, j, g1, h1), pick16(zeros, j, g1, h1)
-            v0 = fma16(codes16(vp, t, _0, s0, mask), sv, zv)
-            v1 = fma16(codes16(vp, t, _16, s0, mask), su, zu)
-            v2 = fma16(codes16(vp, t, _0, s2, mask), sv, zv)
-            v3 = fma16(codes16(vp, t, _16, s2, mask), su, zu)
-        else:
-            v0 = fma16(codes16(vp, t, a0, s0, mask), pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0))
-            v1 = fma16(codes16(vp, t, a1, s1, mask), pick16(scales, j, g1, h1), pick16(zeros, j, g1, h1))
-            v2 = fma16(codes16(vp, t, a2, s2, mask), pick16(scales, j, g2, h2), pick16(zeros, j, g2, h2))
-            v3 = fma16(codes16(vp, t, a3, s3, mask), pick16(scales, j, g3, h3), pick16(zeros, j, g3, h3))
+        v0 = fma16(codes16(vp, t, a0, s0, mask), pick16(scales, j, g0, h0), pick16(zeros, j, g0, h0))
+        v1 = fma16(codes16(vp, t, a1, s1, mask), pick16(scales, j, g1, h1), pick16(zeros, j, g1, h1))
+        v2 = fma16(codes16(vp, t, a2, s2, mask), pick16(scales, j, g2, h2), pick16(zeros, j, g2, h2))
+        v3 = fma16(codes16(vp, t, a3, s3, mask), pick16(scales, j, g3, h3), pick16(zeros, j, g3, h3))
         x = splat16(sc[r0, i])
         x00, x01, x02, x03 = fma16(x, v0, x00), fma16(x, v1, x01), fma16(x, v2, x02), fma16(x, v3, x03)
         if nr > 1:
@@ -993,10 +981,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
             if vvec and WIDE and vunits % _16 == 0 and ngv <= _16 and pv % _64 == 0:  # no scratch row
-                if vbits == 4:
-                    _values_fused(vp, ta, iv, 4, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
-                else:
-                    _values_fused(vp, ta, iv, 2, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
+                _values_fused_call(vp, ta, iv, uint64(vbits), vunits, vsc, vze, ngv, vrun, sc, acc, pv)
             elif vvec:  # vf holds the values themselves
                 if vbits == 4:  # a literal width: LLVM folds the width's branches out of the loops
                     _unpack_vec(vp, ta, iv, 4, vunits, vsc, vze, ngv, vrun, vf)
