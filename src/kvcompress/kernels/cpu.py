@@ -44,7 +44,7 @@ channel. Nothing is dequantized to memory:
   Compile time (session 37): numba inlines by copying IR, once per literal variant and call site, so the path is
   inlined only into the whole-block loop (one copy per width and row count, any row length) and called from the
   general loop (:func:`_values_fused_call`); ``kivi_layer_serial``'s first call with an empty numba cache 331 s ->
-  107 s, the kernel's speed unchanged within 1-4 %.
+  107 s, the kernel 0.96-1.01x as fast as with session 36's 48 copies.
 * **softmax** is online per block of one key group (max, rescale only when the max grows), with a vectorizable
   polynomial ``exp`` (relative error < 2e-7) instead of one libm call per score; padding (``valid``) is masked.
 * **threads**: the context of every (batch, KV head) is split into token ranges (multiples of ``G``) that run under
@@ -567,7 +567,7 @@ def _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc
     (:func:`_values_rows`), so a token's codes are converted once per four rows; the accumulators (four per row and
     64 positions) stay in registers over the tokens. The same arithmetic as unpacking to a scratch row and adding
     from it (bit-identical results); the whole kernel 1.07-1.10x faster on a Zen 5 host (session 36). Each inlined copy
-    costs numba ~5 s to compile: inline it in one place per width (see the module docstring)."""
+    costs numba ~3-5 s to compile: inline it in one place per width (see the module docstring)."""
     rows = uint64(acc.shape[0])
     for r0 in range(_0, rows, _4):
         nr = min(_4, rows - r0)
@@ -581,7 +581,7 @@ def _values_fused_call(vp, ta, nt, bits, units, scales, zeros, ngroups, run_grou
     """:func:`_values_fused` compiled once on its own and called, ``bits`` a value: for the general block loop of
     :func:`_attend_range` (masks, multipliers, partial blocks). Inlined there like in :func:`_whole_blocks` it
     doubled numba's compile time (session 37). Called, it measured 0.98x the inlined copy on masked blocks there, and
-    ~0.94x in the whole-block loop, which therefore keeps its inlined copies."""
+    0.94-0.97x in the whole-block loop, which therefore keeps its inlined copies."""
     _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, pv)
 
 
