@@ -199,6 +199,21 @@ def test_whole_blocks_equal_dequantize_then_attend(bits, d, gv, rows, n, tails, 
     check_partials(acc, m, l, args[0], ref_k, ref_v, None)
 
 
+@needs_numba
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("d,gv,rows", [(64, 32, (3, 1)), (128, 64, (1, 5))])
+@pytest.mark.parametrize("padding", ["shared", "per-head"])
+@pytest.mark.parametrize("mult", [False, True])
+def test_general_loop_values_equal_dequantize_then_attend(bits, d, gv, rows, padding, mult):
+    """The layouts of the whole-block test with padding and / or MiniCache's multipliers, so every block takes the
+    kernel's general loop, whose values go through the compiled copy of the fused value path where the target has
+    AVX-512 (``cpu._values_fused_call``; session 37) and through the scratch row elsewhere."""
+    case = kivi_case((bits, bits, d, 32, gv), 100, (0, 3), 2, 2, rows[0], rows[1], padding, bits * d + len(padding))
+    args, tails_kw, (ref_k, ref_v) = with_multipliers(*case, bits + d) if mult else case
+    acc, m, l = kernels.kivi_attention(*args, **tails_kw)
+    check_partials(acc, m, l, args[0], ref_k, ref_v, args[-1])
+
+
 @st.composite
 def per_token_key_layouts(draw):
     """(k_bits, v_bits, d, Gk, Gv): keys quantized per token in groups of ``Gk`` channels, both groups dividing ``d``
