@@ -64,8 +64,7 @@ def run(mod):
 
 a, b = run(old), run(cpu)
 print(f"bits {bits}, {rows} rows{', masked' if masked else ''}: max |acc| difference {np.abs(a[0] - b[0]).max():.2e} "
-      f"of max |acc| "
-      f"{np.abs(a[0]).max():.3g}; max relative l difference {np.abs(a[2] / b[2] - 1).max():.1e}")
+      f"of max |acc| {np.abs(a[0]).max():.3g}; max relative l difference {np.abs(a[2] / b[2] - 1).max():.1e}")
 times = {"rev": [], "tree": []}
 for k in range(rounds):
     for name, mod in (("rev", old), ("tree", cpu)) if k % 2 == 0 else (("tree", cpu), ("rev", old)):
