@@ -558,6 +558,15 @@ def _store4(x0, x1, x2, x3, arr, r, c):
     store16(x0, arr, r, c), store16(x1, arr, r, c + _16), store16(x2, arr, r, c + _32), store16(x3, arr, r, c + _48)
 
 
+@njit(cache=True, inline="always")
+def _fused_values_apply(vunits, ngv, pv):
+    """Whether :func:`_values_fused` serves a value row of ``vunits`` bytes in ``ngv`` groups, unpacked to ``pv``
+    positions: AVX-512 (:data:`~.lookup.WIDE`), whole 16-byte runs, at most 16 groups (:func:`~.simd.pick16`) and 64
+    positions at a time. The one check of both call sites; each has already checked that the codes are 2 or 4 bits in
+    vector planes (:func:`_vector_planes`)."""
+    return WIDE and vunits % _16 == 0 and ngv <= _16 and pv % _64 == 0
+
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _values_fused(vp, ta, nt, bits, units, scales, zeros, ngroups, run_group, sc, acc, pv):
     """:func:`_unpack_vec16` and :func:`_values_vec16` in one pass, no scratch row: ``acc[r, :pv] += sc[r, i] *
@@ -803,7 +812,7 @@ def _whole_blocks_of(bits, q, qp, kp, ks, kz, kchan, vp, vs, vz, ngv, vrun, g0, 
         _softmax_block(sc, nt, ones, m, l, acc, none, none, ebits, escale)
         _halves(vs, ta * ngv, nt * ngv, hbits, hfloat, vsc)
         _halves(vz, ta * ngv, nt * ngv, hbits, hfloat, vze)
-        if WIDE and vunits % _16 == 0 and ngv <= _16:
+        if _fused_values_apply(vunits, ngv, pv):
             _values_fused(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, sc, acc, pv)
         else:
             _unpack_vec(vp, ta, nt, bits, vunits, vsc, vze, ngv, vrun, vf)
@@ -980,7 +989,7 @@ def _attend_range(q, kp, ks, kz, kbits, kgroup, kpt, kchan, nk, kr, vp, vs, vz, 
         if iv > 0:
             _halves(vs, ta * ngv, iv * ngv, hbits, hfloat, vsc)
             _halves(vz, ta * ngv, iv * ngv, hbits, hfloat, vze)
-            if vvec and WIDE and vunits % _16 == 0 and ngv <= _16 and pv % _64 == 0:  # no scratch row
+            if vvec and _fused_values_apply(vunits, ngv, pv):  # no scratch row
                 _values_fused_call(vp, ta, iv, uint64(vbits), vunits, vsc, vze, ngv, vrun, sc, acc, pv)
             elif vvec:  # vf holds the values themselves
                 if vbits == 4:  # a literal width: LLVM folds the width's branches out of the loops
