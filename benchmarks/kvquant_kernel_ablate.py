@@ -46,6 +46,8 @@ PIECES = {
     "value dequantization": [("                _dequant_vec(vbits,", "                if False: _dequant_vec(vbits,")],
     "scores": [("                _scores_vec(qb[hh]", "                if False: _scores_vec(qb[hh]")],
     "value accumulation": [("                _values_vec(vf[hh]", "                if False: _values_vec(vf[hh]")],
+    "fused value outliers": [("            outliers = vcounts.shape[2] > 0\n", "            outliers = False\n")],
+    "fused values": [("                _level_values(vbits,", "                if False: _level_values(vbits,")],
 }
 
 
@@ -148,8 +150,10 @@ def main() -> None:
                np.empty((1, HEADS, ROWS), np.float32))
         calls.append((qg, *streams, kernels._column_map(DIM, HEADS), *rotation, kernels._ALL_VALID, n, n,
                       *kernels._NO_TAIL, *out))
-    for module in modules.values():  # compile
+    first = {}
+    for name, module in modules.items():  # compile, and keep each variant's output of the first layer
         module.kvquant_layer_serial(*calls[0])
+        first[name] = [a.copy() for a in calls[0][-3:]]
     times = {name: [] for name in modules}
     for _ in range(args.rounds):
         for name, module in modules.items():
@@ -165,6 +169,11 @@ def main() -> None:
     for name, t in times.items():
         best = min(t)
         print(f"| {name} | {best:.1f} | {best * 1e6 / per:.1f} | {best / base:.2f}x |")
+    ref = first["this tree"]
+    for name, out in first.items():
+        if name != "this tree":  # switched-off pieces differ by design; a revision should not
+            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(out, ref))
+            print(f"- {name}: first layer's (acc, m, l) max |diff| against this tree {diff:.3g}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,27 @@ def test_kvquant_kernel_equals_dequantize_then_attend(bits, d, appends, b, kv, g
 
 
 @needs_numba
+@pytest.mark.parametrize("vbits", [2, 3, 4])
+@pytest.mark.parametrize("d,kv,group,q", [(64, 3, 3, 1), (128, 1, 5, 1), (64, 2, 2, 2)])
+@pytest.mark.parametrize("b,padding", [(1, "none"), (1, "per-head"), (2, "shared"), (2, "all"), (2, "head block")])
+def test_fused_values_with_outliers_equal_dequantize_then_attend(vbits, d, kv, group, q, b, padding):
+    """Values of every width, ``d`` a multiple of 64 and 10 % outliers: where the target has AVX-512 they take the
+    fused value path (``kvquant_cpu._level_values``: levels added from registers, no scratch block) with the outliers
+    added as corrections (``_value_outliers``, one batch row's carried offsets or two rows' CSR pointers). Query rows
+    3, 5 (four, then one) and 4 per KV head; 200 tokens (a whole block of 128 and a partial one); padding per head,
+    shared, a whole padded batch row, and the last KV head blind to the first block while the others see it (its
+    weights there are not computed, so its outliers must be skipped: a head with no visible token in a block)."""
+    mask = "none" if padding == "head block" else padding
+    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((3, vbits), d, [150, 50], b, kv, group, q, True, 0.1,
+                                                           "token", "start", mask, 7 * vbits + d)
+    if padding == "head block":
+        valid = torch.ones(b, kv, n, dtype=torch.bool)
+        valid[:, -1, :128] = False
+    acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
+    check_partials(acc, m, l, qg, ref_k, ref_v, valid)
+
+
+@needs_numba
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("lanes", [8, 16])

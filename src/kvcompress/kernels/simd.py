@@ -415,3 +415,29 @@ def fill16_u8(typingctx, arr, off, value):
         return context.get_dummy_value()
 
     return types.void(arr, off, value), codegen
+
+
+#: the bits :func:`take_marked16` reads as "no outlier here": a quiet NaN whose low payload bits no fp16 value's
+#: float32 form has (an fp16 NaN keeps its payload in bits 13-22), so a stored NaN outlier is still taken
+MARK = 0x7FC0DEAD
+
+
+@intrinsic
+def take_marked16(typingctx, arr, row, col, v, reset):
+    """``arr[row, col : col + 16]`` where a lane does not hold :data:`MARK`'s bits, ``v`` where it does; with
+    ``reset`` the sixteen entries are set back to the mark (``arr`` 2-D float32, the row's last axis contiguous). What
+    KVQuant's fused value path patches a token's values with: the block's outliers are scattered into a scratch held
+    at the mark, read back here per sixteen channels, and the mark restored for the next block."""
+    if not _is_2d(arr, types.float32) or v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.bitcast(_element_ptr(context, builder, sig, args, 0), _V16F.as_pointer())
+        held = builder.load(ptr, align=4)
+        mark = ir.Constant(_V16I, [MARK] * 16)
+        free = builder.icmp_unsigned("==", builder.bitcast(held, _V16I), mark)
+        flag = context.cast(builder, args[4], sig.args[4], types.boolean)
+        builder.store(builder.select(flag, builder.bitcast(mark, _V16F), held), ptr, align=4)
+        return builder.select(free, args[3], held)
+
+    return f32x16(arr, row, col, v, reset), codegen
