@@ -37,17 +37,25 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "src/kvcompress/kernels/kvquant_cpu.py"
 HEADS, DIM, ROWS, LAYERS = 3, 64, 3, 30
 
-#: piece -> (text in this tree's kernel, its replacement): the piece's call skipped
+#: piece -> (text in this tree's kernel, its replacement): the piece's call skipped. Where numba's target has AVX-512
+#: the kernel takes the fused pieces (session 38): "keys turned as dequantized" and "fused values" replace key
+#: dequantization plus rotation and value dequantization plus accumulation; the unfused pieces below still run on
+#: AVX2 targets and, for keys, in blocks whose positions jump ("rotation" switched off also switches the fused keys off)
 PIECES = {
     "rotation": [("        if rope:\n            pos0 = ", "        if False:\n            pos0 = ")],
-    "outliers": [("        if kcounts.shape[2] > 0:\n            ke = _outliers", "        if False:\n            ke = _outliers"),
+    "outliers": [("            koutliers = kcounts.shape[2] > 0\n", "            koutliers = False\n"),
+                 ("            if kcounts.shape[2] > 0:\n                ke = _outliers",
+                  "            if False:\n                ke = _outliers"),
+                 ("            outliers = vcounts.shape[2] > 0\n", "            outliers = False\n"),
                  ("        if vcounts.shape[2] > 0:\n            ve = _outliers", "        if False:\n            ve = _outliers")],
-    "key dequantization": [("                _dequant_vec(kbits,", "                if False: _dequant_vec(kbits,")],
+    "key dequantization": [("                _turned_keys(kbits,", "                if False: _turned_keys(kbits,"),
+                           ("                    _dequant_vec(kbits,", "                    if False: _dequant_vec(kbits,")],
     "value dequantization": [("                _dequant_vec(vbits,", "                if False: _dequant_vec(vbits,")],
     "scores": [("                _scores_vec(qb[hh]", "                if False: _scores_vec(qb[hh]")],
     "value accumulation": [("                _values_vec(vf[hh]", "                if False: _values_vec(vf[hh]")],
     "fused value outliers": [("            outliers = vcounts.shape[2] > 0\n", "            outliers = False\n")],
     "fused values": [("                _level_values(vbits,", "                if False: _level_values(vbits,")],
+    "keys turned as dequantized": [("        turned = fused_keys and steady", "        turned = False")],
 }
 
 

@@ -30,7 +30,12 @@ every KV head of the batch row in the same pass (a token's position, rotation an
   stored. The block's value outliers are scattered as before, into a scratch held at a mark (:data:`.simd.MARK`, a
   NaN pattern no fp16 value has); the fused loop takes each sixteen channels from there where they are not the mark
   (:func:`~.simd.take_marked16`) and puts the mark back. Bit for bit the dequantize-to-scratch path's output; the
-  3-bit kernel at 8k 1.14x faster on a Zen 5 host.
+  3-bit kernel at 8k 1.14x faster on a Zen 5 host;
+* **keys turned as they are dequantized** there too, for per-channel pre-RoPE keys in a block of consecutive positions
+  (:func:`_turned_keys`): looked up, scaled, their outliers taken from a marked scratch the same way, turned by their
+  offset's cos/sin and stored once, with no second pass over the block. Bit for bit the same keys; the kernel a
+  further 1.04-1.07x faster. (Session 24 tried this with the outliers added afterwards as turned corrections, which
+  cost what the pass saved; the mark makes them an overwrite again, before the turn.)
 
 The context of each batch row is split into token ranges run under ``numba.prange`` and merged by log-sum-exp
 (flash-decoding), as for KIVI (:mod:`.cpu`, whose score, value and softmax pieces this reuses). :func:`quantize_rows`
@@ -51,8 +56,8 @@ from numba.experimental import structref
 from .cpu import (_0, _1, _2, _3, _4, _8, _16, _32, _48, _64, _FM, _halves, _scratch3, _merge, _scores_block,
                   _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec, fold_query, normalize_into)
 from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
-from .simd import (MARK, fill16_u8, fma8, fma16, load8, load8_1d, load16, load16_1d, mul8, scatter16_cols1,
-                   scatter16_cols2, splat8, splat16, store8, store16, sub8, take_marked16)
+from .simd import (MARK, fill16_u8, fma8, fma16, load8, load8_1d, load16, load16_1d, mul8, mul16, scatter16_cols1,
+                   scatter16_cols2, splat8, splat16, store8, store16, sub8, sub16, take_marked16)
 
 #: tokens dequantized at a time into the scratch (128: the per-block work -- the query turned, the softmax's max and
 #: rescale, the accumulators loaded and stored -- cost 5-7 % more of the whole at 32 than at 64 (session 19); at 3
@@ -352,6 +357,39 @@ def _level_values(bits, w0, w1, tab16, tsf, tof, ta, nt, sc, acc, held, outliers
                 _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, last, r0, c, 1)
 
 
+@njit(cache=True, fastmath=_FM)
+def _turned_keys(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf):
+    """``kf[i, :d]`` = token ``ta + i``'s key (``i < nt``) dequantized per channel and turned by RoPE in one pass:
+    ``lev[code] * cs + co`` (planes as words ``w0``/``w1 (cap, words)``, :func:`_levels_block`; ``cs``/``co (d,)``),
+    the block's outliers in place (``held (>= nt, d)``: the marked scratch they were scattered into, read and marked
+    again by :func:`~.simd.take_marked16` when ``outliers``), then each pair ``(j, j + d/2)`` turned by row ``i`` of
+    ``tc``/``ts (>= nt, d/2)`` (:func:`_rotate_vec`'s arithmetic) and stored once: no second pass over the block. ``d``
+    a multiple of 64, AVX-512 only (:data:`~.lookup.WIDE`); ``tab16 (16,)`` the levels repeated to sixteen lanes."""
+    d = uint64(kf.shape[1])
+    half = d // _2
+    tab = load16_1d(tab16, 0)
+    for i in range(nt):
+        t = ta + i
+        for c in range(_0, half, _16):
+            e = c + half
+            if bits == 3:
+                la = levels3_16(tab, w0, w1, t, c // _32, (c // _16) & _1)
+                lb = levels3_16(tab, w0, w1, t, e // _32, (e // _16) & _1)
+            elif bits == 2:
+                la = levels2_16(tab, w0, w1, t, c // _32, (c // _16) & _1)
+                lb = levels2_16(tab, w0, w1, t, e // _32, (e // _16) & _1)
+            else:
+                la = levels4_16(tab, w0, w1, t, c // _16, 0)
+                lb = levels4_16(tab, w0, w1, t, e // _16, 0)
+            a = fma16(la, load16_1d(cs, c), load16_1d(co, c))
+            b = fma16(lb, load16_1d(cs, e), load16_1d(co, e))
+            if outliers:
+                a, b = take_marked16(held, i, c, a, True), take_marked16(held, i, e, b, True)
+            cc, ss = load16(tc, i, c), load16(ts, i, c)
+            store16(sub16(mul16(a, cc), mul16(b, ss)), kf, i, c)
+            store16(fma16(a, ss, mul16(b, cc)), kf, i, e)
+
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _rotate_vec(kf, i, tc, ts, row, half):
     """Row ``i`` of ``kf (width, d)`` turned by RoPE in vector registers: pairs ``(j, j + half)``, ``half`` a multiple
@@ -529,6 +567,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     # d a multiple of 64 with vpermps: dequantization and rotation in vector registers
     vec = PERMUTE and nd % 64 == 0 and kw0.shape[2] > 0 and vw0.shape[2] > 0
     fused_values = vec and WIDE  # sixteen lanes: values added from their levels in registers (_level_values)
+    fused_keys = fused_values and kper_channel and rope  # ... and keys turned as they are dequantized (_turned_keys)
     klo, khi, vlo, vhi = load8_1d(klev16, 0), load8_1d(klev16, 8), load8_1d(vlev16, 0), load8_1d(vlev16, 8)
     ktab16, vtab16 = np.empty(16, np.float32), np.empty(16, np.float32)  # the levels repeated to sixteen lanes
     for i in range(16):
@@ -558,6 +597,9 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
     vmarks = vflat.view(np.uint32)
     if fused_values:  # vf holds only the outliers of a block, every other entry the mark (_level_values)
         vmarks[:] = MARK
+    kheld = _scratch3(h if fused_keys else 0, width, nd)  # the same for the keys (_turned_keys)
+    kheldflat = kheld.reshape(kheld.size)
+    kheldflat.view(np.uint32)[:] = MARK
     seen = np.zeros(h, np.int64)
     ebits = np.empty(width, np.int32)
     escale = ebits.view(np.float32)
@@ -618,19 +660,7 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             ve += _entries_between(vcounts, ta, ta + nt)
             ta += nt
             continue
-        for hh in range(h):
-            ksel = hh if kts.shape[0] > 1 else 0
-            if vec:
-                _dequant_vec(kbits, kw0[hh], kw1[hh], klo, khi, ktab, kper_channel, cs[hh * nd : hh * nd + nd],
-                             co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], hbuf, hf, tsf, tof)
-            else:
-                _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel,
-                               cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt,
-                               kf[hh])
-        if kcounts.shape[2] > 0:
-            ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kf, kflat, tok, obits, of,
-                                oval)
-        qb = q
+        steady, pos0 = False, np.int64(0)
         if rope:
             pos0 = pos_start + ta if pos_start >= 0 else np.int64(positions[ta])
             steady = pos_start >= 0
@@ -638,6 +668,30 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 steady = True
                 for i in range(nt):
                     steady = steady and np.int64(positions[ta + i]) == pos0 + i
+        turned = fused_keys and steady  # keys turned by their offsets as they are dequantized (_turned_keys)
+        if turned:
+            koutliers = kcounts.shape[2] > 0
+            if koutliers:
+                ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kheld, kheldflat, tok,
+                                     obits, of, oval)
+            for hh in range(h):
+                _turned_keys(kbits, kw0[hh], kw1[hh], ktab16, cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd],
+                             ta, nt, off_c, off_s, kheld[hh], koutliers, kf[hh])
+        else:
+            for hh in range(h):
+                ksel = hh if kts.shape[0] > 1 else 0
+                if vec:
+                    _dequant_vec(kbits, kw0[hh], kw1[hh], klo, khi, ktab, kper_channel, cs[hh * nd : hh * nd + nd],
+                                 co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta, nt, kf[hh], hbuf, hf, tsf, tof)
+                else:
+                    _dequant_block(kbits, kp0[hh], kp1[hh], kw0[hh], kw1[hh], klev16, kper_channel,
+                                   cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd], kts[ksel], kto[ksel], ta,
+                                   nt, kf[hh])
+            if kcounts.shape[2] > 0:
+                ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kf, kflat, tok, obits,
+                                     of, oval)
+        qb = q
+        if rope:
             if steady:
                 # score = (R(-pos0) q) . (R(i) k): the query turned once per block to its first position, each key
                 # by its offset i from the table
@@ -655,9 +709,10 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                             qturn[hh, r, j] = x * use_c[j] + y * use_s[j]
                             qturn[hh, r, j + uhalf] = y * use_c[j] - x * use_s[j]
                 qb = qturn
-                for i in range(nt):
-                    for hh in range(h):
-                        _turn_key(kf[hh], i, off_c, off_s, i, half, vec)
+                if not turned:
+                    for i in range(nt):
+                        for hh in range(h):
+                            _turn_key(kf[hh], i, off_c, off_s, i, half, vec)
             else:  # a jump inside the block: every key turned to its own position (exact cos/sin, or one step on)
                 prev0 = np.int64(-(1 << 62))
                 for i in range(nt):

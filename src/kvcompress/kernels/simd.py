@@ -199,7 +199,7 @@ def _binary(vec_type, name):
 
 #: ``a * b``, ``a + b``, ``a - b`` lane by lane, eight and sixteen lanes
 mul8, add8, sub8 = _binary(f32x8, "fmul"), _binary(f32x8, "fadd"), _binary(f32x8, "fsub")
-mul16, add16 = _binary(f32x16, "fmul"), _binary(f32x16, "fadd")
+mul16, add16, sub16 = _binary(f32x16, "fmul"), _binary(f32x16, "fadd"), _binary(f32x16, "fsub")
 
 
 @intrinsic
