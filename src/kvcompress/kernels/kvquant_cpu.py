@@ -274,8 +274,8 @@ def _dequant_vec(bits, w0, w1, lo, hi, tab, per_channel, cs, co, ts, to, ta, nt,
 def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, reset, r0, c, nr):
     """:func:`_level_values` for query rows ``r0 .. r0 + nr - 1`` (``nr`` <= 4, a literal: LLVM drops the unused
     rows' accumulators) and channels ``c .. c + 63``: per token, the four sixteen-channel runs looked up
-    (``levels*_16``), scaled and offset in registers, then added with each row's weight; the accumulators stay in
-    registers over the tokens."""
+    (``levels*_16``), scaled and offset in registers, the outliers taken from ``held`` (with ``outliers``; the mark
+    put back with ``reset``), then added with each row's weight; the accumulators stay in registers over the tokens."""
     zero = splat16(np.float32(0.0))
     r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
     k2 = c // _32  # 2/3 bits: the 64-bit words of 32 channels; 4 bits: of 16
@@ -334,11 +334,14 @@ def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, re
 
 @njit(cache=True, fastmath=_FM)
 def _level_values(bits, w0, w1, tab16, tsf, tof, ta, nt, sc, acc, held, outliers):
-    """``acc[r, :d] += sc[r, i] * (lev[code] * tsf[i] + tof[i])`` for tokens ``ta + i`` (``i < nt``) of one KV head's
-    value codes (planes as words ``w0``/``w1 (cap, words)``, :func:`_levels_block`), outliers aside: the values are
-    never stored (no scratch block), :func:`_dequant_vec` and :func:`kvcompress.kernels.cpu._values_vec16` in one pass.
-    ``tab16 (16,)`` the levels repeated to sixteen lanes, ``tsf``/``tof (>= nt,)`` the tokens' ranges decoded,
-    ``sc (rows, >= nt)`` the weights, ``acc (rows, d)``; ``d`` a multiple of 64, AVX-512 only (:data:`~.lookup.WIDE`).
+    """``acc[r, :d] += sc[r, i] * v[i]`` for tokens ``ta + i`` (``i < nt``) of one KV head's values, ``v = lev[code] *
+    tsf[i] + tof[i]`` (planes as words ``w0``/``w1 (cap, words)``, :func:`_levels_block`) except where ``held (>= nt,
+    d)`` holds an outlier (with ``outliers``: the block's outliers scattered into a scratch otherwise at
+    :data:`~.simd.MARK`, which the last pass over the tokens puts back; :func:`~.simd.take_marked16`). The values are
+    never stored: :func:`_dequant_vec` and :func:`kvcompress.kernels.cpu._values_vec16` in one pass, the same
+    arithmetic. ``tab16 (16,)`` the levels repeated to sixteen lanes, ``tsf``/``tof (>= nt,)`` the tokens' ranges
+    decoded, ``sc (rows, >= nt)`` the weights, ``acc (rows, d)``; ``d`` a multiple of 64, AVX-512 only
+    (:data:`~.lookup.WIDE`).
     Compiled on its own and called once per block and head (its four row counts inlined here, not into the kernel:
     numba's compile time grows with every inlined copy, see :mod:`.cpu`)."""
     rows, d = uint64(acc.shape[0]), uint64(acc.shape[1])
