@@ -53,8 +53,9 @@ import numpy as np
 from numba import njit, prange, types, uint64
 from numba.experimental import structref
 
-from .cpu import (_0, _1, _2, _3, _4, _8, _16, _32, _48, _64, _FM, _halves, _scratch3, _merge, _scores_block,
-                  _scores_vec, _softmax_block, _two_byte_floats, _values_block, _values_vec, fold_query, normalize_into)
+from .cpu import (_0, _1, _2, _3, _4, _8, _16, _32, _48, _64, _FM, _halves, _load4, _scratch3, _merge, _scores_block,
+                  _scores_vec, _softmax_block, _store4, _two_byte_floats, _values_block, _values_vec, fold_query,
+                  normalize_into)
 from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
 from .simd import (MARK, fill16_u8, fma8, fma16, load8, load8_1d, load16, load16_1d, mul8, mul16, scatter16_cols1,
                    scatter16_cols2, splat8, splat16, store8, store16, sub8, sub16, take_marked16)
@@ -280,18 +281,14 @@ def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, re
     r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
     k2 = c // _32  # 2/3 bits: the 64-bit words of 32 channels; 4 bits: of 16
     k4 = c // _16
-    x00, x01 = load16(acc, r0, c), load16(acc, r0, c + _16)
-    x02, x03 = load16(acc, r0, c + _32), load16(acc, r0, c + _48)
+    x00, x01, x02, x03 = _load4(acc, r0, c)
     x10 = x11 = x12 = x13 = x20 = x21 = x22 = x23 = x30 = x31 = x32 = x33 = zero
     if nr > 1:
-        x10, x11 = load16(acc, r1, c), load16(acc, r1, c + _16)
-        x12, x13 = load16(acc, r1, c + _32), load16(acc, r1, c + _48)
+        x10, x11, x12, x13 = _load4(acc, r1, c)
     if nr > 2:
-        x20, x21 = load16(acc, r2, c), load16(acc, r2, c + _16)
-        x22, x23 = load16(acc, r2, c + _32), load16(acc, r2, c + _48)
+        x20, x21, x22, x23 = _load4(acc, r2, c)
     if nr > 3:
-        x30, x31 = load16(acc, r3, c), load16(acc, r3, c + _16)
-        x32, x33 = load16(acc, r3, c + _32), load16(acc, r3, c + _48)
+        x30, x31, x32, x33 = _load4(acc, r3, c)
     for i in range(nt):
         t = ta + i
         if bits == 3:
@@ -319,17 +316,13 @@ def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, re
         if nr > 3:
             x = splat16(sc[r3, i])
             x30, x31, x32, x33 = fma16(x, v0, x30), fma16(x, v1, x31), fma16(x, v2, x32), fma16(x, v3, x33)
-    store16(x00, acc, r0, c), store16(x01, acc, r0, c + _16), store16(x02, acc, r0, c + _32)
-    store16(x03, acc, r0, c + _48)
+    _store4(x00, x01, x02, x03, acc, r0, c)
     if nr > 1:
-        store16(x10, acc, r1, c), store16(x11, acc, r1, c + _16), store16(x12, acc, r1, c + _32)
-        store16(x13, acc, r1, c + _48)
+        _store4(x10, x11, x12, x13, acc, r1, c)
     if nr > 2:
-        store16(x20, acc, r2, c), store16(x21, acc, r2, c + _16), store16(x22, acc, r2, c + _32)
-        store16(x23, acc, r2, c + _48)
+        _store4(x20, x21, x22, x23, acc, r2, c)
     if nr > 3:
-        store16(x30, acc, r3, c), store16(x31, acc, r3, c + _16), store16(x32, acc, r3, c + _32)
-        store16(x33, acc, r3, c + _48)
+        _store4(x30, x31, x32, x33, acc, r3, c)
 
 
 @njit(cache=True, fastmath=_FM)
