@@ -16,7 +16,8 @@ where the target has it (the kernels take them there only, :data:`kvcompress.ker
 elsewhere.
 
 :func:`scatter16_cols1`/:func:`scatter16_cols2` write up to sixteen of KVQuant's outlier entries (column, fp16 value,
-token) into a block's scratch by one masked scatter (session 27).
+token) into a block's scratch by one masked scatter (session 27); :func:`take_marked16` reads them back into a fused
+loop's registers from a scratch otherwise held at :data:`MARK` (session 38).
 """
 
 from __future__ import annotations
@@ -426,7 +427,7 @@ MARK = 0x7FC0DEAD
 def take_marked16(typingctx, arr, row, col, v, reset):
     """``arr[row, col : col + 16]`` where a lane does not hold :data:`MARK`'s bits, ``v`` where it does; with
     ``reset`` the sixteen entries are set back to the mark (``arr`` 2-D float32, the row's last axis contiguous). What
-    KVQuant's fused value path patches a token's values with: the block's outliers are scattered into a scratch held
+    KVQuant's fused values and turned keys patch a token with: the block's outliers are scattered into a scratch held
     at the mark, read back here per sixteen channels, and the mark restored for the next block."""
     if not _is_2d(arr, types.float32) or v != f32x16:
         return None
