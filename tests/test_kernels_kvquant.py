@@ -172,9 +172,9 @@ def test_keys_turned_as_dequantized_equal_dequantize_then_attend(kbits, rope, d,
 @pytest.mark.parametrize("lanes", [8, 16])
 def test_levels_by_permute_are_the_select_trees(bits, portable, lanes, monkeypatch):
     """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels2/3/4``, eight
-    codes where numba's target has AVX2; ``levels2_16/3_16/4_16``, sixteen codes on a 512-bit register whose table
-    holds the levels repeated, where it has AVX-512; on a target without them their portable lowering, forced here with
-    ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read as words, two words per
+    codes where numba's target has AVX2; ``levels16``, sixteen codes of a width given as a value, on a 512-bit register
+    whose table holds the levels repeated, where it has AVX-512; on a target without them their portable lowering,
+    forced here with ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read as words, two words per
     token, every 8- or 16-code group of a word, codes of every value, levels with both signs."""
     import numpy as np
     from numba import njit
@@ -210,13 +210,8 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, lanes, monkeypat
     def sixteen_at_a_time(bits, w0, w1, tab, n, out):
         table = load16_1d(tab, 0)
         for t in range(n):
-            for k in range(w0.shape[1]):
-                if bits == 4:
-                    store16(lookup.levels4_16(table, w0, w1, t, k, 0), out, t, 16 * k)
-                for g in range(2 if bits != 4 else 0):
-                    x = lookup.levels2_16(table, w0, w1, t, k, g) if bits == 2 else \
-                        lookup.levels3_16(table, w0, w1, t, k, g)
-                    store16(x, out, t, 32 * k + 16 * g)
+            for c in range(0, out.shape[1], 16):
+                store16(lookup.levels16(bits, table, w0, w1, t, c), out, t, c)
 
     rng = np.random.default_rng(bits)
     n, d = 37, 128

@@ -56,7 +56,7 @@ from numba.experimental import structref
 from .cpu import (_0, _1, _2, _3, _4, _8, _16, _32, _48, _64, _FM, _halves, _load4, _scratch3, _merge, _scores_block,
                   _scores_vec, _softmax_block, _store4, _two_byte_floats, _values_block, _values_vec, fold_query,
                   normalize_into)
-from .lookup import PERMUTE, WIDE, levels2, levels2_16, levels3, levels3_16, levels4, levels4_16
+from .lookup import PERMUTE, WIDE, levels2, levels3, levels4, levels16
 from .simd import (MARK, fill16_u8, fma8, fma16, load8, load8_1d, load16, load16_1d, mul8, mul16, scatter16_cols1,
                    scatter16_cols2, splat8, splat16, store8, store16, sub8, sub16, take_marked16)
 
@@ -227,7 +227,7 @@ def _dequant_vec(bits, w0, w1, lo, hi, tab, per_channel, cs, co, ts, to, ta, nt,
     the levels 0-7 / 8-15), scaled and offset there, stored once. Per-token ranges are decoded for the block first
     (:func:`kvcompress.kernels.cpu._halves`: branch-free; the stored ranges are finite) into ``tsf``/``tof
     (>= nt,)`` float32 (``hbuf``/``hf``: uint32 scratch and its float32 view). Where :data:`~.lookup.WIDE`, sixteen
-    codes at a time (:func:`~.lookup.levels3_16` and siblings; ``tab`` the levels repeated to sixteen lanes)."""
+    codes at a time (:func:`~.lookup.levels16`; ``tab`` the levels repeated to sixteen lanes)."""
     nw = w0.shape[1]
     s = o = splat8(np.float32(0.0))
     if not per_channel:
@@ -235,23 +235,13 @@ def _dequant_vec(bits, w0, w1, lo, hi, tab, per_channel, cs, co, ts, to, ta, nt,
         _halves(to, uint64(ta), uint64(nt), hbuf, hf, tof)
     if WIDE:
         s16 = o16 = splat16(np.float32(0.0))
+        d = uint64(out.shape[1])
         for i in range(nt):
             t = ta + i
             if not per_channel:
                 s16, o16 = splat16(tsf[i]), splat16(tof[i])
-            if bits == 2:
-                for k in range(nw):
-                    for g in range(2):
-                        _put_levels16(levels2_16(tab, w0, w1, t, k, g), per_channel, cs, co, s16, o16, out, i,
-                                      32 * k + 16 * g)
-            elif bits == 3:
-                for k in range(nw):
-                    for g in range(2):
-                        _put_levels16(levels3_16(tab, w0, w1, t, k, g), per_channel, cs, co, s16, o16, out, i,
-                                      32 * k + 16 * g)
-            else:
-                for k in range(nw):
-                    _put_levels16(levels4_16(tab, w0, w1, t, k, 0), per_channel, cs, co, s16, o16, out, i, 16 * k)
+            for c in range(_0, d, _16):
+                _put_levels16(levels16(bits, tab, w0, w1, t, c), per_channel, cs, co, s16, o16, out, i, c)
         return
     for i in range(nt):
         t = ta + i
@@ -275,12 +265,11 @@ def _dequant_vec(bits, w0, w1, lo, hi, tab, per_channel, cs, co, ts, to, ta, nt,
 def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, reset, r0, c, nr):
     """:func:`_level_values` for query rows ``r0 .. r0 + nr - 1`` (``nr`` <= 4, a literal: LLVM drops the unused
     rows' accumulators) and channels ``c .. c + 63``: per token, the four sixteen-channel runs looked up
-    (``levels*_16``), scaled and offset in registers, the outliers taken from ``held`` (with ``outliers``; the mark
-    put back with ``reset``), then added with each row's weight; the accumulators stay in registers over the tokens."""
+    (:func:`~.lookup.levels16`), scaled and offset in registers, the outliers taken from ``held`` (with ``outliers``;
+    the mark put back with ``reset``), then added with each row's weight; the accumulators stay in registers over the
+    tokens."""
     zero = splat16(np.float32(0.0))
     r1, r2, r3 = r0 + _1, r0 + _2, r0 + _3
-    k2 = c // _32  # 2/3 bits: the 64-bit words of 32 channels; 4 bits: of 16
-    k4 = c // _16
     x00, x01, x02, x03 = _load4(acc, r0, c)
     x10 = x11 = x12 = x13 = x20 = x21 = x22 = x23 = x30 = x31 = x32 = x33 = zero
     if nr > 1:
@@ -291,15 +280,8 @@ def _level_rows(bits, w0, w1, tab, tsf, tof, ta, nt, sc, acc, held, outliers, re
         x30, x31, x32, x33 = _load4(acc, r3, c)
     for i in range(nt):
         t = ta + i
-        if bits == 3:
-            l0, l1 = levels3_16(tab, w0, w1, t, k2, 0), levels3_16(tab, w0, w1, t, k2, 1)
-            l2, l3 = levels3_16(tab, w0, w1, t, k2 + _1, 0), levels3_16(tab, w0, w1, t, k2 + _1, 1)
-        elif bits == 2:
-            l0, l1 = levels2_16(tab, w0, w1, t, k2, 0), levels2_16(tab, w0, w1, t, k2, 1)
-            l2, l3 = levels2_16(tab, w0, w1, t, k2 + _1, 0), levels2_16(tab, w0, w1, t, k2 + _1, 1)
-        else:
-            l0, l1 = levels4_16(tab, w0, w1, t, k4, 0), levels4_16(tab, w0, w1, t, k4 + _1, 0)
-            l2, l3 = levels4_16(tab, w0, w1, t, k4 + _2, 0), levels4_16(tab, w0, w1, t, k4 + _3, 0)
+        l0, l1 = levels16(bits, tab, w0, w1, t, c), levels16(bits, tab, w0, w1, t, c + _16)
+        l2, l3 = levels16(bits, tab, w0, w1, t, c + _32), levels16(bits, tab, w0, w1, t, c + _48)
         s, o = splat16(tsf[i]), splat16(tof[i])
         v0, v1, v2, v3 = fma16(l0, s, o), fma16(l1, s, o), fma16(l2, s, o), fma16(l3, s, o)
         if outliers:  # the block's outliers in place of their channels' levels
@@ -368,15 +350,7 @@ def _turned_keys(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf
         t = ta + i
         for c in range(_0, half, _16):
             e = c + half
-            if bits == 3:
-                la = levels3_16(tab, w0, w1, t, c // _32, (c // _16) & _1)
-                lb = levels3_16(tab, w0, w1, t, e // _32, (e // _16) & _1)
-            elif bits == 2:
-                la = levels2_16(tab, w0, w1, t, c // _32, (c // _16) & _1)
-                lb = levels2_16(tab, w0, w1, t, e // _32, (e // _16) & _1)
-            else:
-                la = levels4_16(tab, w0, w1, t, c // _16, 0)
-                lb = levels4_16(tab, w0, w1, t, e // _16, 0)
+            la, lb = levels16(bits, tab, w0, w1, t, c), levels16(bits, tab, w0, w1, t, e)
             a = fma16(la, load16_1d(cs, c), load16_1d(co, c))
             b = fma16(lb, load16_1d(cs, e), load16_1d(co, e))
             if outliers:

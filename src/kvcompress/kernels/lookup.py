@@ -12,7 +12,7 @@ codes from 61 to 44 instructions, the kernel at 8k to 0.88x of its time (session
 (another architecture, or ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` naming a CPU without it) the same intrinsics emit
 a portable lowering (one load per lane), and the kernels do not call them: :data:`PERMUTE` is False there.
 
-Where the target has AVX-512 (:data:`WIDE`), ``levels2_16``/``levels3_16``/``levels4_16`` look sixteen codes up at
+Where the target has AVX-512 (:data:`WIDE`), :func:`levels16` (the width a value) looks sixteen codes up at
 once: one ``vpermps`` on a 512-bit register whose sixteen entries hold the levels repeated (3 bits: the eight levels
 twice), so a code's bits above its own width may be left as they are, and a 4-bit codebook needs no second table and
 select. The decode loop then takes about half the instructions: the 3-bit kernel at 8k measured 4-5 % faster (session
@@ -164,25 +164,25 @@ def _permute16(builder, table, idx):
     return out
 
 
-def _codes16(context, builder, sig, bits, w0, w1, t, k, g):
+def _codes16(context, builder, w0ty, w1ty, bits, w0, w1, t, k, g):
     """``<16 x i32>`` indices into a 16-entry table for codes ``16*g .. 16*g + 15`` of the 64-bit word ``k`` of row
-    ``t`` (2 and 3 bits: ``g`` 0 or 1; 4 bits: ``g`` 0, the word's sixteen codes). Only the low 4 bits of a lane
-    count, and for 2 and 3 bits only the code's own bits are set right above garbage: the table holds the levels
-    repeated (:func:`_levels16`), so the garbage bits pick the same level. As :func:`_codes`, words are read from
-    memory and broadcast."""
+    ``t`` (2 and 3 bits: ``g`` 0 or 1; 4 bits: ``g`` 0, the word's sixteen codes); ``w0ty``/``w1ty`` the planes'
+    numba types. Only the low 4 bits of a lane count, and for 2 and 3 bits only the code's own bits are set right
+    above garbage: the table holds the levels repeated (:func:`levels16`), so the garbage bits pick the same level.
+    As :func:`_codes`, words are read from memory and broadcast."""
     if bits == 4:  # the two 32-bit halves of the word: lanes 0-7 from the low one, 8-15 from the high one
-        lo = _row_word(context, builder, sig.args[1], w0, t, builder.mul(k, ir.Constant(_I64, 2)))
-        hi = _row_word(context, builder, sig.args[1], w0, t,
+        lo = _row_word(context, builder, w0ty, w0, t, builder.mul(k, ir.Constant(_I64, 2)))
+        hi = _row_word(context, builder, w0ty, w0, t,
                        builder.add(builder.mul(k, ir.Constant(_I64, 2)), ir.Constant(_I64, 1)))
         pair = builder.insert_element(builder.insert_element(ir.Constant(_V16I, None), lo, ir.Constant(_I32, 0)), hi,
                                       ir.Constant(_I32, 1))
         both = builder.shuffle_vector(pair, ir.Constant(_V16I, None), ir.Constant(_V16I, [0] * 8 + [1] * 8))
         return builder.lshr(both, ir.Constant(_V16I, [4 * c for c in range(8)] * 2))
-    word = _row_word(context, builder, sig.args[1], w0, t, builder.add(builder.mul(k, ir.Constant(_I64, 2)), g))
+    word = _row_word(context, builder, w0ty, w0, t, builder.add(builder.mul(k, ir.Constant(_I64, 2)), g))
     low = builder.lshr(_splat(builder, word, _V16I), ir.Constant(_V16I, [2 * c for c in range(16)]))
     if bits == 2:
         return low
-    high = _splat(builder, _row_word(context, builder, sig.args[2], w1, t, k), _V16I)
+    high = _splat(builder, _row_word(context, builder, w1ty, w1, t, k), _V16I)
     amount = builder.add(_splat(builder, builder.mul(builder.trunc(g, _I32), ir.Constant(_I32, 16)), _V16I),
                          ir.Constant(_V16I, [c - 2 for c in range(16)]))
     amount = builder.and_(amount, ir.Constant(_V16I, [31] * 16))
@@ -195,28 +195,45 @@ def _codes16(context, builder, sig, bits, w0, w1, t, k, g):
     return builder.xor(hb, builder.and_(builder.xor(hb, low), ir.Constant(_V16I, [3] * 16)))
 
 
-def _levels16(bits):
-    """An intrinsic ``(table, w0, w1, t, k, g) -> f32x16``: the levels of sixteen codes of token ``t``'s row
-    (:func:`_codes16`; planes as :func:`_levels`), ``table`` the ``2**bits`` levels repeated to sixteen lanes
-    (``table[i] = levels[i % 2**bits]``)."""
+@intrinsic
+def levels16(typingctx, bits, table, w0, w1, t, c):
+    """``(bits, table, w0, w1, t, c) -> f32x16``: the levels of channels ``c .. c + 15`` (``c`` a multiple of 16) of
+    token ``t``'s row of ``bits``-bit codes (2, 3 or 4; planes as :func:`_levels`: ``w0 (cap, words)``, for 3 bits the
+    1-bit plane ``w1``), ``table`` the ``2**bits`` levels repeated to sixteen lanes (``table[i] = levels[i %
+    2**bits]``), looked up by one ``vpermps`` (:func:`_codes16`).
 
-    @intrinsic
-    def levels(typingctx, table, w0, w1, t, k, g):
-        if table != f32x16 or not all(isinstance(a, types.Array) and a.ndim == 2 for a in (w0, w1)):
-            return None
-        sig = f32x16(table, w0, w1, t, k, g)
+    ``bits`` is a value: the three widths are three branches joined by a phi, so the kernels write one call where they
+    wrote a branch per width (LLVM takes the branch out of a loop where ``bits`` does not change, as it did for the
+    kernels' own branches: outputs and speed unchanged, session 39). 2 and 3 bits: channel ``c`` is in the 64-bit word
+    ``c // 32``, half ``(c // 16) % 2``; 4 bits: word ``c // 16``. Nothing is bounds-checked."""
+    if table != f32x16 or not all(isinstance(a, types.Array) and a.ndim == 2 for a in (w0, w1)):
+        return None
+    if not all(isinstance(a, types.Integer) for a in (bits, t, c)):
+        return None
+    sig = f32x16(bits, table, w0, w1, t, c)
 
-        def codegen(context, builder, signature, args):
-            t_v, k_v, g_v = (context.cast(builder, v, ty, types.int64) for v, ty in zip(args[3:], signature.args[3:]))
-            return _permute16(builder, args[0], _codes16(context, builder, signature, bits, args[1], args[2], t_v, k_v,
-                                                         g_v))
+    def codegen(context, builder, signature, args):
+        width, t_v, c_v = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (0, 4, 5))
+        w0ty, w1ty = signature.args[2], signature.args[3]
+        word32, half = builder.lshr(c_v, ir.Constant(_I64, 5)), builder.lshr(c_v, ir.Constant(_I64, 4))
+        where = {2: (word32, builder.and_(half, ir.Constant(_I64, 1))), 3: None, 4: (half, ir.Constant(_I64, 0))}
+        where[3] = where[2]
+        done = builder.append_basic_block("levels16.done")
+        cases = {b: builder.append_basic_block(f"levels16.bits{b}") for b in (2, 3, 4)}
+        switch = builder.switch(width, cases[4])  # anything but 2 or 3 is 4 bits (the callers check the width)
+        switch.add_case(ir.Constant(_I64, 2), cases[2])
+        switch.add_case(ir.Constant(_I64, 3), cases[3])
+        got = []
+        for b, block in cases.items():
+            builder.position_at_end(block)
+            k, g = where[b]
+            got.append((_permute16(builder, args[1], _codes16(context, builder, w0ty, w1ty, b, args[2], args[3], t_v,
+                                                              k, g)), builder.block))
+            builder.branch(done)
+        builder.position_at_end(done)
+        levels = builder.phi(_V16F)
+        for value, block in got:
+            levels.add_incoming(value, block)
+        return levels
 
-        return sig, codegen
-
-    return levels
-
-
-#: sixteen codes of a row to their levels, in one register (see :func:`_levels16`)
-levels2_16 = _levels16(2)
-levels3_16 = _levels16(3)
-levels4_16 = _levels16(4)
+    return sig, codegen
