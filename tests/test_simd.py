@@ -69,14 +69,21 @@ def test_intrinsics_equal_numpy():
 
 @pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("count", [0, 1, 5, 16])
-def test_outlier_scatter_writes_its_count_and_nothing_else(width, count):
+@pytest.mark.parametrize("wide", [True, False])
+def test_outlier_scatter_writes_its_count_and_nothing_else(width, count, wide, monkeypatch):
     """``scatter16_cols1``/``scatter16_cols2`` against numpy: entries ``e + j ..`` land at ``col + (col >> shift) *
     gap + token * d`` with their fp16 value (a subnormal, -0.0, inf and NaN among them), every other element keeps its
-    sentinel -- also the places the entries after ``count`` would have gone (the mask covers loads and stores). Runs
-    on any target (the generic lowering where there is no AVX-512)."""
+    sentinel -- also the places the entries after ``count`` would have gone (the mask covers loads and stores). Both
+    lowerings: AVX-512's ``vscatterdps`` with 32-bit offsets (``wide``, where the target has it) and the generic masked
+    scatter of 64-bit addresses (forced here where it does not run by itself)."""
     from numba import njit
 
+    from kvcompress.kernels import lookup
     from kvcompress.kernels.simd import scatter16_cols1, scatter16_cols2
+
+    if wide and not lookup.WIDE:
+        pytest.skip("numba's target has no AVX-512")
+    monkeypatch.setattr(lookup, "WIDE", wide)  # read when ``run`` below is compiled
 
     scatter = scatter16_cols1 if width == 1 else scatter16_cols2
 
