@@ -342,14 +342,39 @@ def _turned_keys(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf
     the block's outliers in place (``held (>= nt, d)``: the marked scratch they were scattered into, read and marked
     again by :func:`~.simd.take_marked16` when ``outliers``), then each pair ``(j, j + d/2)`` turned by row ``i`` of
     ``tc``/``ts (>= nt, d/2)`` (:func:`_rotate_vec`'s arithmetic) and stored once: no second pass over the block. ``d``
-    a multiple of 64, AVX-512 only (:data:`~.lookup.WIDE`); ``tab16 (16,)`` the levels repeated to sixteen lanes."""
-    d = uint64(kf.shape[1])
-    half = d // _2
+    a multiple of 64, AVX-512 only (:data:`~.lookup.WIDE`); ``tab16 (16,)`` the levels repeated to sixteen lanes.
+
+    The width and, for ``d`` 64 or 128, the row length reach :func:`_turned_rows` as literals: LLVM then drops the
+    width's branch from the token loop and unrolls the channel loop with every word offset and shift a constant (it
+    had not taken the branch out, and the channel loop ran two iterations per token for ``d = 64``)."""
+    if bits == 3:
+        _turned_width(3, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+    elif bits == 2:
+        _turned_width(2, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+    else:
+        _turned_width(4, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _turned_width(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf):
+    """:func:`_turned_keys` for a literal ``bits``: the half row length as a literal where ``d`` is 64 or 128."""
+    half = uint64(kf.shape[1]) // _2
+    if half == 32:
+        _turned_rows(bits, 32, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+    elif half == 64:
+        _turned_rows(bits, 64, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+    else:
+        _turned_rows(bits, half, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _turned_rows(bits, half, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf):
+    """:func:`_turned_keys`' loop over the tokens, ``half = d / 2``."""
     tab = load16_1d(tab16, 0)
     for i in range(nt):
         t = ta + i
-        for c in range(_0, half, _16):
-            e = c + half
+        for c in range(_0, uint64(half), _16):
+            e = c + uint64(half)
             la, lb = levels16(bits, tab, w0, w1, t, c), levels16(bits, tab, w0, w1, t, e)
             a = fma16(la, load16_1d(cs, c), load16_1d(co, c))
             b = fma16(lb, load16_1d(cs, e), load16_1d(co, e))
