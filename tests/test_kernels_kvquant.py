@@ -153,12 +153,13 @@ def test_fused_values_with_outliers_equal_dequantize_then_attend(vbits, d, kv, g
 @needs_numba
 @pytest.mark.parametrize("kbits", [2, 3, 4])
 @pytest.mark.parametrize("rope", ["start", "runs", "explicit"])
-@pytest.mark.parametrize("d,kv,group,b", [(64, 3, 3, 1), (128, 2, 2, 2)])
+@pytest.mark.parametrize("d,kv,group,b", [(64, 3, 3, 1), (128, 2, 2, 2), (256, 1, 4, 1)])
 def test_keys_turned_as_dequantized_equal_dequantize_then_attend(kbits, rope, d, kv, group, b):
     """Per-channel pre-RoPE keys of every width with 10 % outliers, ``d`` a multiple of 64: where the target has
     AVX-512, a block of consecutive positions takes ``kvquant_cpu._turned_keys`` (looked up, outliers taken from their
-    marked scratch, turned and stored in one pass); a block with a jump ("runs": one per row, "explicit": gaps
-    everywhere) takes the dequantize-then-turn path. 300 tokens: three blocks, so an outlier left in the scratch would
+    marked scratch, turned and stored in one pass; ``d`` 64 and 128 with the row length a literal, 256 -- Gemma's MQA
+    shape -- with it a value); a block with a jump ("runs": one per row, "explicit": gaps everywhere) takes the
+    dequantize-then-turn path. 300 tokens: three blocks, so an outlier left in the scratch would
     be read again by the next block."""
     qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((kbits, 3), d, [200, 100], b, kv, group, 1, True, 0.1,
                                                            "token", rope, "none", 11 * kbits + d)
@@ -174,8 +175,8 @@ def test_levels_by_permute_are_the_select_trees(bits, portable, lanes, monkeypat
     """The codebook lookup by ``vpermps`` into a register (:mod:`kvcompress.kernels.lookup`'s ``levels2/3/4``, eight
     codes where numba's target has AVX2; ``levels16``, sixteen codes of a width given as a value, on a 512-bit register
     whose table holds the levels repeated, where it has AVX-512; on a target without them their portable lowering,
-    forced here with ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read as words, two words per
-    token, every 8- or 16-code group of a word, codes of every value, levels with both signs."""
+    forced here with ``portable``) gives every level the select tree gives, bit for bit: 2/3/4-bit planes read as words,
+    two words per token, every 8- or 16-code group of a word, codes of every value, levels with both signs."""
     import numpy as np
     from numba import njit
 
