@@ -159,8 +159,8 @@ def test_keys_turned_as_dequantized_equal_dequantize_then_attend(kbits, rope, d,
     AVX-512, a block of consecutive positions takes ``kvquant_cpu._turned_keys`` (looked up, outliers taken from their
     marked scratch, turned and stored in one pass; ``d`` 64 and 128 with the row length a literal, 256 -- Gemma's MQA
     shape -- with it a value); a block with a jump ("runs": one per row, "explicit": gaps everywhere) takes the
-    dequantize-then-turn path. 300 tokens: three blocks, so an outlier left in the scratch would
-    be read again by the next block."""
+    dequantize-then-turn path. 300 tokens: three blocks, so an outlier left in the scratch would be read again by the
+    next block."""
     qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((kbits, 3), d, [200, 100], b, kv, group, 1, True, 0.1,
                                                            "token", rope, "none", 11 * kbits + d)
     acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)

@@ -34,8 +34,9 @@ every KV head of the batch row in the same pass (a token's position, rotation an
 * **keys turned as they are dequantized** there too, for per-channel pre-RoPE keys in a block of consecutive positions
   (:func:`_turned_keys`): looked up, scaled, their outliers taken from a marked scratch the same way, turned by their
   offset's cos/sin and stored once, with no second pass over the block. Bit for bit the same keys; the kernel a
-  further 1.04-1.07x faster. (Session 24 tried this with the outliers added afterwards as turned corrections, which
-  cost what the pass saved; the mark makes them an overwrite again, before the turn.)
+  further 1.04-1.07x faster (session 39: with the width and row length as literals, 1.03-1.13x more). (Session 24
+  tried this with the outliers added afterwards as turned corrections, which cost what the pass saved; the mark makes
+  them an overwrite again, before the turn.)
 
 The context of each batch row is split into token ranges run under ``numba.prange`` and merged by log-sum-exp
 (flash-decoding), as for KIVI (:mod:`.cpu`, whose score, value and softmax pieces this reuses). :func:`quantize_rows`
@@ -431,9 +432,9 @@ def _angles_at(cur_c, cur_s, step_c, step_s, inv64, pos, exact):
 def _scatter_layout(out, cols):
     """``(shift, gap)`` of :func:`kvcompress.kernels.simd.scatter16_cols1` for a block scratch ``out (h, width, d)``:
     ``d = 2**shift``, ``gap = (width - 1) * d``; ``shift = -1`` where the masked scatter is not taken (no AVX-512 in
-    numba's target, columns wider than two bytes, ``d`` not a power of two)."""
+    numba's target, columns wider than two bytes, ``d`` not a power of two, a scratch past 32-bit offsets)."""
     d = np.int64(out.shape[2])
-    if not WIDE or cols.shape[1] > 2 or d & (d - 1) != 0:
+    if not WIDE or cols.shape[1] > 2 or d & (d - 1) != 0 or out.size >= np.int64(1) << 31:  # 32-bit offsets
         return np.int64(-1), np.int64(0)
     shift = np.int64(0)
     while (np.int64(1) << shift) < d:

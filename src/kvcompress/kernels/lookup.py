@@ -203,9 +203,10 @@ def levels16(typingctx, bits, table, w0, w1, t, c):
     2**bits]``), looked up by one ``vpermps`` (:func:`_codes16`).
 
     ``bits`` is a value: the three widths are three branches joined by a phi, so the kernels write one call where they
-    wrote a branch per width (LLVM takes the branch out of a loop where ``bits`` does not change, as it did for the
-    kernels' own branches: outputs and speed unchanged, session 39). 2 and 3 bits: channel ``c`` is in the 64-bit word
-    ``c // 32``, half ``(c // 16) % 2``; 4 bits: word ``c // 16``. Nothing is bounds-checked."""
+    wrote a branch per width (outputs and speed unchanged, session 39). LLVM leaves the branch inside a loop even where
+    ``bits`` does not change (so did the kernels' own branches); a caller that needs it gone passes a literal width,
+    which folds it (``kvquant_cpu._turned_width``). 2 and 3 bits: channel ``c`` is in the 64-bit word ``c // 32``,
+    half ``(c // 16) % 2``; 4 bits: word ``c // 16``. Nothing is bounds-checked."""
     if table != f32x16 or not all(isinstance(a, types.Array) and a.ndim == 2 for a in (w0, w1)):
         return None
     if not all(isinstance(a, types.Integer) for a in (bits, t, c)):
