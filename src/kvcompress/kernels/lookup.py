@@ -216,9 +216,9 @@ def levels16(typingctx, bits, table, w0, w1, t, c):
     def codegen(context, builder, signature, args):
         width, t_v, c_v = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (0, 4, 5))
         w0ty, w1ty = signature.args[2], signature.args[3]
-        word32, half = builder.lshr(c_v, ir.Constant(_I64, 5)), builder.lshr(c_v, ir.Constant(_I64, 4))
-        where = {2: (word32, builder.and_(half, ir.Constant(_I64, 1))), 3: None, 4: (half, ir.Constant(_I64, 0))}
-        where[3] = where[2]
+        run16 = builder.lshr(c_v, ir.Constant(_I64, 4))  # the sixteen-channel run
+        in_word32 = (builder.lshr(c_v, ir.Constant(_I64, 5)), builder.and_(run16, ir.Constant(_I64, 1)))
+        where = {2: in_word32, 3: in_word32, 4: (run16, ir.Constant(_I64, 0))}  # (64-bit word, half of it)
         done = builder.append_basic_block("levels16.done")
         cases = {b: builder.append_basic_block(f"levels16.bits{b}") for b in (2, 3, 4)}
         switch = builder.switch(width, cases[4])  # anything but 2 or 3 is 4 bits (the callers check the width)
