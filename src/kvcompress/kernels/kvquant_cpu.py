@@ -664,15 +664,36 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                 steady = True
                 for i in range(nt):
                     steady = steady and np.int64(positions[ta + i]) == pos0 + i
+        qb = q
+        if rope and steady:
+            # score = (R(-pos0) q) . (R(i) k): the query turned once per block to its first position, each key by its
+            # offset i from the table
+            exact = not (pos0 == prev0 + BLOCK and blocks_since < EXACT_EVERY // BLOCK)
+            _angles_at(base_c, base_s, jump_c, jump_s, inv64, pos0, exact)
+            blocks_since = 0 if exact else blocks_since + 1
+            prev0 = pos0
+            for j in range(half):
+                use_c[j] = np.float32(base_c[j])
+                use_s[j] = np.float32(base_s[j])
+            for hh in range(h):
+                for r in range(nrows):
+                    for j in range(uhalf):
+                        x, y = q[hh, r, j], q[hh, r, j + uhalf]
+                        qturn[hh, r, j] = x * use_c[j] + y * use_s[j]
+                        qturn[hh, r, j + uhalf] = y * use_c[j] - x * use_s[j]
+            qb = qturn
         turned = fused_keys and steady  # keys turned by their offsets as they are dequantized (_turned_keys)
         if turned:
             koutliers = kcounts.shape[2] > 0
             if koutliers:
                 ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kheld, kheldflat, tok,
                                      obits, of, oval)
-            for hh in range(h):
+            for hh in range(h):  # each head scored right after its keys are made (its rows still in L1)
                 _turned_keys(kbits, kw0[hh], kw1[hh], ktab16, cs[hh * nd : hh * nd + nd], co[hh * nd : hh * nd + nd],
                              ta, nt, off_c, off_s, kheld[hh], koutliers, kf[hh])
+                if seen[hh] > 0:
+                    _scores_vec(qb[hh], bias, kf[hh], uint64(nt), sc[hh], d)
+                    _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         else:
             for hh in range(h):
                 ksel = hh if kts.shape[0] > 1 else 0
@@ -686,30 +707,11 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
             if kcounts.shape[2] > 0:
                 ke = _outliers_block(kcounts, krp, ke, kcols, kvals, colmap, cflat, bi, ta, nt, kf, kflat, tok, obits,
                                      of, oval)
-        qb = q
-        if rope:
-            if steady:
-                # score = (R(-pos0) q) . (R(i) k): the query turned once per block to its first position, each key
-                # by its offset i from the table
-                exact = not (pos0 == prev0 + BLOCK and blocks_since < EXACT_EVERY // BLOCK)
-                _angles_at(base_c, base_s, jump_c, jump_s, inv64, pos0, exact)
-                blocks_since = 0 if exact else blocks_since + 1
-                prev0 = pos0
-                for j in range(half):
-                    use_c[j] = np.float32(base_c[j])
-                    use_s[j] = np.float32(base_s[j])
-                for hh in range(h):
-                    for r in range(nrows):
-                        for j in range(uhalf):
-                            x, y = q[hh, r, j], q[hh, r, j + uhalf]
-                            qturn[hh, r, j] = x * use_c[j] + y * use_s[j]
-                            qturn[hh, r, j + uhalf] = y * use_c[j] - x * use_s[j]
-                qb = qturn
-                if not turned:
-                    for i in range(nt):
-                        for hh in range(h):
-                            _turn_key(kf[hh], i, off_c, off_s, i, half, vec)
-            else:  # a jump inside the block: every key turned to its own position (exact cos/sin, or one step on)
+            if rope and steady:  # each key turned by its offset in the block
+                for i in range(nt):
+                    for hh in range(h):
+                        _turn_key(kf[hh], i, off_c, off_s, i, half, vec)
+            elif rope:  # a jump inside the block: every key turned to its own position (exact cos/sin, or one step on)
                 prev0 = np.int64(-(1 << 62))
                 for i in range(nt):
                     pos = np.int64(positions[ta + i])
@@ -722,14 +724,14 @@ def _attend_range(q, kbits, kp0, kp1, kw0, kw1, klev, kper_channel, kcs, kco, kt
                         tok_s[0, j] = np.float32(cur_s[j] * rope_scale)
                     for hh in range(h):
                         _turn_key(kf[hh], i, tok_c, tok_s, 0, half, vec)
-        for hh in range(h):
-            if seen[hh] == 0:
-                continue
-            if d % 64 == 0:  # in vector registers (eight tokens' dot products reduced at once)
-                _scores_vec(qb[hh], bias, kf[hh], uint64(nt), sc[hh], d)
-            else:
-                _scores_block(qb[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
-            _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
+            for hh in range(h):
+                if seen[hh] == 0:
+                    continue
+                if d % 64 == 0:  # in vector registers (eight tokens' dot products reduced at once)
+                    _scores_vec(qb[hh], bias, kf[hh], uint64(nt), sc[hh], d)
+                else:
+                    _scores_block(qb[hh], bias, kf[hh], uint64(0), uint64(nt), sc[hh], d)
+                _softmax_block(sc[hh], nt, ok[hh], m[hh], l[hh], acc[hh], empty, empty, ebits, escale)
         if fused_values:  # the values never stored: their levels added from registers, the outliers read from vf
             outliers = vcounts.shape[2] > 0
             if outliers:
