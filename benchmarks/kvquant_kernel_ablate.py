@@ -60,6 +60,21 @@ PIECES = {
     "fused value outliers": [("            outliers = vcounts.shape[2] > 0\n", "            outliers = False\n")],
     "fused values": [("                _level_values(vbits,", "                if False: _level_values(vbits,")],
     "keys turned as dequantized": [("        turned = fused_keys and steady", "        turned = False")],
+    # session 40: each stream of the turned keys pinned to one row (what its memory traffic costs), the fused values'
+    # outlier flag made a literal, the marks never put back (timings only)
+    "turn table rows": [("cc, ss = load16(tc, i, c), load16(ts, i, c)",
+                         "cc, ss = load16(tc, 0, c), load16(ts, 0, c)")],
+    "held rows": [("a, b = take_marked16(held, i, c, a, True), take_marked16(held, i, e, b, True)",
+                   "a, b = take_marked16(held, 0, c, a, True), take_marked16(held, 0, e, b, True)")],
+    "turned key rows": [("            store16(sub16(mul16(a, cc), mul16(b, ss)), kf, i, c)\n"
+                         "            store16(fma16(a, ss, mul16(b, cc)), kf, i, e)",
+                         "            store16(sub16(mul16(a, cc), mul16(b, ss)), kf, 0, c)\n"
+                         "            store16(fma16(a, ss, mul16(b, cc)), kf, 0, e)")],
+    "value outlier flag": [("        if outliers:  # the block's outliers in place",
+                            "        if True:  # the block's outliers in place")],
+    "mark reset": [("a, b = take_marked16(held, i, c, a, True), take_marked16(held, i, e, b, True)",
+                    "a, b = take_marked16(held, i, c, a, False), take_marked16(held, i, e, b, False)"),
+                   ("        last = r0 + _4 >= rows  #", "        last = False  #")],
 }
 
 

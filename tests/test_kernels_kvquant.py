@@ -154,14 +154,16 @@ def test_fused_values_with_outliers_equal_dequantize_then_attend(vbits, d, kv, g
 @pytest.mark.parametrize("kbits", [2, 3, 4])
 @pytest.mark.parametrize("rope", ["start", "runs", "explicit"])
 @pytest.mark.parametrize("d,kv,group,b", [(64, 3, 3, 1), (128, 2, 2, 2), (256, 1, 4, 1)])
-def test_keys_turned_as_dequantized_equal_dequantize_then_attend(kbits, rope, d, kv, group, b):
-    """Per-channel pre-RoPE keys of every width with 10 % outliers, ``d`` a multiple of 64: where the target has
+@pytest.mark.parametrize("outliers", [0.1, 0.0])
+def test_keys_turned_as_dequantized_equal_dequantize_then_attend(kbits, rope, d, kv, group, b, outliers):
+    """Per-channel pre-RoPE keys of every width with 10 % outliers or none (the flag a literal of its own copy of the
+    loop, session 40), ``d`` a multiple of 64: where the target has
     AVX-512, a block of consecutive positions takes ``kvquant_cpu._turned_keys`` (looked up, outliers taken from their
     marked scratch, turned and stored in one pass; ``d`` 64 and 128 with the row length a literal, 256 -- Gemma's MQA
     shape -- with it a value); a block with a jump ("runs": one per row, "explicit": gaps everywhere) takes the
     dequantize-then-turn path. 300 tokens: three blocks, so an outlier left in the scratch would be read again by the
     next block."""
-    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((kbits, 3), d, [200, 100], b, kv, group, 1, True, 0.1,
+    qg, n, kc, vc, spec, valid, ref_k, ref_v = kvquant_case((kbits, 3), d, [200, 100], b, kv, group, 1, True, outliers,
                                                            "token", rope, "none", 11 * kbits + d)
     acc, m, l = kernels.kvquant_attention(qg, n, kc, vc, spec, valid)
     check_partials(acc, m, l, qg, ref_k, ref_v, valid)

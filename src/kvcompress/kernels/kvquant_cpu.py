@@ -345,9 +345,10 @@ def _turned_keys(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf
     ``tc``/``ts (>= nt, d/2)`` (:func:`_rotate_vec`'s arithmetic) and stored once: no second pass over the block. ``d``
     a multiple of 64, AVX-512 only (:data:`~.lookup.WIDE`); ``tab16 (16,)`` the levels repeated to sixteen lanes.
 
-    The width and, for ``d`` 64 or 128, the row length reach :func:`_turned_rows` as literals: LLVM then drops the
-    width's branch from the token loop and unrolls the channel loop with every word offset and shift a constant (it
-    had not taken the branch out, and the channel loop ran two iterations per token for ``d = 64``)."""
+    The width, ``outliers`` and, for ``d`` 64 or 128, the row length reach :func:`_turned_rows` as literals: LLVM then
+    drops the width's and the flag's branches from the token loop and unrolls the channel loop with every word offset
+    and shift a constant (it had not taken the branches out, and the channel loop ran two iterations per token for
+    ``d = 64``). Eighteen copies of a small body: ~3 s more to compile."""
     if bits == 3:
         _turned_width(3, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
     elif bits == 2:
@@ -358,14 +359,24 @@ def _turned_keys(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf
 
 @njit(cache=True, fastmath=_FM, inline="always")
 def _turned_width(bits, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf):
-    """:func:`_turned_keys` for a literal ``bits``: the half row length as a literal where ``d`` is 64 or 128."""
+    """:func:`_turned_keys` for a literal ``bits``: ``outliers`` and, where ``d`` is 64 or 128, the half row length
+    as literals too (with the flag read in the loop, its two branches per token cost 5 % of the 3-bit kernel at 8k:
+    session 40)."""
     half = uint64(kf.shape[1]) // _2
     if half == 32:
-        _turned_rows(bits, 32, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+        if outliers:
+            _turned_rows(bits, 32, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, True, kf)
+        else:
+            _turned_rows(bits, 32, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, False, kf)
     elif half == 64:
-        _turned_rows(bits, 64, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+        if outliers:
+            _turned_rows(bits, 64, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, True, kf)
+        else:
+            _turned_rows(bits, 64, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, False, kf)
+    elif outliers:
+        _turned_rows(bits, half, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, True, kf)
     else:
-        _turned_rows(bits, half, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, outliers, kf)
+        _turned_rows(bits, half, w0, w1, tab16, cs, co, ta, nt, tc, ts, held, False, kf)
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
